@@ -1,0 +1,333 @@
+//! Command line and settings.
+//!
+//! Every flag can also be given as an environment variable (clap's `env`). Parsing has no side effects: nothing binds,
+//! connects or opens a file here. [`Config::from_args`] turns the raw arguments into typed settings and refuses a
+//! shutdown budget that cannot hold, before anything starts.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::ModelSpec;
+
+/// `sysexits.h` EX_USAGE: the configuration is wrong and retrying will not help.
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentd",
+    version,
+    about = "An AI-agent service that streams runs over SSE"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (HTTP) until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+}
+
+/// Raw `agentd serve` settings, as the user typed them.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP listener address [default: 127.0.0.1:8090].
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// HTTP port on all interfaces, as the container sets it; ignored when HTTP_ADDR is set.
+    #[arg(long, env = "APP_PORT")]
+    pub app_port: Option<u16>,
+
+    /// Model used when a request names none (`provider:model`).
+    #[arg(long, env = "AI_MODEL", default_value = "test")]
+    pub ai_model: String,
+
+    /// Comma-separated origins allowed by CORS, or `*`.
+    #[arg(long, env = "AGENT_HTTP_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
+    /// Seconds open streams may run on after SIGTERM [default: 300].
+    #[arg(long, env = "DRAIN_TIMEOUT", value_parser = parse_seconds)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Alias of DRAIN_TIMEOUT, as the seed named it.
+    #[arg(long, env = "GRACEFUL_SHUTDOWN_TIMEOUT", value_parser = parse_seconds, hide = true)]
+    pub graceful_shutdown_timeout: Option<Duration>,
+
+    /// Seconds to keep serving normally after SIGTERM (readiness already failing) so load balancers deregister.
+    #[arg(long, env = "SHUTDOWN_DELAY", value_parser = parse_seconds, default_value = "0")]
+    pub shutdown_delay: Duration,
+
+    /// Seconds from SIGTERM to process exit, whatever is stuck.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", value_parser = parse_seconds, default_value = "310")]
+    pub shutdown_timeout: Duration,
+
+    /// The orchestrator's grace period in seconds (Kubernetes terminationGracePeriodSeconds), checked at start.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD", value_parser = parse_seconds)]
+    pub termination_grace_period: Option<Duration>,
+
+    /// Most streams open at once; more are refused with 503.
+    #[arg(long, env = "MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Typed, checked settings of `agentd serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    /// Parsed at start so a misspelt `AI_MODEL` fails the deploy, not the first request.
+    pub default_model: ModelSpec,
+    pub cors_origins: CorsOrigins,
+    pub budget: ShutdownBudget,
+    pub max_streams: Option<usize>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+/// The time allowed to each shutdown phase; see the README's "Shutdown budget".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShutdownBudget {
+    /// Normal service after the signal, readiness already failing.
+    pub delay: Duration,
+    /// How long open streams may run once admission stops.
+    pub drain: Duration,
+    /// From the signal to exit, whatever is stuck.
+    pub timeout: Duration,
+    /// The orchestrator's own deadline, if known; it kills the process at that point.
+    pub grace_period: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error(
+        "impossible shutdown budget: SHUTDOWN_DELAY ({delay}s) + DRAIN_TIMEOUT ({drain}s) must be less than \
+         SHUTDOWN_TIMEOUT ({timeout}s), so open streams can be closed before the hard deadline"
+    )]
+    DrainPastTimeout {
+        delay: f64,
+        drain: f64,
+        timeout: f64,
+    },
+    #[error(
+        "impossible shutdown budget: SHUTDOWN_TIMEOUT ({timeout}s) must be less than TERMINATION_GRACE_PERIOD \
+         ({grace}s), or the orchestrator kills the process before it finishes"
+    )]
+    TimeoutPastGracePeriod { timeout: f64, grace: f64 },
+    #[error("AI_MODEL: {0}")]
+    DefaultModel(String),
+    #[error("MAX_STREAMS must be at least 1")]
+    ZeroMaxStreams,
+    #[error("AGENT_HTTP_CORS_ORIGINS: {0}")]
+    CorsOrigins(String),
+}
+
+const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8090);
+const DEFAULT_DRAIN: Duration = Duration::from_secs(300);
+
+impl Config {
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let http_addr = match (args.http_addr, args.app_port) {
+            (Some(addr), _) => addr,
+            // The seed's container sets only the port and expects to be reachable from outside the pod.
+            (None, Some(port)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            (None, None) => DEFAULT_HTTP_ADDR,
+        };
+        let budget = ShutdownBudget {
+            delay: args.shutdown_delay,
+            drain: args
+                .drain_timeout
+                .or(args.graceful_shutdown_timeout)
+                .unwrap_or(DEFAULT_DRAIN),
+            timeout: args.shutdown_timeout,
+            grace_period: args.termination_grace_period,
+        };
+        budget.check()?;
+        if args.max_streams == Some(0) {
+            return Err(ConfigError::ZeroMaxStreams);
+        }
+        let default_model = ModelSpec::parse(&args.ai_model)
+            .map_err(|e| ConfigError::DefaultModel(e.to_string()))?;
+        Ok(Self {
+            http_addr,
+            default_model,
+            cors_origins: CorsOrigins::parse(&args.cors_origins)?,
+            budget,
+            max_streams: args.max_streams,
+            log_format: args.log_format,
+        })
+    }
+}
+
+impl ShutdownBudget {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.delay + self.drain >= self.timeout {
+            return Err(ConfigError::DrainPastTimeout {
+                delay: self.delay.as_secs_f64(),
+                drain: self.drain.as_secs_f64(),
+                timeout: self.timeout.as_secs_f64(),
+            });
+        }
+        if let Some(grace) = self.grace_period
+            && self.timeout >= grace
+        {
+            return Err(ConfigError::TimeoutPastGracePeriod {
+                timeout: self.timeout.as_secs_f64(),
+                grace: grace.as_secs_f64(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl CorsOrigins {
+    fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let origins: Vec<String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if origins.is_empty() || origins.iter().any(|o| o == "*") {
+            return Ok(Self::Any);
+        }
+        if let Some(bad) = origins
+            .iter()
+            .find(|o| axum::http::HeaderValue::from_str(o).is_err())
+        {
+            return Err(ConfigError::CorsOrigins(format!(
+                "{bad:?} is not a valid origin"
+            )));
+        }
+        Ok(Self::List(origins))
+    }
+}
+
+/// Parses a duration given in seconds: `300`, `0.5`.
+pub fn parse_seconds(raw: &str) -> Result<Duration, String> {
+    let seconds: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{raw:?} is not a non-negative number of seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = ["agentd", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    #[test]
+    fn defaults_hold_the_documented_budget() {
+        let config = Config::from_args(serve(&[])).unwrap();
+        assert_eq!(config.http_addr, "127.0.0.1:8090".parse().unwrap());
+        assert_eq!(config.budget.drain, Duration::from_secs(300));
+        assert_eq!(config.budget.timeout, Duration::from_secs(310));
+        assert_eq!(config.budget.delay, Duration::ZERO);
+        assert_eq!(config.cors_origins, CorsOrigins::Any);
+    }
+
+    #[test]
+    fn seconds_accept_fractions_and_refuse_garbage() {
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("300"), Ok(Duration::from_secs(300)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("5m").is_err());
+    }
+
+    #[test]
+    fn app_port_listens_on_all_interfaces_unless_http_addr_is_set() {
+        let config = Config::from_args(serve(&["--app-port", "9000"])).unwrap();
+        assert_eq!(config.http_addr, "0.0.0.0:9000".parse().unwrap());
+        let config =
+            Config::from_args(serve(&["--app-port", "9000", "--http-addr", "127.0.0.1:1"]))
+                .unwrap();
+        assert_eq!(config.http_addr, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn the_seed_alias_sets_the_drain_and_the_new_name_wins() {
+        let config = Config::from_args(serve(&["--graceful-shutdown-timeout", "20"])).unwrap();
+        assert_eq!(config.budget.drain, Duration::from_secs(20));
+        let config = Config::from_args(serve(&[
+            "--graceful-shutdown-timeout",
+            "20",
+            "--drain-timeout",
+            "30",
+        ]))
+        .unwrap();
+        assert_eq!(config.budget.drain, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_drain_that_reaches_the_hard_deadline_is_refused() {
+        let err = Config::from_args(serve(&["--shutdown-delay", "10", "--drain-timeout", "300"]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "impossible shutdown budget: SHUTDOWN_DELAY (10s) + DRAIN_TIMEOUT (300s) must be less than \
+             SHUTDOWN_TIMEOUT (310s), so open streams can be closed before the hard deadline"
+        );
+    }
+
+    #[test]
+    fn a_deadline_past_the_grace_period_is_refused() {
+        let err = Config::from_args(serve(&["--termination-grace-period", "30"])).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TimeoutPastGracePeriod {
+                timeout: 310.0,
+                grace: 30.0
+            }
+        );
+        assert!(Config::from_args(serve(&["--termination-grace-period", "330"])).is_ok());
+    }
+
+    #[test]
+    fn bad_model_and_limits_are_refused() {
+        assert!(matches!(
+            Config::from_args(serve(&["--ai-model", "nope"])),
+            Err(ConfigError::DefaultModel(_))
+        ));
+        assert_eq!(
+            Config::from_args(serve(&["--max-streams", "0"])).unwrap_err(),
+            ConfigError::ZeroMaxStreams
+        );
+    }
+
+    #[test]
+    fn cors_origins_are_a_list_or_any() {
+        assert_eq!(
+            CorsOrigins::parse("https://a.example, https://b.example").unwrap(),
+            CorsOrigins::List(vec!["https://a.example".into(), "https://b.example".into()])
+        );
+        assert_eq!(CorsOrigins::parse("*").unwrap(), CorsOrigins::Any);
+        assert!(CorsOrigins::parse("https://a.example\n").is_ok());
+        assert!(CorsOrigins::parse("bad\u{7f}origin").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! Errors a client can see, and how each maps to HTTP, in one place.
+//!
+//! Errors known before a stream starts are HTTP errors with a JSON body `{"detail": ...}`; errors after it started are
+//! `run_failed` events (see [`crate::agent`]). A client's mistake gets its real status and a clear message; an internal
+//! error gets a generic body and is logged once, with its cause, where it happens.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::stream_tracker::Rejection;
+
+/// What the client is told to wait before retrying a refused stream, in seconds. A replica that is shutting down is
+/// already out of the load balancer by then, so the retry lands elsewhere.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body failed validation")]
+    Validation(Vec<FieldError>),
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body must be JSON (content-type: application/json)")]
+    UnsupportedMediaType,
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("could not read the request body")]
+    BadBody,
+    #[error("Not Found")]
+    RouteNotFound,
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    #[error("Service is shutting down")]
+    ShuttingDown,
+    #[error("Stream limit reached ({limit} open streams); retry shortly")]
+    AtCapacity { limit: usize },
+}
+
+/// One field's problem, in the shape FastAPI clients of the seed already parse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Where the problem is, e.g. `["body", "question"]`.
+    pub loc: Vec<&'static str>,
+    pub msg: String,
+    /// A stable machine-readable kind, e.g. `missing`, `string_too_long`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl FieldError {
+    pub fn body(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
+        Self {
+            loc: if field.is_empty() {
+                vec!["body"]
+            } else {
+                vec!["body", field]
+            },
+            msg: msg.into(),
+            kind,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::MalformedJson(_) | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ShuttingDown | Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::ShuttingDown => Self::ShuttingDown,
+            Rejection::AtCapacity { limit } => Self::AtCapacity { limit },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            Self::Validation(errors) => json!(errors),
+            other => json!(other.to_string()),
+        };
+        let mut response = (status, Json(json!({ "detail": detail }))).into_response();
+        let headers = response.headers_mut();
+        match self {
+            Self::ShuttingDown => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+                // Close this connection after the answer so the client's retry opens one to a replica that stays.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::AtCapacity { .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,296 @@
+//! `POST /agents/chats/{chat_id}/stream`: a run, as Server-Sent Events.
+//!
+//! Everything that can be refused is refused before the stream starts, as an HTTP error: the body, the model, and
+//! admission. Admission counts the stream in the handler, and the [`StreamGuard`] moves into the response body, which
+//! releases it when hyper drops the body, whichever way the response ends.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_core::Stream;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use uuid::Uuid;
+
+use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
+use crate::agent::{self, Numbered, RunContext};
+use crate::error::{ApiError, FieldError};
+use crate::model::ModelSpec;
+use crate::stream_tracker::StreamGuard;
+
+/// Events a run may have ready before it waits for the client to read; enough to batch writes, small per stream.
+const EVENT_BUFFER: usize = 32;
+
+const QUESTION_MAX_CHARS: usize = 2000;
+const MODEL_MAX_CHARS: usize = 200;
+
+/// The request body, checked: `question` 1–2000 characters, `model` 1–200 characters and known. Unknown keys are
+/// ignored.
+#[derive(Debug)]
+pub struct StreamRequest {
+    pub question: String,
+    pub model: Option<ModelSpec>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for StreamRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers().get(header::CONTENT_TYPE)) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| match rejection {
+                BytesRejection::FailedToBufferBody(e)
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+                {
+                    ApiError::PayloadTooLarge {
+                        limit: MAX_BODY_BYTES,
+                    }
+                }
+                _ => ApiError::BadBody,
+            })?;
+        let body: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        Self::parse(body).map_err(ApiError::Validation)
+    }
+}
+
+impl StreamRequest {
+    fn parse(body: Value) -> Result<Self, Vec<FieldError>> {
+        let Value::Object(mut body) = body else {
+            return Err(vec![FieldError::body(
+                "",
+                "model_attributes_type",
+                "body must be a JSON object",
+            )]);
+        };
+        let mut errors = Vec::new();
+        let question = match body.remove("question") {
+            None | Some(Value::Null) => {
+                errors.push(FieldError::body("question", "missing", "Field required"));
+                None
+            }
+            Some(value) => text_field(value, "question", QUESTION_MAX_CHARS, &mut errors),
+        };
+        let model = match body.remove("model") {
+            None | Some(Value::Null) => None,
+            Some(value) => {
+                text_field(value, "model", MODEL_MAX_CHARS, &mut errors).and_then(|id| {
+                    ModelSpec::parse(&id)
+                        .map_err(|e| {
+                            errors.push(FieldError::body("model", "unknown_model", e.to_string()))
+                        })
+                        .ok()
+                })
+            }
+        };
+        match question {
+            Some(question) if errors.is_empty() => Ok(Self { question, model }),
+            _ => Err(errors),
+        }
+    }
+}
+
+/// A string field of 1 to `max` characters (Unicode scalar values, not bytes).
+fn text_field(
+    value: Value,
+    field: &'static str,
+    max: usize,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let Value::String(text) = value else {
+        errors.push(FieldError::body(
+            field,
+            "string_type",
+            "Input should be a valid string",
+        ));
+        return None;
+    };
+    let chars = text.chars().count();
+    if chars == 0 {
+        errors.push(FieldError::body(
+            field,
+            "string_too_short",
+            "String should have at least 1 character",
+        ));
+        return None;
+    }
+    if chars > max {
+        errors.push(FieldError::body(
+            field,
+            "string_too_long",
+            format!("String should have at most {max} characters"),
+        ));
+        return None;
+    }
+    Some(text)
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(Ok(value)) = content_type.map(HeaderValue::to_str) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[..essence.len() - 5].contains('/')
+            && essence.ends_with("+json"))
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+    request: StreamRequest,
+) -> Result<Response, ApiError> {
+    let model = request
+        .model
+        .unwrap_or_else(|| (*state.default_model).clone());
+    let guard = state.tracker.try_admit().map_err(|rejection| {
+        state.metrics.stream_rejected(rejection);
+        ApiError::from(rejection)
+    })?;
+    state.metrics.stream_admitted();
+
+    let run_id = Uuid::new_v4();
+    let client_gone = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let ctx = RunContext {
+        chat_id,
+        canvas_id: None,
+        run_id,
+        model_id: model.to_string(),
+        model: model.build(),
+        history: Vec::new(),
+        question: request.question,
+        client_gone: client_gone.clone(),
+        interrupt: state.interrupt.clone(),
+        metrics: Arc::clone(&state.metrics),
+    };
+    tracing::info!(%run_id, chat_id = %ctx.chat_id, model = %ctx.model_id, "run admitted");
+    state.runs.spawn(agent::drive(ctx, tx));
+
+    let body = RunStream {
+        events: rx,
+        run_id,
+        _guard: guard,
+        _client: client_gone.drop_guard(),
+    };
+    let sse = Sse::new(body).keep_alive(
+        KeepAlive::new()
+            .interval(KEEP_ALIVE_EVERY)
+            .text("keep-alive"),
+    );
+    Ok(([("x-accel-buffering", "no")], sse).into_response())
+}
+
+/// The response body of a run: its events, encoded as SSE, and the two things that must end when the body ends.
+struct RunStream {
+    events: mpsc::Receiver<Numbered>,
+    run_id: Uuid,
+    /// Keeps the stream counted for the drain until hyper drops the body.
+    _guard: StreamGuard,
+    /// Tells the run its client is gone when hyper drops the body.
+    _client: DropGuard,
+}
+
+impl Stream for RunStream {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let run_id = self.run_id;
+        self.events.poll_recv(cx).map(|next| {
+            next.map(|(seq, event)| {
+                let data = serde_json::to_string(&event).expect("run events always serialize");
+                Ok(Event::default().id(format!("{run_id}:{seq}")).data(data))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn kinds(body: Value) -> Vec<(Vec<&'static str>, &'static str)> {
+        StreamRequest::parse(body)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| (e.loc, e.kind))
+            .collect()
+    }
+
+    #[test]
+    fn a_good_body_parses_and_unknown_keys_are_ignored() {
+        let request =
+            StreamRequest::parse(json!({"question": "hi", "model": "test:deltas=2", "x": 1}))
+                .unwrap();
+        assert_eq!(request.question, "hi");
+        assert_eq!(request.model.unwrap().to_string(), "test:deltas=2");
+        assert!(
+            StreamRequest::parse(json!({"question": "hi", "model": null}))
+                .unwrap()
+                .model
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn lengths_count_characters_not_bytes() {
+        assert!(StreamRequest::parse(json!({"question": "é".repeat(2000)})).is_ok());
+        assert_eq!(
+            kinds(json!({"question": "é".repeat(2001)})),
+            vec![(vec!["body", "question"], "string_too_long")]
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        assert_eq!(
+            kinds(json!({})),
+            vec![(vec!["body", "question"], "missing")]
+        );
+        assert_eq!(
+            kinds(json!([1])),
+            vec![(vec!["body"], "model_attributes_type")]
+        );
+        assert_eq!(
+            kinds(json!({"question": "", "model": 5})),
+            vec![
+                (vec!["body", "question"], "string_too_short"),
+                (vec!["body", "model"], "string_type")
+            ]
+        );
+        assert_eq!(
+            kinds(json!({"question": "q", "model": "m".repeat(201)})),
+            vec![(vec!["body", "model"], "string_too_long")]
+        );
+        assert_eq!(
+            kinds(json!({"question": "q", "model": "gpt-9"})),
+            vec![(vec!["body", "model"], "unknown_model")]
+        );
+    }
+
+    #[test]
+    fn json_content_types() {
+        let ok = |v: &'static str| is_json(Some(&HeaderValue::from_static(v)));
+        assert!(ok("application/json"));
+        assert!(ok("Application/JSON; charset=utf-8"));
+        assert!(ok("application/vnd.api+json"));
+        assert!(!ok("text/plain"));
+        assert!(!ok("+json"));
+        assert!(!is_json(None));
+    }
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//!
+//! | metric | kind | meaning |
+//! |---|---|---|
+//! | `agentd_open_streams` | gauge | streams admitted and not yet released |
+//! | `agentd_streams_admitted_total` | counter | streams admitted |
+//! | `agentd_streams_rejected_total{reason}` | counter | streams refused: `shutdown` or `limit` |
+//! | `agentd_runs_total{outcome}` | counter | runs ended: `completed`, `failed`, `interrupted`, `disconnected` |
+//! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::stream_tracker::Rejection;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RejectLabels {
+    reason: &'static str,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Completed,
+    Failed,
+    Interrupted,
+    Disconnected,
+}
+
+impl RunOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Set from the stream tracker when scraped, so it can never disagree with the real count.
+    open_streams: Gauge,
+    admitted: Counter,
+    rejected: Family<RejectLabels, Counter>,
+    runs: Family<OutcomeLabels, Counter>,
+    drain_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let open_streams = Gauge::default();
+        let admitted = Counter::default();
+        let rejected = Family::default();
+        let runs = Family::default();
+        let drain_seconds = Gauge::default();
+        registry.register(
+            "agentd_open_streams",
+            "Streams admitted and not yet released",
+            open_streams.clone(),
+        );
+        registry.register(
+            "agentd_streams_admitted",
+            "Streams admitted",
+            admitted.clone(),
+        );
+        registry.register(
+            "agentd_streams_rejected",
+            "Streams refused, by reason",
+            rejected.clone(),
+        );
+        registry.register("agentd_runs", "Runs ended, by outcome", runs.clone());
+        registry.register(
+            "agentd_drain_duration_seconds",
+            "How long the last drain of open streams took",
+            drain_seconds.clone(),
+        );
+        Self {
+            registry,
+            open_streams,
+            admitted,
+            rejected,
+            runs,
+            drain_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn stream_admitted(&self) {
+        self.admitted.inc();
+    }
+
+    pub fn stream_rejected(&self, rejection: Rejection) {
+        let reason = match rejection {
+            Rejection::ShuttingDown => "shutdown",
+            Rejection::AtCapacity { .. } => "limit",
+        };
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    pub fn run_finished(&self, outcome: RunOutcome) {
+        self.runs
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn drain_finished(&self, took: std::time::Duration) {
+        self.drain_seconds.set(took.as_secs_f64());
+    }
+
+    /// The exposition text, with the open-stream gauge set to `open_streams` first.
+    pub fn render(&self, open_streams: usize) -> String {
+        self.open_streams
+            .set(i64::try_from(open_streams).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_with_its_labels() {
+        let metrics = Metrics::default();
+        metrics.stream_admitted();
+        metrics.stream_rejected(Rejection::ShuttingDown);
+        metrics.stream_rejected(Rejection::AtCapacity { limit: 1 });
+        metrics.run_finished(RunOutcome::Completed);
+        metrics.drain_finished(std::time::Duration::from_millis(1500));
+        let text = metrics.render(3);
+        for line in [
+            "agentd_open_streams 3",
+            "agentd_streams_admitted_total 1",
+            "agentd_streams_rejected_total{reason=\"shutdown\"} 1",
+            "agentd_streams_rejected_total{reason=\"limit\"} 1",
+            "agentd_runs_total{outcome=\"completed\"} 1",
+            "agentd_drain_duration_seconds 1.5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Model providers: what the agent loop talks to.
+//!
+//! A model id has the form `provider[:model]`. [`ModelSpec::parse`] turns it into a typed spec at the edge (request
+//! body or `AI_MODEL`), and [`ModelSpec::build`] gives the [`Model`] a run uses. A model answers one step of a
+//! conversation as a stream of [`ModelEvent`]s: text as it arrives, the tool calls it wants, and its token usage.
+
+mod test;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_core::Stream;
+use serde::Serialize;
+
+pub use test::TestOptions;
+
+/// One step's output, as it arrives.
+pub type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelEvent, ModelError>> + Send>>;
+
+pub trait Model: Send + Sync + fmt::Debug {
+    /// Answers the conversation so far; the stream ends when the step is over.
+    fn stream(&self, request: ModelRequest) -> ModelStream;
+}
+
+/// What a model is asked.
+#[derive(Debug, Clone)]
+pub struct ModelRequest {
+    /// The conversation, oldest first, ending with the user's prompt or with tool results.
+    pub messages: Vec<Message>,
+    /// Tools the model may call.
+    pub tools: Vec<ToolDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    User {
+        content: String,
+    },
+    Assistant {
+        content: String,
+        tool_calls: Vec<ToolCall>,
+    },
+    ToolResult {
+        tool_call_id: String,
+        content: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDefinition {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub parameters: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub args: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelEvent {
+    TextDelta(String),
+    ToolCall(ToolCall),
+    Usage(Usage),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+            total_tokens: input_tokens + output_tokens,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Self) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
+/// A model step that could not finish; the message is shown to the user in `run_failed`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct ModelError(pub String);
+
+/// A model id, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    /// The built-in deterministic model: `test` or `test:deltas=8,delay_ms=0,tool=NAME,fail_after=N`.
+    Test(TestOptions),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelIdError {
+    #[error("unknown model {0:?}")]
+    Unknown(String),
+    #[error("model {id:?}: {reason}")]
+    BadOption { id: String, reason: String },
+}
+
+impl ModelSpec {
+    pub fn parse(id: &str) -> Result<Self, ModelIdError> {
+        let (provider, rest) = match id.split_once(':') {
+            Some((provider, rest)) => (provider, Some(rest)),
+            None => (id, None),
+        };
+        match provider {
+            "test" => TestOptions::parse(rest.unwrap_or(""))
+                .map(Self::Test)
+                .map_err(|reason| ModelIdError::BadOption {
+                    id: id.to_owned(),
+                    reason,
+                }),
+            _ => Err(ModelIdError::Unknown(id.to_owned())),
+        }
+    }
+
+    pub fn build(&self) -> Arc<dyn Model> {
+        match self {
+            Self::Test(options) => Arc::new(test::TestModel::new(options.clone())),
+        }
+    }
+}
+
+impl fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Test(options) => write!(f, "test{options}"),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The built-in `test` model: deterministic, offline, paced on request.
+//!
+//! It lets the service run its main job with no network and no key, and lets tests and benchmarks shape a run:
+//! `test:deltas=N,delay_ms=N,tool=NAME,fail_after=N` streams N text deltas with a pause before each, asks for the
+//! named tool once first, and fails after N deltas when asked.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::stream;
+
+use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
+use crate::agent::tools;
+
+/// The words the answer is made of, cycled; the answer is the same for every run with the same options.
+const WORDS: [&str; 12] = [
+    "Agents", "answer", "in", "small", "pieces", "so", "the", "reader", "sees", "progress",
+    "right", "away.",
+];
+
+const MAX_DELTAS: u32 = 10_000_000;
+const MAX_DELAY_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestOptions {
+    /// Number of `model_delta`s in the answer.
+    pub deltas: u32,
+    /// Pause before each delta.
+    pub delay: Duration,
+    /// Built-in tool the model calls once before answering.
+    pub tool: Option<String>,
+    /// Fail the run after this many deltas.
+    pub fail_after: Option<u32>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            deltas: 8,
+            delay: Duration::ZERO,
+            tool: None,
+            fail_after: None,
+        }
+    }
+}
+
+impl TestOptions {
+    pub(super) fn parse(raw: &str) -> Result<Self, String> {
+        let mut options = Self::default();
+        for pair in raw.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("option {pair:?} is not key=value"))?;
+            let number = || -> Result<u64, String> {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("option {key} needs a whole number, got {value:?}"))
+            };
+            match key {
+                "deltas" => {
+                    let n = number()?;
+                    if n == 0 || n > u64::from(MAX_DELTAS) {
+                        return Err(format!("deltas must be between 1 and {MAX_DELTAS}"));
+                    }
+                    options.deltas = n as u32;
+                }
+                "delay_ms" => {
+                    let n = number()?;
+                    if n > MAX_DELAY_MS {
+                        return Err(format!("delay_ms must be at most {MAX_DELAY_MS}"));
+                    }
+                    options.delay = Duration::from_millis(n);
+                }
+                "tool" => {
+                    if tools::builtin(value).is_none() {
+                        return Err(format!("unknown tool {value:?}"));
+                    }
+                    options.tool = Some(value.to_owned());
+                }
+                "fail_after" => {
+                    options.fail_after = Some(number()?.min(u64::from(MAX_DELTAS)) as u32)
+                }
+                _ => return Err(format!("unknown option {key:?}")),
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// Writes the options that differ from the defaults, so `test` stays `test`.
+impl fmt::Display for TestOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let default = Self::default();
+        let mut parts = Vec::new();
+        if self.deltas != default.deltas {
+            parts.push(format!("deltas={}", self.deltas));
+        }
+        if self.delay != default.delay {
+            parts.push(format!("delay_ms={}", self.delay.as_millis()));
+        }
+        if let Some(tool) = &self.tool {
+            parts.push(format!("tool={tool}"));
+        }
+        if let Some(n) = self.fail_after {
+            parts.push(format!("fail_after={n}"));
+        }
+        if !parts.is_empty() {
+            write!(f, ":{}", parts.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct TestModel {
+    options: TestOptions,
+}
+
+impl TestModel {
+    pub(super) fn new(options: TestOptions) -> Self {
+        Self { options }
+    }
+}
+
+/// The text of delta `i`.
+pub fn delta_text(i: u32) -> String {
+    let word = WORDS[i as usize % WORDS.len()];
+    if i == 0 {
+        word.to_owned()
+    } else {
+        format!(" {word}")
+    }
+}
+
+impl Model for TestModel {
+    fn stream(&self, request: ModelRequest) -> ModelStream {
+        let input_tokens = request.messages.iter().map(words).sum();
+        let answered_tool = matches!(request.messages.last(), Some(Message::ToolResult { .. }));
+        if let (Some(tool), false) = (&self.options.tool, answered_tool) {
+            let call = ToolCall {
+                id: "call_1".to_owned(),
+                name: tool.clone(),
+                args: serde_json::json!({}),
+            };
+            return Box::pin(stream::iter([
+                Ok(ModelEvent::ToolCall(call)),
+                Ok(ModelEvent::Usage(Usage::new(input_tokens, 1))),
+            ]));
+        }
+        let TestOptions {
+            deltas,
+            delay,
+            fail_after,
+            ..
+        } = self.options.clone();
+        Box::pin(stream::unfold(0u32, move |i| async move {
+            if i > deltas {
+                return None;
+            }
+            if i == deltas {
+                return Some((
+                    Ok(ModelEvent::Usage(Usage::new(
+                        input_tokens,
+                        u64::from(deltas),
+                    ))),
+                    i + 1,
+                ));
+            }
+            if fail_after == Some(i) {
+                let error = ModelError(format!("the test model failed after {i} deltas, as asked"));
+                return Some((Err(error), u32::MAX));
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok(ModelEvent::TextDelta(delta_text(i))), i + 1))
+        }))
+    }
+}
+
+fn words(message: &Message) -> u64 {
+    let text = match message {
+        Message::User { content }
+        | Message::Assistant { content, .. }
+        | Message::ToolResult { content, .. } => content,
+    };
+    text.split_whitespace().count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::model::ModelSpec;
+
+    fn ask(question: &str) -> ModelRequest {
+        ModelRequest {
+            messages: vec![Message::User {
+                content: question.to_owned(),
+            }],
+            tools: vec![],
+        }
+    }
+
+    #[test]
+    fn options_parse_and_print_back() {
+        let spec =
+            ModelSpec::parse("test:deltas=3,delay_ms=20,tool=current_time,fail_after=2").unwrap();
+        assert_eq!(
+            spec.to_string(),
+            "test:deltas=3,delay_ms=20,tool=current_time,fail_after=2"
+        );
+        assert_eq!(ModelSpec::parse("test").unwrap().to_string(), "test");
+        assert_eq!(ModelSpec::parse("test:").unwrap().to_string(), "test");
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        for (id, reason) in [
+            ("test:deltas=0", "deltas must be between 1"),
+            ("test:deltas=x", "needs a whole number"),
+            ("test:speed=3", "unknown option"),
+            ("test:tool=rm_rf", "unknown tool"),
+            ("test:deltas", "not key=value"),
+        ] {
+            let err = ModelSpec::parse(id).unwrap_err().to_string();
+            assert!(err.contains(reason), "{id}: {err}");
+        }
+        assert_eq!(
+            ModelSpec::parse("gpt").unwrap_err().to_string(),
+            "unknown model \"gpt\""
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_in_the_asked_number_of_deltas_then_usage() {
+        let model = ModelSpec::parse("test:deltas=3").unwrap().build();
+        let events: Vec<_> = model.stream(ask("two words")).collect().await;
+        assert_eq!(
+            events,
+            vec![
+                Ok(ModelEvent::TextDelta("Agents".into())),
+                Ok(ModelEvent::TextDelta(" answer".into())),
+                Ok(ModelEvent::TextDelta(" in".into())),
+                Ok(ModelEvent::Usage(Usage::new(2, 3))),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn asks_for_the_tool_first_and_answers_after_its_result() {
+        let model = ModelSpec::parse("test:deltas=1,tool=current_time")
+            .unwrap()
+            .build();
+        let first: Vec<_> = model.stream(ask("time?")).collect().await;
+        assert!(matches!(&first[0], Ok(ModelEvent::ToolCall(call)) if call.name == "current_time"));
+        let mut request = ask("time?");
+        request.messages.push(Message::ToolResult {
+            tool_call_id: "call_1".into(),
+            content: "now".into(),
+        });
+        let second: Vec<_> = model.stream(request).collect().await;
+        assert_eq!(second[0], Ok(ModelEvent::TextDelta("Agents".into())));
+    }
+
+    #[tokio::test]
+    async fn fails_after_the_asked_number_of_deltas() {
+        let model = ModelSpec::parse("test:deltas=5,fail_after=2")
+            .unwrap()
+            .build();
+        let events: Vec<_> = model.stream(ask("q")).collect().await;
+        assert_eq!(events.len(), 3);
+        assert!(events[2].is_err());
+    }
+}

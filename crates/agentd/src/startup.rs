@@ -1,0 +1,98 @@
+//! Build (bind the listener, assemble the state) and run until a signal ends the service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
+use crate::stream_tracker::StreamTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A service that is bound and ready to run.
+#[derive(Debug)]
+pub struct Application {
+    config: Config,
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let addr = config.http_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let state = AppState {
+            tracker: StreamTracker::new(config.max_streams),
+            lifecycle: Arc::new(Lifecycle::default()),
+            metrics: Arc::new(Metrics::default()),
+            default_model: Arc::new(config.default_model.clone()),
+            interrupt: CancellationToken::new(),
+            runs: TaskTracker::new(),
+        };
+        Ok(Self {
+            config,
+            listener,
+            state,
+        })
+    }
+
+    /// The bound HTTP address (the real port when the configured one was 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until the first signal, then runs the shutdown sequence to its end.
+    pub async fn run(self, mut signals: mpsc::Receiver<Signal>) {
+        let http_addr = self.http_addr();
+        let Self {
+            config,
+            listener,
+            state,
+        } = self;
+        let router = http::router(state.clone(), &config.cors_origins);
+        let http_stop = CancellationToken::new();
+        let http_connections = TaskTracker::new();
+        let http_server = tokio::spawn(http::server::serve(
+            listener,
+            router,
+            http_stop.clone(),
+            http_connections.clone(),
+        ));
+        tracing::info!(%http_addr, default_model = %config.default_model,
+            max_streams = config.max_streams, "agentd is serving");
+
+        let Some(first) = signals.recv().await else {
+            tracing::warn!("signal listener ended; shutting down");
+            return;
+        };
+        let parts = Stoppable {
+            lifecycle: state.lifecycle,
+            tracker: state.tracker,
+            metrics: state.metrics,
+            interrupt: state.interrupt,
+            runs: state.runs,
+            http_stop,
+            http_connections,
+            http_server,
+        };
+        shutdown::shut_down(parts, config.budget, first, &mut signals).await;
+    }
+}

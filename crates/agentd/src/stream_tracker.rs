@@ -1,0 +1,260 @@
+//! Admission and counting of open SSE streams.
+//!
+//! Every stream the service answers is counted here from the moment its handler admits it until the response body
+//! that owns its [`StreamGuard`] is dropped. Admission (are we shutting down? are we over the limit?) and counting are
+//! one atomic step under one lock, so a drain that starts between "admitted" and "response returned" still sees the
+//! stream, and no stream can slip in after [`StreamTracker::begin_shutdown`].
+//!
+//! The guard releases in `Drop`, so every path releases exactly once: a body that completes, a client that goes away,
+//! a body that is never polled, a handler that panics after admission.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How often [`StreamTracker::wait_for_drain`] logs the number of streams still open.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a stream was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The service has begun shutting down; the client should go to another replica.
+    ShuttingDown,
+    /// `MAX_STREAMS` streams are already open.
+    AtCapacity { limit: usize },
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every stream was released.
+    Drained,
+    /// The deadline passed with this many streams still open.
+    TimedOut { open: usize },
+}
+
+/// The counted state; only ever changed under the watch channel's lock.
+#[derive(Debug, Clone, Copy, Default)]
+struct State {
+    /// Streams admitted and not yet released.
+    open: usize,
+    /// Set once by `begin_shutdown`; from then on nothing is admitted.
+    shutting_down: bool,
+}
+
+/// Shared handle to the stream count; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StreamTracker {
+    /// The state lives in a watch channel: its lock makes admit-and-count atomic, and its receivers let a drain wait
+    /// for the count to reach zero without polling.
+    state: Arc<watch::Sender<State>>,
+    /// Admission limit (`MAX_STREAMS`); `None` = unlimited.
+    limit: Option<usize>,
+}
+
+impl StreamTracker {
+    pub fn new(limit: Option<usize>) -> Self {
+        Self {
+            state: Arc::new(watch::Sender::new(State::default())),
+            limit,
+        }
+    }
+
+    /// Admits one stream and counts it, or says why not, in one step.
+    pub fn try_admit(&self) -> Result<StreamGuard, Rejection> {
+        let mut verdict = Ok(());
+        self.state.send_if_modified(|state| {
+            if state.shutting_down {
+                verdict = Err(Rejection::ShuttingDown);
+                return false;
+            }
+            if let Some(limit) = self.limit
+                && state.open >= limit
+            {
+                verdict = Err(Rejection::AtCapacity { limit });
+                return false;
+            }
+            state.open += 1;
+            true
+        });
+        verdict.map(|()| StreamGuard {
+            state: Arc::clone(&self.state),
+        })
+    }
+
+    /// Stops admitting streams. Streams already admitted run on.
+    pub fn begin_shutdown(&self) {
+        self.state.send_modify(|state| state.shutting_down = true);
+    }
+
+    /// Streams admitted and not yet released.
+    pub fn open(&self) -> usize {
+        self.state.borrow().open
+    }
+
+    /// Waits until no stream is open or `deadline` passes, logging the open count every 5 s.
+    pub async fn wait_for_drain(&self, deadline: Instant) -> DrainOutcome {
+        let mut rx = self.state.subscribe();
+        let mut progress =
+            tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let drained = rx.wait_for(|state| state.open == 0);
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                _ = &mut drained => return DrainOutcome::Drained,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return DrainOutcome::TimedOut { open: self.open() };
+                }
+                _ = progress.tick() => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tracing::info!(open_streams = self.open(), left_s = left.as_secs(), "draining: streams still open");
+                }
+            }
+        }
+    }
+}
+
+/// Proof that one stream is counted; releases it when dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    state: Arc<watch::Sender<State>>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.state.send_modify(|state| state.open -= 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[test]
+    fn nested_guards_count_and_release_each_once() {
+        let tracker = StreamTracker::new(None);
+        let a = tracker.try_admit().unwrap();
+        let b = tracker.try_admit().unwrap();
+        let c = tracker.clone().try_admit().unwrap();
+        assert_eq!(tracker.open(), 3);
+        drop(b);
+        assert_eq!(tracker.open(), 2);
+        drop(a);
+        drop(c);
+        assert_eq!(tracker.open(), 0);
+    }
+
+    #[test]
+    fn limit_rejects_and_frees_a_slot_on_release() {
+        let tracker = StreamTracker::new(Some(2));
+        let a = tracker.try_admit().unwrap();
+        let _b = tracker.try_admit().unwrap();
+        assert_eq!(
+            tracker.try_admit().unwrap_err(),
+            Rejection::AtCapacity { limit: 2 }
+        );
+        assert_eq!(tracker.open(), 2, "a rejected stream is not counted");
+        drop(a);
+        assert!(tracker.try_admit().is_ok());
+    }
+
+    #[test]
+    fn nothing_is_admitted_after_begin_shutdown() {
+        let tracker = StreamTracker::new(Some(10));
+        let held = tracker.try_admit().unwrap();
+        tracker.begin_shutdown();
+        assert_eq!(tracker.try_admit().unwrap_err(), Rejection::ShuttingDown);
+        assert_eq!(tracker.open(), 1);
+        drop(held);
+        assert_eq!(tracker.open(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_with_nothing_open_returns_at_once() {
+        let tracker = StreamTracker::new(None);
+        tracker.begin_shutdown();
+        let started = Instant::now();
+        assert_eq!(tracker.wait_for_drain(far()).await, DrainOutcome::Drained);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_every_stream() {
+        let tracker = StreamTracker::new(None);
+        let first = tracker.try_admit().unwrap();
+        let second = tracker.try_admit().unwrap();
+        tracker.begin_shutdown();
+        let releaser = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            drop(first);
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            drop(second);
+        });
+        let started = Instant::now();
+        assert_eq!(tracker.wait_for_drain(far()).await, DrainOutcome::Drained);
+        assert_eq!(started.elapsed(), Duration::from_secs(14));
+        releaser.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_times_out_with_the_count_still_held() {
+        let tracker = StreamTracker::new(None);
+        let _held = tracker.try_admit().unwrap();
+        tracker.begin_shutdown();
+        let deadline = Instant::now() + Duration::from_secs(12);
+        assert_eq!(
+            tracker.wait_for_drain(deadline).await,
+            DrainOutcome::TimedOut { open: 1 }
+        );
+        assert_eq!(Instant::now(), deadline);
+        assert_eq!(tracker.open(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_count_taken_before_the_body_runs_blocks_the_drain() {
+        let tracker = StreamTracker::new(None);
+        // The handler admitted the stream and built its body, but nothing has polled the body yet.
+        let guard = tracker.try_admit().unwrap();
+        let body = futures_util::stream::once(async move {
+            let _guard = guard;
+        });
+        tracker.begin_shutdown();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            tracker.wait_for_drain(deadline).await,
+            DrainOutcome::TimedOut { open: 1 }
+        );
+        drop(body);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_dropped_unpolled_releases() {
+        let tracker = StreamTracker::new(None);
+        let guard = tracker.try_admit().unwrap();
+        let body = futures_util::stream::once(async move {
+            let _guard = guard;
+        });
+        tracker.begin_shutdown();
+        drop(body);
+        assert_eq!(tracker.open(), 0);
+        assert_eq!(tracker.wait_for_drain(far()).await, DrainOutcome::Drained);
+    }
+
+    #[test]
+    fn a_panic_after_admission_releases() {
+        let tracker = StreamTracker::new(None);
+        let inner = tracker.clone();
+        let result = std::panic::catch_unwind(move || {
+            let _guard = inner.try_admit().unwrap();
+            panic!("handler failed after admission");
+        });
+        assert!(result.is_err());
+        assert_eq!(tracker.open(), 0);
+    }
+}

@@ -1,0 +1,218 @@
+//! Test harness: the real `agentd` binary on a free port, real HTTP and SSE clients, real signals.
+//!
+//! The server is started with `HTTP_ADDR=127.0.0.1:0` and JSON logs; the harness reads the bound address from the
+//! "agentd is serving" log line, so no test guesses a port or sleeps to let the server start.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStream, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// How long any single wait in a test may take before the test fails; generous for a busy 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub struct Agentd {
+    child: Child,
+    pub base: String,
+    /// Every log line the server wrote to stderr, parsed.
+    logs: Arc<Mutex<Vec<Value>>>,
+    /// Bumped on each new log line.
+    log_count: watch::Receiver<usize>,
+    pub http: reqwest::Client,
+}
+
+impl Agentd {
+    /// Starts the binary with `env` on top of a clean environment and waits until it serves.
+    pub async fn spawn(env: &[(&str, &str)]) -> Self {
+        let mut child = command(env).spawn().expect("agentd starts");
+        let (logs, log_count) = collect_logs(&mut child);
+        let mut server = Self {
+            child,
+            base: String::new(),
+            logs,
+            log_count,
+            http: reqwest::Client::new(),
+        };
+        let serving = server.wait_for_log("agentd is serving").await;
+        server.base = format!("http://{}", serving["http_addr"].as_str().unwrap());
+        server
+    }
+
+    /// Runs the binary with `env` and expects it to exit on its own; returns its status and stderr.
+    pub async fn run_to_exit(env: &[(&str, &str)]) -> (ExitStatus, String) {
+        let output = tokio::time::timeout(PATIENCE, command(env).output())
+            .await
+            .expect("agentd exits")
+            .unwrap();
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("agentd is running")
+    }
+
+    /// Sends a real signal (`TERM`, `INT`, `KILL`) to the server process.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn exit_status(&mut self) -> ExitStatus {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("agentd exits in time")
+            .unwrap()
+    }
+
+    /// The first log line whose message contains `needle`, waiting for it if needed.
+    pub async fn wait_for_log(&mut self, needle: &str) -> Value {
+        self.wait_for_log_where(|line| line["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .await
+            .unwrap_or_else(|| panic!("no log line {needle:?}; logs:\n{}", self.log_text()))
+    }
+
+    /// The first log line that matches, waiting for it if needed; `None` if the server exits first or takes too long.
+    pub async fn wait_for_log_where(&mut self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| matches(l)) {
+                return Some(line.clone());
+            }
+            match tokio::time::timeout_at(deadline, self.log_count.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Everything logged so far, one JSON object per line.
+    pub fn log_text(&self) -> String {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// POSTs a question to the stream route of `chat`.
+    pub async fn ask(&self, chat: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/agents/chats/{chat}/stream")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs a question and expects a stream.
+    pub async fn stream(&self, chat: &str, body: Value) -> Events {
+        let response = self.ask(chat, body).await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        Events::new(response)
+    }
+}
+
+fn command(env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentd"));
+    command
+        .arg("serve")
+        .env_clear()
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+fn collect_logs(child: &mut Child) -> (Arc<Mutex<Vec<Value>>>, watch::Receiver<usize>) {
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (count_tx, count_rx) = watch::channel(0);
+    let sink = Arc::clone(&logs);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+            let mut logs = sink.lock().unwrap();
+            logs.push(value);
+            count_tx.send_replace(logs.len());
+        }
+    });
+    (logs, count_rx)
+}
+
+type ByteStream = std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// An SSE response, read event by event.
+pub struct Events {
+    pub headers: reqwest::header::HeaderMap,
+    inner: EventStream<ByteStream>,
+}
+
+impl Events {
+    pub fn new(response: reqwest::Response) -> Self {
+        let headers = response.headers().clone();
+        let bytes: ByteStream = Box::pin(response.bytes_stream());
+        Self {
+            headers,
+            inner: bytes.eventsource(),
+        }
+    }
+
+    /// The next event as (id, JSON data), or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<(String, Value)> {
+        let next = tokio::time::timeout(PATIENCE, self.inner.next())
+            .await
+            .expect("an event arrives in time")?;
+        let Event { id, data, .. } = next.expect("a well-formed event stream");
+        Some((id, serde_json::from_str(&data).expect("event data is JSON")))
+    }
+
+    /// The next event's JSON data, which must exist.
+    pub async fn next_data(&mut self) -> Value {
+        self.next().await.expect("the stream goes on").1
+    }
+
+    /// Reads to the end of the stream.
+    pub async fn rest(&mut self) -> Vec<(String, Value)> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+/// The `type` of each event.
+pub fn types(events: &[(String, Value)]) -> Vec<String> {
+    events
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}

@@ -1,0 +1,186 @@
+//! The shutdown sequence, through the real binary and real signals.
+
+mod common;
+
+use std::io::Write;
+
+use common::{Agentd, types};
+use serde_json::{Value, json};
+
+/// A run that takes about `seconds` to finish.
+fn slow(seconds: u32) -> Value {
+    json!({"question": "q", "model": format!("test:deltas={},delay_ms=100", seconds * 10)})
+}
+
+#[tokio::test]
+async fn sigterm_lets_open_streams_finish_and_refuses_new_ones() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "60"), ("SHUTDOWN_TIMEOUT", "90")]).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = server.stream("c", slow(4)).await;
+        assert_eq!(stream.next_data().await["type"], "run_started");
+        streams.push(stream);
+    }
+
+    server.signal("TERM");
+    server.wait_for_log("draining").await;
+
+    let refused = server.ask("c", json!({"question": "q"})).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["connection"], "close");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["detail"], "Service is shutting down");
+    assert_eq!(server.get("/readyz").await.status(), 503);
+    assert_eq!(server.get("/healthz").await.status(), 200);
+
+    for mut stream in streams {
+        let events = stream.rest().await;
+        let kinds = types(&events);
+        assert_eq!(kinds.iter().filter(|t| *t == "model_delta").count(), 40);
+        assert_eq!(
+            kinds[kinds.len() - 3..],
+            ["final_answer", "run_completed", "done"]
+        );
+    }
+    assert!(server.exit_status().await.success());
+    let logs = server.log_text();
+    assert!(logs.contains("drained: no stream is open"), "{logs}");
+    assert!(logs.contains("shutdown complete"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_stream_longer_than_the_drain_is_interrupted_visibly() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "20")]).await;
+    let mut stream = server.stream("chat-9", slow(100)).await;
+    let started = stream.next_data().await;
+    server.signal("TERM");
+
+    let events = stream.rest().await;
+    let kinds = types(&events);
+    assert_eq!(kinds[kinds.len() - 2..], ["run_interrupted", "done"]);
+    assert!(kinds[..kinds.len() - 2].iter().all(|t| t == "model_delta"));
+    let interrupted = &events[events.len() - 2].1;
+    assert_eq!(interrupted["reason"], "shutdown");
+    let run_id = started["run_id"].as_str().unwrap();
+    assert_eq!(
+        interrupted["resume"],
+        format!("/agents/chats/chat-9/runs/{run_id}/stream")
+    );
+    assert!(server.exit_status().await.success());
+    assert!(server.log_text().contains("drain timeout reached"));
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_drain_closes_at_once() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "120"), ("SHUTDOWN_TIMEOUT", "150")]).await;
+    let mut stream = server.stream("c", slow(100)).await;
+    stream.next_data().await;
+    server.signal("TERM");
+    server.wait_for_log("draining").await;
+    server.signal("INT");
+
+    let kinds = types(&stream.rest().await);
+    assert_eq!(kinds[kinds.len() - 2..], ["run_interrupted", "done"]);
+    // The harness gives up long before the 120 s drain would end.
+    assert!(server.exit_status().await.success());
+    assert!(server.log_text().contains("second signal during the drain"));
+}
+
+#[tokio::test]
+async fn during_the_shutdown_delay_streams_are_still_admitted_while_readiness_fails() {
+    let mut server = Agentd::spawn(&[
+        ("SHUTDOWN_DELAY", "120"),
+        ("DRAIN_TIMEOUT", "5"),
+        ("SHUTDOWN_TIMEOUT", "150"),
+    ])
+    .await;
+    server.signal("TERM");
+    server.wait_for_log("shutdown signal received").await;
+
+    assert_eq!(server.get("/readyz").await.status(), 503);
+    let events = server
+        .stream("c", json!({"question": "q"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+
+    // A second signal skips the rest of the delay.
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    assert!(
+        server
+            .log_text()
+            .contains("second signal during the shutdown delay")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnected_does_not_hold_the_drain() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "120"), ("SHUTDOWN_TIMEOUT", "150")]).await;
+    let mut stream = server.stream("c", slow(100)).await;
+    stream.next_data().await;
+    drop(stream);
+    let ended = server
+        .wait_for_log_where(|l| l["message"] == "run ended")
+        .await
+        .expect("the run ends when its client leaves");
+    assert_eq!(ended["outcome"], "disconnected");
+
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    assert!(server.log_text().contains("drained: no stream is open"));
+}
+
+#[tokio::test]
+async fn nothing_open_means_sigterm_exits_zero() {
+    let mut server = Agentd::spawn(&[]).await;
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+}
+
+/// A client that stops reading keeps its response from ever finishing; the hard deadline still ends the process.
+#[tokio::test]
+async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "3")]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let body = json!({"question": "q", "model": "test:deltas=10000000"}).to_string();
+    let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        socket,
+        "POST /agents/chats/c/stream HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    server.wait_for_log("run admitted").await;
+
+    server.signal("TERM");
+    let status = server.exit_status().await;
+    assert_eq!(status.code(), Some(1));
+    let stuck = server.wait_for_log("shutdown timeout reached").await;
+    assert_eq!(stuck["open_streams"], 1);
+    drop(socket);
+}
+
+#[tokio::test]
+async fn an_impossible_budget_exits_64_naming_the_values() {
+    let (status, stderr) =
+        Agentd::run_to_exit(&[("SHUTDOWN_DELAY", "10"), ("DRAIN_TIMEOUT", "300")]).await;
+    assert_eq!(status.code(), Some(64));
+    for value in [
+        "SHUTDOWN_DELAY (10s)",
+        "DRAIN_TIMEOUT (300s)",
+        "SHUTDOWN_TIMEOUT (310s)",
+    ] {
+        assert!(stderr.contains(value), "{value} missing from {stderr}");
+    }
+
+    let (status, stderr) = Agentd::run_to_exit(&[("TERMINATION_GRACE_PERIOD", "300")]).await;
+    assert_eq!(status.code(), Some(64));
+    assert!(
+        stderr.contains("SHUTDOWN_TIMEOUT (310s)")
+            && stderr.contains("TERMINATION_GRACE_PERIOD (300s)")
+    );
+}

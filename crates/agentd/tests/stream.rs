@@ -1,0 +1,343 @@
+//! The stream route and the other routes, through the real binary.
+
+mod common;
+
+use common::{Agentd, types};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn a_test_run_streams_the_protocol_in_order_with_increasing_ids() {
+    let server = Agentd::spawn(&[]).await;
+    let mut stream = server
+        .stream("chat-1", json!({"question": "What is agentd?"}))
+        .await;
+    assert_eq!(stream.headers["content-type"], "text/event-stream");
+    assert_eq!(stream.headers["cache-control"], "no-cache");
+    assert_eq!(stream.headers["x-accel-buffering"], "no");
+    let events = stream.rest().await;
+
+    let mut expected = vec!["run_started"];
+    expected.extend(["model_delta"; 8]);
+    expected.extend(["final_answer", "run_completed", "done"]);
+    assert_eq!(types(&events), expected);
+
+    let started = &events[0].1;
+    let run_id = started["run_id"].as_str().unwrap();
+    assert_eq!(started["chat_id"], "chat-1");
+    assert_eq!(started["model"], "test");
+    assert!(started.as_object().unwrap().contains_key("canvas_id"));
+    for (i, (id, _)) in events.iter().enumerate() {
+        assert_eq!(id, &format!("{run_id}:{}", i + 1));
+    }
+
+    let deltas: String = events
+        .iter()
+        .filter(|(_, e)| e["type"] == "model_delta")
+        .map(|(_, e)| e["content"].as_str().unwrap())
+        .collect();
+    let answer = &events[9].1;
+    assert_eq!(answer["output"], deltas);
+    assert_eq!(answer["usage"]["output_tokens"], 8);
+    let usage = &answer["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["input_tokens"].as_u64().unwrap() + 8)
+    );
+    assert!(events[10].1["elapsed_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn a_tool_call_shows_its_start_and_finish_before_the_answer() {
+    let server = Agentd::spawn(&[]).await;
+    let events = server
+        .stream(
+            "c",
+            json!({"question": "time?", "model": "test:deltas=2,tool=current_time"}),
+        )
+        .await
+        .rest()
+        .await;
+    assert_eq!(
+        types(&events),
+        [
+            "run_started",
+            "tool_started",
+            "tool_finished",
+            "model_delta",
+            "model_delta",
+            "final_answer",
+            "run_completed",
+            "done"
+        ]
+    );
+    assert_eq!(events[1].1["tool_name"], "current_time");
+    assert_eq!(events[1].1["tool_call_id"], events[2].1["tool_call_id"]);
+    assert_eq!(events[1].1["args"], json!({}));
+    assert!(events[2].1["elapsed_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn a_failing_run_ends_with_run_failed_then_done() {
+    let server = Agentd::spawn(&[]).await;
+    let events = server
+        .stream("c", json!({"question": "q", "model": "test:fail_after=2"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(
+        types(&events),
+        [
+            "run_started",
+            "model_delta",
+            "model_delta",
+            "run_failed",
+            "done"
+        ]
+    );
+    assert!(
+        events[3].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("failed after 2 deltas")
+    );
+}
+
+#[tokio::test]
+async fn the_default_model_comes_from_ai_model() {
+    let server = Agentd::spawn(&[("AI_MODEL", "test:deltas=1")]).await;
+    let events = server
+        .stream("c", json!({"question": "q"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(events[0].1["model"], "test:deltas=1");
+    assert_eq!(
+        types(&events)
+            .iter()
+            .filter(|t| *t == "model_delta")
+            .count(),
+        1
+    );
+}
+
+/// Every refusal before the stream starts: its status and a JSON `detail`.
+#[tokio::test]
+async fn bad_requests_get_their_status_and_a_json_detail() {
+    let server = Agentd::spawn(&[]).await;
+    let stream_url = server.url("/agents/chats/c/stream");
+    let post = |content_type: &'static str, body: Vec<u8>| {
+        server
+            .http
+            .post(&stream_url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let json = "application/json";
+    let cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            post(json, b"{\"question\":".to_vec()).await.unwrap(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "no question",
+            post(json, b"{}".to_vec()).await.unwrap(),
+            422,
+            "question",
+        ),
+        (
+            "not an object",
+            post(json, b"[]".to_vec()).await.unwrap(),
+            422,
+            "JSON object",
+        ),
+        (
+            "empty question",
+            post(json, br#"{"question":""}"#.to_vec()).await.unwrap(),
+            422,
+            "at least 1 character",
+        ),
+        (
+            "question too long",
+            post(
+                json,
+                json!({"question": "x".repeat(2001)})
+                    .to_string()
+                    .into_bytes(),
+            )
+            .await
+            .unwrap(),
+            422,
+            "at most 2000 characters",
+        ),
+        (
+            "question not a string",
+            post(json, br#"{"question":7}"#.to_vec()).await.unwrap(),
+            422,
+            "valid string",
+        ),
+        (
+            "model too long",
+            post(
+                json,
+                json!({"question": "q", "model": "m".repeat(201)})
+                    .to_string()
+                    .into_bytes(),
+            )
+            .await
+            .unwrap(),
+            422,
+            "at most 200 characters",
+        ),
+        (
+            "unknown model",
+            post(json, br#"{"question":"q","model":"gpt-nine"}"#.to_vec())
+                .await
+                .unwrap(),
+            422,
+            "gpt-nine",
+        ),
+        (
+            "body over 64 KiB",
+            post(json, vec![b' '; 64 * 1024 + 1]).await.unwrap(),
+            413,
+            "larger than 65536 bytes",
+        ),
+        (
+            "wrong content type",
+            post("text/plain", b"{}".to_vec()).await.unwrap(),
+            415,
+            "application/json",
+        ),
+        ("unknown route", server.get("/nope").await, 404, "Not Found"),
+        (
+            "wrong method",
+            server.http.get(&stream_url).send().await.unwrap(),
+            405,
+            "Method Not Allowed",
+        ),
+    ];
+    for (case, response, status, detail) in cases {
+        assert_eq!(response.status().as_u16(), status, "{case}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{case}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["detail"].to_string().contains(detail),
+            "{case}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn field_errors_name_the_field() {
+    let server = Agentd::spawn(&[]).await;
+    let response = server.ask("c", json!({"question": "", "model": 3})).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    let fields: Vec<&Value> = body["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["loc"])
+        .collect();
+    assert_eq!(
+        fields,
+        [&json!(["body", "question"]), &json!(["body", "model"])]
+    );
+}
+
+#[tokio::test]
+async fn streams_over_max_streams_get_503_with_retry_after() {
+    let server = Agentd::spawn(&[("MAX_STREAMS", "1")]).await;
+    let mut open = server
+        .stream(
+            "c",
+            json!({"question": "q", "model": "test:deltas=100,delay_ms=100"}),
+        )
+        .await;
+    assert_eq!(open.next_data().await["type"], "run_started");
+
+    let refused = server.ask("c", json!({"question": "q"})).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("limit reached"),
+        "{body}"
+    );
+
+    drop(open);
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("agentd_streams_rejected_total{reason=\"limit\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let server = Agentd::spawn(&[]).await;
+    for path in ["/healthz", "/health", "/readyz"] {
+        assert_eq!(server.get(path).await.status(), 200, "{path}");
+    }
+    server
+        .stream("c", json!({"question": "q"}))
+        .await
+        .rest()
+        .await;
+    let metrics = server.get("/metrics").await;
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = metrics.text().await.unwrap();
+    for line in [
+        "agentd_open_streams 0",
+        "agentd_streams_admitted_total 1",
+        "agentd_runs_total{outcome=\"completed\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_the_configured_origin_and_authorization() {
+    let server = Agentd::spawn(&[("AGENT_HTTP_CORS_ORIGINS", "https://app.example")]).await;
+    let preflight = |origin: &'static str| {
+        server
+            .http
+            .request(
+                reqwest::Method::OPTIONS,
+                server.url("/agents/chats/c/stream"),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let headers = allowed.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
+    assert!(headers.contains("authorization"), "{headers}");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
