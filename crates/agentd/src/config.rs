@@ -5,11 +5,16 @@
 //! shutdown budget that cannot hold, before anything starts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::sqlite::SqliteConnectOptions;
+
 use crate::model::ModelSpec;
+use crate::store::StoreConfig;
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong and retrying will not help.
 pub const EXIT_CONFIG: i32 = 64;
@@ -29,6 +34,39 @@ pub struct Cli {
 pub enum Command {
     /// Run the service (HTTP) until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Apply the store's migrations and exit (serve applies them at start too).
+    Migrate(MigrateArgs),
+}
+
+/// Where the session store is.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// `sqlite://FILE` or `postgres://USER:PASSWORD@HOST:PORT/DB` [default: sqlite://agentd.db].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL host, as the seed configured it; used when DATABASE_URL is unset.
+    #[arg(long, env = "DB_HOST")]
+    pub db_host: Option<String>,
+    #[arg(long, env = "DB_PORT", default_value_t = 5432)]
+    pub db_port: u16,
+    #[arg(long, env = "DB_NAME")]
+    pub db_name: Option<String>,
+    #[arg(long, env = "DB_USERNAME")]
+    pub db_username: Option<String>,
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    pub db_password: Option<String>,
+    /// disable, allow, prefer, require, verify-ca or verify-full.
+    #[arg(long, env = "DB_SSLMODE")]
+    pub db_sslmode: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// Raw `agentd serve` settings, as the user typed them.
@@ -74,9 +112,17 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_STREAMS")]
     pub max_streams: Option<usize>,
 
+    /// Seconds without a heartbeat after which a running run is taken for the run of a stopped process and marked
+    /// interrupted.
+    #[arg(long, env = "RUN_LEASE", value_parser = parse_seconds, default_value = "30")]
+    pub run_lease: Duration,
+
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,6 +141,9 @@ pub struct Config {
     pub budget: ShutdownBudget,
     pub max_streams: Option<usize>,
     pub log_format: LogFormat,
+    pub store: StoreConfig,
+    /// See `RUN_LEASE`; heartbeats are sent three times per lease.
+    pub run_lease: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +187,15 @@ pub enum ConfigError {
     ZeroMaxStreams,
     #[error("AGENT_HTTP_CORS_ORIGINS: {0}")]
     CorsOrigins(String),
+    /// Never carries the URL itself: it may hold a password.
+    #[error("DATABASE_URL: {0}")]
+    DatabaseUrl(String),
+    #[error(
+        "DB_SSLMODE: {0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+    )]
+    SslMode(String),
+    #[error("RUN_LEASE must be at least 1 second")]
+    ShortLease,
 }
 
 const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8090);
@@ -166,6 +224,9 @@ impl Config {
         }
         let default_model = ModelSpec::parse(&args.ai_model)
             .map_err(|e| ConfigError::DefaultModel(e.to_string()))?;
+        if args.run_lease < Duration::from_secs(1) {
+            return Err(ConfigError::ShortLease);
+        }
         Ok(Self {
             http_addr,
             default_model,
@@ -173,7 +234,52 @@ impl Config {
             budget,
             max_streams: args.max_streams,
             log_format: args.log_format,
+            store: args.store.parse()?,
+            run_lease: args.run_lease,
         })
+    }
+}
+
+impl StoreArgs {
+    /// `DATABASE_URL` when set; otherwise PostgreSQL from the seed's `DB_*` settings when `DB_HOST` is set; otherwise
+    /// the embedded SQLite file `agentd.db` in the working directory.
+    pub fn parse(&self) -> Result<StoreConfig, ConfigError> {
+        if let Some(url) = &self.database_url {
+            let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
+            return match scheme {
+                "sqlite" => SqliteConnectOptions::from_str(url)
+                    .map(StoreConfig::Sqlite)
+                    .map_err(|e| ConfigError::DatabaseUrl(format!("not a valid SQLite URL ({e})"))),
+                "postgres" | "postgresql" => PgConnectOptions::from_str(url)
+                    .map(StoreConfig::Postgres)
+                    .map_err(|_| ConfigError::DatabaseUrl("not a valid PostgreSQL URL".to_owned())),
+                _ => Err(ConfigError::DatabaseUrl(
+                    "must start with sqlite:// or postgres://".to_owned(),
+                )),
+            };
+        }
+        let Some(host) = &self.db_host else {
+            let options = SqliteConnectOptions::from_str("sqlite://agentd.db")
+                .expect("the default URL is valid");
+            return Ok(StoreConfig::Sqlite(options));
+        };
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(host)
+            .port(self.db_port);
+        if let Some(name) = &self.db_name {
+            options = options.database(name);
+        }
+        if let Some(user) = &self.db_username {
+            options = options.username(user);
+        }
+        if let Some(password) = &self.db_password {
+            options = options.password(password);
+        }
+        if let Some(mode) = &self.db_sslmode {
+            let mode = PgSslMode::from_str(mode).map_err(|_| ConfigError::SslMode(mode.clone()))?;
+            options = options.ssl_mode(mode);
+        }
+        Ok(StoreConfig::Postgres(options))
     }
 }
 
@@ -239,6 +345,7 @@ mod tests {
         let argv = ["agentd", "serve"].iter().chain(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => args,
+            Command::Migrate(_) => unreachable!(),
         }
     }
 
@@ -318,6 +425,54 @@ mod tests {
             Config::from_args(serve(&["--max-streams", "0"])).unwrap_err(),
             ConfigError::ZeroMaxStreams
         );
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_and_postgres_from_the_seed_settings() {
+        let config = Config::from_args(serve(&[])).unwrap();
+        assert_eq!(config.store.backend(), "sqlite");
+        let seed = serve(&[
+            "--db-host",
+            "db",
+            "--db-name",
+            "agents",
+            "--db-username",
+            "u",
+            "--db-password",
+            "p@ss/w",
+        ]);
+        let StoreConfig::Postgres(options) = Config::from_args(seed).unwrap().store else {
+            panic!("DB_HOST selects PostgreSQL");
+        };
+        assert_eq!(options.get_host(), "db");
+        assert_eq!(options.get_port(), 5432);
+        assert_eq!(options.get_database(), Some("agents"));
+        let url = serve(&[
+            "--database-url",
+            "postgres://u:p@h:6543/d",
+            "--db-host",
+            "ignored",
+        ]);
+        let StoreConfig::Postgres(options) = Config::from_args(url).unwrap().store else {
+            panic!("a postgres URL selects PostgreSQL");
+        };
+        assert_eq!((options.get_host(), options.get_port()), ("h", 6543));
+    }
+
+    #[test]
+    fn a_bad_database_setting_is_refused_without_echoing_it() {
+        let err =
+            Config::from_args(serve(&["--database-url", "mysql://u:secret@h/d"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DATABASE_URL: must start with sqlite:// or postgres://"
+        );
+        assert!(!err.to_string().contains("secret"));
+        let err =
+            Config::from_args(serve(&["--db-host", "h", "--db-sslmode", "sometimes"])).unwrap_err();
+        assert!(matches!(err, ConfigError::SslMode(_)));
+        let err = Config::from_args(serve(&["--run-lease", "0.5"])).unwrap_err();
+        assert_eq!(err, ConfigError::ShortLease);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::store::StoreError;
 use crate::stream_tracker::Rejection;
 
 /// What the client is told to wait before retrying a refused stream, in seconds. A replica that is shutting down is
@@ -30,6 +31,12 @@ pub enum ApiError {
     BadBody,
     #[error("Not Found")]
     RouteNotFound,
+    /// The chat does not exist or is not the caller's; the two are not told apart.
+    #[error("Chat not found")]
+    ChatNotFound,
+    /// The session store did not answer; the cause is logged where it happened.
+    #[error("Session store is unavailable; retry shortly")]
+    StoreUnavailable,
     #[error("Method Not Allowed")]
     MethodNotAllowed,
     #[error("Service is shutting down")]
@@ -61,6 +68,14 @@ impl FieldError {
             kind,
         }
     }
+
+    pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
+        Self {
+            loc: vec!["path", param],
+            msg: msg.into(),
+            kind,
+        }
+    }
 }
 
 impl ApiError {
@@ -70,9 +85,11 @@ impl ApiError {
             Self::MalformedJson(_) | Self::BadBody => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::RouteNotFound | Self::ChatNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ShuttingDown | Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::AtCapacity { .. } | Self::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -82,6 +99,20 @@ impl From<Rejection> for ApiError {
         match rejection {
             Rejection::ShuttingDown => Self::ShuttingDown,
             Rejection::AtCapacity { limit } => Self::AtCapacity { limit },
+        }
+    }
+}
+
+/// A store failure before the stream starts; logged here, once, with its cause.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            // Deleted between the lookup and the write.
+            StoreError::ChatNotFound(_) => Self::ChatNotFound,
+            error => {
+                tracing::error!(%error, "session store request failed");
+                Self::StoreUnavailable
+            }
         }
     }
 }
@@ -104,7 +135,7 @@ impl IntoResponse for ApiError {
                 // Close this connection after the answer so the client's retry opens one to a replica that stays.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Self::AtCapacity { .. } => {
+            Self::AtCapacity { .. } | Self::StoreUnavailable => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),

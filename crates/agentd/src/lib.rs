@@ -12,6 +12,7 @@
 //! | [`http`] | router, state, routes, and the accept loop |
 //! | [`model`] | the model trait and providers (the built-in `test` model) |
 //! | [`agent`] | the run loop: model ↔ tools, events out |
+//! | [`store`] | the session store: chats, messages, runs; SQLite and PostgreSQL |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`telemetry`] | log setup |
 
@@ -23,5 +24,6 @@ pub mod metrics;
 pub mod model;
 pub mod shutdown;
 pub mod startup;
+pub mod store;
 pub mod stream_tracker;
 pub mod telemetry;

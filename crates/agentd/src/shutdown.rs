@@ -8,7 +8,8 @@
 //!    answer can be given, and the other routes keep working. Open streams run on; every 5 s a log line says how many.
 //!    The drain ends when none is left or at `DRAIN_TIMEOUT`.
 //! 3. Closing: every run still going ends with `run_interrupted` + `done`; when their bodies are released and the runs
-//!    have recorded their end, the HTTP server stops (idle keep-alive connections close) and the process exits 0.
+//!    have recorded their end, the HTTP server stops (idle keep-alive connections close), run leases stop being
+//!    refreshed, the store closes last, and the process exits 0.
 //!
 //! A second signal during 1 or 2 goes straight to 3. A watchdog thread started by the first signal ends the process at
 //! `SHUTDOWN_TIMEOUT` with [`EXIT_FORCED`], logging what was still running, however stuck the runtime is: a timeout
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ShutdownBudget;
 use crate::metrics::Metrics;
+use crate::store::SessionStore;
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
 
 /// Exit code when the hard deadline ends the process with work still running.
@@ -118,6 +120,11 @@ pub struct Stoppable {
     pub http_stop: CancellationToken,
     pub http_connections: TaskTracker,
     pub http_server: JoinHandle<()>,
+    /// Cancelled to stop refreshing run leases, once no run is left.
+    pub leases_stop: CancellationToken,
+    pub leases: JoinHandle<()>,
+    /// Closed last, after every run has written its end.
+    pub store: Arc<dyn SessionStore>,
 }
 
 /// Runs the whole sequence after the first `signal`; returns when the process may exit 0.
@@ -136,6 +143,9 @@ pub async fn shut_down(
         http_stop,
         http_connections,
         http_server,
+        leases_stop,
+        leases,
+        store,
     } = parts;
     let hard_deadline = Instant::now() + budget.timeout;
     lifecycle.enter(Phase::Stopping);
@@ -203,6 +213,11 @@ pub async fn shut_down(
     if let Err(error) = http_server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
+    leases_stop.cancel();
+    if let Err(error) = leases.await {
+        tracing::error!(%error, "the lease task failed");
+    }
+    store.close().await;
     tracing::info!("shutdown complete");
 }
 

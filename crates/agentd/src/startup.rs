@@ -1,4 +1,4 @@
-//! Build (bind the listener, assemble the state) and run until a signal ends the service.
+//! Build (bind the listener, open and migrate the store, assemble the state) and run until a signal ends the service.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,10 +8,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use uuid::Uuid;
+
+use crate::agent::LiveRuns;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
+use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +24,11 @@ pub enum StartupError {
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    #[error("cannot open the {backend} session store: {source}")]
+    Store {
+        backend: &'static str,
+        source: StoreError,
     },
 }
 
@@ -37,6 +46,12 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
+        let backend = config.store.backend();
+        let store = store::open(&config.store)
+            .await
+            .map_err(|source| StartupError::Store { backend, source })?;
+        let instance_id: Arc<str> = Uuid::new_v4().to_string().into();
+        tracing::info!(backend, %instance_id, "session store ready");
         let state = AppState {
             tracker: StreamTracker::new(config.max_streams),
             lifecycle: Arc::new(Lifecycle::default()),
@@ -44,6 +59,9 @@ impl Application {
             default_model: Arc::new(config.default_model.clone()),
             interrupt: CancellationToken::new(),
             runs: TaskTracker::new(),
+            store,
+            instance_id,
+            live_runs: LiveRuns::default(),
         };
         Ok(Self {
             config,
@@ -76,6 +94,13 @@ impl Application {
             http_stop.clone(),
             http_connections.clone(),
         ));
+        let leases_stop = CancellationToken::new();
+        let leases = tokio::spawn(store::maintain_leases(
+            Arc::clone(&state.store),
+            state.live_runs.clone(),
+            config.run_lease,
+            leases_stop.clone(),
+        ));
         tracing::info!(%http_addr, default_model = %config.default_model,
             max_streams = config.max_streams, "agentd is serving");
 
@@ -92,6 +117,9 @@ impl Application {
             http_stop,
             http_connections,
             http_server,
+            leases_stop,
+            leases,
+            store: state.store,
         };
         shutdown::shut_down(parts, config.budget, first, &mut signals).await;
     }

@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{Agentd, types};
+use common::{Agentd, new_chat, types};
 use serde_json::{Value, json};
 
 /// A run that takes about `seconds` to finish.
@@ -17,7 +17,7 @@ async fn sigterm_lets_open_streams_finish_and_refuses_new_ones() {
     let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "60"), ("SHUTDOWN_TIMEOUT", "90")]).await;
     let mut streams = Vec::new();
     for _ in 0..3 {
-        let mut stream = server.stream("c", slow(4)).await;
+        let mut stream = server.stream(&new_chat(), slow(4)).await;
         assert_eq!(stream.next_data().await["type"], "run_started");
         streams.push(stream);
     }
@@ -25,7 +25,7 @@ async fn sigterm_lets_open_streams_finish_and_refuses_new_ones() {
     server.signal("TERM");
     server.wait_for_log("draining").await;
 
-    let refused = server.ask("c", json!({"question": "q"})).await;
+    let refused = server.ask(&new_chat(), json!({"question": "q"})).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(refused.headers()["connection"], "close");
@@ -52,7 +52,8 @@ async fn sigterm_lets_open_streams_finish_and_refuses_new_ones() {
 #[tokio::test]
 async fn a_stream_longer_than_the_drain_is_interrupted_visibly() {
     let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "20")]).await;
-    let mut stream = server.stream("chat-9", slow(100)).await;
+    let chat = new_chat();
+    let mut stream = server.stream(&chat, slow(100)).await;
     let started = stream.next_data().await;
     server.signal("TERM");
 
@@ -65,7 +66,7 @@ async fn a_stream_longer_than_the_drain_is_interrupted_visibly() {
     let run_id = started["run_id"].as_str().unwrap();
     assert_eq!(
         interrupted["resume"],
-        format!("/agents/chats/chat-9/runs/{run_id}/stream")
+        format!("/agents/chats/{chat}/runs/{run_id}/stream")
     );
     assert!(server.exit_status().await.success());
     assert!(server.log_text().contains("drain timeout reached"));
@@ -74,7 +75,7 @@ async fn a_stream_longer_than_the_drain_is_interrupted_visibly() {
 #[tokio::test]
 async fn a_second_signal_during_the_drain_closes_at_once() {
     let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "120"), ("SHUTDOWN_TIMEOUT", "150")]).await;
-    let mut stream = server.stream("c", slow(100)).await;
+    let mut stream = server.stream(&new_chat(), slow(100)).await;
     stream.next_data().await;
     server.signal("TERM");
     server.wait_for_log("draining").await;
@@ -100,7 +101,7 @@ async fn during_the_shutdown_delay_streams_are_still_admitted_while_readiness_fa
 
     assert_eq!(server.get("/readyz").await.status(), 503);
     let events = server
-        .stream("c", json!({"question": "q"}))
+        .stream(&new_chat(), json!({"question": "q"}))
         .await
         .rest()
         .await;
@@ -119,7 +120,7 @@ async fn during_the_shutdown_delay_streams_are_still_admitted_while_readiness_fa
 #[tokio::test]
 async fn a_client_that_disconnected_does_not_hold_the_drain() {
     let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "120"), ("SHUTDOWN_TIMEOUT", "150")]).await;
-    let mut stream = server.stream("c", slow(100)).await;
+    let mut stream = server.stream(&new_chat(), slow(100)).await;
     stream.next_data().await;
     drop(stream);
     let ended = server
@@ -149,8 +150,9 @@ async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
     let mut socket = std::net::TcpStream::connect(&addr).unwrap();
     write!(
         socket,
-        "POST /agents/chats/c/stream HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+        "POST /agents/chats/{}/stream HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n{body}",
+        new_chat(),
         body.len()
     )
     .unwrap();

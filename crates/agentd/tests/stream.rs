@@ -2,14 +2,15 @@
 
 mod common;
 
-use common::{Agentd, types};
+use common::{Agentd, deltas, new_chat, types};
 use serde_json::{Value, json};
 
 #[tokio::test]
 async fn a_test_run_streams_the_protocol_in_order_with_increasing_ids() {
     let server = Agentd::spawn(&[]).await;
+    let chat = new_chat();
     let mut stream = server
-        .stream("chat-1", json!({"question": "What is agentd?"}))
+        .stream(&chat, json!({"question": "What is agentd?"}))
         .await;
     assert_eq!(stream.headers["content-type"], "text/event-stream");
     assert_eq!(stream.headers["cache-control"], "no-cache");
@@ -23,20 +24,15 @@ async fn a_test_run_streams_the_protocol_in_order_with_increasing_ids() {
 
     let started = &events[0].1;
     let run_id = started["run_id"].as_str().unwrap();
-    assert_eq!(started["chat_id"], "chat-1");
+    assert_eq!(started["chat_id"], chat);
     assert_eq!(started["model"], "test");
-    assert!(started.as_object().unwrap().contains_key("canvas_id"));
+    assert_eq!(started["canvas_id"], "dev-canvas");
     for (i, (id, _)) in events.iter().enumerate() {
         assert_eq!(id, &format!("{run_id}:{}", i + 1));
     }
 
-    let deltas: String = events
-        .iter()
-        .filter(|(_, e)| e["type"] == "model_delta")
-        .map(|(_, e)| e["content"].as_str().unwrap())
-        .collect();
     let answer = &events[9].1;
-    assert_eq!(answer["output"], deltas);
+    assert_eq!(answer["output"], deltas(&events));
     assert_eq!(answer["usage"]["output_tokens"], 8);
     let usage = &answer["usage"];
     assert_eq!(
@@ -51,7 +47,7 @@ async fn a_tool_call_shows_its_start_and_finish_before_the_answer() {
     let server = Agentd::spawn(&[]).await;
     let events = server
         .stream(
-            "c",
+            &new_chat(),
             json!({"question": "time?", "model": "test:deltas=2,tool=current_time"}),
         )
         .await
@@ -80,7 +76,10 @@ async fn a_tool_call_shows_its_start_and_finish_before_the_answer() {
 async fn a_failing_run_ends_with_run_failed_then_done() {
     let server = Agentd::spawn(&[]).await;
     let events = server
-        .stream("c", json!({"question": "q", "model": "test:fail_after=2"}))
+        .stream(
+            &new_chat(),
+            json!({"question": "q", "model": "test:fail_after=2"}),
+        )
         .await
         .rest()
         .await;
@@ -106,7 +105,7 @@ async fn a_failing_run_ends_with_run_failed_then_done() {
 async fn the_default_model_comes_from_ai_model() {
     let server = Agentd::spawn(&[("AI_MODEL", "test:deltas=1")]).await;
     let events = server
-        .stream("c", json!({"question": "q"}))
+        .stream(&new_chat(), json!({"question": "q"}))
         .await
         .rest()
         .await;
@@ -124,7 +123,7 @@ async fn the_default_model_comes_from_ai_model() {
 #[tokio::test]
 async fn bad_requests_get_their_status_and_a_json_detail() {
     let server = Agentd::spawn(&[]).await;
-    let stream_url = server.url("/agents/chats/c/stream");
+    let stream_url = server.url(&format!("/agents/chats/{}/stream", new_chat()));
     let post = |content_type: &'static str, body: Vec<u8>| {
         server
             .http
@@ -237,7 +236,9 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
 #[tokio::test]
 async fn field_errors_name_the_field() {
     let server = Agentd::spawn(&[]).await;
-    let response = server.ask("c", json!({"question": "", "model": 3})).await;
+    let response = server
+        .ask(&new_chat(), json!({"question": "", "model": 3}))
+        .await;
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     let fields: Vec<&Value> = body["detail"]
@@ -257,13 +258,13 @@ async fn streams_over_max_streams_get_503_with_retry_after() {
     let server = Agentd::spawn(&[("MAX_STREAMS", "1")]).await;
     let mut open = server
         .stream(
-            "c",
+            &new_chat(),
             json!({"question": "q", "model": "test:deltas=100,delay_ms=100"}),
         )
         .await;
     assert_eq!(open.next_data().await["type"], "run_started");
 
-    let refused = server.ask("c", json!({"question": "q"})).await;
+    let refused = server.ask(&new_chat(), json!({"question": "q"})).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     let body: Value = refused.json().await.unwrap();
@@ -287,7 +288,7 @@ async fn health_readiness_and_metrics_answer() {
         assert_eq!(server.get(path).await.status(), 200, "{path}");
     }
     server
-        .stream("c", json!({"question": "q"}))
+        .stream(&new_chat(), json!({"question": "q"}))
         .await
         .rest()
         .await;

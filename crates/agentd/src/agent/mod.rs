@@ -4,10 +4,17 @@
 //! reads. The task races every step against two signals: the client going away (the body was dropped) and the shutdown
 //! deadline. Whatever ends the run, the task ends with it: a client that leaves stops the model at its next await, and
 //! the shutdown deadline ends the stream with `run_interrupted` + `done`.
+//!
+//! Everything a run produces goes to the store. The run row and the prompt are stored before the stream starts (by
+//! the route). While the answer streams, the answer so far is saved at most every [`SAVE_EVERY`] while it changes, so
+//! a crash loses at most the text of the last 250 ms. How the run ended is stored before the client is told: the
+//! answer's messages and usage for a completed run, the error for a failed one, and the partial answer for a run
+//! interrupted by the shutdown deadline or by its client leaving.
 
 pub mod tools;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -19,16 +26,20 @@ use uuid::Uuid;
 
 use crate::metrics::{Metrics, RunOutcome};
 use crate::model::{Message, Model, ModelEvent, ModelRequest, ToolCall, Usage};
+use crate::store::{RunEnd, RunStatus, SessionStore};
 
 /// How many model steps (each answer or round of tool calls) a run may take before it is failed.
 const MAX_STEPS: usize = 10;
+
+/// How often the answer so far is saved while it grows: the most text a crash can lose.
+pub const SAVE_EVERY: Duration = Duration::from_millis(250);
 
 /// One event of the SSE protocol; serialized as the `data:` JSON of the event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
     RunStarted {
-        chat_id: String,
+        chat_id: Uuid,
         run_id: Uuid,
         model: String,
         canvas_id: Option<String>,
@@ -70,7 +81,7 @@ pub type Numbered = (u64, RunEvent);
 /// Everything a run needs, decided before its stream starts.
 #[derive(Debug)]
 pub struct RunContext {
-    pub chat_id: String,
+    pub chat_id: Uuid,
     pub canvas_id: Option<String>,
     pub run_id: Uuid,
     /// The model id as the client will see it in `run_started`.
@@ -84,6 +95,48 @@ pub struct RunContext {
     /// Cancelled at the drain deadline: end the stream now, visibly.
     pub interrupt: CancellationToken,
     pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn SessionStore>,
+    /// The runs this process drives; the run is in it until `drive` returns.
+    pub live: LiveRuns,
+}
+
+/// The runs this process is driving now; their leases are the ones it keeps fresh.
+#[derive(Debug, Clone, Default)]
+pub struct LiveRuns(Arc<Mutex<HashSet<Uuid>>>);
+
+impl LiveRuns {
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.0
+            .lock()
+            .expect("live runs lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn enter(&self, run_id: Uuid) -> LiveRun {
+        self.0.lock().expect("live runs lock").insert(run_id);
+        LiveRun {
+            runs: self.clone(),
+            run_id,
+        }
+    }
+}
+
+/// Removes its run from [`LiveRuns`] when dropped.
+struct LiveRun {
+    runs: LiveRuns,
+    run_id: Uuid,
+}
+
+impl Drop for LiveRun {
+    fn drop(&mut self) {
+        self.runs
+            .0
+            .lock()
+            .expect("live runs lock")
+            .remove(&self.run_id);
+    }
 }
 
 /// Why the loop stopped before the model finished.
@@ -111,15 +164,53 @@ impl Emitter {
 }
 
 /// What the run has produced so far; kept outside the cancellable loop so an interrupted run still has it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Progress {
+    /// The answer text so far, across steps.
     output: String,
     usage: Usage,
+    /// Messages added after the prompt: the model's answers and the tool results.
+    messages: Vec<Message>,
+    /// How much of `output` the store has.
+    saved_len: usize,
+    save_tick: tokio::time::Interval,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let mut save_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + SAVE_EVERY, SAVE_EVERY);
+        save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            output: String::new(),
+            usage: Usage::default(),
+            messages: Vec::new(),
+            saved_len: 0,
+            save_tick,
+        }
+    }
+
+    /// Saves the answer so far if it grew since the last save.
+    async fn save(&mut self, ctx: &RunContext) -> Result<(), Stop> {
+        if self.output.len() == self.saved_len {
+            return Ok(());
+        }
+        ctx.store
+            .save_partial(ctx.run_id, &self.output)
+            .await
+            .map_err(|error| {
+                tracing::error!(run_id = %ctx.run_id, %error, "could not save the answer so far");
+                Stop::Failed("the session store failed; the run could not be saved".to_owned())
+            })?;
+        self.saved_len = self.output.len();
+        Ok(())
+    }
 }
 
 /// Drives one run to its end, sending its events into `tx`.
 pub async fn drive(ctx: RunContext, tx: mpsc::Sender<Numbered>) -> RunOutcome {
     let started = Instant::now();
+    let _live = ctx.live.enter(ctx.run_id);
     let mut out = Emitter { tx, seq: 0 };
     let outcome = run(&ctx, &mut out, started).await;
     ctx.metrics.run_finished(outcome);
@@ -130,45 +221,75 @@ pub async fn drive(ctx: RunContext, tx: mpsc::Sender<Numbered>) -> RunOutcome {
 
 async fn run(ctx: &RunContext, out: &mut Emitter, started: Instant) -> RunOutcome {
     let run_started = RunEvent::RunStarted {
-        chat_id: ctx.chat_id.clone(),
+        chat_id: ctx.chat_id,
         run_id: ctx.run_id,
         model: ctx.model_id.clone(),
         canvas_id: ctx.canvas_id.clone(),
     };
-    if out.emit(run_started).await.is_err() {
-        return RunOutcome::Disconnected;
-    }
-    let mut progress = Progress::default();
-    let result = tokio::select! {
-        biased;
-        _ = ctx.client_gone.cancelled() => Err(Stop::Disconnected),
-        _ = ctx.interrupt.cancelled() => Err(Stop::Interrupted),
-        result = agent_loop(ctx, out, &mut progress) => result,
+    let mut progress = Progress::new();
+    let result = match out.emit(run_started).await {
+        Err(stop) => Err(stop),
+        Ok(()) => tokio::select! {
+            biased;
+            _ = ctx.client_gone.cancelled() => Err(Stop::Disconnected),
+            _ = ctx.interrupt.cancelled() => Err(Stop::Interrupted),
+            result = agent_loop(ctx, out, &mut progress) => result,
+        },
     };
-    let (outcome, last) = match result {
-        Ok(()) => {
-            let answer = RunEvent::FinalAnswer {
-                output: std::mem::take(&mut progress.output),
-                usage: progress.usage,
-            };
-            let completed = RunEvent::RunCompleted {
-                elapsed_ms: millis(started.elapsed()),
-            };
-            (RunOutcome::Completed, vec![answer, completed])
-        }
+    let (mut outcome, status, error) = match result {
+        Ok(()) => (RunOutcome::Completed, RunStatus::Completed, None),
         Err(Stop::Failed(error)) => {
             tracing::warn!(run_id = %ctx.run_id, %error, "run failed");
-            (RunOutcome::Failed, vec![RunEvent::RunFailed { error }])
+            (RunOutcome::Failed, RunStatus::Failed, Some(error))
         }
-        Err(Stop::Interrupted) => {
-            let resume = format!("/agents/chats/{}/runs/{}/stream", ctx.chat_id, ctx.run_id);
-            let interrupted = RunEvent::RunInterrupted {
-                reason: "shutdown",
-                resume,
-            };
-            (RunOutcome::Interrupted, vec![interrupted])
+        Err(Stop::Interrupted) => (
+            RunOutcome::Interrupted,
+            RunStatus::Interrupted,
+            Some("the service shut down before the run ended".to_owned()),
+        ),
+        Err(Stop::Disconnected) => (
+            RunOutcome::Disconnected,
+            RunStatus::Interrupted,
+            Some("the client disconnected before the run ended".to_owned()),
+        ),
+    };
+    let end = RunEnd {
+        status,
+        error: error.clone(),
+        output: progress.output,
+        usage: progress.usage,
+        messages: if status == RunStatus::Completed {
+            progress.messages
+        } else {
+            Vec::new()
+        },
+    };
+    if let Err(store_error) = ctx.store.finish_run(ctx.run_id, &end).await {
+        tracing::error!(run_id = %ctx.run_id, error = %store_error, "could not store how the run ended");
+        if outcome == RunOutcome::Completed {
+            outcome = RunOutcome::Failed;
         }
-        Err(Stop::Disconnected) => return RunOutcome::Disconnected,
+    }
+    let last = match outcome {
+        RunOutcome::Completed => vec![
+            RunEvent::FinalAnswer {
+                output: end.output,
+                usage: end.usage,
+            },
+            RunEvent::RunCompleted {
+                elapsed_ms: millis(started.elapsed()),
+            },
+        ],
+        RunOutcome::Failed => vec![RunEvent::RunFailed {
+            error: error.unwrap_or_else(|| {
+                "the session store failed; the answer could not be saved".to_owned()
+            }),
+        }],
+        RunOutcome::Interrupted => vec![RunEvent::RunInterrupted {
+            reason: "shutdown",
+            resume: format!("/agents/chats/{}/runs/{}/stream", ctx.chat_id, ctx.run_id),
+        }],
+        RunOutcome::Disconnected => return outcome,
     };
     for event in last.into_iter().chain([RunEvent::Done]) {
         // The client may still leave while the last events wait for room in the channel.
@@ -204,22 +325,34 @@ async fn agent_loop(
         let mut stream = ctx.model.stream(request);
         let mut text = String::new();
         let mut calls = Vec::new();
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = progress.save_tick.tick() => {
+                    progress.save(ctx).await?;
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             match event.map_err(|e| Stop::Failed(e.to_string()))? {
                 ModelEvent::TextDelta(content) if content.is_empty() => {}
                 ModelEvent::TextDelta(content) => {
+                    let start = text.len();
                     text.push_str(&content);
-                    progress.output.push_str(&content);
                     out.emit(RunEvent::ModelDelta { content }).await?;
+                    // Counted once handed to the client, so a stored partial answer is what the client was sent.
+                    progress.output.push_str(&text[start..]);
                 }
                 ModelEvent::ToolCall(call) => calls.push(call),
                 ModelEvent::Usage(usage) => progress.usage += usage,
             }
         }
-        messages.push(Message::Assistant {
+        let answer = Message::Assistant {
             content: text,
             tool_calls: calls.clone(),
-        });
+        };
+        messages.push(answer.clone());
+        progress.messages.push(answer);
         if calls.is_empty() {
             return Ok(());
         }
@@ -243,10 +376,12 @@ async fn agent_loop(
                 Ok(value) => value.to_string(),
                 Err(error) => serde_json::json!({ "error": error }).to_string(),
             };
-            messages.push(Message::ToolResult {
+            let result = Message::ToolResult {
                 tool_call_id: call.id,
                 content,
-            });
+            };
+            messages.push(result.clone());
+            progress.messages.push(result);
         }
     }
     Err(Stop::Failed(format!(

@@ -1,5 +1,7 @@
 //! Liveness, readiness and metrics.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -13,15 +15,30 @@ pub async fn live() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 while serving; 503 from the moment a shutdown signal arrives.
+/// How long readiness waits for the store to answer before calling it unreachable.
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// 200 while serving; 503 from the moment a shutdown signal arrives, and while the store is unreachable.
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if state.lifecycle.is_serving() {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
-    } else {
+    let unavailable = |detail: &str| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"detail": "Service is shutting down"})),
+            Json(json!({ "detail": detail })),
         )
+    };
+    if !state.lifecycle.is_serving() {
+        return unavailable("Service is shutting down");
+    }
+    match tokio::time::timeout(STORE_PING_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: the session store is unreachable");
+            unavailable("Session store is unavailable")
+        }
+        Err(_) => {
+            tracing::warn!("readiness: the session store did not answer in time");
+            unavailable("Session store is unavailable")
+        }
     }
 }
 

@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::agent::LiveRuns;
 use crate::config::CorsOrigins;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::ModelSpec;
 use crate::shutdown::Lifecycle;
+use crate::store::SessionStore;
 use crate::stream_tracker::StreamTracker;
 
 /// Largest request body accepted; a question is at most 2,000 characters, so this is generous.
@@ -40,6 +42,11 @@ pub struct AppState {
     pub interrupt: CancellationToken,
     /// Every run task, so shutdown can wait for each to record its end.
     pub runs: TaskTracker,
+    pub store: Arc<dyn SessionStore>,
+    /// This process, as the owner of the runs it drives (see the store's leases).
+    pub instance_id: Arc<str>,
+    /// The runs this process is driving, whose leases it keeps fresh.
+    pub live_runs: LiveRuns,
 }
 
 pub fn router(state: AppState, cors: &CorsOrigins) -> Router {

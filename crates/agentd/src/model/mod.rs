@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_core::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use test::TestOptions;
 
@@ -32,7 +32,9 @@ pub struct ModelRequest {
     pub tools: Vec<ToolDefinition>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One message of a conversation, as stored in the chat (JSON, tagged by `role`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
 pub enum Message {
     User {
         content: String,
@@ -41,6 +43,7 @@ pub enum Message {
         content: String,
         tool_calls: Vec<ToolCall>,
     },
+    #[serde(rename = "tool")]
     ToolResult {
         tool_call_id: String,
         content: String,
@@ -55,7 +58,7 @@ pub struct ToolDefinition {
     pub parameters: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
     pub id: String,
     pub name: String,
@@ -129,6 +132,11 @@ impl ModelSpec {
                 }),
             _ => Err(ModelIdError::Unknown(id.to_owned())),
         }
+    }
+
+    /// The built-in model, which dev mode allows without a token.
+    pub fn is_test(&self) -> bool {
+        matches!(self, Self::Test(_))
     }
 
     pub fn build(&self) -> Arc<dyn Model> {

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod db;
+
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +23,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct Agentd {
     child: Child,
+    /// The SQLite database made for this server when the test named none.
+    _own_db: Option<db::TestDb>,
     pub base: String,
     /// Every log line the server wrote to stderr, parsed.
     logs: Arc<Mutex<Vec<Value>>>,
@@ -30,12 +34,23 @@ pub struct Agentd {
 }
 
 impl Agentd {
-    /// Starts the binary with `env` on top of a clean environment and waits until it serves.
+    /// Starts the binary with `env` on a fresh SQLite store and waits until it serves.
     pub async fn spawn(env: &[(&str, &str)]) -> Self {
-        let mut child = command(env).spawn().expect("agentd starts");
+        let db = db::TestDb::sqlite();
+        let mut server = Self::spawn_on(db.url(), env).await;
+        server._own_db = Some(db);
+        server
+    }
+
+    /// Starts the binary with `env` on the store at `database_url` and waits until it serves.
+    pub async fn spawn_on(database_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut env = env.to_vec();
+        env.push(("DATABASE_URL", database_url));
+        let mut child = command(&env).spawn().expect("agentd starts");
         let (logs, log_count) = collect_logs(&mut child);
         let mut server = Self {
             child,
+            _own_db: None,
             base: String::new(),
             logs,
             log_count,
@@ -46,7 +61,7 @@ impl Agentd {
         server
     }
 
-    /// Runs the binary with `env` and expects it to exit on its own; returns its status and stderr.
+    /// Runs `agentd serve` with `env` and expects it to exit on its own; returns its status and stderr.
     pub async fn run_to_exit(env: &[(&str, &str)]) -> (ExitStatus, String) {
         let output = tokio::time::timeout(PATIENCE, command(env).output())
             .await
@@ -115,6 +130,11 @@ impl Agentd {
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
     }
 
     /// POSTs a question to the stream route of `chat`.
@@ -207,6 +227,20 @@ impl Events {
         }
         events
     }
+}
+
+/// A new chat id.
+pub fn new_chat() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The text of every `model_delta`, joined.
+pub fn deltas(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .filter(|(_, e)| e["type"] == "model_delta")
+        .map(|(_, e)| e["content"].as_str().unwrap())
+        .collect()
 }
 
 /// The `type` of each event.

@@ -1,0 +1,246 @@
+//! Test databases: a fresh SQLite file, or a fresh database on a throwaway PostgreSQL server.
+//!
+//! PostgreSQL: with `AGENTD_TEST_DATABASE_URL` set (an admin URL of a running server), each test creates its own
+//! database there. Otherwise the first test that needs one starts a throwaway cluster (`initdb` + `pg_ctl`, as the
+//! `postgres` user when running as root) on a free port, shared by the tests of this test binary, and a watcher
+//! process stops it and removes its files when the test binary exits. A missing PostgreSQL fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use agentd::store::{self, SessionStore, StoreConfig};
+use sqlx::Connection;
+use uuid::Uuid;
+
+pub enum TestDb {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        url: String,
+    },
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
+        Self::Sqlite { _dir: dir, url }
+    }
+
+    /// A new, empty database on the shared PostgreSQL server.
+    pub async fn postgres() -> Self {
+        Self::postgres_on(&shared_admin_url()).await
+    }
+
+    /// A new, empty database on the server of `admin_url`.
+    pub async fn postgres_on(admin_url: &str) -> Self {
+        let name = format!("agentd_test_{}", Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(admin_url)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("an admin URL names a database");
+        Self::Postgres {
+            url: format!("{base}/{name}"),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Sqlite { url, .. } | Self::Postgres { url } => url,
+        }
+    }
+
+    /// Opens (and migrates) the store, as agentd would.
+    pub async fn open(&self) -> Arc<dyn SessionStore> {
+        let config = match self {
+            Self::Sqlite { url, .. } => StoreConfig::Sqlite(url.parse().unwrap()),
+            Self::Postgres { url } => StoreConfig::Postgres(url.parse().unwrap()),
+        };
+        store::open(&config).await.expect("the store opens")
+    }
+
+    /// Makes every run's heartbeat `seconds` older, as if its process had stopped refreshing it that long ago.
+    pub async fn age_heartbeats(&self, seconds: i64) {
+        match self {
+            Self::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query("UPDATE agent_chat_runs SET heartbeat_at = heartbeat_at - ?")
+                    .bind(seconds * 1000)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            Self::Postgres { url } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query("UPDATE agent_chat_runs SET heartbeat_at = heartbeat_at - make_interval(secs => $1)")
+                    .bind(seconds as f64)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+fn shared_admin_url() -> String {
+    static SHARED: OnceLock<String> = OnceLock::new();
+    SHARED
+        .get_or_init(|| match std::env::var("AGENTD_TEST_DATABASE_URL") {
+            Ok(url) => url,
+            Err(_) => Box::leak(Box::new(PgServer::start())).admin_url(),
+        })
+        .clone()
+}
+
+/// A throwaway PostgreSQL cluster, stopped and removed when the test process exits.
+pub struct PgServer {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PgServer {
+    pub fn start() -> Self {
+        let bin = pg_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-pg")
+            .tempdir()
+            .unwrap();
+        if running_as_root() {
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postgres"])
+                    .arg(dir.path()),
+            );
+        }
+        let data = dir.path().join("data");
+        as_postgres(&format!(
+            "{} -D {} -U postgres --auth=trust --no-sync -E UTF8 >/dev/null",
+            bin.join("initdb").display(),
+            data.display()
+        ));
+        let server = Self {
+            bin,
+            dir,
+            port: free_port(),
+        };
+        server.start_again();
+        server.stop_when_tests_exit();
+        server
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again), on the same port and data.
+    pub fn start_again(&self) {
+        as_postgres(&format!(
+            "{} -D {} -l {} -w -o \"-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off\" start >/dev/null",
+            self.bin.join("pg_ctl").display(),
+            self.data().display(),
+            self.dir.path().join("log").display(),
+            self.port,
+            self.dir.path().display(),
+        ));
+    }
+
+    /// Stops the server at once, cutting its connections.
+    pub fn stop(&self) {
+        as_postgres(&format!(
+            "{} -D {} -m immediate -w stop >/dev/null",
+            self.bin.join("pg_ctl").display(),
+            self.data().display()
+        ));
+    }
+
+    /// Tests never drop a shared server, so a watcher process cleans up after the test binary.
+    #[allow(clippy::zombie_processes)] // the watcher must outlive this process; init reaps it
+    fn stop_when_tests_exit(&self) {
+        let stop = format!(
+            "{} -D {} -m immediate stop",
+            self.bin.join("pg_ctl").display(),
+            self.data().display()
+        );
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf {dir}",
+            pid = std::process::id(),
+            stop = as_postgres_command(&stop),
+            dir = self.dir.path().display(),
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the PostgreSQL watcher");
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The newest installed PostgreSQL's binaries, or `PG_BIN`.
+fn pg_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("PG_BIN") {
+        return PathBuf::from(bin);
+    }
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap_or_else(|_| {
+            panic!(
+                "PostgreSQL is not installed ({} is missing); see the README",
+                root.display()
+            )
+        })
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("an installed PostgreSQL with initdb")
+}
+
+fn running_as_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// PostgreSQL refuses to run as root: run its tools as the `postgres` user then.
+fn as_postgres_command(command: &str) -> String {
+    if running_as_root() {
+        format!("su postgres -s /bin/sh -c '{command}'")
+    } else {
+        command.to_owned()
+    }
+}
+
+fn as_postgres(command: &str) {
+    run_ok(Command::new("sh").args(["-c", &as_postgres_command(command)]));
+}
+
+fn run_ok(command: &mut Command) {
+    let status = command.status().expect("the command runs");
+    assert!(status.success(), "{command:?} failed: {status}");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

@@ -1,0 +1,410 @@
+//! Runs are durable: what the binary streams is what the store keeps, through crashes, shutdowns, disconnects and
+//! store outages, on SQLite and on PostgreSQL.
+
+mod common;
+
+use agentd::model::Message;
+use agentd::store::{ChatOwner, RunStatus};
+use common::db::{PgServer, TestDb};
+use common::{Agentd, Events, deltas, new_chat, types};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// A run of `n` deltas, one every 100 ms.
+fn slow(n: u32) -> Value {
+    json!({"question": "q", "model": format!("test:deltas={n},delay_ms=100")})
+}
+
+/// Reads the stream up to and including its `n`th `model_delta`; returns the run id and the text so far.
+async fn read_deltas(stream: &mut Events, n: usize) -> (Uuid, String) {
+    let started = stream.next_data().await;
+    let run_id = started["run_id"].as_str().unwrap().parse().unwrap();
+    let mut text = String::new();
+    for _ in 0..n {
+        let event = stream.next_data().await;
+        assert_eq!(event["type"], "model_delta");
+        text.push_str(event["content"].as_str().unwrap());
+    }
+    (run_id, text)
+}
+
+#[tokio::test]
+async fn the_second_run_of_a_chat_gets_the_first_exchange_and_the_rows_match_the_stream() {
+    let db = TestDb::sqlite();
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let first = server
+        .stream(
+            &chat,
+            json!({"question": "alpha beta", "model": "test:deltas=3"}),
+        )
+        .await
+        .rest()
+        .await;
+    let second = server
+        .stream(
+            &chat,
+            json!({"question": "gamma", "model": "test:deltas=4"}),
+        )
+        .await
+        .rest()
+        .await;
+
+    // The test model counts the words it is given: the second run was given both questions and the first answer.
+    let input = |events: &[(String, Value)]| {
+        let answer = events
+            .iter()
+            .find(|(_, e)| e["type"] == "final_answer")
+            .unwrap();
+        answer.1["usage"]["input_tokens"].as_u64().unwrap()
+    };
+    assert_eq!(input(&first), 2);
+    assert_eq!(input(&second), 2 + 3 + 1);
+
+    let store = db.open().await;
+    let chat_id: Uuid = chat.parse().unwrap();
+    let runs = store.runs(chat_id).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r.status == RunStatus::Completed));
+    assert_eq!(runs[0].output, deltas(&first));
+    assert_eq!(runs[1].output, deltas(&second));
+    let messages: Vec<Message> = store
+        .messages(chat_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            Message::User {
+                content: "alpha beta".into()
+            },
+            Message::Assistant {
+                content: deltas(&first),
+                tool_calls: vec![]
+            },
+            Message::User {
+                content: "gamma".into()
+            },
+            Message::Assistant {
+                content: deltas(&second),
+                tool_calls: vec![]
+            },
+        ]
+    );
+    let chat = store.get_chat(chat_id).await.unwrap().unwrap();
+    assert_eq!(chat.initial_message.as_deref(), Some("alpha beta"));
+    assert_eq!(chat.totals.output_tokens, 7);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_tool_call_and_its_result_are_stored_in_order() {
+    let db = TestDb::sqlite();
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    server
+        .stream(
+            &chat,
+            json!({"question": "time?", "model": "test:deltas=2,tool=current_time"}),
+        )
+        .await
+        .rest()
+        .await;
+    let store = db.open().await;
+    let messages: Vec<Message> = store
+        .messages(chat.parse().unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(messages.len(), 4);
+    assert!(
+        matches!(&messages[1], Message::Assistant { tool_calls, .. } if tool_calls[0].name == "current_time")
+    );
+    assert!(
+        matches!(&messages[2], Message::ToolResult { tool_call_id, content } if tool_call_id == "call_1" && content.contains("utc"))
+    );
+    assert!(
+        matches!(&messages[3], Message::Assistant { content, .. } if content == "Agents answer")
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_killed_server_leaves_an_interrupted_run_with_its_partial_answer_after_restart() {
+    let db = TestDb::sqlite();
+    let mut first = Agentd::spawn_on(db.url(), &[("RUN_LEASE", "1")]).await;
+    let chat = new_chat();
+    let mut stream = first.stream(&chat, slow(1000)).await;
+    // 8 deltas take 800 ms: the answer so far has been saved more than once.
+    let (run_id, streamed) = read_deltas(&mut stream, 8).await;
+    first.kill().await;
+    drop(stream);
+
+    let mut second = Agentd::spawn_on(db.url(), &[("RUN_LEASE", "1")]).await;
+    let marked = second
+        .wait_for_log("marked interrupted the runs of a stopped process")
+        .await;
+    assert_eq!(marked["count"], 1);
+
+    let store = db.open().await;
+    let run = store.get_run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Interrupted);
+    assert!(!run.output.is_empty());
+    assert!(
+        streamed.starts_with(&run.output),
+        "{:?} is not a prefix of {streamed:?}",
+        run.output
+    );
+    let chat_id = chat.parse().unwrap();
+    assert!(store.get_chat(chat_id).await.unwrap().is_some());
+    assert_eq!(
+        store.messages(chat_id).await.unwrap()[0].message,
+        Message::User {
+            content: "q".into()
+        }
+    );
+    // The chat goes on.
+    let events = second
+        .stream(&chat, json!({"question": "again"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn shutdown_disconnect_and_failure_are_each_stored_with_their_partial_answer() {
+    let db = TestDb::sqlite();
+    let mut server = Agentd::spawn_on(
+        db.url(),
+        &[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "20")],
+    )
+    .await;
+
+    let failed = server
+        .stream(
+            &new_chat(),
+            json!({"question": "q", "model": "test:fail_after=2"}),
+        )
+        .await
+        .rest()
+        .await;
+    let failed_id: Uuid = failed[0].1["run_id"].as_str().unwrap().parse().unwrap();
+
+    let mut leaving = server.stream(&new_chat(), slow(1000)).await;
+    let (left_id, left_text) = read_deltas(&mut leaving, 3).await;
+    drop(leaving);
+    server
+        .wait_for_log_where(|l| l["outcome"] == "disconnected")
+        .await
+        .unwrap();
+
+    let mut cut = server.stream(&new_chat(), slow(1000)).await;
+    let (cut_id, _) = read_deltas(&mut cut, 3).await;
+    server.signal("TERM");
+    let rest = cut.rest().await;
+    assert_eq!(
+        types(&rest)[types(&rest).len() - 2..],
+        ["run_interrupted", "done"]
+    );
+    assert!(server.exit_status().await.success());
+
+    let store = db.open().await;
+    let failed = store.get_run(failed_id).await.unwrap().unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert!(failed.error.unwrap().contains("failed after 2 deltas"));
+    assert_eq!(failed.output, "Agents answer");
+
+    let left = store.get_run(left_id).await.unwrap().unwrap();
+    assert_eq!(left.status, RunStatus::Interrupted);
+    assert!(left.error.unwrap().contains("client disconnected"));
+    assert!(left.output.starts_with(&left_text) && !left.output.is_empty());
+
+    let cut = store.get_run(cut_id).await.unwrap().unwrap();
+    assert_eq!(cut.status, RunStatus::Interrupted);
+    assert!(cut.error.unwrap().contains("shut down"));
+    // Everything the client was sent, and nothing it was not.
+    let mut sent = String::from("Agents answer in");
+    sent.push_str(&deltas(&rest));
+    assert_eq!(cut.output, sent);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn another_owners_chat_is_not_found_and_a_bad_chat_id_is_422() {
+    let db = TestDb::sqlite();
+    let store = db.open().await;
+    let theirs = store
+        .create_chat(&ChatOwner {
+            org_id: "acme".into(),
+            user_id: "alice".into(),
+            canvas_id: "canvas".into(),
+        })
+        .await
+        .unwrap();
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let response = server
+        .ask(&theirs.id.to_string(), json!({"question": "q"}))
+        .await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": "Chat not found"})
+    );
+    assert!(store.runs(theirs.id).await.unwrap().is_empty());
+
+    let response = server.ask("42", json!({"question": "q"})).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["detail"][0]["loc"], json!(["path", "chat_id"]));
+    store.close().await;
+}
+
+#[tokio::test]
+async fn migrate_applies_the_migrations_and_exits() {
+    let db = TestDb::sqlite();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", db.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("migrations applied"));
+    let store = db.open().await;
+    assert!(
+        store
+            .list_chats(&ChatOwner {
+                org_id: "o".into(),
+                user_id: "u".into(),
+                canvas_id: "c".into()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.close().await;
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", "postgres://agentd:secret@127.0.0.1:1/none")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("migrations failed"), "{stderr}");
+    assert!(!stderr.contains("secret"), "the password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() {
+    let pg = PgServer::start();
+    let db = TestDb::postgres_on(&pg.admin_url()).await;
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let events = server
+        .stream(&chat, json!({"question": "q"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+    let mut streaming = server.stream(&new_chat(), slow(1000)).await;
+    read_deltas(&mut streaming, 1).await;
+
+    pg.stop();
+    // The run in flight cannot save its answer any more: it ends visibly instead of streaming into the void.
+    let rest = streaming.rest().await;
+    assert_eq!(
+        types(&rest)[types(&rest).len() - 2..],
+        ["run_failed", "done"]
+    );
+    assert!(
+        rest[rest.len() - 2].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("session store")
+    );
+
+    let refused = server.ask(&chat, json!({"question": "q"})).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["detail"],
+        "Session store is unavailable; retry shortly"
+    );
+    assert_eq!(server.get("/readyz").await.status(), 503);
+    assert_eq!(server.get("/healthz").await.status(), 200);
+
+    pg.start_again();
+    assert_eq!(server.get("/readyz").await.status(), 200);
+    let events = server
+        .stream(&chat, json!({"question": "q"}))
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+    let store = db.open().await;
+    assert_eq!(store.runs(chat.parse().unwrap()).await.unwrap().len(), 2);
+    let ready: Value = server.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_postgres_each_recover_only_dead_runs() {
+    let db = TestDb::postgres().await;
+    let lease = [("RUN_LEASE", "2")];
+    let mut doomed = Agentd::spawn_on(db.url(), &lease).await;
+    let mut survivor = Agentd::spawn_on(db.url(), &lease).await;
+
+    let mut dead_stream = doomed.stream(&new_chat(), slow(1000)).await;
+    let (dead_run, _) = read_deltas(&mut dead_stream, 3).await;
+    // The survivor's own run outlives the lease several times over.
+    let mut live_stream = survivor.stream(&new_chat(), slow(80)).await;
+    let (live_run, _) = read_deltas(&mut live_stream, 3).await;
+
+    doomed.kill().await;
+    drop(dead_stream);
+    let marked = survivor
+        .wait_for_log("marked interrupted the runs of a stopped process")
+        .await;
+    assert_eq!(marked["runs"], format!("[{dead_run}]"));
+
+    let store = db.open().await;
+    assert_eq!(
+        store.get_run(dead_run).await.unwrap().unwrap().status,
+        RunStatus::Interrupted
+    );
+    assert_eq!(
+        store.get_run(live_run).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+
+    let rest = live_stream.rest().await;
+    assert_eq!(
+        types(&rest)[types(&rest).len() - 3..],
+        ["final_answer", "run_completed", "done"]
+    );
+    let live = store.get_run(live_run).await.unwrap().unwrap();
+    assert_eq!(live.status, RunStatus::Completed);
+    let sweeps = survivor
+        .log_text()
+        .matches("marked interrupted the runs")
+        .count();
+    assert_eq!(sweeps, 1, "only the dead run was ever marked");
+    store.close().await;
+}

@@ -1,0 +1,389 @@
+//! One store test suite, run against SQLite and against a real PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use agentd::model::{Message, ToolCall, Usage};
+use agentd::store::{ChatOwner, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
+use common::db::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+
+/// Runs each named test against both backends.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::TestDb::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    chats_are_created_found_listed_newest_first_and_deleted,
+    a_run_stores_its_prompt_then_its_messages_in_order,
+    runs_go_through_every_status_and_add_to_the_chat_totals,
+    deleting_a_chat_deletes_its_messages_and_runs,
+    a_run_needs_an_existing_chat,
+    ensure_chat_creates_once,
+    stale_runs_are_interrupted_and_live_ones_are_not,
+    concurrent_runs_of_one_chat_get_distinct_message_indexes,
+);
+
+fn owner(org: &str, user: &str, canvas: &str) -> ChatOwner {
+    ChatOwner {
+        org_id: org.into(),
+        user_id: user.into(),
+        canvas_id: canvas.into(),
+    }
+}
+
+fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
+    NewRun {
+        id: Uuid::new_v4(),
+        chat_id,
+        model: "test".into(),
+        owner_instance: "instance-a".into(),
+        prompt: prompt.into(),
+    }
+}
+
+fn end(status: RunStatus, output: &str, usage: Usage, messages: Vec<Message>) -> RunEnd {
+    RunEnd {
+        status,
+        error: (status != RunStatus::Completed).then(|| format!("{status} on purpose")),
+        output: output.into(),
+        usage,
+        messages,
+    }
+}
+
+fn assistant(text: &str) -> Message {
+    Message::Assistant {
+        content: text.into(),
+        tool_calls: vec![],
+    }
+}
+
+async fn chats_are_created_found_listed_newest_first_and_deleted(db: TestDb) {
+    let store = db.open().await;
+    let mine = owner("org", "alice", "canvas");
+    let first = store.create_chat(&mine).await.unwrap();
+    let second = store.create_chat(&mine).await.unwrap();
+    let other_user = store
+        .create_chat(&owner("org", "bob", "canvas"))
+        .await
+        .unwrap();
+    store
+        .create_chat(&owner("org", "alice", "other-canvas"))
+        .await
+        .unwrap();
+
+    assert_eq!(first.owner, mine);
+    assert_eq!(first.initial_message, None);
+    assert_eq!(first.totals, Usage::default());
+    assert_eq!(store.get_chat(first.id).await.unwrap(), Some(first.clone()));
+    assert_eq!(store.get_chat(Uuid::new_v4()).await.unwrap(), None);
+
+    let listed: Vec<Uuid> = store
+        .list_chats(&mine)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed, [second.id, first.id]);
+    assert!(
+        store
+            .list_chats(&owner("org", "nobody", "canvas"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(store.delete_chat(first.id).await.unwrap());
+    assert!(!store.delete_chat(first.id).await.unwrap());
+    assert_eq!(store.get_chat(first.id).await.unwrap(), None);
+    assert!(store.get_chat(other_user.id).await.unwrap().is_some());
+    store.close().await;
+}
+
+async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "What time is it?");
+    store.start_run(&run).await.unwrap();
+
+    let stored = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    assert_eq!(stored.owner_instance, "instance-a");
+    assert_eq!(stored.output, "");
+    let chat_now = store.get_chat(chat.id).await.unwrap().unwrap();
+    assert_eq!(
+        chat_now.initial_message.as_deref(),
+        Some("What time is it?")
+    );
+
+    store.save_partial(run.id, "It is").await.unwrap();
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().unwrap().output,
+        "It is"
+    );
+
+    let call = ToolCall {
+        id: "call_1".into(),
+        name: "current_time".into(),
+        args: json!({}),
+    };
+    let answer = vec![
+        Message::Assistant {
+            content: String::new(),
+            tool_calls: vec![call],
+        },
+        Message::ToolResult {
+            tool_call_id: "call_1".into(),
+            content: "{\"utc\":\"now\"}".into(),
+        },
+        assistant("It is now."),
+    ];
+    let usage = Usage::new(10, 4);
+    store
+        .finish_run(
+            run.id,
+            &end(RunStatus::Completed, "It is now.", usage, answer.clone()),
+        )
+        .await
+        .unwrap();
+
+    let messages = store.messages(chat.id).await.unwrap();
+    let indexes: Vec<i64> = messages.iter().map(|m| m.index).collect();
+    assert_eq!(indexes, [0, 1, 2, 3]);
+    assert_eq!(
+        messages[0].message,
+        Message::User {
+            content: "What time is it?".into()
+        }
+    );
+    let rest: Vec<Message> = messages[1..].iter().map(|m| m.message.clone()).collect();
+    assert_eq!(rest, answer);
+    assert!(messages.iter().all(|m| m.run_id == Some(run.id)));
+
+    // A second prompt does not replace the initial message.
+    store
+        .start_run(&new_run(chat.id, "And tomorrow?"))
+        .await
+        .unwrap();
+    let chat_now = store.get_chat(chat.id).await.unwrap().unwrap();
+    assert_eq!(
+        chat_now.initial_message.as_deref(),
+        Some("What time is it?")
+    );
+    assert_eq!(store.messages(chat.id).await.unwrap()[4].index, 4);
+    store.close().await;
+}
+
+async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let mut ids = Vec::new();
+    for (status, usage) in [
+        (RunStatus::Completed, Usage::new(10, 5)),
+        (RunStatus::Failed, Usage::new(3, 1)),
+        (RunStatus::Interrupted, Usage::new(2, 2)),
+    ] {
+        let run = new_run(chat.id, "q");
+        store.start_run(&run).await.unwrap();
+        let messages = if status == RunStatus::Completed {
+            vec![assistant("partial answer")]
+        } else {
+            vec![]
+        };
+        store
+            .finish_run(run.id, &end(status, "partial answer", usage, messages))
+            .await
+            .unwrap();
+        ids.push((run.id, status));
+    }
+    let runs = store.runs(chat.id).await.unwrap();
+    assert_eq!(runs.len(), 3);
+    for (run, (id, status)) in runs.iter().zip(&ids) {
+        assert_eq!((run.id, run.status), (*id, *status));
+        assert_eq!(run.output, "partial answer");
+        assert!(run.finished_at.is_some());
+        match status {
+            RunStatus::Completed => assert_eq!(run.error, None),
+            _ => assert_eq!(
+                run.error.as_deref(),
+                Some(format!("{status} on purpose").as_str())
+            ),
+        }
+    }
+    assert_eq!(runs[0].usage, Usage::new(10, 5));
+    let chat = store.get_chat(chat.id).await.unwrap().unwrap();
+    assert_eq!(chat.totals, Usage::new(15, 8));
+    assert!(matches!(
+        store
+            .finish_run(
+                Uuid::new_v4(),
+                &end(RunStatus::Failed, "", Usage::default(), vec![])
+            )
+            .await,
+        Err(StoreError::RunNotFound(_))
+    ));
+    store.close().await;
+}
+
+async fn deleting_a_chat_deletes_its_messages_and_runs(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    store
+        .finish_run(
+            run.id,
+            &end(
+                RunStatus::Completed,
+                "a",
+                Usage::new(1, 1),
+                vec![assistant("a")],
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(store.delete_chat(chat.id).await.unwrap());
+    assert_eq!(store.get_run(run.id).await.unwrap(), None);
+    assert!(store.messages(chat.id).await.unwrap().is_empty());
+    assert!(store.runs(chat.id).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn a_run_needs_an_existing_chat(db: TestDb) {
+    let store = db.open().await;
+    let missing = Uuid::new_v4();
+    assert!(matches!(
+        store.start_run(&new_run(missing, "q")).await,
+        Err(StoreError::ChatNotFound(id)) if id == missing
+    ));
+    store.close().await;
+}
+
+async fn ensure_chat_creates_once(db: TestDb) {
+    let store = db.open().await;
+    let id = Uuid::new_v4();
+    let first = store
+        .ensure_chat(id, &owner("dev", "dev", "dev"))
+        .await
+        .unwrap();
+    let again = store
+        .ensure_chat(id, &owner("someone", "else", "entirely"))
+        .await
+        .unwrap();
+    assert_eq!(first.id, id);
+    assert_eq!(again, first, "an existing chat keeps its owner");
+    store.close().await;
+}
+
+async fn stale_runs_are_interrupted_and_live_ones_are_not(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let dead = new_run(chat.id, "q");
+    let live = new_run(chat.id, "q");
+    store.start_run(&dead).await.unwrap();
+    store.start_run(&live).await.unwrap();
+    store.save_partial(dead.id, "half an ans").await.unwrap();
+
+    // Both were just started: nothing is stale.
+    assert!(
+        store
+            .interrupt_stale(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A minute passes; only the live run's process refreshes its lease.
+    db.age_heartbeats(60).await;
+    assert_eq!(
+        store.heartbeat(&[live.id, Uuid::new_v4()]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .interrupt_stale(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        [dead.id]
+    );
+
+    let dead = store.get_run(dead.id).await.unwrap().unwrap();
+    assert_eq!(dead.status, RunStatus::Interrupted);
+    assert_eq!(dead.output, "half an ans");
+    assert_eq!(dead.error.as_deref(), Some(STALE_RUN_ERROR));
+    assert_eq!(
+        store.get_run(live.id).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+    assert!(
+        store
+            .interrupt_stale(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.heartbeat(&[]).await.unwrap(), 0);
+    store.close().await;
+}
+
+async fn concurrent_runs_of_one_chat_get_distinct_message_indexes(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = std::sync::Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let run = new_run(chat.id, &format!("question {i}"));
+            store.start_run(&run).await.unwrap();
+            store
+                .finish_run(
+                    run.id,
+                    &end(
+                        RunStatus::Completed,
+                        "a",
+                        Usage::new(1, 1),
+                        vec![assistant("a")],
+                    ),
+                )
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let indexes: Vec<i64> = store
+        .messages(chat.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.index)
+        .collect();
+    assert_eq!(indexes, (0..16).collect::<Vec<_>>());
+    assert_eq!(
+        store.get_chat(chat.id).await.unwrap().unwrap().totals,
+        Usage::new(8, 8)
+    );
+    store.close().await;
+}
