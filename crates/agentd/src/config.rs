@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (HTTP) until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the store's migrations and exit (serve applies them at start too).
     Migrate(MigrateArgs),
 }
@@ -79,6 +79,22 @@ pub struct ServeArgs {
     /// HTTP port on all interfaces, as the container sets it; ignored when HTTP_ADDR is set.
     #[arg(long, env = "APP_PORT")]
     pub app_port: Option<u16>,
+
+    /// Interface of the internal gRPC API.
+    #[arg(long, env = "INTERNAL_GRPC_HOST", default_value = "127.0.0.1")]
+    pub internal_grpc_host: IpAddr,
+
+    /// Port of the internal gRPC API.
+    #[arg(long, env = "INTERNAL_GRPC_PORT", default_value_t = 50061)]
+    pub internal_grpc_port: u16,
+
+    /// When set, every gRPC call must carry `authorization: Bearer <token>`.
+    #[arg(long, env = "INTERNAL_GRPC_TOKEN", hide_env_values = true)]
+    pub internal_grpc_token: Option<String>,
+
+    /// Seconds in-flight gRPC calls may take to finish once gRPC stops, after the HTTP drain.
+    #[arg(long, env = "GRPC_SHUTDOWN_GRACE", value_parser = parse_seconds, default_value = "5")]
+    pub grpc_shutdown_grace: Duration,
 
     /// Model used when a request names none (`provider:model`).
     #[arg(long, env = "AI_MODEL", default_value = "test")]
@@ -135,6 +151,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Required bearer token of gRPC calls.
+    pub grpc_token: Option<Secret>,
+    pub grpc_grace: Duration,
     /// Parsed at start so a misspelt `AI_MODEL` fails the deploy, not the first request.
     pub default_model: ModelSpec,
     pub cors_origins: CorsOrigins,
@@ -144,6 +164,22 @@ pub struct Config {
     pub store: StoreConfig,
     /// See `RUN_LEASE`; heartbeats are sent three times per lease.
     pub run_lease: Duration,
+}
+
+/// A value that must never reach a log: its `Debug` shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,8 +263,15 @@ impl Config {
         if args.run_lease < Duration::from_secs(1) {
             return Err(ConfigError::ShortLease);
         }
+        let grpc_token = args
+            .internal_grpc_token
+            .filter(|t| !t.trim().is_empty())
+            .map(Secret);
         Ok(Self {
             http_addr,
+            grpc_addr: SocketAddr::new(args.internal_grpc_host, args.internal_grpc_port),
+            grpc_token,
+            grpc_grace: args.grpc_shutdown_grace,
             default_model,
             cors_origins: CorsOrigins::parse(&args.cors_origins)?,
             budget,
@@ -344,7 +387,7 @@ mod tests {
     fn serve(args: &[&str]) -> ServeArgs {
         let argv = ["agentd", "serve"].iter().chain(args);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
             Command::Migrate(_) => unreachable!(),
         }
     }
@@ -357,6 +400,9 @@ mod tests {
         assert_eq!(config.budget.timeout, Duration::from_secs(310));
         assert_eq!(config.budget.delay, Duration::ZERO);
         assert_eq!(config.cors_origins, CorsOrigins::Any);
+        assert_eq!(config.grpc_addr, "127.0.0.1:50061".parse().unwrap());
+        assert_eq!(config.grpc_token, None);
+        assert_eq!(config.grpc_grace, Duration::from_secs(5));
     }
 
     #[test]
@@ -473,6 +519,16 @@ mod tests {
         assert!(matches!(err, ConfigError::SslMode(_)));
         let err = Config::from_args(serve(&["--run-lease", "0.5"])).unwrap_err();
         assert_eq!(err, ConfigError::ShortLease);
+    }
+
+    #[test]
+    fn the_grpc_token_never_shows_in_debug_output() {
+        let config = Config::from_args(serve(&["--internal-grpc-token", "hunter2"])).unwrap();
+        assert_eq!(
+            config.grpc_token.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
 //! | [`error`] | errors a client can see and their HTTP mapping |
 //! | [`http`] | router, state, routes, and the accept loop |
+//! | [`grpc`] | the internal gRPC API and its health service |
 //! | [`model`] | the model trait and providers (the built-in `test` model) |
 //! | [`agent`] | the run loop: model ↔ tools, events out |
 //! | [`store`] | the session store: chats, messages, runs; SQLite and PostgreSQL |
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
         }
     });

@@ -8,8 +8,12 @@
 //!    answer can be given, and the other routes keep working. Open streams run on; every 5 s a log line says how many.
 //!    The drain ends when none is left or at `DRAIN_TIMEOUT`.
 //! 3. Closing: every run still going ends with `run_interrupted` + `done`; when their bodies are released and the runs
-//!    have recorded their end, the HTTP server stops (idle keep-alive connections close), run leases stop being
-//!    refreshed, the store closes last, and the process exits 0.
+//!    have recorded their end, the HTTP server stops (idle keep-alive connections close), the gRPC server stops
+//!    (in-flight calls get `GRPC_SHUTDOWN_GRACE`, then are cut), run leases stop being refreshed, the store closes
+//!    last, and the process exits 0.
+//!
+//! gRPC answers all through 1 and 2 (the main application may still list chats), while its health service says
+//! NOT_SERVING from the first signal.
 //!
 //! A second signal during 1 or 2 goes straight to 3. A watchdog thread started by the first signal ends the process at
 //! `SHUTDOWN_TIMEOUT` with [`EXIT_FORCED`], logging what was still running, however stuck the runtime is: a timeout
@@ -27,7 +31,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tonic_health::server::HealthReporter;
+
 use crate::config::ShutdownBudget;
+use crate::grpc;
 use crate::metrics::Metrics;
 use crate::store::SessionStore;
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
@@ -120,6 +127,13 @@ pub struct Stoppable {
     pub http_stop: CancellationToken,
     pub http_connections: TaskTracker,
     pub http_server: JoinHandle<()>,
+    /// Says NOT_SERVING from the first signal.
+    pub grpc_health: HealthReporter,
+    /// Cancelled to stop the gRPC server once HTTP has stopped.
+    pub grpc_stop: CancellationToken,
+    pub grpc_server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// How long in-flight gRPC calls may take once gRPC stops; then they are cut.
+    pub grpc_grace: Duration,
     /// Cancelled to stop refreshing run leases, once no run is left.
     pub leases_stop: CancellationToken,
     pub leases: JoinHandle<()>,
@@ -143,12 +157,17 @@ pub async fn shut_down(
         http_stop,
         http_connections,
         http_server,
+        grpc_health,
+        grpc_stop,
+        mut grpc_server,
+        grpc_grace,
         leases_stop,
         leases,
         store,
     } = parts;
     let hard_deadline = Instant::now() + budget.timeout;
     lifecycle.enter(Phase::Stopping);
+    grpc::set_not_serving(&grpc_health).await;
     tracing::info!(signal = %first, open_streams = tracker.open(), delay_s = budget.delay.as_secs_f64(),
         drain_s = budget.drain.as_secs_f64(), timeout_s = budget.timeout.as_secs_f64(),
         "shutdown signal received; readiness is off");
@@ -212,6 +231,19 @@ pub async fn shut_down(
     http_stop.cancel();
     if let Err(error) = http_server.await {
         tracing::error!(%error, "the HTTP server task failed");
+    }
+    grpc_stop.cancel();
+    match tokio::time::timeout(grpc_grace, &mut grpc_server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "the gRPC server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "the gRPC server task failed"),
+        Err(_) => {
+            grpc_server.abort();
+            tracing::warn!(
+                grace_s = grpc_grace.as_secs_f64(),
+                "gRPC calls still running after the grace; cut"
+            );
+        }
     }
     leases_stop.cancel();
     if let Err(error) = leases.await {

@@ -11,7 +11,8 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::agent::LiveRuns;
-use crate::config::Config;
+use crate::config::{Config, Secret};
+use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
@@ -22,6 +23,11 @@ use crate::stream_tracker::StreamTracker;
 pub enum StartupError {
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for gRPC on {addr}: {source}")]
+    BindGrpc {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -37,6 +43,7 @@ pub enum StartupError {
 pub struct Application {
     config: Config,
     listener: TcpListener,
+    grpc_listener: TcpListener,
     state: AppState,
 }
 
@@ -46,6 +53,14 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
+        let grpc_addr = config.grpc_addr;
+        let grpc_listener =
+            TcpListener::bind(grpc_addr)
+                .await
+                .map_err(|source| StartupError::BindGrpc {
+                    addr: grpc_addr,
+                    source,
+                })?;
         let backend = config.store.backend();
         let store = store::open(&config.store)
             .await
@@ -66,6 +81,7 @@ impl Application {
         Ok(Self {
             config,
             listener,
+            grpc_listener,
             state,
         })
     }
@@ -77,12 +93,21 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
     /// Serves until the first signal, then runs the shutdown sequence to its end.
     pub async fn run(self, mut signals: mpsc::Receiver<Signal>) {
         let http_addr = self.http_addr();
+        let grpc_addr = self.grpc_addr();
         let Self {
             config,
             listener,
+            grpc_listener,
             state,
         } = self;
         let router = http::router(state.clone(), &config.cors_origins);
@@ -94,6 +119,16 @@ impl Application {
             http_stop.clone(),
             http_connections.clone(),
         ));
+        grpc::warn_if_open(grpc_addr, config.grpc_token.as_ref().map(Secret::expose));
+        let (grpc_health, health_service) = grpc::health().await;
+        let grpc_stop = CancellationToken::new();
+        let grpc_server = tokio::spawn(grpc::serve(
+            grpc_listener,
+            Arc::clone(&state.store),
+            config.grpc_token.as_ref().map(|t| t.expose().to_owned()),
+            health_service,
+            grpc_stop.clone(),
+        ));
         let leases_stop = CancellationToken::new();
         let leases = tokio::spawn(store::maintain_leases(
             Arc::clone(&state.store),
@@ -101,7 +136,7 @@ impl Application {
             config.run_lease,
             leases_stop.clone(),
         ));
-        tracing::info!(%http_addr, default_model = %config.default_model,
+        tracing::info!(%http_addr, %grpc_addr, default_model = %config.default_model,
             max_streams = config.max_streams, "agentd is serving");
 
         let Some(first) = signals.recv().await else {
@@ -117,6 +152,10 @@ impl Application {
             http_stop,
             http_connections,
             http_server,
+            grpc_health,
+            grpc_stop,
+            grpc_server,
+            grpc_grace: config.grpc_grace,
             leases_stop,
             leases,
             store: state.store,

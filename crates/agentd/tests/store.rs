@@ -234,6 +234,11 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
     assert_eq!(runs[0].usage, Usage::new(10, 5));
     let chat = store.get_chat(chat.id).await.unwrap().unwrap();
     assert_eq!(chat.totals, Usage::new(15, 8));
+    assert_eq!(chat.latest_run_status, Some(RunStatus::Interrupted));
+    let other = store.create_chat(&owner("o", "u2", "c")).await.unwrap();
+    assert_eq!(other.latest_run_status, None);
+    assert_eq!(store.org_usage("o").await.unwrap(), Usage::new(15, 8));
+    assert_eq!(store.org_usage("nobody").await.unwrap(), Usage::default());
     assert!(matches!(
         store
             .finish_run(

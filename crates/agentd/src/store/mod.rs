@@ -87,6 +87,8 @@ pub struct Chat {
     pub totals: Usage,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    /// The status of the chat's newest run; `None` before its first run.
+    pub latest_run_status: Option<RunStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -189,6 +191,9 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// The owner's chats, newest first.
     fn list_chats<'a>(&'a self, owner: &'a ChatOwner) -> StoreFuture<'a, Vec<Chat>>;
+
+    /// Token usage summed over every chat of the organisation (zeros when it has none).
+    fn org_usage<'a>(&'a self, org_id: &'a str) -> StoreFuture<'a, Usage>;
 
     /// Deletes the chat with its messages and runs; false when there was none.
     fn delete_chat(&self, id: Uuid) -> StoreFuture<'_, bool>;

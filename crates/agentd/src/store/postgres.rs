@@ -12,7 +12,7 @@ use super::{
     Chat, ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, StoreFuture,
     StoredMessage, to_i64, usage_from,
 };
-use crate::model::Message;
+use crate::model::{Message, Usage};
 
 /// How long a request waits for a connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -22,7 +22,8 @@ const MAX_CONNECTIONS: u32 = 16;
 macro_rules! chat_columns {
     () => {
         "id, org_id, user_id, canvas_id, initial_message, total_input_tokens, total_output_tokens, total_tokens, \
-         created_at, updated_at"
+         created_at, updated_at, (SELECT r.status FROM agent_chat_runs r WHERE r.chat_id = agent_chats.id \
+         ORDER BY r.created_at DESC, r.id DESC LIMIT 1) AS latest_run_status"
     };
 }
 
@@ -69,6 +70,10 @@ fn chat_from(row: &PgRow) -> Result<Chat, StoreError> {
         ),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        latest_run_status: row
+            .try_get::<Option<String>, _>("latest_run_status")?
+            .map(|s| s.parse())
+            .transpose()?,
     })
 }
 
@@ -193,6 +198,24 @@ impl SessionStore for PgStore {
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(chat_from).collect()
+        })
+    }
+
+    fn org_usage<'a>(&'a self, org_id: &'a str) -> StoreFuture<'a, Usage> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT COALESCE(SUM(total_input_tokens), 0)::BIGINT AS input, \
+                 COALESCE(SUM(total_output_tokens), 0)::BIGINT AS output, COALESCE(SUM(total_tokens), 0)::BIGINT AS total \
+                 FROM agent_chats WHERE org_id = $1",
+            )
+            .bind(org_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(usage_from(
+                row.try_get("input")?,
+                row.try_get("output")?,
+                row.try_get("total")?,
+            ))
         })
     }
 

@@ -16,7 +16,7 @@ use super::{
     Chat, ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, StoreFuture,
     StoredMessage, decode_message, encode_message, to_i64, usage_from,
 };
-use crate::model::Message;
+use crate::model::{Message, Usage};
 
 /// How long a writer waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,7 +28,8 @@ const MAX_CONNECTIONS: u32 = 8;
 macro_rules! chat_columns {
     () => {
         "id, org_id, user_id, canvas_id, initial_message, total_input_tokens, total_output_tokens, total_tokens, \
-         created_at, updated_at"
+         created_at, updated_at, (SELECT r.status FROM agent_chat_runs r WHERE r.chat_id = agent_chats.id \
+         ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1) AS latest_run_status"
     };
 }
 
@@ -93,6 +94,10 @@ fn chat_from(row: &SqliteRow) -> Result<Chat, StoreError> {
         ),
         created_at: from_ms(row.try_get("created_at")?)?,
         updated_at: from_ms(row.try_get("updated_at")?)?,
+        latest_run_status: row
+            .try_get::<Option<String>, _>("latest_run_status")?
+            .map(|s| s.parse())
+            .transpose()?,
     })
 }
 
@@ -225,6 +230,24 @@ impl SessionStore for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(chat_from).collect()
+        })
+    }
+
+    fn org_usage<'a>(&'a self, org_id: &'a str) -> StoreFuture<'a, Usage> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT COALESCE(SUM(total_input_tokens), 0) AS input, \
+                 COALESCE(SUM(total_output_tokens), 0) AS output, COALESCE(SUM(total_tokens), 0) AS total \
+                 FROM agent_chats WHERE org_id = ?",
+            )
+            .bind(org_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(usage_from(
+                row.try_get("input")?,
+                row.try_get("output")?,
+                row.try_get("total")?,
+            ))
         })
     }
 

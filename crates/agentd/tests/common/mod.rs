@@ -23,6 +23,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct Agentd {
     child: Child,
+    /// `http://<addr>` of the gRPC listener.
+    pub grpc: String,
     /// The SQLite database made for this server when the test named none.
     _own_db: Option<db::TestDb>,
     pub base: String,
@@ -50,6 +52,7 @@ impl Agentd {
         let (logs, log_count) = collect_logs(&mut child);
         let mut server = Self {
             child,
+            grpc: String::new(),
             _own_db: None,
             base: String::new(),
             logs,
@@ -58,6 +61,7 @@ impl Agentd {
         };
         let serving = server.wait_for_log("agentd is serving").await;
         server.base = format!("http://{}", serving["http_addr"].as_str().unwrap());
+        server.grpc = format!("http://{}", serving["grpc_addr"].as_str().unwrap());
         server
     }
 
@@ -161,6 +165,7 @@ fn command(env: &[(&str, &str)]) -> Command {
         .arg("serve")
         .env_clear()
         .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("INTERNAL_GRPC_PORT", "0")
         .env("LOG_FORMAT", "json")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
