@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::sqlite::SqliteConnectOptions;
 
+use crate::auth::AuthConfig;
 use crate::model::ModelSpec;
 use crate::store::StoreConfig;
 
@@ -36,6 +37,10 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the store's migrations and exit (serve applies them at start too).
     Migrate(MigrateArgs),
+    /// Mint a scoped token with JWT_SECRET, for trying things out and for scripts.
+    Token(crate::cli::TokenArgs),
+    /// Ask a question in a chat and print the run as it streams.
+    Chat(Box<crate::cli::ChatArgs>),
 }
 
 /// Where the session store is.
@@ -58,6 +63,34 @@ pub struct StoreArgs {
     /// disable, allow, prefer, require, verify-ca or verify-full.
     #[arg(long, env = "DB_SSLMODE")]
     pub db_sslmode: Option<String>,
+}
+
+/// How scoped tokens are checked (and minted by `agentd token`).
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// HS256 secret shared with the main application; unset = dev mode (the test model only, no token needed).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// The `aud` every token must carry.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "superplane_api")]
+    pub jwt_audience: String,
+    /// Seconds of tolerance on `exp` and `nbf`, for clock skew.
+    #[arg(long, env = "JWT_LEEWAY", value_parser = parse_seconds, default_value = "0")]
+    pub jwt_leeway: Duration,
+}
+
+impl JwtArgs {
+    pub fn auth_config(&self) -> AuthConfig {
+        AuthConfig {
+            secret: self
+                .jwt_secret
+                .clone()
+                .filter(|s| !s.is_empty())
+                .map(Secret),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -95,6 +128,9 @@ pub struct ServeArgs {
     /// Seconds in-flight gRPC calls may take to finish once gRPC stops, after the HTTP drain.
     #[arg(long, env = "GRPC_SHUTDOWN_GRACE", value_parser = parse_seconds, default_value = "5")]
     pub grpc_shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub jwt: JwtArgs,
 
     /// Model used when a request names none (`provider:model`).
     #[arg(long, env = "AI_MODEL", default_value = "test")]
@@ -164,6 +200,7 @@ pub struct Config {
     pub store: StoreConfig,
     /// See `RUN_LEASE`; heartbeats are sent three times per lease.
     pub run_lease: Duration,
+    pub auth: AuthConfig,
 }
 
 /// A value that must never reach a log: its `Debug` shows only that it is set.
@@ -279,6 +316,7 @@ impl Config {
             log_format: args.log_format,
             store: args.store.parse()?,
             run_lease: args.run_lease,
+            auth: args.jwt.auth_config(),
         })
     }
 }
@@ -388,7 +426,7 @@ mod tests {
         let argv = ["agentd", "serve"].iter().chain(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => *args,
-            Command::Migrate(_) => unreachable!(),
+            _ => unreachable!("only serve is parsed here"),
         }
     }
 

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::auth::AuthError;
 use crate::store::StoreError;
 use crate::stream_tracker::Rejection;
 
@@ -29,6 +30,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("could not read the request body")]
     BadBody,
+    #[error("Not authenticated: {0}")]
+    Unauthorized(AuthError),
     #[error("Not Found")]
     RouteNotFound,
     /// The chat does not exist or is not the caller's; the two are not told apart.
@@ -85,6 +88,7 @@ impl ApiError {
             Self::MalformedJson(_) | Self::BadBody => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::RouteNotFound | Self::ChatNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::ShuttingDown | Self::AtCapacity { .. } | Self::StoreUnavailable => {
@@ -134,6 +138,9 @@ impl IntoResponse for ApiError {
                 );
                 // Close this connection after the answer so the client's retry opens one to a replica that stays.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::AtCapacity { .. } | Self::StoreUnavailable => {
                 headers.insert(

@@ -4,10 +4,12 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`cli`] | the client subcommands `agentd token` and `agentd chat` |
 //! | [`config`] | command line and settings, parsed without side effects; the shutdown budget check |
 //! | [`startup`] | build (bind, assemble state) and run until a signal |
 //! | [`shutdown`] | signal → readiness off → delay → drain (deadline, progress logs) → close, in one place |
 //! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
+//! | [`auth`] | scoped JWTs: `verify()`, the HTTP extractor, minting for `agentd token` |
 //! | [`error`] | errors a client can see and their HTTP mapping |
 //! | [`http`] | router, state, routes, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
@@ -18,6 +20,8 @@
 //! | [`telemetry`] | log setup |
 
 pub mod agent;
+pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;

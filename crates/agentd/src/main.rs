@@ -4,15 +4,20 @@ use std::process::ExitCode;
 
 use agentd::config::{Cli, Command, Config, EXIT_CONFIG, MigrateArgs, ServeArgs};
 use agentd::startup::Application;
-use agentd::{shutdown, store, telemetry};
+use agentd::{cli, shutdown, store, telemetry};
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let command = Cli::parse().command;
-    telemetry::init(match &command {
-        Command::Serve(args) => args.log_format,
-        Command::Migrate(args) => args.log_format,
-    });
+    let command = match Cli::parse().command {
+        // Client commands print for a person; they set up no logging.
+        Command::Token(args) => return exit(cli::token(args)),
+        command => command,
+    };
+    match &command {
+        Command::Serve(args) => telemetry::init(args.log_format),
+        Command::Migrate(args) => telemetry::init(args.log_format),
+        Command::Token(_) | Command::Chat(_) => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -27,11 +32,17 @@ fn main() -> ExitCode {
         match command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Chat(args) => exit(cli::chat(*args).await),
+            Command::Token(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // Whatever is left (idle tasks) is not waited for: the command already finished everything that matters.
     runtime.shutdown_background();
     code
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn config_error(error: impl std::fmt::Display) -> ExitCode {

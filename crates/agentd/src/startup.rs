@@ -77,6 +77,7 @@ impl Application {
             store,
             instance_id,
             live_runs: LiveRuns::default(),
+            auth: Arc::new(config.auth.clone()),
         };
         Ok(Self {
             config,
@@ -119,6 +120,11 @@ impl Application {
             http_stop.clone(),
             http_connections.clone(),
         ));
+        if config.auth.secret.is_none() {
+            tracing::warn!(
+                "dev mode: JWT_SECRET is unset, so streams need no token and only the test model runs"
+            );
+        }
         grpc::warn_if_open(grpc_addr, config.grpc_token.as_ref().map(Secret::expose));
         let (grpc_health, health_service) = grpc::health().await;
         let grpc_stop = CancellationToken::new();

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::agent::LiveRuns;
+use crate::auth::AuthConfig;
 use crate::config::CorsOrigins;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -47,6 +48,7 @@ pub struct AppState {
     pub instance_id: Arc<str>,
     /// The runs this process is driving, whose leases it keeps fresh.
     pub live_runs: LiveRuns,
+    pub auth: Arc<AuthConfig>,
 }
 
 pub fn router(state: AppState, cors: &CorsOrigins) -> Router {

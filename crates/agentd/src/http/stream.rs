@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
 use crate::agent::{self, Numbered, RunContext};
+use crate::auth::{AuthError, Identity};
 use crate::error::{ApiError, FieldError};
 use crate::model::ModelSpec;
 use crate::store::{ChatOwner, NewRun};
@@ -149,7 +150,7 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
             && essence.ends_with("+json"))
 }
 
-/// Who a request acts for while requests carry no token: chats are created for this owner on demand.
+/// Who a request acts for in dev mode: chats are created for this owner on demand.
 fn dev_owner() -> ChatOwner {
     ChatOwner {
         org_id: "dev-org".to_owned(),
@@ -160,6 +161,7 @@ fn dev_owner() -> ChatOwner {
 
 pub async fn stream(
     State(state): State<AppState>,
+    identity: Identity,
     Path(chat_id): Path<String>,
     request: StreamRequest,
 ) -> Result<Response, ApiError> {
@@ -173,12 +175,21 @@ pub async fn stream(
     let model = request
         .model
         .unwrap_or_else(|| (*state.default_model).clone());
-    let caller = dev_owner();
-    let chat = match state.store.get_chat(chat_id).await? {
-        Some(chat) if chat.owner == caller => chat,
-        Some(_) => return Err(ApiError::ChatNotFound),
-        None if model.is_test() => state.store.ensure_chat(chat_id, &caller).await?,
-        None => return Err(ApiError::ChatNotFound),
+    let found = state.store.get_chat(chat_id).await?;
+    let chat = match identity {
+        Identity::Token(caller) => found
+            .filter(|chat| caller.owns(chat))
+            .ok_or(ApiError::ChatNotFound)?,
+        Identity::Dev if !model.is_test() => {
+            return Err(ApiError::Unauthorized(AuthError::TokenRequired(
+                model.to_string(),
+            )));
+        }
+        Identity::Dev => match found {
+            Some(chat) if chat.owner == dev_owner() => chat,
+            Some(_) => return Err(ApiError::ChatNotFound),
+            None => state.store.ensure_chat(chat_id, &dev_owner()).await?,
+        },
     };
     let history = state
         .store

@@ -1,0 +1,54 @@
+//! The HTTP side of auth: who a request speaks for, read from its `Authorization` header before the handler runs.
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+
+use super::{AuthError, Caller, verify};
+use crate::error::ApiError;
+use crate::http::AppState;
+
+/// Who a request speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A verified token.
+    Token(Caller),
+    /// Dev mode (no `JWT_SECRET`): nobody in particular; allowed the test model only.
+    Dev,
+}
+
+impl FromRequestParts<AppState> for Identity {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(secret) = &state.auth.secret else {
+            return Ok(Self::Dev);
+        };
+        let token = bearer(parts)?;
+        match verify(token, secret, &state.auth.audience, state.auth.leeway) {
+            Ok(caller) => Ok(Self::Token(caller)),
+            Err(reason) => {
+                tracing::info!(%reason, "token refused");
+                Err(ApiError::Unauthorized(reason))
+            }
+        }
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized(AuthError::Missing))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized(AuthError::MalformedHeader))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(ApiError::Unauthorized(AuthError::MalformedHeader)),
+    }
+}
