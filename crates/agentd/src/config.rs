@@ -5,7 +5,9 @@
 //! shutdown budget that cannot hold, before anything starts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,8 +15,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::sqlite::SqliteConnectOptions;
 
+use crate::agent::tools::ToolRegistry;
 use crate::auth::AuthConfig;
-use crate::model::ModelSpec;
+use crate::model::{Endpoint, ModelPolicy, ModelSpec};
 use crate::store::StoreConfig;
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong and retrying will not help.
@@ -63,6 +66,43 @@ pub struct StoreArgs {
     /// disable, allow, prefer, require, verify-ca or verify-full.
     #[arg(long, env = "DB_SSLMODE")]
     pub db_sslmode: Option<String>,
+}
+
+/// Model providers, the models requests may name, and the agent's tools.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Comma-separated model ids requests may name [default: AI_MODEL and test].
+    #[arg(long, env = "AI_MODELS")]
+    pub ai_models: Option<String>,
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// An OpenAI-compatible API (OpenAI, vLLM, Ollama, llama.cpp server, gateways).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+    /// Seconds to wait for a connection to a model provider.
+    #[arg(long, env = "MODEL_CONNECT_TIMEOUT", value_parser = parse_seconds, default_value = "10")]
+    pub model_connect_timeout: Duration,
+    /// Seconds a model provider's stream may stay silent before the run fails.
+    #[arg(long, env = "MODEL_IDLE_TIMEOUT", value_parser = parse_seconds, default_value = "60")]
+    pub model_idle_timeout: Duration,
+    /// Model steps (an answer or a round of tool calls) a run may take.
+    #[arg(long, env = "AGENT_MAX_STEPS", default_value_t = 10)]
+    pub agent_max_steps: usize,
+    /// YAML or JSON file declaring HTTP tools.
+    #[arg(long, env = "TOOLS_FILE")]
+    pub tools_file: Option<PathBuf>,
 }
 
 /// How scoped tokens are checked (and minted by `agentd token`).
@@ -132,6 +172,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub jwt: JwtArgs,
 
+    #[command(flatten)]
+    pub models: ModelArgs,
+
     /// Model used when a request names none (`provider:model`).
     #[arg(long, env = "AI_MODEL", default_value = "test")]
     pub ai_model: String,
@@ -187,6 +230,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http_addr: SocketAddr,
+    /// Which models requests may name, and the default.
+    pub models: ModelPolicy,
+    pub providers: ProviderSettings,
+    pub tools: Arc<ToolRegistry>,
+    pub max_steps: usize,
     pub grpc_addr: SocketAddr,
     /// Required bearer token of gRPC calls.
     pub grpc_token: Option<Secret>,
@@ -201,6 +249,15 @@ pub struct Config {
     /// See `RUN_LEASE`; heartbeats are sent three times per lease.
     pub run_lease: Duration,
     pub auth: AuthConfig,
+}
+
+/// Where the model providers are; the HTTP client is built from this at start.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub openai: Endpoint,
+    pub anthropic: Endpoint,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// A value that must never reach a log: its `Debug` shows only that it is set.
@@ -269,6 +326,12 @@ pub enum ConfigError {
     SslMode(String),
     #[error("RUN_LEASE must be at least 1 second")]
     ShortLease,
+    #[error("AI_MODELS: {0}")]
+    AllowedModels(String),
+    #[error("AGENT_MAX_STEPS must be at least 1")]
+    ZeroSteps,
+    #[error("TOOLS_FILE: {0}")]
+    Tools(String),
 }
 
 const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8090);
@@ -300,12 +363,38 @@ impl Config {
         if args.run_lease < Duration::from_secs(1) {
             return Err(ConfigError::ShortLease);
         }
+        let models = ModelPolicy::new(default_model.clone(), args.models.ai_models.as_deref())
+            .map_err(|e| ConfigError::AllowedModels(e.to_string()))?;
+        if args.models.agent_max_steps == 0 {
+            return Err(ConfigError::ZeroSteps);
+        }
+        let tools = match &args.models.tools_file {
+            Some(path) => ToolRegistry::load(path).map_err(ConfigError::Tools)?,
+            None => ToolRegistry::default(),
+        };
+        let key = |k: &Option<String>| k.clone().filter(|k| !k.is_empty()).map(Secret);
+        let providers = ProviderSettings {
+            openai: Endpoint {
+                base_url: args.models.openai_base_url.clone(),
+                api_key: key(&args.models.openai_api_key),
+            },
+            anthropic: Endpoint {
+                base_url: args.models.anthropic_base_url.clone(),
+                api_key: key(&args.models.anthropic_api_key),
+            },
+            connect_timeout: args.models.model_connect_timeout,
+            idle_timeout: args.models.model_idle_timeout,
+        };
         let grpc_token = args
             .internal_grpc_token
             .filter(|t| !t.trim().is_empty())
             .map(Secret);
         Ok(Self {
             http_addr,
+            models,
+            providers,
+            tools: Arc::new(tools),
+            max_steps: args.models.agent_max_steps,
             grpc_addr: SocketAddr::new(args.internal_grpc_host, args.internal_grpc_port),
             grpc_token,
             grpc_grace: args.grpc_shutdown_grace,

@@ -15,6 +15,7 @@ use crate::config::{Config, Secret};
 use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::model::Providers;
 use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
 use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
@@ -71,7 +72,15 @@ impl Application {
             tracker: StreamTracker::new(config.max_streams),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: Arc::new(Metrics::default()),
-            default_model: Arc::new(config.default_model.clone()),
+            models: Arc::new(config.models.clone()),
+            providers: Providers::new(
+                config.providers.openai.clone(),
+                config.providers.anthropic.clone(),
+                config.providers.connect_timeout,
+                config.providers.idle_timeout,
+            ),
+            tools: Arc::clone(&config.tools),
+            max_steps: config.max_steps,
             interrupt: CancellationToken::new(),
             runs: TaskTracker::new(),
             store,

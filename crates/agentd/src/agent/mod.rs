@@ -27,9 +27,7 @@ use uuid::Uuid;
 use crate::metrics::{Metrics, RunOutcome};
 use crate::model::{Message, Model, ModelEvent, ModelRequest, ToolCall, Usage};
 use crate::store::{RunEnd, RunStatus, SessionStore};
-
-/// How many model steps (each answer or round of tool calls) a run may take before it is failed.
-const MAX_STEPS: usize = 10;
+use tools::{ToolContext, ToolRegistry};
 
 /// How often the answer so far is saved while it grows: the most text a crash can lose.
 pub const SAVE_EVERY: Duration = Duration::from_millis(250);
@@ -98,6 +96,11 @@ pub struct RunContext {
     pub store: Arc<dyn SessionStore>,
     /// The runs this process drives; the run is in it until `drive` returns.
     pub live: LiveRuns,
+    pub tools: Arc<ToolRegistry>,
+    /// Who the run acts for, as tools see it.
+    pub tool_context: ToolContext,
+    /// Model steps (each answer or round of tool calls) allowed before the run is failed (`AGENT_MAX_STEPS`).
+    pub max_steps: usize,
 }
 
 /// The runs this process is driving now; their leases are the ones it keeps fresh.
@@ -311,13 +314,12 @@ async fn agent_loop(
     out: &mut Emitter,
     progress: &mut Progress,
 ) -> Result<(), Stop> {
-    let tools = tools::builtins();
-    let definitions: Vec<_> = tools.iter().map(|t| t.definition()).collect();
+    let definitions = ctx.tools.definitions();
     let mut messages = ctx.history.clone();
     messages.push(Message::User {
         content: ctx.question.clone(),
     });
-    for _ in 0..MAX_STEPS {
+    for _ in 0..ctx.max_steps {
         let request = ModelRequest {
             messages: messages.clone(),
             tools: definitions.clone(),
@@ -364,7 +366,8 @@ async fn agent_loop(
             })
             .await?;
         }
-        let mut running: FuturesUnordered<_> = calls.into_iter().map(call_tool).collect();
+        let mut running: FuturesUnordered<_> =
+            calls.into_iter().map(|call| call_tool(ctx, call)).collect();
         while let Some((call, result, elapsed)) = running.next().await {
             out.emit(RunEvent::ToolFinished {
                 tool_name: call.name.clone(),
@@ -385,17 +388,21 @@ async fn agent_loop(
         }
     }
     Err(Stop::Failed(format!(
-        "the agent stopped after {MAX_STEPS} steps without a final answer"
+        "the agent stopped after {} steps without a final answer",
+        ctx.max_steps
     )))
 }
 
 /// Runs one tool call; a tool that fails gives the model an error result, never fails the run.
-async fn call_tool(call: ToolCall) -> (ToolCall, tools::ToolResult, Duration) {
+async fn call_tool(ctx: &RunContext, call: ToolCall) -> (ToolCall, tools::ToolResult, Duration) {
     let started = Instant::now();
-    let result = match tools::builtin(&call.name) {
-        Some(tool) => tool.call(call.args.clone()).await,
-        None => Err(format!("there is no tool named {:?}", call.name)),
-    };
+    let result = ctx
+        .tools
+        .call(&call.name, call.args.clone(), &ctx.tool_context)
+        .await;
+    if let Err(error) = &result {
+        tracing::info!(run_id = %ctx.run_id, tool = %call.name, %error, "tool call failed; the model is told");
+    }
     (call, result, started.elapsed())
 }
 

@@ -46,6 +46,8 @@ pub struct Caller {
     pub user_id: String,
     /// Non-empty, without blanks or duplicates, in the token's order.
     pub scopes: Vec<String>,
+    /// The token itself, forwarded by HTTP tools acting for the caller.
+    pub token: Secret,
 }
 
 impl Caller {
@@ -125,6 +127,7 @@ pub fn verify(
         user_id: non_blank(&claims, "sub")?,
         org_id: non_blank(&claims, "org_id")?,
         scopes: scopes(&claims)?,
+        token: Secret(token.to_owned()),
     })
 }
 

@@ -16,11 +16,12 @@ use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::agent::LiveRuns;
+use crate::agent::tools::ToolRegistry;
 use crate::auth::AuthConfig;
 use crate::config::CorsOrigins;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::model::ModelSpec;
+use crate::model::{ModelPolicy, Providers};
 use crate::shutdown::Lifecycle;
 use crate::store::SessionStore;
 use crate::stream_tracker::StreamTracker;
@@ -37,8 +38,12 @@ pub struct AppState {
     pub tracker: StreamTracker,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
-    /// Used when a request names no model.
-    pub default_model: Arc<ModelSpec>,
+    /// Which models requests may name, and the one used when they name none.
+    pub models: Arc<ModelPolicy>,
+    pub providers: Providers,
+    pub tools: Arc<ToolRegistry>,
+    /// Model steps a run may take.
+    pub max_steps: usize,
     /// Cancelled at the drain deadline; every run still going ends with `run_interrupted`.
     pub interrupt: CancellationToken,
     /// Every run task, so shutdown can wait for each to record its end.

@@ -22,6 +22,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
+use crate::agent::tools::ToolContext;
 use crate::agent::{self, Numbered, RunContext};
 use crate::auth::{AuthError, Identity};
 use crate::error::{ApiError, FieldError};
@@ -174,8 +175,40 @@ pub async fn stream(
     })?;
     let model = request
         .model
-        .unwrap_or_else(|| (*state.default_model).clone());
+        .unwrap_or_else(|| state.models.default.clone());
+    if !state.models.allows(&model) {
+        let msg = format!(
+            "model {:?} is not one this service offers",
+            model.to_string()
+        );
+        return Err(ApiError::Validation(vec![FieldError::body(
+            "model",
+            "model_not_allowed",
+            msg,
+        )]));
+    }
+    if let ModelSpec::Test(options) = &model
+        && let Some(tool) = &options.tool
+        && state.tools.get(tool).is_none()
+    {
+        let msg = format!("unknown tool {tool:?}");
+        return Err(ApiError::Validation(vec![FieldError::body(
+            "model",
+            "unknown_tool",
+            msg,
+        )]));
+    }
     let found = state.store.get_chat(chat_id).await?;
+    let tool_context = match &identity {
+        Identity::Token(caller) => ToolContext {
+            bearer: Some(caller.token.clone()),
+            org_id: caller.org_id.clone(),
+        },
+        Identity::Dev => ToolContext {
+            bearer: None,
+            org_id: dev_owner().org_id,
+        },
+    };
     let chat = match identity {
         Identity::Token(caller) => found
             .filter(|chat| caller.owns(chat))
@@ -224,7 +257,7 @@ pub async fn stream(
         canvas_id: Some(chat.owner.canvas_id),
         run_id,
         model_id,
-        model: model.build(),
+        model: model.build(&state.providers),
         history,
         question: request.question,
         client_gone: client_gone.clone(),
@@ -232,6 +265,9 @@ pub async fn stream(
         metrics: Arc::clone(&state.metrics),
         store: Arc::clone(&state.store),
         live: state.live_runs.clone(),
+        tools: Arc::clone(&state.tools),
+        tool_context,
+        max_steps: state.max_steps,
     };
     tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
     state.runs.spawn(agent::drive(ctx, tx));

@@ -4,7 +4,10 @@
 //! body or `AI_MODEL`), and [`ModelSpec::build`] gives the [`Model`] a run uses. A model answers one step of a
 //! conversation as a stream of [`ModelEvent`]s: text as it arrives, the tool calls it wants, and its token usage.
 
+mod anthropic;
+mod openai;
 mod test;
+pub mod upstream;
 
 use std::fmt;
 use std::pin::Pin;
@@ -14,6 +17,7 @@ use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
 pub use test::TestOptions;
+pub use upstream::{Endpoint, Providers};
 
 /// One step's output, as it arrives.
 pub type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelEvent, ModelError>> + Send>>;
@@ -107,6 +111,10 @@ pub struct ModelError(pub String);
 pub enum ModelSpec {
     /// The built-in deterministic model: `test` or `test:deltas=8,delay_ms=0,tool=NAME,fail_after=N`.
     Test(TestOptions),
+    /// `openai:<model>`: an OpenAI-compatible Chat Completions endpoint.
+    OpenAi(String),
+    /// `anthropic:<model>`: the Anthropic Messages API.
+    Anthropic(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +138,20 @@ impl ModelSpec {
                     id: id.to_owned(),
                     reason,
                 }),
+            "openai" | "anthropic" => {
+                let model = rest
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .ok_or_else(|| ModelIdError::BadOption {
+                        id: id.to_owned(),
+                        reason: format!("name the model: {provider}:<model>"),
+                    })?;
+                Ok(if provider == "openai" {
+                    Self::OpenAi(model.to_owned())
+                } else {
+                    Self::Anthropic(model.to_owned())
+                })
+            }
             _ => Err(ModelIdError::Unknown(id.to_owned())),
         }
     }
@@ -139,9 +161,17 @@ impl ModelSpec {
         matches!(self, Self::Test(_))
     }
 
-    pub fn build(&self) -> Arc<dyn Model> {
+    pub fn build(&self, providers: &Providers) -> Arc<dyn Model> {
         match self {
             Self::Test(options) => Arc::new(test::TestModel::new(options.clone())),
+            Self::OpenAi(model) => Arc::new(openai::OpenAi {
+                model: model.clone(),
+                providers: providers.clone(),
+            }),
+            Self::Anthropic(model) => Arc::new(anthropic::Anthropic {
+                model: model.clone(),
+                providers: providers.clone(),
+            }),
         }
     }
 }
@@ -150,6 +180,86 @@ impl fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Test(options) => write!(f, "test{options}"),
+            Self::OpenAi(model) => write!(f, "openai:{model}"),
+            Self::Anthropic(model) => write!(f, "anthropic:{model}"),
         }
+    }
+}
+
+/// Which model ids requests may name (`AI_MODELS`), and the default (`AI_MODEL`), which is always allowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelPolicy {
+    pub default: ModelSpec,
+    /// Allowed ids; `test` allows the test model with any options.
+    allowed: Vec<String>,
+}
+
+impl ModelPolicy {
+    /// `allowed` as configured; `None` means the default and `test`.
+    pub fn new(default: ModelSpec, allowed: Option<&str>) -> Result<Self, ModelIdError> {
+        let mut list: Vec<String> = match allowed {
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(|id| ModelSpec::parse(id).map(|spec| spec.allow_key()))
+                .collect::<Result<_, _>>()?,
+            None => vec!["test".to_owned()],
+        };
+        list.push(default.allow_key());
+        Ok(Self {
+            default,
+            allowed: list,
+        })
+    }
+
+    pub fn allows(&self, spec: &ModelSpec) -> bool {
+        self.allowed.contains(&spec.allow_key())
+    }
+}
+
+impl ModelSpec {
+    /// What the allow-list compares: the test model's options do not matter.
+    fn allow_key(&self) -> String {
+        match self {
+            Self::Test(_) => "test".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_ids_parse_and_print_back() {
+        assert_eq!(
+            ModelSpec::parse("openai:gpt-4o").unwrap(),
+            ModelSpec::OpenAi("gpt-4o".into())
+        );
+        assert_eq!(
+            ModelSpec::parse("anthropic:claude-x").unwrap().to_string(),
+            "anthropic:claude-x"
+        );
+        assert!(ModelSpec::parse("openai:").is_err());
+        assert!(ModelSpec::parse("gemini:pro").is_err());
+    }
+
+    #[test]
+    fn the_allow_list_holds_the_default_and_test_unless_told_otherwise() {
+        let policy = ModelPolicy::new(ModelSpec::parse("openai:gpt-4o").unwrap(), None).unwrap();
+        assert!(policy.allows(&ModelSpec::parse("openai:gpt-4o").unwrap()));
+        assert!(policy.allows(&ModelSpec::parse("test:deltas=2").unwrap()));
+        assert!(!policy.allows(&ModelSpec::parse("openai:gpt-5").unwrap()));
+        let policy = ModelPolicy::new(
+            ModelSpec::parse("test").unwrap(),
+            Some("anthropic:claude-x, openai:gpt-5"),
+        )
+        .unwrap();
+        assert!(policy.allows(&ModelSpec::parse("openai:gpt-5").unwrap()));
+        assert!(policy.allows(&ModelSpec::parse("test:deltas=1").unwrap()));
+        assert!(!policy.allows(&ModelSpec::parse("openai:gpt-4o").unwrap()));
+        assert!(ModelPolicy::new(ModelSpec::parse("test").unwrap(), Some("nope")).is_err());
     }
 }

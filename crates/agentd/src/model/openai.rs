@@ -1,0 +1,312 @@
+//! OpenAI-compatible providers: the Chat Completions stream (`POST {OPENAI_BASE_URL}/chat/completions` with
+//! `stream: true`), which OpenAI, vLLM, Ollama, llama.cpp's server and most gateways speak.
+//!
+//! Text arrives as `choices[0].delta.content`; tool calls as `choices[0].delta.tool_calls[]` fragments, joined by
+//! `index` (the arguments are a JSON string sent in pieces); usage in a last chunk (asked for with
+//! `stream_options.include_usage`); the stream ends with `data: [DONE]`.
+
+use std::collections::BTreeMap;
+
+use eventsource_stream::Event;
+use futures_util::StreamExt;
+use futures_util::stream;
+use serde_json::{Value, json};
+
+use super::upstream::{self, Endpoint, Providers, WireParser};
+use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
+
+const PROVIDER: &str = "the OpenAI-compatible model provider";
+
+#[derive(Debug, Clone)]
+pub struct OpenAi {
+    pub model: String,
+    pub providers: Providers,
+}
+
+impl OpenAi {
+    fn endpoint(&self) -> &Endpoint {
+        &self.providers.openai
+    }
+}
+
+/// The request body, in the provider's own format.
+pub fn body(model: &str, request: &ModelRequest) -> Value {
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(|message| match message {
+            Message::User { content } => json!({"role": "user", "content": content}),
+            Message::Assistant {
+                content,
+                tool_calls,
+            } => {
+                let mut message = json!({
+                    "role": "assistant",
+                    "content": if content.is_empty() { Value::Null } else { json!(content) },
+                });
+                if !tool_calls.is_empty() {
+                    message["tool_calls"] = tool_calls
+                        .iter()
+                        .map(|call| {
+                            json!({
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": call.args.to_string()},
+                            })
+                        })
+                        .collect();
+                }
+                message
+            }
+            Message::ToolResult {
+                tool_call_id,
+                content,
+            } => {
+                json!({"role": "tool", "tool_call_id": tool_call_id, "content": content})
+            }
+        })
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|tool| {
+                json!({
+                    "type": "function",
+                    "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
+                })
+            })
+            .collect();
+    }
+    body
+}
+
+impl Model for OpenAi {
+    fn stream(&self, request: ModelRequest) -> ModelStream {
+        let this = self.clone();
+        let opened = async move {
+            let url = format!(
+                "{}/chat/completions",
+                this.endpoint().base_url.trim_end_matches('/')
+            );
+            let body = body(&this.model, &request);
+            let response = upstream::send(PROVIDER, || {
+                let request = this.providers.client.post(&url).json(&body);
+                match &this.endpoint().api_key {
+                    Some(key) => request.bearer_auth(key.expose()),
+                    None => request,
+                }
+            })
+            .await?;
+            Ok(upstream::parse_stream(
+                PROVIDER,
+                response,
+                Parser::default(),
+                this.providers.idle_timeout,
+            ))
+        };
+        Box::pin(
+            stream::once(opened)
+                .map(|opened: Result<ModelStream, ModelError>| match opened {
+                    Ok(events) => events,
+                    Err(error) => Box::pin(stream::iter([Err(error)])),
+                })
+                .flatten(),
+        )
+    }
+}
+
+/// A tool call being assembled from its fragments.
+#[derive(Debug, Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct Parser {
+    calls: BTreeMap<u64, PartialCall>,
+    usage: Option<Usage>,
+    done: bool,
+}
+
+impl WireParser for Parser {
+    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+        if event.data.trim() == "[DONE]" {
+            self.done = true;
+            let mut events: Vec<ModelEvent> = std::mem::take(&mut self.calls)
+                .into_values()
+                .map(|call| {
+                    let args = if call.arguments.trim().is_empty() {
+                        json!({})
+                    } else {
+                        // Arguments that are not JSON reach the tool as a string, which fails its schema check.
+                        serde_json::from_str(&call.arguments)
+                            .unwrap_or(Value::String(call.arguments))
+                    };
+                    ModelEvent::ToolCall(ToolCall {
+                        id: call.id,
+                        name: call.name,
+                        args,
+                    })
+                })
+                .collect();
+            events.extend(self.usage.take().map(ModelEvent::Usage));
+            return Ok(events);
+        }
+        let chunk = upstream::json(PROVIDER, &event.data)?;
+        if let Some(error) = chunk.get("error") {
+            tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
+            return Err(ModelError(format!(
+                "{PROVIDER} failed while answering; please try again"
+            )));
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+            let n = |key: &str| usage[key].as_u64().unwrap_or(0);
+            self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
+        }
+        let mut events = Vec::new();
+        let Some(delta) = chunk["choices"].get(0).map(|choice| &choice["delta"]) else {
+            return Ok(events);
+        };
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            events.push(ModelEvent::TextDelta(text.to_owned()));
+        }
+        if let Some(fragments) = delta["tool_calls"].as_array() {
+            for fragment in fragments {
+                let call = self
+                    .calls
+                    .entry(fragment["index"].as_u64().unwrap_or(0))
+                    .or_default();
+                if let Some(id) = fragment["id"].as_str() {
+                    call.id = id.to_owned();
+                }
+                if let Some(name) = fragment["function"]["name"].as_str() {
+                    call.name.push_str(name);
+                }
+                if let Some(arguments) = fragment["function"]["arguments"].as_str() {
+                    call.arguments.push_str(arguments);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn finish(&mut self) -> Result<Vec<ModelEvent>, ModelError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        tracing::warn!(
+            provider = PROVIDER,
+            "model provider stream ended before [DONE]"
+        );
+        Err(ModelError::broken_stream(PROVIDER))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ToolDefinition;
+
+    fn event(data: &str) -> Event {
+        Event {
+            data: data.to_owned(),
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn text_tool_call_fragments_and_usage_are_assembled() {
+        let mut parser = Parser::default();
+        let mut events = Vec::new();
+        for data in [
+            r#"{"choices":[{"delta":{"role":"assistant","content":"Hel"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"lo"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"current_time","arguments":"{\"tz"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":\"UTC\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#,
+            "[DONE]",
+        ] {
+            events.extend(parser.on_event(&event(data)).unwrap());
+        }
+        assert!(parser.finish().unwrap().is_empty());
+        assert_eq!(
+            events,
+            [
+                ModelEvent::TextDelta("Hel".into()),
+                ModelEvent::TextDelta("lo".into()),
+                ModelEvent::ToolCall(ToolCall {
+                    id: "c1".into(),
+                    name: "current_time".into(),
+                    args: json!({"tz": "UTC"}),
+                }),
+                ModelEvent::Usage(Usage::new(11, 7)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stream_without_done_or_with_garbage_is_broken() {
+        let mut parser = Parser::default();
+        parser
+            .on_event(&event(r#"{"choices":[{"delta":{"content":"Hi"}}]}"#))
+            .unwrap();
+        assert!(parser.finish().is_err());
+        assert!(Parser::default().on_event(&event("{not json")).is_err());
+        assert!(
+            Parser::default()
+                .on_event(&event(r#"{"error":{"message":"boom"}}"#))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn history_and_tools_are_sent_in_the_openai_format() {
+        let request = ModelRequest {
+            messages: vec![
+                Message::User {
+                    content: "time?".into(),
+                },
+                Message::Assistant {
+                    content: String::new(),
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "current_time".into(),
+                        args: json!({}),
+                    }],
+                },
+                Message::ToolResult {
+                    tool_call_id: "c1".into(),
+                    content: "{\"utc\":\"now\"}".into(),
+                },
+            ],
+            tools: vec![ToolDefinition {
+                name: "current_time".into(),
+                description: "d".into(),
+                parameters: json!({"type": "object"}),
+            }],
+        };
+        let body = body("gpt-x", &request);
+        assert_eq!(body["model"], "gpt-x");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["messages"][1]["content"], Value::Null);
+        assert_eq!(
+            body["messages"][1]["tool_calls"][0]["function"]["arguments"],
+            "{}"
+        );
+        assert_eq!(
+            body["messages"][2],
+            json!({"role": "tool", "tool_call_id": "c1", "content": "{\"utc\":\"now\"}"})
+        );
+        assert_eq!(body["tools"][0]["function"]["name"], "current_time");
+    }
+}

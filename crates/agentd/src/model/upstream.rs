@@ -1,0 +1,261 @@
+//! What the HTTP providers share: the client, retries, reading an upstream SSE stream with an idle timeout, and the
+//! messages users see when a provider fails.
+//!
+//! Retries: a request answered 429, 500–504 or 529, or that cannot connect, is tried again, up to [`ATTEMPTS`] in
+//! all, after an exponential backoff with jitter (or the provider's `Retry-After`). This happens before the upstream
+//! stream has produced anything, so the client sees one clean stream. Once the stream is flowing, any failure ends the
+//! run: replaying it would repeat text the client already has. Users see a short message by kind (rate limited,
+//! unavailable, configuration, broken stream); the log keeps the provider's status and body.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::StreamExt;
+use futures_util::stream;
+
+use super::{ModelError, ModelEvent, ModelStream};
+use crate::config::Secret;
+
+/// Tries per request, the first included.
+pub const ATTEMPTS: u32 = 3;
+/// First backoff; doubled on each retry, with jitter.
+const BACKOFF: Duration = Duration::from_millis(250);
+/// Longest wait a `Retry-After` may ask for before we give up instead.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(20);
+/// How much of an upstream error body the log keeps.
+const LOGGED_BODY: usize = 2000;
+
+/// Where a provider is and how to authenticate to it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+}
+
+/// The HTTP client and the settings every provider request uses.
+#[derive(Debug, Clone)]
+pub struct Providers {
+    pub client: reqwest::Client,
+    pub openai: Endpoint,
+    pub anthropic: Endpoint,
+    /// Longest silence allowed inside an upstream stream.
+    pub idle_timeout: Duration,
+}
+
+impl Providers {
+    pub fn new(
+        openai: Endpoint,
+        anthropic: Endpoint,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .build()
+            .expect("the HTTP client builds with its defaults");
+        Self {
+            client,
+            openai,
+            anthropic,
+            idle_timeout,
+        }
+    }
+}
+
+impl ModelError {
+    fn rate_limited(provider: &str) -> Self {
+        Self(format!(
+            "{provider} is rate limiting requests right now; please try again in a moment"
+        ))
+    }
+
+    fn unavailable(provider: &str) -> Self {
+        Self(format!(
+            "{provider} is unavailable right now; please try again later"
+        ))
+    }
+
+    fn configuration(provider: &str) -> Self {
+        Self(format!(
+            "{provider} refused the request; the service's model configuration needs attention"
+        ))
+    }
+
+    pub(super) fn broken_stream(provider: &str) -> Self {
+        Self(format!(
+            "{provider} sent a broken answer stream; please try again"
+        ))
+    }
+}
+
+fn retryable(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 500..=504 | 529)
+}
+
+/// Sends the request built by `build`, retrying as the module docs say; returns a response whose stream can be read.
+pub async fn send(
+    provider: &'static str,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ModelError> {
+    let mut attempt = 1;
+    loop {
+        let failure = match build().send().await {
+            Ok(response) if response.status().is_success() => return Ok(response),
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body = response.text().await.unwrap_or_default();
+                let body: String = body.chars().take(LOGGED_BODY).collect();
+                tracing::warn!(provider, status = status.as_u16(), %body, attempt, "model provider answered an error");
+                if !retryable(status) {
+                    return Err(ModelError::configuration(provider));
+                }
+                let error = if status.as_u16() == 429 {
+                    ModelError::rate_limited(provider)
+                } else {
+                    ModelError::unavailable(provider)
+                };
+                (error, retry_after)
+            }
+            Err(error) => {
+                tracing::warn!(provider, %error, attempt, "could not reach the model provider");
+                (ModelError::unavailable(provider), None)
+            }
+        };
+        let (error, retry_after) = failure;
+        if attempt >= ATTEMPTS || retry_after.is_some_and(|wait| wait > MAX_RETRY_AFTER) {
+            return Err(error);
+        }
+        tokio::time::sleep(retry_after.unwrap_or_else(|| backoff(attempt))).await;
+        attempt += 1;
+    }
+}
+
+/// `BACKOFF * 2^(attempt-1)`, scaled by a jitter factor in [0.5, 1.0).
+fn backoff(attempt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    (BACKOFF * 2u32.pow(attempt - 1)).mul_f64(jitter)
+}
+
+/// Reads a provider's wire format, one SSE event at a time.
+pub trait WireParser: Send + 'static {
+    /// What one upstream event means; an error ends the run.
+    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError>;
+    /// Called when the upstream stream ends; an error if it ended before the provider said it was done.
+    fn finish(&mut self) -> Result<Vec<ModelEvent>, ModelError>;
+}
+
+/// The model's events from an upstream SSE response, with an idle timeout between upstream events. Dropping the
+/// stream drops the response, which closes the connection to the provider.
+pub fn parse_stream<P: WireParser>(
+    provider: &'static str,
+    response: reqwest::Response,
+    parser: P,
+    idle: Duration,
+) -> ModelStream {
+    struct State<P> {
+        events: std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<Event, String>> + Send>>,
+        parser: P,
+        ready: VecDeque<ModelEvent>,
+        ended: bool,
+    }
+    let events = response
+        .bytes_stream()
+        .eventsource()
+        .map(|event| event.map_err(|e| e.to_string()));
+    let state = State {
+        events: Box::pin(events),
+        parser,
+        ready: VecDeque::new(),
+        ended: false,
+    };
+    Box::pin(stream::unfold(state, move |mut state| async move {
+        loop {
+            if let Some(event) = state.ready.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if state.ended {
+                return None;
+            }
+            let next = match tokio::time::timeout(idle, state.events.next()).await {
+                Err(_) => {
+                    tracing::warn!(
+                        provider,
+                        idle_s = idle.as_secs_f64(),
+                        "model provider stream went idle"
+                    );
+                    state.ended = true;
+                    let message = format!("{provider} stopped answering; please try again");
+                    return Some((Err(ModelError(message)), state));
+                }
+                Ok(next) => next,
+            };
+            let parsed = match next {
+                Some(Ok(event)) => state.parser.on_event(&event),
+                Some(Err(error)) => {
+                    tracing::warn!(provider, %error, "model provider stream broke");
+                    Err(ModelError::broken_stream(provider))
+                }
+                None => {
+                    state.ended = true;
+                    state.parser.finish()
+                }
+            };
+            match parsed {
+                Ok(events) => state.ready.extend(events),
+                Err(error) => {
+                    state.ended = true;
+                    return Some((Err(error), state));
+                }
+            }
+        }
+    }))
+}
+
+/// Parses one event's JSON data, or says the stream is broken.
+pub fn json(provider: &'static str, data: &str) -> Result<serde_json::Value, ModelError> {
+    serde_json::from_str(data).map_err(|error| {
+        tracing::warn!(provider, %error, "model provider sent an event that is not JSON");
+        ModelError::broken_stream(provider)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        for attempt in 1..=3 {
+            let full = BACKOFF * 2u32.pow(attempt - 1);
+            let wait = backoff(attempt);
+            assert!(wait >= full / 2 && wait < full, "{attempt}: {wait:?}");
+        }
+    }
+
+    #[test]
+    fn only_overload_and_server_errors_are_retried() {
+        for code in [429, 500, 502, 503, 504, 529] {
+            assert!(
+                retryable(reqwest::StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+        for code in [400, 401, 403, 404, 422] {
+            assert!(
+                !retryable(reqwest::StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+    }
+}
