@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod db;
+pub mod upstream;
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
