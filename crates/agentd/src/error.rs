@@ -131,18 +131,19 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(json!({ "detail": detail }))).into_response();
         let headers = response.headers_mut();
         match self {
-            Self::ShuttingDown => {
+            // Close the connection after the answer: the client's retry should open one to a replica that stays, and
+            // a full replica should not hold a descriptor for a client it just turned away.
+            Self::ShuttingDown | Self::AtCapacity { .. } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),
                 );
-                // Close this connection after the answer so the client's retry opens one to a replica that stays.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::AtCapacity { .. } | Self::StoreUnavailable => {
+            Self::StoreUnavailable => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),

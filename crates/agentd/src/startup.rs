@@ -39,6 +39,21 @@ pub enum StartupError {
     },
 }
 
+/// File descriptors kept for everything but client connections: listeners, the store's pool, gRPC, logs.
+const RESERVED_FDS: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one (each open stream holds a socket) and returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+            tracing::warn!(%error, open_file_limit = limit, "could not raise the open-file limit");
+            limit
+        }
+    }
+}
+
 /// A service that is bound and ready to run.
 #[derive(Debug)]
 pub struct Application {
@@ -68,8 +83,19 @@ impl Application {
             .map_err(|source| StartupError::Store { backend, source })?;
         let instance_id: Arc<str> = Uuid::new_v4().to_string().into();
         tracing::info!(backend, %instance_id, "session store ready");
+        let fd_limit = raise_open_file_limit();
+        let fd_streams =
+            usize::try_from(fd_limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+        let max_streams = config
+            .max_streams
+            .map_or(fd_streams, |limit| limit.min(fd_streams));
+        tracing::info!(
+            open_file_limit = fd_limit,
+            max_streams,
+            "stream admission limit set"
+        );
         let state = AppState {
-            tracker: StreamTracker::new(config.max_streams),
+            tracker: StreamTracker::new(Some(max_streams)),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: Arc::new(Metrics::default()),
             models: Arc::new(config.models.clone()),
@@ -151,8 +177,7 @@ impl Application {
             config.run_lease,
             leases_stop.clone(),
         ));
-        tracing::info!(%http_addr, %grpc_addr, default_model = %config.default_model,
-            max_streams = config.max_streams, "agentd is serving");
+        tracing::info!(%http_addr, %grpc_addr, default_model = %config.default_model, "agentd is serving");
 
         let Some(first) = signals.recv().await else {
             tracing::warn!("signal listener ended; shutting down");

@@ -267,6 +267,7 @@ async fn streams_over_max_streams_get_503_with_retry_after() {
     let refused = server.ask(&new_chat(), json!({"question": "q"})).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["connection"], "close");
     let body: Value = refused.json().await.unwrap();
     assert!(
         body["detail"].as_str().unwrap().contains("limit reached"),
@@ -341,4 +342,71 @@ async fn cors_preflight_allows_the_configured_origin_and_authorization() {
     assert!(headers.contains("authorization"), "{headers}");
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn the_open_file_limit_caps_streams_and_beyond_it_connections_get_a_clear_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Agentd::spawn_with_open_file_limit(256, &[]).await;
+    let log = server.log_text();
+    assert!(log.contains("\"open_file_limit\":256"), "{log}");
+    assert!(log.contains("\"max_streams\":128"), "{log}");
+
+    // Idle keep-alive connections hold a descriptor each, until there is none left for the next client.
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    let mut refusal = None;
+    for _ in 0..400 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        socket
+            .write_all(format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = vec![0; 1024];
+        let n = tokio::time::timeout(common::PATIENCE, socket.read(&mut answer))
+            .await
+            .expect("every client gets an answer, none hangs")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        if answer.starts_with("HTTP/1.1 503") {
+            refusal = Some(answer);
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(socket);
+    }
+    let refusal = refusal.expect("the descriptor limit was reached");
+    assert!(
+        held.len() > 64 && held.len() < 256,
+        "{} connections held",
+        held.len()
+    );
+    let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("open-file limit"),
+        "{body}"
+    );
+    assert!(server.log_text().contains("open-file limit reached"));
+
+    // Once the clients let go, the server serves again, as the refusal's Retry-After promised.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let status = server.get("/healthz").await.status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never recovered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -19,8 +19,21 @@ use tokio_util::task::TaskTracker;
 /// A client must send its request head within this time, or its connection is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// After a failed `accept` (for example out of file descriptors), wait this long before trying again rather than spin.
+/// After a failed `accept`, wait this long before trying again rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a refusal may take; it holds the spare descriptor meanwhile.
+const REFUSAL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// `EMFILE` / `ENFILE` on Linux: the process or the system is out of file descriptors.
+const OUT_OF_FDS: [i32; 2] = [24, 23];
+
+/// What a client gets when the process has no file descriptor left for its connection: a clear refusal it can retry
+/// elsewhere, written before its request is read, instead of a connection left hanging in the backlog.
+const NO_FDS_RESPONSE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+retry-after: 1\r\nconnection: close\r\ncontent-length: 66\r\n\r\n\
+{\"detail\":\"Stream limit reached (open-file limit); retry shortly\"}";
 
 /// Serves `router` on `listener` until `stop` is cancelled and every connection has closed.
 ///
@@ -37,6 +50,8 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         // Many small SSE frames per write: flattening them into one buffer beats vectored writes of 16 at a time.
         .writev(false);
+    // One descriptor held in reserve, given up for a moment to refuse a connection when none is left.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -44,6 +59,22 @@ pub async fn serve(
         };
         let (socket, _peer) = match accepted {
             Ok(accepted) => accepted,
+            Err(error)
+                if error
+                    .raw_os_error()
+                    .is_some_and(|code| OUT_OF_FDS.contains(&code)) =>
+            {
+                tracing::warn!(%error, "open-file limit reached; refusing a connection with 503");
+                drop(spare.take());
+                if let Ok((socket, _)) = listener.accept().await {
+                    refuse(socket).await;
+                }
+                spare = std::fs::File::open("/dev/null").ok();
+                if spare.is_none() {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
             Err(error) => {
                 tracing::warn!(%error, "accept failed; retrying");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -75,4 +106,25 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
+/// canned 503 and closes; bounded, since it holds the one spare descriptor.
+async fn refuse(mut socket: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            let n = socket.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        while matches!(socket.try_read(&mut buf), Ok(n) if n > 0) {}
+        socket.write_all(NO_FDS_RESPONSE).await?;
+        socket.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, exchange).await;
 }

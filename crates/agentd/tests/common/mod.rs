@@ -47,9 +47,42 @@ impl Agentd {
 
     /// Starts the binary with `env` on the store at `database_url` and waits until it serves.
     pub async fn spawn_on(database_url: &str, env: &[(&str, &str)]) -> Self {
+        Self::start(database_url, env, None).await
+    }
+
+    /// Starts the binary on a fresh SQLite store with its open-file limit (soft and hard) set to `limit`.
+    pub async fn spawn_with_open_file_limit(limit: u32, env: &[(&str, &str)]) -> Self {
+        let db = db::TestDb::sqlite();
+        let mut server = Self::start(db.url(), env, Some(limit)).await;
+        server._own_db = Some(db);
+        server
+    }
+
+    async fn start(database_url: &str, env: &[(&str, &str)], fd_limit: Option<u32>) -> Self {
         let mut env = env.to_vec();
         env.push(("DATABASE_URL", database_url));
-        let mut child = command(&env).spawn().expect("agentd starts");
+        let mut command = command(&env);
+        if let Some(limit) = fd_limit {
+            // Through a shell, whose `ulimit` lowers both limits before agentd starts.
+            let script = format!(
+                "ulimit -n {limit} && exec {} serve",
+                env!("CARGO_BIN_EXE_agentd")
+            );
+            let std = command.as_std_mut();
+            let mut wrapped = std::process::Command::new("sh");
+            wrapped.args(["-c", &script]).env_clear();
+            wrapped.envs(
+                std.get_envs()
+                    .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+            );
+            command = Command::from(wrapped);
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+        }
+        let mut child = command.spawn().expect("agentd starts");
         let (logs, log_count) = collect_logs(&mut child);
         let mut server = Self {
             child,
