@@ -1,0 +1,504 @@
+//! An SSE load generator for agentd's stream route (and anything that speaks the same protocol).
+//!
+//! Ordinary HTTP benchmarkers time whole responses and cannot see open streams. This one opens many concurrent
+//! streams (ramping at a set rate), parses their events as they arrive, and reports: streams held open, errors by
+//! kind, events per second, the time from request to `run_started` and to the first `model_delta`, and the server's
+//! memory (RSS from `/proc/<pid>/status`) idle, at checkpoints, and per stream.
+//!
+//! Each connection is its own hyper HTTP/1 client connection, bound to one of several loopback source addresses
+//! (127.0.0.2, 127.0.0.3, ...) so that the ephemeral-port range of one address is not what stops a large run. When
+//! a machine limit does stop it (the client's open files, ports), the report says which.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: SocketAddr,
+    /// Streams to open.
+    pub streams: usize,
+    /// New streams per second; 0 opens them as fast as possible.
+    pub ramp_per_sec: f64,
+    /// At most this many streams in flight at once (a new one starts when one ends).
+    pub concurrency: usize,
+    pub model: String,
+    pub question: String,
+    /// Loopback source addresses to spread connections over.
+    pub sources: Vec<IpAddr>,
+    pub bearer: Option<String>,
+    /// After every stream was opened, keep them this long, then stop; `None` waits for every stream to end.
+    pub hold: Option<Duration>,
+    /// Stop opening new streams after this many errors.
+    pub stop_after_errors: usize,
+    /// Server process whose memory is read.
+    pub server_pid: Option<u32>,
+    /// Open-stream counts at which the server's RSS is read (after a short settle).
+    pub rss_checkpoints: Vec<usize>,
+    /// How long a stream may wait for its response head before it counts as an error.
+    pub response_timeout: Duration,
+}
+
+/// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).
+pub fn loopback_sources(n: usize) -> Vec<IpAddr> {
+    (0..n.clamp(1, 250))
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)))
+        .collect()
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let at = |p: usize| {
+            let index = (samples.len() * p).div_ceil(100).saturating_sub(1);
+            samples[index.min(samples.len() - 1)].as_secs_f64() * 1000.0
+        };
+        Self {
+            count: samples.len(),
+            p50: at(50),
+            p90: at(90),
+            p99: at(99),
+            max: samples[samples.len() - 1].as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub requested: usize,
+    /// Streams that got their `run_started`.
+    pub started: usize,
+    /// Streams that ended with `done` (`completed` among them ended with `run_completed`).
+    pub done: usize,
+    pub completed: usize,
+    pub interrupted: usize,
+    /// Most streams open at once.
+    pub max_open: usize,
+    pub errors: BTreeMap<String, usize>,
+    pub events: u64,
+    pub deltas: u64,
+    /// From the first request to the end of the run.
+    pub seconds: f64,
+    /// From the first request to the last event received: the time events were flowing.
+    pub active_seconds: f64,
+    /// Events (and `model_delta`s) per active second.
+    pub events_per_sec: f64,
+    pub deltas_per_sec: f64,
+    pub to_run_started_ms: Percentiles,
+    pub to_first_delta_ms: Percentiles,
+    pub rss_idle_kib: Option<u64>,
+    /// Server RSS at each checkpoint (streams launched), and after the hold.
+    pub rss_kib: BTreeMap<usize, u64>,
+    /// (RSS at the checkpoint - idle RSS) / streams open then.
+    pub rss_per_stream_kib: BTreeMap<usize, f64>,
+    /// Wall-clock time (ns since the Unix epoch) of the last `done` received.
+    pub last_done_unix_ns: u64,
+    /// What ended the ramp: `target reached`, or the limit or error that stopped it.
+    pub stopped_by: String,
+}
+
+struct Stats {
+    /// When the run began; event times are measured from here.
+    began: Instant,
+    started: AtomicUsize,
+    done: AtomicUsize,
+    completed: AtomicUsize,
+    interrupted: AtomicUsize,
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+    failed: AtomicUsize,
+    events: AtomicU64,
+    deltas: AtomicU64,
+    last_done_unix_ns: AtomicU64,
+    /// Nanoseconds from the start of the run to the last event received.
+    last_event_ns: AtomicU64,
+    errors: Mutex<BTreeMap<String, usize>>,
+    to_started: Mutex<Vec<Duration>>,
+    to_first_delta: Mutex<Vec<Duration>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            began: Instant::now(),
+            started: AtomicUsize::default(),
+            done: AtomicUsize::default(),
+            completed: AtomicUsize::default(),
+            interrupted: AtomicUsize::default(),
+            open: AtomicUsize::default(),
+            max_open: AtomicUsize::default(),
+            failed: AtomicUsize::default(),
+            events: AtomicU64::default(),
+            deltas: AtomicU64::default(),
+            last_done_unix_ns: AtomicU64::default(),
+            last_event_ns: AtomicU64::default(),
+            errors: Mutex::default(),
+            to_started: Mutex::default(),
+            to_first_delta: Mutex::default(),
+        }
+    }
+}
+
+impl Stats {
+    fn error(&self, kind: impl Into<String>) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *self.errors.lock().unwrap().entry(kind.into()).or_default() += 1;
+    }
+}
+
+/// Reads `VmRSS` of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raises this process's soft open-file limit to the hard one; returns the limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
+}
+
+/// Runs the plan to its end and reports.
+pub async fn run(plan: Plan) -> Report {
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
+    let rss_idle = plan.server_pid.and_then(rss_kib);
+    let mut rss = BTreeMap::new();
+    let mut checkpoints: Vec<usize> = plan.rss_checkpoints.clone();
+    checkpoints.sort_unstable();
+    let started_at = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stopped_by = "target reached".to_owned();
+    let plan = Arc::new(plan);
+
+    for i in 0..plan.streams {
+        if plan.ramp_per_sec > 0.0 {
+            let due = started_at + Duration::from_secs_f64(i as f64 / plan.ramp_per_sec);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if stats.failed.load(Ordering::Relaxed) >= plan.stop_after_errors {
+            stopped_by = dominant_error(&stats);
+            break;
+        }
+        let permit = Arc::clone(&slots).acquire_owned().await.expect("the semaphore stays open");
+        let (plan_, stats_, stop_) = (Arc::clone(&plan), Arc::clone(&stats), stop.clone());
+        tasks.spawn(async move {
+            one_stream(i, &plan_, &stats_, &stop_).await;
+            drop(permit);
+        });
+        if checkpoints.first() == Some(&(i + 1)) {
+            checkpoints.remove(0);
+            // Wait until every stream launched so far is open (or failed), let the server settle, then read.
+            while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed) < i + 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(kib) = plan.server_pid.and_then(rss_kib) {
+                rss.insert(i + 1, (kib, stats.open.load(Ordering::Relaxed)));
+            }
+        }
+    }
+    if let Some(hold) = plan.hold {
+        let launched = tasks.len();
+        while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed) < launched
+            && !tasks.is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(hold).await;
+        if let Some(kib) = plan.server_pid.and_then(rss_kib) {
+            let open = stats.open.load(Ordering::Relaxed);
+            rss.entry(launched).or_insert((kib, open));
+        }
+        stop.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+    let seconds = started_at.elapsed().as_secs_f64();
+    let active_seconds = (stats.last_event_ns.load(Ordering::Relaxed) as f64 / 1e9).max(f64::MIN_POSITIVE);
+
+    let errors = stats.errors.lock().unwrap().clone();
+    let events = stats.events.load(Ordering::Relaxed);
+    let deltas = stats.deltas.load(Ordering::Relaxed);
+    let rss_per_stream_kib = rss
+        .iter()
+        .filter(|(_, (_, open))| *open > 0)
+        .filter_map(|(at, (kib, open))| rss_idle.map(|idle| (*at, (*kib as f64 - idle as f64) / *open as f64)))
+        .collect();
+    let rss = rss.into_iter().map(|(at, (kib, _))| (at, kib)).collect();
+    Report {
+        requested: plan.streams,
+        started: stats.started.load(Ordering::Relaxed),
+        done: stats.done.load(Ordering::Relaxed),
+        completed: stats.completed.load(Ordering::Relaxed),
+        interrupted: stats.interrupted.load(Ordering::Relaxed),
+        max_open: stats.max_open.load(Ordering::Relaxed),
+        errors,
+        events,
+        deltas,
+        seconds,
+        active_seconds,
+        events_per_sec: events as f64 / active_seconds,
+        deltas_per_sec: deltas as f64 / active_seconds,
+        to_run_started_ms: Percentiles::of(std::mem::take(&mut stats.to_started.lock().unwrap())),
+        to_first_delta_ms: Percentiles::of(std::mem::take(&mut stats.to_first_delta.lock().unwrap())),
+        rss_idle_kib: rss_idle,
+        rss_kib: rss,
+        rss_per_stream_kib,
+        last_done_unix_ns: stats.last_done_unix_ns.load(Ordering::Relaxed),
+        stopped_by,
+    }
+}
+
+fn dominant_error(stats: &Stats) -> String {
+    let errors = stats.errors.lock().unwrap();
+    errors
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(kind, n)| format!("errors: {kind} ({n})"))
+        .unwrap_or_else(|| "errors".to_owned())
+}
+
+/// Names a connect failure by the machine limit behind it.
+fn connect_error(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(24) => "client open-file limit (EMFILE)".to_owned(),
+        Some(23) => "system open-file limit (ENFILE)".to_owned(),
+        Some(99) => "ephemeral ports exhausted (EADDRNOTAVAIL)".to_owned(),
+        Some(111) => "connection refused".to_owned(),
+        Some(104) => "connection reset".to_owned(),
+        _ => format!("connect: {}", error.kind()),
+    }
+}
+
+/// One stream, from connect to its last event (or to `stop`).
+async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationToken) {
+    let source = plan.sources[i % plan.sources.len()];
+    let requested = Instant::now();
+    let socket = match tokio::net::TcpSocket::new_v4() {
+        Ok(socket) => socket,
+        Err(error) => return stats.error(connect_error(&error)),
+    };
+    if let Err(error) = socket.bind(SocketAddr::new(source, 0)) {
+        return stats.error(connect_error(&error));
+    }
+    let tcp = match socket.connect(plan.target).await {
+        Ok(tcp) => tcp,
+        Err(error) => return stats.error(connect_error(&error)),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+        Ok(pair) => pair,
+        Err(_) => return stats.error("handshake"),
+    };
+    let connection = tokio::spawn(connection);
+    let chat = uuid::Uuid::new_v4();
+    let body = serde_json::json!({"question": plan.question, "model": plan.model}).to_string();
+    let mut request = Request::post(format!("/agents/chats/{chat}/stream"))
+        .header("host", plan.target.to_string())
+        .header("content-type", "application/json");
+    if let Some(token) = &plan.bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::from(body))).expect("a valid request");
+    let response = tokio::select! {
+        response = tokio::time::timeout(plan.response_timeout, sender.send_request(request)) => response,
+        () = stop.cancelled() => { connection.abort(); return }
+    };
+    let mut response = match response {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => {
+            connection.abort();
+            return stats.error("request failed");
+        }
+        Err(_) => {
+            connection.abort();
+            return stats.error("no response in time");
+        }
+    };
+    if response.status() != 200 {
+        connection.abort();
+        return stats.error(format!("http {}", response.status().as_u16()));
+    }
+    let mut parser = EventParser::default();
+    let mut seen_started = false;
+    let mut seen_delta = false;
+    let mut open = false;
+    let outcome = loop {
+        let frame = tokio::select! {
+            frame = response.body_mut().frame() => frame,
+            () = stop.cancelled() => break Ok(()),
+        };
+        let data = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(_)) => break Err("stream broke"),
+            None => break Err("stream ended before done"),
+        };
+        let mut finished = None;
+        let now = u64::try_from(stats.began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.last_event_ns.fetch_max(now, Ordering::Relaxed);
+        parser.feed(&data, |kind| {
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                EventKind::RunStarted if !seen_started => {
+                    seen_started = true;
+                    stats.to_started.lock().unwrap().push(requested.elapsed());
+                }
+                EventKind::ModelDelta => {
+                    stats.deltas.fetch_add(1, Ordering::Relaxed);
+                    if !seen_delta {
+                        seen_delta = true;
+                        stats.to_first_delta.lock().unwrap().push(requested.elapsed());
+                    }
+                }
+                EventKind::RunCompleted => {
+                    stats.completed.fetch_add(1, Ordering::Relaxed);
+                }
+                EventKind::RunInterrupted => {
+                    stats.interrupted.fetch_add(1, Ordering::Relaxed);
+                }
+                EventKind::RunFailed => finished = Some(Err("run_failed")),
+                EventKind::Done => {
+                    finished.get_or_insert(Ok(()));
+                }
+                _ => {}
+            }
+        });
+        if seen_started && !open {
+            open = true;
+            stats.started.fetch_add(1, Ordering::Relaxed);
+            let now_open = stats.open.fetch_add(1, Ordering::Relaxed) + 1;
+            stats.max_open.fetch_max(now_open, Ordering::Relaxed);
+        }
+        if let Some(outcome) = finished {
+            if outcome.is_ok() {
+                stats.done.fetch_add(1, Ordering::Relaxed);
+                stats.last_done_unix_ns.fetch_max(unix_ns(), Ordering::Relaxed);
+            }
+            break outcome;
+        }
+    };
+    if open {
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Err(kind) = outcome {
+        stats.error(kind);
+    }
+    connection.abort();
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The `type` of an event of the stream protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    RunStarted,
+    ModelDelta,
+    ToolStarted,
+    ToolFinished,
+    FinalAnswer,
+    RunCompleted,
+    RunFailed,
+    RunInterrupted,
+    Done,
+    Other,
+}
+
+/// Splits an SSE byte stream into events and reads each one's `type`, without building JSON values: fast enough to
+/// count millions of events per second. Comments (`: keep-alive`) are not events.
+#[derive(Debug, Default)]
+pub struct EventParser {
+    pending: Vec<u8>,
+}
+
+impl EventParser {
+    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(EventKind)) {
+        self.pending.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(end) = memchr::memmem::find(&self.pending[start..], b"\n\n") {
+            let event = &self.pending[start..start + end];
+            if let Some(kind) = kind_of(event) {
+                on_event(kind);
+            }
+            start += end + 2;
+        }
+        self.pending.drain(..start);
+    }
+}
+
+fn kind_of(event: &[u8]) -> Option<EventKind> {
+    const MARK: &[u8] = b"\"type\":\"";
+    let data = memchr::memmem::find(event, b"data:")?;
+    let at = memchr::memmem::find(&event[data..], MARK)? + data + MARK.len();
+    let end = memchr::memchr(b'"', &event[at..])? + at;
+    Some(match &event[at..end] {
+        b"run_started" => EventKind::RunStarted,
+        b"model_delta" => EventKind::ModelDelta,
+        b"tool_started" => EventKind::ToolStarted,
+        b"tool_finished" => EventKind::ToolFinished,
+        b"final_answer" => EventKind::FinalAnswer,
+        b"run_completed" => EventKind::RunCompleted,
+        b"run_failed" => EventKind::RunFailed,
+        b"run_interrupted" => EventKind::RunInterrupted,
+        b"done" => EventKind::Done,
+        _ => EventKind::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_across_chunks_are_counted_once_and_comments_skipped() {
+        let stream = b"id: r:1\ndata: {\"type\":\"run_started\",\"run_id\":\"r\"}\n\n: keep-alive\n\n\
+            id: r:2\ndata: {\"type\":\"model_delta\",\"content\":\"a \\\"b\\\"\"}\n\n\
+            id: r:3\ndata: {\"type\":\"done\"}\n\n";
+        for split in 1..stream.len() {
+            let mut parser = EventParser::default();
+            let mut kinds = Vec::new();
+            parser.feed(&stream[..split], |k| kinds.push(k));
+            parser.feed(&stream[split..], |k| kinds.push(k));
+            assert_eq!(kinds, [EventKind::RunStarted, EventKind::ModelDelta, EventKind::Done], "split at {split}");
+        }
+    }
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let samples = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::of(samples);
+        assert_eq!((p.count, p.p50, p.p90, p.p99, p.max), (100, 50.0, 90.0, 99.0, 100.0));
+        assert_eq!(Percentiles::of(vec![]), Percentiles::default());
+    }
+}

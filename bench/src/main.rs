@@ -1,0 +1,121 @@
+//! `bench`: open many SSE streams against agentd (or the reference) and report what happened, as JSON on stdout and
+//! a short summary on stderr.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bench::{Plan, loopback_sources, raise_open_file_limit, run};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "SSE load generator: opens streams, parses events, reports latency, throughput and memory")]
+struct Args {
+    /// The server's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    target: SocketAddr,
+    /// Streams to open.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// New streams per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    ramp: f64,
+    /// Streams in flight at once (default: all of them).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Model id every stream asks for.
+    #[arg(long, default_value = "test")]
+    model: String,
+    #[arg(long, default_value = "How are you?")]
+    question: String,
+    /// Bearer token to send.
+    #[arg(long, env = "BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Keep the streams open this many seconds after all are open, then stop (idle-capacity runs).
+    #[arg(long)]
+    hold: Option<f64>,
+    /// Before the measured streams, open this many idle streams and keep them open (latency under load).
+    #[arg(long, default_value_t = 0)]
+    background: usize,
+    /// Model of the background streams.
+    #[arg(long, default_value = "test:deltas=1,delay_ms=3600000")]
+    background_model: String,
+    /// Stop opening streams after this many errors.
+    #[arg(long, default_value_t = 100)]
+    stop_after_errors: usize,
+    /// Server process id, to read its memory.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Comma-separated open-stream counts at which to read the server's memory.
+    #[arg(long, value_delimiter = ',')]
+    rss_at: Vec<usize>,
+    /// Loopback source addresses to spread connections over (127.0.0.2 ...).
+    #[arg(long, default_value_t = 8)]
+    sources: usize,
+    /// Seconds a stream may wait for its response head.
+    #[arg(long, default_value_t = 30.0)]
+    response_timeout: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let fd_limit = raise_open_file_limit();
+    eprintln!("bench: open-file limit {fd_limit}");
+    let plan = |streams, model: &str, hold, concurrency: Option<usize>| Plan {
+        target: args.target,
+        streams,
+        ramp_per_sec: args.ramp,
+        concurrency: concurrency.unwrap_or(streams).max(1),
+        model: model.to_owned(),
+        question: args.question.clone(),
+        sources: loopback_sources(args.sources),
+        bearer: args.token.clone(),
+        hold,
+        stop_after_errors: args.stop_after_errors,
+        server_pid: args.pid,
+        rss_checkpoints: args.rss_at.clone(),
+        response_timeout: Duration::from_secs_f64(args.response_timeout),
+    };
+    let background = if args.background > 0 {
+        let mut background = plan(args.background, &args.background_model, None, None);
+        background.rss_checkpoints.clear();
+        background.ramp_per_sec = 0.0;
+        let stop_at = args.background;
+        let handle = tokio::spawn(run(Plan {
+            hold: Some(Duration::from_secs(3600)),
+            ..background
+        }));
+        eprintln!("bench: opening {stop_at} background streams");
+        Some(handle)
+    } else {
+        None
+    };
+    if background.is_some() {
+        // Give the background streams time to open before measuring.
+        tokio::time::sleep(Duration::from_secs_f64((args.background as f64 / 2000.0).max(2.0))).await;
+    }
+    let limit = if fd_limit < args.streams as u64 + args.background as u64 + 64 {
+        eprintln!("bench: warning: the open-file limit ({fd_limit}) is below the streams asked for; it will stop the run");
+        true
+    } else {
+        false
+    };
+    let report = run(plan(args.streams, &args.model, args.hold.map(Duration::from_secs_f64), args.concurrency)).await;
+    if let Some(background) = background {
+        background.abort();
+    }
+    eprintln!(
+        "bench: {} requested, {} started, {} done, max open {}, errors {:?}, {:.0} events/s, run_started p50 {:.2} ms p99 {:.2} ms, stopped by: {}{}",
+        report.requested,
+        report.started,
+        report.done,
+        report.max_open,
+        report.errors,
+        report.events_per_sec,
+        report.to_run_started_ms.p50,
+        report.to_run_started_ms.p99,
+        report.stopped_by,
+        if limit { " (client open-file limit)" } else { "" }
+    );
+    println!("{}", serde_json::to_string(&report).expect("a report serializes"));
+}
