@@ -47,6 +47,8 @@ pub struct Plan {
     pub rss_checkpoints: Vec<usize>,
     /// How long a stream may wait for its response head before it counts as an error.
     pub response_timeout: Duration,
+    /// Counts streams that got `run_started` or failed, for a caller waiting on this run from outside.
+    pub settled: Option<Arc<AtomicUsize>>,
 }
 
 /// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).
@@ -139,6 +141,8 @@ struct Stats {
     errors: Mutex<BTreeMap<String, usize>>,
     to_started: Mutex<Vec<Duration>>,
     to_first_delta: Mutex<Vec<Duration>>,
+    /// The plan's outside counter of streams started or failed.
+    settled: Option<Arc<AtomicUsize>>,
 }
 
 impl Default for Stats {
@@ -159,6 +163,7 @@ impl Default for Stats {
             errors: Mutex::default(),
             to_started: Mutex::default(),
             to_first_delta: Mutex::default(),
+            settled: None,
         }
     }
 }
@@ -166,7 +171,14 @@ impl Default for Stats {
 impl Stats {
     fn error(&self, kind: impl Into<String>) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+        self.settle();
         *self.errors.lock().unwrap().entry(kind.into()).or_default() += 1;
+    }
+
+    fn settle(&self) {
+        if let Some(settled) = &self.settled {
+            settled.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -184,7 +196,10 @@ pub fn raise_open_file_limit() -> u64 {
 
 /// Runs the plan to its end and reports.
 pub async fn run(plan: Plan) -> Report {
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats {
+        settled: plan.settled.clone(),
+        ..Stats::default()
+    });
     let stop = CancellationToken::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
     let rss_idle = plan.server_pid.and_then(rss_kib);
@@ -205,7 +220,10 @@ pub async fn run(plan: Plan) -> Report {
             stopped_by = dominant_error(&stats);
             break;
         }
-        let permit = Arc::clone(&slots).acquire_owned().await.expect("the semaphore stays open");
+        let permit = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore stays open");
         let (plan_, stats_, stop_) = (Arc::clone(&plan), Arc::clone(&stats), stop.clone());
         tasks.spawn(async move {
             one_stream(i, &plan_, &stats_, &stop_).await;
@@ -214,7 +232,9 @@ pub async fn run(plan: Plan) -> Report {
         if checkpoints.first() == Some(&(i + 1)) {
             checkpoints.remove(0);
             // Wait until every stream launched so far is open (or failed), let the server settle, then read.
-            while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed) < i + 1 {
+            while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
+                < i + 1
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -225,7 +245,8 @@ pub async fn run(plan: Plan) -> Report {
     }
     if let Some(hold) = plan.hold {
         let launched = tasks.len();
-        while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed) < launched
+        while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
+            < launched
             && !tasks.is_empty()
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -239,7 +260,8 @@ pub async fn run(plan: Plan) -> Report {
     }
     while tasks.join_next().await.is_some() {}
     let seconds = started_at.elapsed().as_secs_f64();
-    let active_seconds = (stats.last_event_ns.load(Ordering::Relaxed) as f64 / 1e9).max(f64::MIN_POSITIVE);
+    let active_seconds =
+        (stats.last_event_ns.load(Ordering::Relaxed) as f64 / 1e9).max(f64::MIN_POSITIVE);
 
     let errors = stats.errors.lock().unwrap().clone();
     let events = stats.events.load(Ordering::Relaxed);
@@ -247,7 +269,9 @@ pub async fn run(plan: Plan) -> Report {
     let rss_per_stream_kib = rss
         .iter()
         .filter(|(_, (_, open))| *open > 0)
-        .filter_map(|(at, (kib, open))| rss_idle.map(|idle| (*at, (*kib as f64 - idle as f64) / *open as f64)))
+        .filter_map(|(at, (kib, open))| {
+            rss_idle.map(|idle| (*at, (*kib as f64 - idle as f64) / *open as f64))
+        })
         .collect();
     let rss = rss.into_iter().map(|(at, (kib, _))| (at, kib)).collect();
     Report {
@@ -265,7 +289,9 @@ pub async fn run(plan: Plan) -> Report {
         events_per_sec: events as f64 / active_seconds,
         deltas_per_sec: deltas as f64 / active_seconds,
         to_run_started_ms: Percentiles::of(std::mem::take(&mut stats.to_started.lock().unwrap())),
-        to_first_delta_ms: Percentiles::of(std::mem::take(&mut stats.to_first_delta.lock().unwrap())),
+        to_first_delta_ms: Percentiles::of(std::mem::take(
+            &mut stats.to_first_delta.lock().unwrap(),
+        )),
         rss_idle_kib: rss_idle,
         rss_kib: rss,
         rss_per_stream_kib,
@@ -311,10 +337,11 @@ async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationTok
         Err(error) => return stats.error(connect_error(&error)),
     };
     let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-        Ok(pair) => pair,
-        Err(_) => return stats.error("handshake"),
-    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+            Ok(pair) => pair,
+            Err(_) => return stats.error("handshake"),
+        };
     let connection = tokio::spawn(connection);
     let chat = uuid::Uuid::new_v4();
     let body = serde_json::json!({"question": plan.question, "model": plan.model}).to_string();
@@ -324,7 +351,9 @@ async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationTok
     if let Some(token) = &plan.bearer {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let request = request.body(Full::new(Bytes::from(body))).expect("a valid request");
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid request");
     let response = tokio::select! {
         response = tokio::time::timeout(plan.response_timeout, sender.send_request(request)) => response,
         () = stop.cancelled() => { connection.abort(); return }
@@ -375,7 +404,11 @@ async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationTok
                     stats.deltas.fetch_add(1, Ordering::Relaxed);
                     if !seen_delta {
                         seen_delta = true;
-                        stats.to_first_delta.lock().unwrap().push(requested.elapsed());
+                        stats
+                            .to_first_delta
+                            .lock()
+                            .unwrap()
+                            .push(requested.elapsed());
                     }
                 }
                 EventKind::RunCompleted => {
@@ -393,6 +426,7 @@ async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationTok
         });
         if seen_started && !open {
             open = true;
+            stats.settle();
             stats.started.fetch_add(1, Ordering::Relaxed);
             let now_open = stats.open.fetch_add(1, Ordering::Relaxed) + 1;
             stats.max_open.fetch_max(now_open, Ordering::Relaxed);
@@ -400,7 +434,9 @@ async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationTok
         if let Some(outcome) = finished {
             if outcome.is_ok() {
                 stats.done.fetch_add(1, Ordering::Relaxed);
-                stats.last_done_unix_ns.fetch_max(unix_ns(), Ordering::Relaxed);
+                stats
+                    .last_done_unix_ns
+                    .fetch_max(unix_ns(), Ordering::Relaxed);
             }
             break outcome;
         }
@@ -482,7 +518,8 @@ mod tests {
 
     #[test]
     fn events_split_across_chunks_are_counted_once_and_comments_skipped() {
-        let stream = b"id: r:1\ndata: {\"type\":\"run_started\",\"run_id\":\"r\"}\n\n: keep-alive\n\n\
+        let stream =
+            b"id: r:1\ndata: {\"type\":\"run_started\",\"run_id\":\"r\"}\n\n: keep-alive\n\n\
             id: r:2\ndata: {\"type\":\"model_delta\",\"content\":\"a \\\"b\\\"\"}\n\n\
             id: r:3\ndata: {\"type\":\"done\"}\n\n";
         for split in 1..stream.len() {
@@ -490,7 +527,15 @@ mod tests {
             let mut kinds = Vec::new();
             parser.feed(&stream[..split], |k| kinds.push(k));
             parser.feed(&stream[split..], |k| kinds.push(k));
-            assert_eq!(kinds, [EventKind::RunStarted, EventKind::ModelDelta, EventKind::Done], "split at {split}");
+            assert_eq!(
+                kinds,
+                [
+                    EventKind::RunStarted,
+                    EventKind::ModelDelta,
+                    EventKind::Done
+                ],
+                "split at {split}"
+            );
         }
     }
 
@@ -498,7 +543,10 @@ mod tests {
     fn percentiles_pick_the_nearest_rank() {
         let samples = (1..=100).map(Duration::from_millis).collect();
         let p = Percentiles::of(samples);
-        assert_eq!((p.count, p.p50, p.p90, p.p99, p.max), (100, 50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (p.count, p.p50, p.p90, p.p99, p.max),
+            (100, 50.0, 90.0, 99.0, 100.0)
+        );
         assert_eq!(Percentiles::of(vec![]), Percentiles::default());
     }
 }

@@ -2,13 +2,18 @@
 //! a short summary on stderr.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bench::{Plan, loopback_sources, raise_open_file_limit, run};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "SSE load generator: opens streams, parses events, reports latency, throughput and memory")]
+#[command(
+    name = "bench",
+    about = "SSE load generator: opens streams, parses events, reports latency, throughput and memory"
+)]
 struct Args {
     /// The server's HTTP address.
     #[arg(long, default_value = "127.0.0.1:8090")]
@@ -75,32 +80,43 @@ async fn main() {
         server_pid: args.pid,
         rss_checkpoints: args.rss_at.clone(),
         response_timeout: Duration::from_secs_f64(args.response_timeout),
+        settled: None,
     };
     let background = if args.background > 0 {
+        let settled = Arc::new(AtomicUsize::new(0));
         let mut background = plan(args.background, &args.background_model, None, None);
         background.rss_checkpoints.clear();
         background.ramp_per_sec = 0.0;
-        let stop_at = args.background;
+        background.settled = Some(Arc::clone(&settled));
         let handle = tokio::spawn(run(Plan {
             hold: Some(Duration::from_secs(3600)),
             ..background
         }));
-        eprintln!("bench: opening {stop_at} background streams");
+        eprintln!("bench: opening {} background streams", args.background);
+        // Measure only once every background stream is open (or failed), and the server has settled.
+        while settled.load(Ordering::Relaxed) < args.background {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
         Some(handle)
     } else {
         None
     };
-    if background.is_some() {
-        // Give the background streams time to open before measuring.
-        tokio::time::sleep(Duration::from_secs_f64((args.background as f64 / 2000.0).max(2.0))).await;
-    }
     let limit = if fd_limit < args.streams as u64 + args.background as u64 + 64 {
-        eprintln!("bench: warning: the open-file limit ({fd_limit}) is below the streams asked for; it will stop the run");
+        eprintln!(
+            "bench: warning: the open-file limit ({fd_limit}) is below the streams asked for; it will stop the run"
+        );
         true
     } else {
         false
     };
-    let report = run(plan(args.streams, &args.model, args.hold.map(Duration::from_secs_f64), args.concurrency)).await;
+    let report = run(plan(
+        args.streams,
+        &args.model,
+        args.hold.map(Duration::from_secs_f64),
+        args.concurrency,
+    ))
+    .await;
     if let Some(background) = background {
         background.abort();
     }
@@ -115,7 +131,14 @@ async fn main() {
         report.to_run_started_ms.p50,
         report.to_run_started_ms.p99,
         report.stopped_by,
-        if limit { " (client open-file limit)" } else { "" }
+        if limit {
+            " (client open-file limit)"
+        } else {
+            ""
+        }
     );
-    println!("{}", serde_json::to_string(&report).expect("a report serializes"));
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("a report serializes")
+    );
 }

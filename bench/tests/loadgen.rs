@@ -16,7 +16,8 @@ const DELTAS: usize = 7;
 /// Answers by the requested model: `ok` streams a whole run, `busy` is a 503, `cut` ends before `done`, `fail` ends
 /// with `run_failed`.
 async fn stream(Json(body): Json<Value>) -> Response {
-    let event = |kind: &str| format!("id: r:1\ndata: {{\"type\":\"{kind}\",\"content\":\"x\"}}\n\n");
+    let event =
+        |kind: &str| format!("id: r:1\ndata: {{\"type\":\"{kind}\",\"content\":\"x\"}}\n\n");
     let mut frames = vec![event("run_started"), ": keep-alive\n\n".to_owned()];
     frames.extend((0..DELTAS).map(|_| event("model_delta")));
     match body["model"].as_str().unwrap() {
@@ -26,7 +27,8 @@ async fn stream(Json(body): Json<Value>) -> Response {
         _ => frames.extend([event("final_answer"), event("run_completed"), event("done")]),
     }
     // One byte at a time for the first frames: events split across reads must still count once.
-    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> = frames[0].bytes().map(|b| Ok(vec![b])).collect();
+    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        frames[0].bytes().map(|b| Ok(vec![b])).collect();
     chunks.extend(frames[1..].iter().map(|f| Ok(f.clone().into_bytes())));
     Response::builder()
         .header("content-type", "text/event-stream")
@@ -57,6 +59,7 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         server_pid: Some(std::process::id()),
         rss_checkpoints: vec![streams],
         response_timeout: Duration::from_secs(10),
+        settled: None,
     })
     .await
 }
@@ -70,7 +73,11 @@ async fn whole_runs_are_counted_event_by_event() {
     assert_eq!(report.done, 25);
     assert_eq!(report.completed, 25);
     assert_eq!(report.deltas, 25 * DELTAS as u64);
-    assert_eq!(report.events, 25 * (DELTAS as u64 + 4), "the keep-alive comment is not an event");
+    assert_eq!(
+        report.events,
+        25 * (DELTAS as u64 + 4),
+        "the keep-alive comment is not an event"
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.to_run_started_ms.count, 25);
     assert_eq!(report.to_first_delta_ms.count, 25);
@@ -88,7 +95,10 @@ async fn every_kind_of_error_is_counted_exactly() {
 
     let cut = go(target, 6, "cut").await;
     assert_eq!(cut.errors.get("stream ended before done"), Some(&6));
-    assert_eq!((cut.started, cut.done, cut.deltas), (6, 0, 6 * DELTAS as u64));
+    assert_eq!(
+        (cut.started, cut.done, cut.deltas),
+        (6, 0, 6 * DELTAS as u64)
+    );
 
     let failed = go(target, 4, "fail").await;
     assert_eq!(failed.errors.get("run_failed"), Some(&4));
@@ -115,6 +125,7 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         server_pid: None,
         rss_checkpoints: vec![],
         response_timeout: Duration::from_secs(10),
+        settled: None,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));

@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
-use sqlx::Row;
+use std::sync::Arc;
+
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
+use sqlx::{Connection, Row};
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
@@ -41,9 +44,19 @@ macro_rules! run_columns {
     };
 }
 
+/// How often the WAL is checkpointed into the database file; bounds the WAL to what is written in this time.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// Reads, several at once (WAL lets them run beside the writer).
+    readers: SqlitePool,
+    /// Every write, through one connection: SQLite has one writer at a time anyway, and queueing here is far cheaper
+    /// than connections retrying for the lock in SQLite's busy handler.
+    writer: SqlitePool,
+    /// The background checkpointer, stopped by `close`.
+    checkpoints: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    stop_checkpoints: CancellationToken,
 }
 
 impl SqliteStore {
@@ -54,14 +67,60 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        // Checkpoints run beside the writer, not inside its commits, where they would stall a run's first write.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", "0")
+                    .pragma("journal_size_limit", "33554432"),
+            )
+            .await?;
+        sqlx::migrate!("../../migrations/sqlite")
+            .run(&writer)
+            .await?;
+        let readers = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone().read_only(true))
             .await?;
-        sqlx::migrate!("../../migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        let checkpointer = SqliteConnection::connect_with(&options).await?;
+        let stop_checkpoints = CancellationToken::new();
+        let checkpoints = tokio::spawn(checkpoint(checkpointer, stop_checkpoints.clone()));
+        Ok(Self {
+            readers,
+            writer,
+            checkpoints: Arc::new(tokio::sync::Mutex::new(Some(checkpoints))),
+            stop_checkpoints,
+        })
     }
+}
+
+/// Copies the WAL into the database file every 200 ms without blocking the writer, and empties it at the end.
+async fn checkpoint(mut connection: SqliteConnection, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut connection)
+            .await
+        {
+            tracing::warn!(%error, "SQLite checkpoint failed");
+        }
+    }
+    if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut connection)
+        .await
+    {
+        tracing::warn!(%error, "final SQLite checkpoint failed");
+    }
+    let _ = connection.close().await;
 }
 
 fn now_ms() -> i64 {
@@ -132,7 +191,7 @@ impl SqliteStore {
             " FROM agent_chats WHERE id = ?"
         ))
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.readers)
         .await?;
         row.as_ref().map(chat_from).transpose()
     }
@@ -149,7 +208,7 @@ impl SqliteStore {
         .bind(&owner.canvas_id)
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -188,7 +247,7 @@ async fn append_messages(
 impl SessionStore for SqliteStore {
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            sqlx::query("SELECT 1").execute(&self.readers).await?;
             Ok(())
         })
     }
@@ -227,7 +286,7 @@ impl SessionStore for SqliteStore {
             .bind(&owner.org_id)
             .bind(&owner.user_id)
             .bind(&owner.canvas_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.readers)
             .await?;
             rows.iter().map(chat_from).collect()
         })
@@ -241,7 +300,7 @@ impl SessionStore for SqliteStore {
                  FROM agent_chats WHERE org_id = ?",
             )
             .bind(org_id)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.readers)
             .await?;
             Ok(usage_from(
                 row.try_get("input")?,
@@ -255,7 +314,7 @@ impl SessionStore for SqliteStore {
         Box::pin(async move {
             let deleted = sqlx::query("DELETE FROM agent_chats WHERE id = ?")
                 .bind(id.to_string())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
             Ok(deleted.rows_affected() > 0)
         })
@@ -268,7 +327,7 @@ impl SessionStore for SqliteStore {
                  WHERE chat_id = ? ORDER BY message_index",
             )
             .bind(chat_id.to_string())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.readers)
             .await?;
             rows.iter()
                 .map(|row| {
@@ -291,7 +350,7 @@ impl SessionStore for SqliteStore {
     fn start_run<'a>(&'a self, run: &'a NewRun) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let now = now_ms();
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.writer.begin().await?;
             let chat = sqlx::query(
                 "UPDATE agent_chats SET updated_at = ?, initial_message = COALESCE(initial_message, ?) WHERE id = ?",
             )
@@ -329,7 +388,7 @@ impl SessionStore for SqliteStore {
             sqlx::query("UPDATE agent_chat_runs SET partial_output = ? WHERE id = ?")
                 .bind(output)
                 .bind(run_id.to_string())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
             Ok(())
         })
@@ -338,7 +397,7 @@ impl SessionStore for SqliteStore {
     fn finish_run<'a>(&'a self, run_id: Uuid, end: &'a RunEnd) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let now = now_ms();
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.writer.begin().await?;
             let chat_id: Option<String> = sqlx::query_scalar(
                 "UPDATE agent_chat_runs SET status = ?, error = ?, partial_output = ?, input_tokens = ?, \
                  output_tokens = ?, total_tokens = ?, finished_at = ? WHERE id = ? RETURNING chat_id",
@@ -381,7 +440,7 @@ impl SessionStore for SqliteStore {
                 " FROM agent_chat_runs WHERE id = ?"
             ))
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.readers)
             .await?;
             row.as_ref().map(run_from).transpose()
         })
@@ -395,7 +454,7 @@ impl SessionStore for SqliteStore {
                 " FROM agent_chat_runs WHERE chat_id = ? ORDER BY created_at, rowid"
             ))
             .bind(chat_id.to_string())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.readers)
             .await?;
             rows.iter().map(run_from).collect()
         })
@@ -413,7 +472,7 @@ impl SessionStore for SqliteStore {
             )
             .bind(now_ms())
             .bind(serde_json::to_string(&ids).expect("strings serialize"))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
             Ok(updated.rows_affected())
         })
@@ -430,7 +489,7 @@ impl SessionStore for SqliteStore {
             .bind(STALE_RUN_ERROR)
             .bind(now)
             .bind(cutoff)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
             ids.iter()
                 .map(|id| Uuid::parse_str(id).map_err(|e| StoreError::Corrupt(e.to_string())))
@@ -439,6 +498,13 @@ impl SessionStore for SqliteStore {
     }
 
     fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(self.pool.close())
+        Box::pin(async move {
+            self.readers.close().await;
+            self.writer.close().await;
+            self.stop_checkpoints.cancel();
+            if let Some(task) = self.checkpoints.lock().await.take() {
+                let _ = task.await;
+            }
+        })
     }
 }
