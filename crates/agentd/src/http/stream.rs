@@ -224,13 +224,13 @@ pub async fn stream(
             None => state.store.ensure_chat(chat_id, &dev_owner()).await?,
         },
     };
-    let history = state
-        .store
-        .messages(chat.id)
-        .await?
-        .into_iter()
-        .map(|m| m.message)
-        .collect();
+    // The first prompt and `initial_message` are stored together: a chat without one has no history to load.
+    let history = if chat.initial_message.is_none() {
+        Vec::new()
+    } else {
+        let messages = state.store.messages(chat.id).await?;
+        messages.into_iter().map(|m| m.message).collect()
+    };
 
     let guard = state.tracker.try_admit().map_err(|rejection| {
         state.metrics.stream_rejected(rejection);

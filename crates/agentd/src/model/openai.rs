@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 
 use eventsource_stream::Event;
-use futures_util::StreamExt;
-use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::upstream::{self, Endpoint, Providers, WireParser};
@@ -111,14 +109,7 @@ impl Model for OpenAi {
                 this.providers.idle_timeout,
             ))
         };
-        Box::pin(
-            stream::once(opened)
-                .map(|opened: Result<ModelStream, ModelError>| match opened {
-                    Ok(events) => events,
-                    Err(error) => Box::pin(stream::iter([Err(error)])),
-                })
-                .flatten(),
-        )
+        upstream::once_opened(opened)
     }
 }
 

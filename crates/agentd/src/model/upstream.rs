@@ -222,6 +222,21 @@ pub fn parse_stream<P: WireParser>(
     }))
 }
 
+/// The events of a stream that must first be opened (a request sent, retried); a failure to open it is the stream's
+/// one item.
+pub fn once_opened(
+    open: impl std::future::Future<Output = Result<ModelStream, ModelError>> + Send + 'static,
+) -> ModelStream {
+    Box::pin(
+        stream::once(open)
+            .map(|opened| match opened {
+                Ok(events) => events,
+                Err(error) => Box::pin(stream::iter([Err(error)])) as ModelStream,
+            })
+            .flatten(),
+    )
+}
+
 /// Parses one event's JSON data, or says the stream is broken.
 pub fn json(provider: &'static str, data: &str) -> Result<serde_json::Value, ModelError> {
     serde_json::from_str(data).map_err(|error| {

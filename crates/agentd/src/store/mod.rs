@@ -91,6 +91,21 @@ pub struct Chat {
     pub latest_run_status: Option<RunStatus>,
 }
 
+impl Chat {
+    /// A chat just created: no message, no run, no usage yet.
+    fn new(id: Uuid, owner: ChatOwner, created_at: OffsetDateTime) -> Self {
+        Self {
+            id,
+            owner,
+            initial_message: None,
+            totals: Usage::default(),
+            created_at,
+            updated_at: created_at,
+            latest_run_status: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
     /// Position in the chat, from 0, unique per chat.

@@ -110,18 +110,19 @@ impl PgStore {
         row.as_ref().map(chat_from).transpose()
     }
 
-    async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<(), StoreError> {
-        sqlx::query(
+    /// Inserts the chat unless its id exists; the new chat, or `None` when it existed.
+    async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Option<Chat>, StoreError> {
+        let created: Option<time::OffsetDateTime> = sqlx::query_scalar(
             "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO NOTHING",
+             ON CONFLICT (id) DO NOTHING RETURNING created_at",
         )
         .bind(id)
         .bind(&owner.org_id)
         .bind(&owner.user_id)
         .bind(&owner.canvas_id)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(())
+        Ok(created.map(|at| Chat::new(id, owner.clone(), at)))
     }
 }
 
@@ -133,18 +134,12 @@ async fn append_messages(
     run_id: Uuid,
     messages: &[Message],
 ) -> Result<(), StoreError> {
-    let next: i32 = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(message_index) + 1, 0) FROM agent_chat_messages WHERE chat_id = $1",
-    )
-    .bind(chat_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    for (offset, message) in messages.iter().enumerate() {
+    for message in messages {
         sqlx::query(
-            "INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id) \
+             SELECT $1, COALESCE(MAX(message_index) + 1, 0), $2, $3 FROM agent_chat_messages WHERE chat_id = $1",
         )
         .bind(chat_id)
-        .bind(next + offset as i32)
         .bind(Json(message))
         .bind(run_id)
         .execute(&mut *tx)
@@ -164,8 +159,7 @@ impl SessionStore for PgStore {
     fn create_chat<'a>(&'a self, owner: &'a ChatOwner) -> StoreFuture<'a, Chat> {
         Box::pin(async move {
             let id = Uuid::new_v4();
-            self.insert_chat(id, owner).await?;
-            self.fetch_chat(id)
+            self.insert_chat(id, owner)
                 .await?
                 .ok_or(StoreError::ChatNotFound(id))
         })
@@ -173,7 +167,9 @@ impl SessionStore for PgStore {
 
     fn ensure_chat<'a>(&'a self, id: Uuid, owner: &'a ChatOwner) -> StoreFuture<'a, Chat> {
         Box::pin(async move {
-            self.insert_chat(id, owner).await?;
+            if let Some(chat) = self.insert_chat(id, owner).await? {
+                return Ok(chat);
+            }
             self.fetch_chat(id)
                 .await?
                 .ok_or(StoreError::ChatNotFound(id))

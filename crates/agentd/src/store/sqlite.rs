@@ -196,9 +196,10 @@ impl SqliteStore {
         row.as_ref().map(chat_from).transpose()
     }
 
-    async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<(), StoreError> {
+    /// Inserts the chat unless its id exists; the new chat, or `None` when it existed.
+    async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Option<Chat>, StoreError> {
         let now = now_ms();
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
@@ -210,7 +211,10 @@ impl SqliteStore {
         .bind(now)
         .execute(&self.writer)
         .await?;
-        Ok(())
+        if inserted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Chat::new(id, owner.clone(), from_ms(now)?)))
     }
 }
 
@@ -222,19 +226,12 @@ async fn append_messages(
     messages: &[Message],
     now: i64,
 ) -> Result<(), StoreError> {
-    let next: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(message_index) + 1, 0) FROM agent_chat_messages WHERE chat_id = ?",
-    )
-    .bind(chat_id.to_string())
-    .fetch_one(&mut *tx)
-    .await?;
-    for (offset, message) in messages.iter().enumerate() {
+    for message in messages {
         sqlx::query(
             "INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
+             SELECT ?1, COALESCE(MAX(message_index) + 1, 0), ?2, ?3, ?4 FROM agent_chat_messages WHERE chat_id = ?1",
         )
         .bind(chat_id.to_string())
-        .bind(next + offset as i64)
         .bind(encode_message(message)?)
         .bind(run_id.to_string())
         .bind(now)
@@ -255,8 +252,7 @@ impl SessionStore for SqliteStore {
     fn create_chat<'a>(&'a self, owner: &'a ChatOwner) -> StoreFuture<'a, Chat> {
         Box::pin(async move {
             let id = Uuid::new_v4();
-            self.insert_chat(id, owner).await?;
-            self.fetch_chat(id)
+            self.insert_chat(id, owner)
                 .await?
                 .ok_or(StoreError::ChatNotFound(id))
         })
@@ -264,7 +260,9 @@ impl SessionStore for SqliteStore {
 
     fn ensure_chat<'a>(&'a self, id: Uuid, owner: &'a ChatOwner) -> StoreFuture<'a, Chat> {
         Box::pin(async move {
-            self.insert_chat(id, owner).await?;
+            if let Some(chat) = self.insert_chat(id, owner).await? {
+                return Ok(chat);
+            }
             self.fetch_chat(id)
                 .await?
                 .ok_or(StoreError::ChatNotFound(id))
