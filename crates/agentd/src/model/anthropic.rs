@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use eventsource_stream::Event;
 use serde_json::{Value, json};
 
-use super::upstream::{self, Endpoint, Providers, WireParser};
+use super::upstream::{self, Providers, WireParser};
 use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
 
 const PROVIDER: &str = "the Anthropic model provider";
@@ -22,12 +22,6 @@ const MAX_TOKENS: u32 = 4096;
 pub struct Anthropic {
     pub model: String,
     pub providers: Providers,
-}
-
-impl Anthropic {
-    fn endpoint(&self) -> &Endpoint {
-        &self.providers.anthropic
-    }
 }
 
 /// The request body, in the provider's own format.
@@ -90,34 +84,21 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
 
 impl Model for Anthropic {
     fn stream(&self, request: ModelRequest) -> ModelStream {
-        let this = self.clone();
-        let opened = async move {
-            let url = format!(
-                "{}/v1/messages",
-                this.endpoint().base_url.trim_end_matches('/')
-            );
-            let body = body(&this.model, &request);
-            let response = upstream::send(PROVIDER, || {
-                let request = this
-                    .providers
-                    .client
-                    .post(&url)
-                    .header("anthropic-version", API_VERSION)
-                    .json(&body);
-                match &this.endpoint().api_key {
-                    Some(key) => request.header("x-api-key", key.expose()),
-                    None => request,
+        let endpoint = self.providers.anthropic.clone();
+        let url = format!("{}/v1/messages", endpoint.base_url.trim_end_matches('/'));
+        upstream::post_and_stream::<Parser>(
+            PROVIDER,
+            &self.providers,
+            url,
+            body(&self.model, &request),
+            move |post| {
+                let post = post.header("anthropic-version", API_VERSION);
+                match &endpoint.api_key {
+                    Some(key) => post.header("x-api-key", key.expose()),
+                    None => post,
                 }
-            })
-            .await?;
-            Ok(upstream::parse_stream(
-                PROVIDER,
-                response,
-                Parser::default(),
-                this.providers.idle_timeout,
-            ))
-        };
-        upstream::once_opened(opened)
+            },
+        )
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use eventsource_stream::Event;
 use serde_json::{Value, json};
 
-use super::upstream::{self, Endpoint, Providers, WireParser};
+use super::upstream::{self, Providers, WireParser};
 use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
 
 const PROVIDER: &str = "the OpenAI-compatible model provider";
@@ -19,12 +19,6 @@ const PROVIDER: &str = "the OpenAI-compatible model provider";
 pub struct OpenAi {
     pub model: String,
     pub providers: Providers,
-}
-
-impl OpenAi {
-    fn endpoint(&self) -> &Endpoint {
-        &self.providers.openai
-    }
 }
 
 /// The request body, in the provider's own format.
@@ -87,29 +81,21 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
 
 impl Model for OpenAi {
     fn stream(&self, request: ModelRequest) -> ModelStream {
-        let this = self.clone();
-        let opened = async move {
-            let url = format!(
-                "{}/chat/completions",
-                this.endpoint().base_url.trim_end_matches('/')
-            );
-            let body = body(&this.model, &request);
-            let response = upstream::send(PROVIDER, || {
-                let request = this.providers.client.post(&url).json(&body);
-                match &this.endpoint().api_key {
-                    Some(key) => request.bearer_auth(key.expose()),
-                    None => request,
-                }
-            })
-            .await?;
-            Ok(upstream::parse_stream(
-                PROVIDER,
-                response,
-                Parser::default(),
-                this.providers.idle_timeout,
-            ))
-        };
-        upstream::once_opened(opened)
+        let endpoint = self.providers.openai.clone();
+        let url = format!(
+            "{}/chat/completions",
+            endpoint.base_url.trim_end_matches('/')
+        );
+        upstream::post_and_stream::<Parser>(
+            PROVIDER,
+            &self.providers,
+            url,
+            body(&self.model, &request),
+            move |post| match &endpoint.api_key {
+                Some(key) => post.bearer_auth(key.expose()),
+                None => post,
+            },
+        )
     }
 }
 

@@ -222,9 +222,26 @@ pub fn parse_stream<P: WireParser>(
     }))
 }
 
+/// POSTs `body` to `url` (with retries, `authorize` adding the provider's credentials) and reads the answer stream
+/// with the provider's parser.
+pub fn post_and_stream<P: WireParser + Default>(
+    provider: &'static str,
+    providers: &Providers,
+    url: String,
+    body: serde_json::Value,
+    authorize: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> ModelStream {
+    let client = providers.client.clone();
+    let idle = providers.idle_timeout;
+    once_opened(async move {
+        let response = send(provider, || authorize(client.post(&url).json(&body))).await?;
+        Ok(parse_stream(provider, response, P::default(), idle))
+    })
+}
+
 /// The events of a stream that must first be opened (a request sent, retried); a failure to open it is the stream's
 /// one item.
-pub fn once_opened(
+fn once_opened(
     open: impl std::future::Future<Output = Result<ModelStream, ModelError>> + Send + 'static,
 ) -> ModelStream {
     Box::pin(
