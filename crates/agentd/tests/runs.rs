@@ -3,6 +3,8 @@
 
 mod common;
 
+use agentd::grpc::proto::ListAgentChatsRequest;
+use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
 use agentd::store::{ChatOwner, RunStatus};
 use common::db::{PgServer, TestDb};
@@ -348,6 +350,16 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
     );
     assert_eq!(server.get("/readyz").await.status(), 503);
     assert_eq!(server.get("/healthz").await.status(), 200);
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    let listed = grpc
+        .list_agent_chats(ListAgentChatsRequest {
+            org_id: "dev-org".into(),
+            canvas_id: "dev-canvas".into(),
+            user_id: "dev-user".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(listed.code(), tonic::Code::Unavailable);
 
     pg.start_again();
     assert_eq!(server.get("/readyz").await.status(), 200);
