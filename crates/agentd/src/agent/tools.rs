@@ -48,15 +48,17 @@ pub trait Tool: Send + Sync + std::fmt::Debug {
 /// Every tool a run may offer, by name.
 #[derive(Debug, Clone)]
 pub struct ToolRegistry {
-    tools: Vec<Arc<dyn Tool>>,
+    /// Each tool with its definition, built once: lookups by name and the definitions every run offers the model
+    /// would otherwise rebuild them (names, descriptions, schemas) on every call.
+    tools: Vec<(ToolDefinition, Arc<dyn Tool>)>,
 }
 
 impl Default for ToolRegistry {
     /// The built-in tools only.
     fn default() -> Self {
-        Self {
-            tools: vec![Arc::new(CurrentTime)],
-        }
+        let mut registry = Self { tools: Vec::new() };
+        registry.add(Arc::new(CurrentTime));
+        registry
     }
 }
 
@@ -77,29 +79,38 @@ impl ToolRegistry {
                     tool.name
                 ));
             }
-            registry
-                .tools
-                .push(Arc::new(HttpTool::new(tool, client.clone())?));
+            registry.add(Arc::new(HttpTool::new(tool, client.clone())?));
         }
         Ok(registry)
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
+    fn add(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.push((tool.definition(), tool));
+    }
+
+    fn entry(&self, name: &str) -> Option<&(ToolDefinition, Arc<dyn Tool>)> {
         self.tools
             .iter()
-            .find(|tool| tool.definition().name == name)
+            .find(|(definition, _)| definition.name == name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
+        self.entry(name).map(|(_, tool)| tool)
     }
 
     pub fn definitions(&self) -> Vec<ToolDefinition> {
-        self.tools.iter().map(|tool| tool.definition()).collect()
+        self.tools
+            .iter()
+            .map(|(definition, _)| definition.clone())
+            .collect()
     }
 
     /// Runs the named tool; an unknown name or bad args are an error result.
     pub async fn call(&self, name: &str, args: Value, ctx: &ToolContext) -> ToolResult {
-        let tool = self
-            .get(name)
+        let (definition, tool) = self
+            .entry(name)
             .ok_or_else(|| format!("there is no tool named {name:?}"))?;
-        validate(&tool.definition().parameters, &args, "args")?;
+        validate(&definition.parameters, &args, "args")?;
         tool.call(args, ctx).await
     }
 }
