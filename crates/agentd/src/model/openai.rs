@@ -176,15 +176,8 @@ impl WireParser for Parser {
         Ok(events)
     }
 
-    fn finish(&mut self) -> Result<Vec<ModelEvent>, ModelError> {
-        if self.done {
-            return Ok(Vec::new());
-        }
-        tracing::warn!(
-            provider = PROVIDER,
-            "model provider stream ended before [DONE]"
-        );
-        Err(ModelError::broken_stream(PROVIDER))
+    fn done(&self) -> bool {
+        self.done
     }
 }
 
@@ -215,7 +208,7 @@ mod tests {
         ] {
             events.extend(parser.on_event(&event(data)).unwrap());
         }
-        assert!(parser.finish().unwrap().is_empty());
+        assert!(parser.done());
         assert_eq!(
             events,
             [
@@ -237,7 +230,7 @@ mod tests {
         parser
             .on_event(&event(r#"{"choices":[{"delta":{"content":"Hi"}}]}"#))
             .unwrap();
-        assert!(parser.finish().is_err());
+        assert!(!parser.done());
         assert!(Parser::default().on_event(&event("{not json")).is_err());
         assert!(
             Parser::default()

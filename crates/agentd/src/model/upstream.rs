@@ -151,8 +151,8 @@ fn backoff(attempt: u32) -> Duration {
 pub trait WireParser: Send + 'static {
     /// What one upstream event means; an error ends the run.
     fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError>;
-    /// Called when the upstream stream ends; an error if it ended before the provider said it was done.
-    fn finish(&mut self) -> Result<Vec<ModelEvent>, ModelError>;
+    /// Whether the provider has said its answer is complete; a stream that ends before that is broken.
+    fn done(&self) -> bool;
 }
 
 /// The model's events from an upstream SSE response, with an idle timeout between upstream events. Dropping the
@@ -208,7 +208,15 @@ pub fn parse_stream<P: WireParser>(
                 }
                 None => {
                     state.ended = true;
-                    state.parser.finish()
+                    if state.parser.done() {
+                        Ok(Vec::new())
+                    } else {
+                        tracing::warn!(
+                            provider,
+                            "model provider stream ended before its end marker"
+                        );
+                        Err(ModelError::broken_stream(provider))
+                    }
                 }
             };
             match parsed {
