@@ -1,156 +1,152 @@
-//! Errors a client can see, and how each maps to HTTP, in one place.
+//! Every failure a client can be told about, in one table of stable codes.
 //!
-//! Errors known before a stream starts are HTTP errors with a JSON body `{"detail": ...}`; errors after it started are
-//! `run_failed` events (see [`crate::agent`]). A client's mistake gets its real status and a clear message; an internal
-//! error gets a generic body and is logged once, with its cause, where it happens.
+//! [`ErrorCode`] is the table: each kind of failure has one code, with its HTTP status, its gRPC code and whether a
+//! retry can help. The HTTP errors (`http/error.rs`), the gRPC statuses ([`crate::grpc`]) and the `run_failed` events
+//! (`code` beside `error`) all read it, and metrics count run failures by it. A leaf: it imports nothing of the
+//! service, so every layer can use it.
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use serde_json::json;
+use axum::http::StatusCode;
 
-use crate::auth::AuthError;
-use crate::store::StoreError;
-use crate::stream_tracker::Rejection;
-
-/// What the client is told to wait before retrying a refused stream, in seconds. A replica that is shutting down is
-/// already out of the load balancer by then, so the retry lands elsewhere.
-const RETRY_AFTER_SECONDS: &str = "1";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("request body failed validation")]
-    Validation(Vec<FieldError>),
-    #[error("request body is not valid JSON: {0}")]
-    MalformedJson(String),
-    #[error("request body must be JSON (content-type: application/json)")]
+/// One kind of failure a client can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidRequest,
+    MalformedJson,
     UnsupportedMediaType,
-    #[error("request body is larger than {limit} bytes")]
-    PayloadTooLarge { limit: usize },
-    #[error("could not read the request body")]
+    PayloadTooLarge,
     BadBody,
-    #[error("Not authenticated: {0}")]
-    Unauthorized(AuthError),
-    #[error("Not Found")]
+    Unauthenticated,
     RouteNotFound,
-    /// The chat does not exist or is not the caller's; the two are not told apart.
-    #[error("Chat not found")]
     ChatNotFound,
-    /// The session store did not answer; the cause is logged where it happened.
-    #[error("Session store is unavailable; retry shortly")]
-    StoreUnavailable,
-    #[error("Method Not Allowed")]
     MethodNotAllowed,
-    #[error("Service is shutting down")]
     ShuttingDown,
-    #[error("Stream limit reached ({limit} open streams); retry shortly")]
-    AtCapacity { limit: usize },
+    AtCapacity,
+    StoreUnavailable,
+    ProviderRateLimited,
+    ProviderUnavailable,
+    ProviderRefused,
+    ProviderBrokenStream,
+    ProviderStoppedAnswering,
+    ProviderFailed,
+    ModelFailed,
+    MaxStepsReached,
+    StoreFailed,
 }
 
-/// One field's problem, in the shape FastAPI clients of the seed already parse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    /// Where the problem is, e.g. `["body", "question"]`.
-    pub loc: Vec<&'static str>,
-    pub msg: String,
-    /// A stable machine-readable kind, e.g. `missing`, `string_too_long`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+/// What the table says of one [`ErrorCode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// Stable, machine-readable: clients, logs and metrics may rely on it.
+    pub code: &'static str,
+    pub http: StatusCode,
+    pub grpc: tonic::Code,
+    /// Whether the same request, sent again later, can succeed.
+    pub retryable: bool,
 }
 
-impl FieldError {
-    pub fn body(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
-        Self {
-            loc: if field.is_empty() {
-                vec!["body"]
-            } else {
-                vec!["body", field]
-            },
-            msg: msg.into(),
-            kind,
-        }
-    }
+impl ErrorCode {
+    pub const ALL: [Self; 21] = [
+        Self::InvalidRequest,
+        Self::MalformedJson,
+        Self::UnsupportedMediaType,
+        Self::PayloadTooLarge,
+        Self::BadBody,
+        Self::Unauthenticated,
+        Self::RouteNotFound,
+        Self::ChatNotFound,
+        Self::MethodNotAllowed,
+        Self::ShuttingDown,
+        Self::AtCapacity,
+        Self::StoreUnavailable,
+        Self::ProviderRateLimited,
+        Self::ProviderUnavailable,
+        Self::ProviderRefused,
+        Self::ProviderBrokenStream,
+        Self::ProviderStoppedAnswering,
+        Self::ProviderFailed,
+        Self::ModelFailed,
+        Self::MaxStepsReached,
+        Self::StoreFailed,
+    ];
 
-    pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
-        Self {
-            loc: vec!["path", param],
-            msg: msg.into(),
-            kind,
-        }
-    }
-}
-
-impl ApiError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::MalformedJson(_) | Self::BadBody => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::RouteNotFound | Self::ChatNotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ShuttingDown | Self::AtCapacity { .. } | Self::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
+    /// The table.
+    pub const fn info(self) -> ErrorInfo {
+        use tonic::Code as G;
+        let (code, http, grpc, retryable) = match self {
+            Self::InvalidRequest => ("invalid_request", 422, G::InvalidArgument, false),
+            Self::MalformedJson => ("malformed_json", 400, G::InvalidArgument, false),
+            Self::UnsupportedMediaType => {
+                ("unsupported_media_type", 415, G::InvalidArgument, false)
             }
-        }
-    }
-}
-
-impl From<Rejection> for ApiError {
-    fn from(rejection: Rejection) -> Self {
-        match rejection {
-            Rejection::ShuttingDown => Self::ShuttingDown,
-            Rejection::AtCapacity { limit } => Self::AtCapacity { limit },
-        }
-    }
-}
-
-/// A store failure before the stream starts; logged here, once, with its cause.
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            // Deleted between the lookup and the write.
-            StoreError::ChatNotFound(_) => Self::ChatNotFound,
-            error => {
-                tracing::error!(%error, "session store request failed");
-                Self::StoreUnavailable
+            Self::PayloadTooLarge => ("payload_too_large", 413, G::InvalidArgument, false),
+            Self::BadBody => ("bad_body", 400, G::InvalidArgument, false),
+            Self::Unauthenticated => ("unauthenticated", 401, G::Unauthenticated, false),
+            Self::RouteNotFound => ("route_not_found", 404, G::Unimplemented, false),
+            Self::ChatNotFound => ("chat_not_found", 404, G::NotFound, false),
+            Self::MethodNotAllowed => ("method_not_allowed", 405, G::Unimplemented, false),
+            Self::ShuttingDown => ("shutting_down", 503, G::Unavailable, true),
+            Self::AtCapacity => ("at_capacity", 503, G::ResourceExhausted, true),
+            Self::StoreUnavailable => ("store_unavailable", 503, G::Unavailable, true),
+            Self::ProviderRateLimited => ("provider_rate_limited", 429, G::ResourceExhausted, true),
+            Self::ProviderUnavailable => ("provider_unavailable", 503, G::Unavailable, true),
+            Self::ProviderRefused => ("provider_refused", 502, G::FailedPrecondition, false),
+            Self::ProviderBrokenStream => ("provider_broken_stream", 502, G::Unavailable, true),
+            Self::ProviderStoppedAnswering => {
+                ("provider_stopped_answering", 504, G::DeadlineExceeded, true)
             }
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let detail = match &self {
-            Self::Validation(errors) => json!(errors),
-            other => json!(other.to_string()),
+            Self::ProviderFailed => ("provider_failed", 502, G::Unavailable, true),
+            Self::ModelFailed => ("model_failed", 500, G::Internal, false),
+            Self::MaxStepsReached => ("max_steps_reached", 500, G::Internal, false),
+            Self::StoreFailed => ("store_failed", 503, G::Unavailable, true),
         };
-        let mut response = (status, Json(json!({ "detail": detail }))).into_response();
-        let headers = response.headers_mut();
-        match self {
-            // Close the connection after the answer: the client's retry should open one to a replica that stays, and
-            // a full replica should not hold a descriptor for a client it just turned away.
-            Self::ShuttingDown | Self::AtCapacity { .. } => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
-                );
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Self::Unauthorized(_) => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            Self::StoreUnavailable => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
-                );
-            }
-            _ => {}
+        let http = match StatusCode::from_u16(http) {
+            Ok(status) => status,
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ErrorInfo {
+            code,
+            http,
+            grpc,
+            retryable,
         }
-        response
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        self.info().code
+    }
+
+    /// A gRPC status of this kind with `message`.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        tonic::Status::new(self.info().grpc, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_code_is_distinct_and_snake_case() {
+        let codes: HashSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(codes.len(), ErrorCode::ALL.len());
+        for code in codes {
+            assert!(
+                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_code_has_its_wire_mappings() {
+        assert_eq!(ErrorCode::ChatNotFound.info().http, StatusCode::NOT_FOUND);
+        assert_eq!(
+            ErrorCode::ChatNotFound.status("x").code(),
+            tonic::Code::NotFound
+        );
+        assert!(ErrorCode::StoreUnavailable.info().retryable);
+        assert!(!ErrorCode::ProviderRefused.info().retryable);
     }
 }

@@ -2,24 +2,28 @@
 //!
 //! # Layout
 //!
+//! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → runs → {model, tools, auth,
+//! store} → {error, secret}. Nothing lower imports anything higher.
+//!
 //! | module | what it holds |
 //! |---|---|
-//! | [`cli`] | the client subcommands `agentd token` and `agentd chat` |
-//! | [`config`] | command line and settings, parsed without side effects; the shutdown budget check |
-//! | [`startup`] | build (bind, assemble state) and run until a signal |
+//! | [`cli`] | the clap tree of every subcommand, `serve`'s arguments → [`config::Config`], and the clients `token`, `chat` |
+//! | [`config`] | typed settings, with the checks that need no I/O (the shutdown budget); never imports `cli` |
+//! | [`startup`] | build (load the tools file, bind, open the store, assemble the run service) and run until a signal |
 //! | [`shutdown`] | signal → readiness off → delay → drain (deadline, progress logs) → close, in one place |
-//! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
-//! | [`auth`] | scoped JWTs: `verify()`, the HTTP extractor, minting for `agentd token` |
-//! | [`error`] | errors a client can see and their HTTP mapping |
-//! | [`http`] | router, state, routes, and the accept loop |
+//! | [`http`] | router, state, thin routes, the token extractor, HTTP errors, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
-//! | [`model`] | the model trait and providers (the built-in `test` model) |
-//! | [`agent`] | the run loop: model ↔ tools, events out |
+//! | [`runs`] | the run service (start), the SSE events and their ids, the engine (model ↔ tools), the recorder (what is stored when), leases |
+//! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
+//! | [`model`] | the model trait and providers (the built-in `test` model, OpenAI-compatible, Anthropic) |
+//! | [`tools`] | the tool registry, the built-in tool, HTTP tools, JSON Schema checks of arguments |
+//! | [`auth`] | scoped JWTs: `verify()` and minting, free of HTTP |
 //! | [`store`] | the session store: chats, messages, runs; SQLite and PostgreSQL |
 //! | [`metrics`] | Prometheus metrics |
+//! | [`error`] | the table of error codes: HTTP status, gRPC code, retryable |
+//! | [`secret`] | the one type that holds secrets; its `Debug` hides them |
 //! | [`telemetry`] | log setup |
 
-pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -28,8 +32,11 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod runs;
+pub mod secret;
 pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod stream_tracker;
 pub mod telemetry;
+pub mod tools;

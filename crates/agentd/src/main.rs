@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use agentd::config::{Cli, Command, Config, EXIT_CONFIG, MigrateArgs, ServeArgs};
+use agentd::cli::{Cli, Command, MigrateArgs, ServeArgs};
+use agentd::config::EXIT_CONFIG;
 use agentd::startup::Application;
 use agentd::{cli, shutdown, store, telemetry};
 use clap::Parser;
@@ -51,7 +52,7 @@ fn config_error(error: impl std::fmt::Display) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::from_args(args) {
+    let config = match args.config() {
         Ok(config) => config,
         Err(error) => return config_error(error),
     };
@@ -69,7 +70,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
         Err(error) => {
             tracing::error!(%error, "cannot start");
-            ExitCode::FAILURE
+            exit(error.exit_code())
         }
     }
 }

@@ -6,6 +6,8 @@
 //! | `agentd_streams_admitted_total` | counter | streams admitted |
 //! | `agentd_streams_rejected_total{reason}` | counter | streams refused: `shutdown` or `limit` |
 //! | `agentd_runs_total{outcome}` | counter | runs ended: `completed`, `failed`, `interrupted`, `disconnected` |
+//! | `agentd_run_failures_total{code}` | counter | runs failed, by error code (see [`crate::error::ErrorCode`]) |
+//! | `agentd_tool_failures_total{kind}` | counter | tool calls that gave the model an error, by kind |
 //! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
 
 use std::sync::atomic::AtomicU64;
@@ -16,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::error::ErrorCode;
 use crate::stream_tracker::Rejection;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -48,6 +51,16 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +69,8 @@ pub struct Metrics {
     admitted: Counter,
     rejected: Family<RejectLabels, Counter>,
     runs: Family<OutcomeLabels, Counter>,
+    run_failures: Family<CodeLabels, Counter>,
+    tool_failures: Family<KindLabels, Counter>,
     drain_seconds: Gauge<f64, AtomicU64>,
 }
 
@@ -66,6 +81,8 @@ impl Default for Metrics {
         let admitted = Counter::default();
         let rejected = Family::default();
         let runs = Family::default();
+        let run_failures = Family::default();
+        let tool_failures = Family::default();
         let drain_seconds = Gauge::default();
         registry.register(
             "agentd_open_streams",
@@ -84,6 +101,16 @@ impl Default for Metrics {
         );
         registry.register("agentd_runs", "Runs ended, by outcome", runs.clone());
         registry.register(
+            "agentd_run_failures",
+            "Runs failed, by error code",
+            run_failures.clone(),
+        );
+        registry.register(
+            "agentd_tool_failures",
+            "Tool calls that failed, by kind",
+            tool_failures.clone(),
+        );
+        registry.register(
             "agentd_drain_duration_seconds",
             "How long the last drain of open streams took",
             drain_seconds.clone(),
@@ -94,6 +121,8 @@ impl Default for Metrics {
             admitted,
             rejected,
             runs,
+            run_failures,
+            tool_failures,
             drain_seconds,
         }
     }
@@ -112,12 +141,24 @@ impl Metrics {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
     }
 
-    pub fn run_finished(&self, outcome: RunOutcome) {
+    /// A run ended; `failure` is its error code when it failed.
+    pub fn run_finished(&self, outcome: RunOutcome, failure: Option<ErrorCode>) {
         self.runs
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
             })
             .inc();
+        if let Some(code) = failure {
+            self.run_failures
+                .get_or_create(&CodeLabels {
+                    code: code.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn tool_failed(&self, kind: &'static str) {
+        self.tool_failures.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn drain_finished(&self, took: std::time::Duration) {
@@ -145,7 +186,9 @@ mod tests {
         metrics.stream_admitted();
         metrics.stream_rejected(Rejection::ShuttingDown);
         metrics.stream_rejected(Rejection::AtCapacity { limit: 1 });
-        metrics.run_finished(RunOutcome::Completed);
+        metrics.run_finished(RunOutcome::Completed, None);
+        metrics.run_finished(RunOutcome::Failed, Some(ErrorCode::ProviderRefused));
+        metrics.tool_failed("timeout");
         metrics.drain_finished(std::time::Duration::from_millis(1500));
         let text = metrics.render(3);
         for line in [
@@ -154,6 +197,8 @@ mod tests {
             "agentd_streams_rejected_total{reason=\"shutdown\"} 1",
             "agentd_streams_rejected_total{reason=\"limit\"} 1",
             "agentd_runs_total{outcome=\"completed\"} 1",
+            "agentd_run_failures_total{code=\"provider_refused\"} 1",
+            "agentd_tool_failures_total{kind=\"timeout\"} 1",
             "agentd_drain_duration_seconds 1.5",
         ] {
             assert!(

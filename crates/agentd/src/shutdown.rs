@@ -36,6 +36,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::ShutdownBudget;
 use crate::grpc;
 use crate::metrics::Metrics;
+use crate::runs::RunService;
 use crate::store::SessionStore;
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
 
@@ -120,9 +121,8 @@ pub struct Stoppable {
     pub lifecycle: Arc<Lifecycle>,
     pub tracker: StreamTracker,
     pub metrics: Arc<Metrics>,
-    /// Cancelled at the drain deadline: runs still going end with `run_interrupted`.
-    pub interrupt: CancellationToken,
-    pub runs: TaskTracker,
+    /// Interrupted at the drain deadline: runs still going end with `run_interrupted`.
+    pub runs: RunService,
     /// Cancelled to stop the HTTP accept loop and close its connections.
     pub http_stop: CancellationToken,
     pub http_connections: TaskTracker,
@@ -152,7 +152,6 @@ pub async fn shut_down(
         lifecycle,
         tracker,
         metrics,
-        interrupt,
         runs,
         http_stop,
         http_connections,
@@ -218,7 +217,7 @@ pub async fn shut_down(
 
     // 3. End what is left, visibly, then stop serving.
     lifecycle.enter(Phase::Closing);
-    interrupt.cancel();
+    runs.interrupt_all();
     if let DrainOutcome::TimedOut { open } = tracker.wait_for_drain(hard_deadline).await {
         // Unreachable in practice: the watchdog ends the process at the same deadline.
         tracing::error!(
@@ -226,8 +225,7 @@ pub async fn shut_down(
             "streams still open at the shutdown timeout"
         );
     }
-    runs.close();
-    runs.wait().await;
+    runs.wait_for_runs().await;
     http_stop.cancel();
     if let Err(error) = http_server.await {
         tracing::error!(%error, "the HTTP server task failed");
@@ -259,14 +257,14 @@ fn spawn_watchdog(
     timeout: Duration,
     lifecycle: Arc<Lifecycle>,
     tracker: StreamTracker,
-    runs: TaskTracker,
+    runs: RunService,
     connections: TaskTracker,
 ) {
     let spawned = std::thread::Builder::new()
         .name("shutdown-watchdog".into())
         .spawn(move || {
             std::thread::sleep(timeout);
-            tracing::error!(phase = ?lifecycle.phase(), open_streams = tracker.open(), runs = runs.len(),
+            tracing::error!(phase = ?lifecycle.phase(), open_streams = tracker.open(), runs = runs.running(),
                 connections = connections.len(), timeout_s = timeout.as_secs_f64(),
                 "shutdown timeout reached with work still running; exiting");
             std::process::exit(EXIT_FORCED);

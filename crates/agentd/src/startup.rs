@@ -10,15 +10,17 @@ use tokio_util::task::TaskTracker;
 
 use uuid::Uuid;
 
-use crate::agent::LiveRuns;
-use crate::config::{Config, Secret};
+use crate::config::{Config, EXIT_CONFIG};
 use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::model::Providers;
+use crate::runs::{RunService, RunServiceParts, lease};
+use crate::secret::Secret;
 use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
 use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
+use crate::tools::ToolRegistry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -37,6 +39,18 @@ pub enum StartupError {
         backend: &'static str,
         source: StoreError,
     },
+    #[error("TOOLS_FILE: {0}")]
+    Tools(String),
+}
+
+impl StartupError {
+    /// The process exit code: a configuration that cannot work is [`EXIT_CONFIG`]; the rest may pass on a retry.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Tools(_) => EXIT_CONFIG,
+            _ => 1,
+        }
+    }
 }
 
 /// File descriptors kept for everything but client connections: listeners, the store's pool, gRPC, logs.
@@ -65,6 +79,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        // Read before anything binds, so a bad file fails the start cleanly.
+        let tools = match &config.tools_file {
+            Some(path) => ToolRegistry::load(path).map_err(StartupError::Tools)?,
+            None => ToolRegistry::default(),
+        };
         let addr = config.http_addr;
         let listener = TcpListener::bind(addr)
             .await
@@ -94,24 +113,29 @@ impl Application {
             max_streams,
             "stream admission limit set"
         );
-        let state = AppState {
-            tracker: StreamTracker::new(Some(max_streams)),
-            lifecycle: Arc::new(Lifecycle::default()),
-            metrics: Arc::new(Metrics::default()),
-            models: Arc::new(config.models.clone()),
+        let metrics = Arc::new(Metrics::default());
+        let tracker = StreamTracker::new(Some(max_streams));
+        let runs = RunService::new(RunServiceParts {
+            store: Arc::clone(&store),
             providers: Providers::new(
                 config.providers.openai.clone(),
                 config.providers.anthropic.clone(),
                 config.providers.connect_timeout,
                 config.providers.idle_timeout,
             ),
-            tools: Arc::clone(&config.tools),
+            tools,
+            models: config.models.clone(),
+            metrics: Arc::clone(&metrics),
+            tracker: tracker.clone(),
             max_steps: config.max_steps,
-            interrupt: CancellationToken::new(),
-            runs: TaskTracker::new(),
-            store,
             instance_id,
-            live_runs: LiveRuns::default(),
+        });
+        let state = AppState {
+            runs,
+            lifecycle: Arc::new(Lifecycle::default()),
+            tracker,
+            metrics,
+            store,
             auth: Arc::new(config.auth.clone()),
         };
         Ok(Self {
@@ -171,9 +195,9 @@ impl Application {
             grpc_stop.clone(),
         ));
         let leases_stop = CancellationToken::new();
-        let leases = tokio::spawn(store::maintain_leases(
+        let leases = tokio::spawn(lease::maintain(
             Arc::clone(&state.store),
-            state.live_runs.clone(),
+            state.runs.live().clone(),
             config.run_lease,
             leases_stop.clone(),
         ));
@@ -187,7 +211,6 @@ impl Application {
             lifecycle: state.lifecycle,
             tracker: state.tracker,
             metrics: state.metrics,
-            interrupt: state.interrupt,
             runs: state.runs,
             http_stop,
             http_connections,

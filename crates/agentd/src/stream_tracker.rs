@@ -84,6 +84,19 @@ impl StreamTracker {
         })
     }
 
+    /// Whether a stream would be admitted now, without counting one: a cheap check that comes before any work a
+    /// refused stream would waste. [`Self::try_admit`] still decides, atomically.
+    pub fn admitting(&self) -> Result<(), Rejection> {
+        let state = self.state.borrow();
+        if state.shutting_down {
+            return Err(Rejection::ShuttingDown);
+        }
+        match self.limit {
+            Some(limit) if state.open >= limit => Err(Rejection::AtCapacity { limit }),
+            _ => Ok(()),
+        }
+    }
+
     /// Stops admitting streams. Streams already admitted run on.
     pub fn begin_shutdown(&self) {
         self.state.send_modify(|state| state.shutting_down = true);

@@ -5,11 +5,11 @@ mod common;
 use std::time::Duration;
 
 use agentd::auth;
-use agentd::config::Secret;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::grpc::proto::{
     CreateAgentChatRequest, DescribeAgentChatRequest, DescribeOrganizationAgentUsageRequest,
 };
+use agentd::secret::Secret;
 use common::upstream::{FakeUpstream, Reply, anthropic, openai};
 use common::{Agentd, Events, deltas, types};
 use serde_json::{Value, json};
@@ -39,8 +39,8 @@ fn tools_file(fake: &FakeUpstream) -> tempfile::TempDir {
       type: object
       required: [canvas]
       properties:
-        canvas: {{type: string}}
-        limit: {{type: integer}}
+        canvas: {{type: string, pattern: "^canvas-[0-9]+$"}}
+        limit: {{type: integer, minimum: 1}}
   - name: together_a
     description: Answers only alongside together_b.
     url: "{base}/api/together/a"
@@ -75,7 +75,7 @@ async fn setup() -> Setup {
         ("TOOLS_FILE", tools_path.to_str().unwrap()),
     ])
     .await;
-    let secret = Secret(SECRET.to_owned());
+    let secret = Secret::new(SECRET);
     let token = auth::mint(
         &secret,
         "superplane_api",
@@ -445,6 +445,61 @@ async fn failing_tools_become_error_results_and_the_run_still_completes() {
 }
 
 #[tokio::test]
+async fn schema_keywords_beyond_types_reach_the_model_as_tool_errors() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Frames(vec![
+            openai::tool(
+                0,
+                "c1",
+                "list_nodes",
+                r#"{"canvas": "canvas-1", "limit": 0}"#,
+            ),
+            openai::tool(1, "c2", "list_nodes", r#"{"canvas": "../admin"}"#),
+            openai::usage(5, 5),
+            openai::done(),
+        ]),
+        Reply::Frames(openai::answer(&["Fixed."], 9, 4)),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "openai:gpt-test", "List").await;
+    assert_eq!(answer_of(&events)["output"], "Fixed.");
+    let second = &s.fake.seen("/v1/chat/completions")[1].body["messages"];
+    let result = |id: &str| {
+        second
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["tool_call_id"] == id)
+            .unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        result("c1").contains("args.limit: 0 is less than the minimum of 1"),
+        "{}",
+        result("c1")
+    );
+    assert!(
+        result("c2").contains("args.canvas") && result("c2").contains("does not match"),
+        "{}",
+        result("c2")
+    );
+    assert!(
+        s.fake.seen("/api/canvases").is_empty(),
+        "args that break the schema never reach the API"
+    );
+    let metrics = s.server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agentd_tool_failures_total{kind=\"invalid_args\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_429_then_success_is_retried_into_one_clean_stream() {
     let s = setup().await;
     s.fake.script([
@@ -471,6 +526,7 @@ async fn a_429_then_success_is_retried_into_one_clean_stream() {
 async fn upstream_failures_end_the_run_with_a_message_by_kind() {
     let s = setup().await;
     let chat = s.chat().await;
+    // The message and the stable code of the run's `run_failed`.
     let failure = |events: &[(String, Value)]| {
         let kinds = types(events);
         assert_eq!(
@@ -478,10 +534,11 @@ async fn upstream_failures_end_the_run_with_a_message_by_kind() {
             ["run_failed", "done"],
             "{kinds:?}"
         );
-        events[events.len() - 2].1["error"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        let failed = &events[events.len() - 2].1;
+        (
+            failed["error"].as_str().unwrap().to_owned(),
+            failed["code"].as_str().unwrap().to_owned(),
+        )
     };
 
     s.fake.script([
@@ -489,12 +546,14 @@ async fn upstream_failures_end_the_run_with_a_message_by_kind() {
         Reply::Status(429, Some(0)),
         Reply::Status(429, Some(0)),
     ]);
-    let error = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
     assert!(error.contains("rate limiting"), "{error}");
+    assert_eq!(code, "provider_rate_limited");
 
     s.fake.script([Reply::Status(401, None)]);
-    let error = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
     assert!(error.contains("configuration"), "{error}");
+    assert_eq!(code, "provider_refused");
     assert_eq!(
         s.fake.seen("/v1/chat/completions").len(),
         4,
@@ -506,30 +565,59 @@ async fn upstream_failures_end_the_run_with_a_message_by_kind() {
         .script([Reply::Frames(vec![openai::text("Hel"), openai::error()])]);
     let events = s.run(&chat, "openai:gpt-test", "q").await;
     assert_eq!(deltas(&events), "Hel");
-    assert!(failure(&events).contains("failed while answering"));
+    let (error, code) = failure(&events);
+    assert!(error.contains("failed while answering"));
+    assert_eq!(code, "provider_failed");
     assert_eq!(s.fake.seen("/v1/chat/completions").len(), 5);
+
+    s.fake.script([
+        Reply::Status(503, Some(0)),
+        Reply::Status(502, Some(0)),
+        Reply::Status(500, Some(0)),
+    ]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("unavailable right now"), "{error}");
+    assert_eq!(code, "provider_unavailable");
 
     let mut overloaded = vec![anthropic::start(3), anthropic::text_delta(0, "Hi")];
     overloaded.push(anthropic::overloaded());
     s.fake.script([Reply::Frames(overloaded)]);
-    let error = failure(&s.run(&chat, "anthropic:claude-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "anthropic:claude-test", "q").await);
     assert!(error.contains("overloaded"), "{error}");
+    assert_eq!(code, "provider_unavailable");
 
     s.fake.script([Reply::Frames(vec![
         "data: {\"choices\": [{\"delta\": {\"content\n\n".to_owned(),
     ])]);
-    let error = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
     assert!(error.contains("broken answer stream"), "{error}");
+    assert_eq!(code, "provider_broken_stream");
 
     s.fake.script([Reply::Frames(vec![openai::text("cut")])]);
-    let error = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
     assert!(error.contains("broken answer stream"), "truncated: {error}");
+    assert_eq!(code, "provider_broken_stream");
 
     s.fake
         .script([Reply::FramesThenStall(vec![openai::text("Hel")])]);
-    let error = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
     assert!(error.contains("stopped answering"), "{error}");
+    assert_eq!(code, "provider_stopped_answering");
     assert_eq!(s.latest_status(&chat).await, "failed");
+
+    // Metrics count the failures by code.
+    let metrics = s.server.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "agentd_run_failures_total{code=\"provider_rate_limited\"} 1",
+        "agentd_run_failures_total{code=\"provider_unavailable\"} 2",
+        "agentd_run_failures_total{code=\"provider_broken_stream\"} 2",
+        "agentd_run_failures_total{code=\"provider_stopped_answering\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
 
     let logs = s.server.log_text();
     assert!(

@@ -339,6 +339,7 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
             .unwrap()
             .contains("session store")
     );
+    assert_eq!(rest[rest.len() - 2].1["code"], "store_failed");
 
     let refused = server.ask(&chat, json!({"question": "q"})).await;
     assert_eq!(refused.status(), 503);

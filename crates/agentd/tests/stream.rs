@@ -99,6 +99,7 @@ async fn a_failing_run_ends_with_run_failed_then_done() {
             .unwrap()
             .contains("failed after 2 deltas")
     );
+    assert_eq!(events[3].1["code"], "model_failed");
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Scoped JWTs, as the main application mints them for the browser.
 //!
-//! [`verify`] is the one check, used by the HTTP stream route (through the [`Identity`] extractor) and available to
+//! [`verify`] is the one check, used by the HTTP stream route (through the extractor in `http/auth.rs`) and available to
 //! gRPC. Only HS256 with `JWT_SECRET` is accepted: the header's `alg` is read first and anything else (`none`,
 //! HS512, RS256, ...) is refused before any key is used, so there is no algorithm switch. `aud` must equal
 //! `JWT_AUDIENCE`; `exp` is required and checked, `nbf` checked when present, with `JWT_LEEWAY` (default 0) of
@@ -9,8 +9,6 @@
 //! user are the token's and its canvas is in the scopes as `canvases:read:<id>`.
 //!
 //! Every failure says which rule failed and never repeats the token; the token is never logged.
-
-mod extract;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -21,9 +19,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
-pub use extract::Identity;
-
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::store::Chat;
 
 pub const TOKEN_TYPE: &str = "scoped";
@@ -37,6 +33,15 @@ pub struct AuthConfig {
     pub secret: Option<Secret>,
     pub audience: String,
     pub leeway: Duration,
+}
+
+/// Who a request speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A verified token.
+    Token(Caller),
+    /// Dev mode (no `JWT_SECRET`): nobody in particular; allowed the test model only.
+    Dev,
 }
 
 /// Who a verified token speaks for.
@@ -127,7 +132,7 @@ pub fn verify(
         user_id: non_blank(&claims, "sub")?,
         org_id: non_blank(&claims, "org_id")?,
         scopes: scopes(&claims)?,
-        token: Secret(token.to_owned()),
+        token: Secret::new(token),
     })
 }
 
@@ -242,7 +247,7 @@ mod tests {
     use super::*;
 
     fn secret() -> Secret {
-        Secret("test-secret".to_owned())
+        Secret::new("test-secret")
     }
 
     #[test]
@@ -264,7 +269,7 @@ mod tests {
             Err(AuthError::WrongAudience)
         );
         assert_eq!(
-            verify(&token, &Secret("nope".into()), "aud", Duration::ZERO),
+            verify(&token, &Secret::new("nope"), "aud", Duration::ZERO),
             Err(AuthError::BadSignature)
         );
     }

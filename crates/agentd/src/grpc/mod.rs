@@ -20,6 +20,9 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 use uuid::Uuid;
 
+use subtle::ConstantTimeEq;
+
+use crate::error::ErrorCode;
 use crate::model::Message;
 use crate::store::{Chat, ChatOwner, SessionStore, StoredMessage};
 
@@ -109,20 +112,15 @@ impl Interceptor for BearerToken {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
-            Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(request),
-            _ => Err(Status::unauthenticated("missing or invalid bearer token")),
+            Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(request),
+            _ => Err(ErrorCode::Unauthenticated.status("missing or invalid bearer token")),
         }
     }
 }
 
-/// Compares without an early exit, so the time taken does not tell how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn required(field: &'static str, value: String) -> Result<String, Status> {
     if value.trim().is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
+        return Err(ErrorCode::InvalidRequest.status(format!("{field} is required")));
     }
     Ok(value)
 }
@@ -136,7 +134,8 @@ fn owner(org_id: String, user_id: String, canvas_id: String) -> Result<ChatOwner
 }
 
 fn chat_id(raw: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(raw).map_err(|_| Status::invalid_argument("chat_id is not a valid UUID"))
+    Uuid::parse_str(raw)
+        .map_err(|_| ErrorCode::InvalidRequest.status("chat_id is not a valid UUID"))
 }
 
 impl AgentsService {
@@ -144,7 +143,7 @@ impl AgentsService {
     async fn find(&self, owner: &ChatOwner, id: Uuid) -> Result<Chat, Status> {
         match self.store.get_chat(id).await.map_err(status::from_store)? {
             Some(chat) if &chat.owner == owner => Ok(chat),
-            _ => Err(Status::not_found("chat not found")),
+            _ => Err(ErrorCode::ChatNotFound.status("chat not found")),
         }
     }
 }
@@ -289,7 +288,7 @@ impl Agents for AgentsService {
             .await
             .map_err(status::from_store)?
         {
-            return Err(Status::not_found("chat not found"));
+            return Err(ErrorCode::ChatNotFound.status("chat not found"));
         }
         tracing::info!(chat_id = %chat.id, "chat deleted");
         Ok(Response::new(DeleteAgentChatResponse {}))
@@ -394,8 +393,20 @@ mod tests {
 
     #[test]
     fn tokens_compare_exactly() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+        let mut check = BearerToken {
+            token: Some("secret".to_owned()),
+        };
+        let with = |value: &str| {
+            let mut request = Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+            request
+        };
+        assert!(check.call(with("Bearer secret")).is_ok());
+        for wrong in ["Bearer secreT", "Bearer secret2", "Bearer secre"] {
+            let refused = check.call(with(wrong)).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        }
     }
 }

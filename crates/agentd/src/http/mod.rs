@@ -1,5 +1,7 @@
 //! The HTTP side: router, shared state, one file per route group, and the accept loop that serves them.
 
+mod auth;
+pub mod error;
 mod health;
 pub mod server;
 mod stream;
@@ -11,20 +13,16 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Method, header};
 use axum::routing::{get, post};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::agent::LiveRuns;
-use crate::agent::tools::ToolRegistry;
 use crate::auth::AuthConfig;
 use crate::config::CorsOrigins;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::model::{ModelPolicy, Providers};
+use crate::runs::RunService;
 use crate::shutdown::Lifecycle;
 use crate::store::SessionStore;
 use crate::stream_tracker::StreamTracker;
+use error::ApiError;
 
 /// Largest request body accepted; a question is at most 2,000 characters, so this is generous.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -35,24 +33,15 @@ pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 /// What every handler can reach; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub tracker: StreamTracker,
+    /// Starts runs; the routes only translate between HTTP and it.
+    pub runs: RunService,
+    /// Read by `/readyz`: ready only while serving.
     pub lifecycle: Arc<Lifecycle>,
+    /// Counted streams, shown by `/metrics`.
+    pub tracker: StreamTracker,
     pub metrics: Arc<Metrics>,
-    /// Which models requests may name, and the one used when they name none.
-    pub models: Arc<ModelPolicy>,
-    pub providers: Providers,
-    pub tools: Arc<ToolRegistry>,
-    /// Model steps a run may take.
-    pub max_steps: usize,
-    /// Cancelled at the drain deadline; every run still going ends with `run_interrupted`.
-    pub interrupt: CancellationToken,
-    /// Every run task, so shutdown can wait for each to record its end.
-    pub runs: TaskTracker,
+    /// Pinged by `/readyz`.
     pub store: Arc<dyn SessionStore>,
-    /// This process, as the owner of the runs it drives (see the store's leases).
-    pub instance_id: Arc<str>,
-    /// The runs this process is driving, whose leases it keeps fresh.
-    pub live_runs: LiveRuns,
     pub auth: Arc<AuthConfig>,
 }
 

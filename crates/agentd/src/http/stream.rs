@@ -1,12 +1,12 @@
 //! `POST /agents/chats/{chat_id}/stream`: a run, as Server-Sent Events.
 //!
-//! Everything that can be refused is refused before the stream starts, as an HTTP error: the body, the model, and
-//! admission. Admission counts the stream in the handler, and the [`StreamGuard`] moves into the response body, which
-//! releases it when hyper drops the body, whichever way the response ends.
+//! The route is thin: it parses the body and the chat id, asks the run service ([`crate::runs::RunService::start`])
+//! and turns the run's events into SSE. Everything that can be refused is refused before the stream starts, as an
+//! HTTP error. Admission counts the stream before the handler returns, and the [`StreamGuard`] moves into the
+//! response body, which releases it when hyper drops the body, whichever way the response ends.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::rejection::BytesRejection;
@@ -18,20 +18,16 @@ use bytes::Bytes;
 use futures_core::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 use uuid::Uuid;
 
+use super::error::{ApiError, FieldError};
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
-use crate::agent::tools::ToolContext;
-use crate::agent::{self, Numbered, RunContext};
-use crate::auth::{AuthError, Identity};
-use crate::error::{ApiError, FieldError};
+use crate::auth::Identity;
 use crate::model::ModelSpec;
-use crate::store::{ChatOwner, NewRun};
+use crate::runs::RunRequest;
+use crate::runs::events::{Numbered, event_id};
 use crate::stream_tracker::StreamGuard;
-
-/// Events a run may have ready before it waits for the client to read; enough to batch writes, small per stream.
-const EVENT_BUFFER: usize = 32;
 
 const QUESTION_MAX_CHARS: usize = 2000;
 const MODEL_MAX_CHARS: usize = 200;
@@ -151,15 +147,6 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
             && essence.ends_with("+json"))
 }
 
-/// Who a request acts for in dev mode: chats are created for this owner on demand.
-fn dev_owner() -> ChatOwner {
-    ChatOwner {
-        org_id: "dev-org".to_owned(),
-        user_id: "dev-user".to_owned(),
-        canvas_id: "dev-canvas".to_owned(),
-    }
-}
-
 pub async fn stream(
     State(state): State<AppState>,
     identity: Identity,
@@ -173,110 +160,16 @@ pub async fn stream(
             "Input should be a valid UUID",
         )])
     })?;
-    let model = request
-        .model
-        .unwrap_or_else(|| state.models.default.clone());
-    if !state.models.allows(&model) {
-        let msg = format!(
-            "model {:?} is not one this service offers",
-            model.to_string()
-        );
-        return Err(ApiError::Validation(vec![FieldError::body(
-            "model",
-            "model_not_allowed",
-            msg,
-        )]));
-    }
-    if let ModelSpec::Test(options) = &model
-        && let Some(tool) = &options.tool
-        && state.tools.get(tool).is_none()
-    {
-        let msg = format!("unknown tool {tool:?}");
-        return Err(ApiError::Validation(vec![FieldError::body(
-            "model",
-            "unknown_tool",
-            msg,
-        )]));
-    }
-    let found = state.store.get_chat(chat_id).await?;
-    let tool_context = match &identity {
-        Identity::Token(caller) => ToolContext {
-            bearer: Some(caller.token.clone()),
-            org_id: caller.org_id.clone(),
-        },
-        Identity::Dev => ToolContext {
-            bearer: None,
-            org_id: dev_owner().org_id,
-        },
-    };
-    let chat = match identity {
-        Identity::Token(caller) => found
-            .filter(|chat| caller.owns(chat))
-            .ok_or(ApiError::ChatNotFound)?,
-        Identity::Dev if !model.is_test() => {
-            return Err(ApiError::Unauthorized(AuthError::TokenRequired(
-                model.to_string(),
-            )));
-        }
-        Identity::Dev => match found {
-            Some(chat) if chat.owner == dev_owner() => chat,
-            Some(_) => return Err(ApiError::ChatNotFound),
-            None => state.store.ensure_chat(chat_id, &dev_owner()).await?,
-        },
-    };
-    // The first prompt and `initial_message` are stored together: a chat without one has no history to load.
-    let history = if chat.initial_message.is_none() {
-        Vec::new()
-    } else {
-        let messages = state.store.messages(chat.id).await?;
-        messages.into_iter().map(|m| m.message).collect()
-    };
-
-    let guard = state.tracker.try_admit().map_err(|rejection| {
-        state.metrics.stream_rejected(rejection);
-        ApiError::from(rejection)
-    })?;
-    let run_id = Uuid::new_v4();
-    let model_id = model.to_string();
-    state
-        .store
-        .start_run(&NewRun {
-            id: run_id,
-            chat_id,
-            model: model_id.clone(),
-            owner_instance: state.instance_id.to_string(),
-            prompt: request.question.clone(),
-        })
-        .await?;
-    state.metrics.stream_admitted();
-
-    let client_gone = CancellationToken::new();
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    let ctx = RunContext {
-        chat_id,
-        canvas_id: Some(chat.owner.canvas_id),
-        run_id,
-        model_id,
-        model: model.build(&state.providers),
-        history,
+    let run = RunRequest {
         question: request.question,
-        client_gone: client_gone.clone(),
-        interrupt: state.interrupt.clone(),
-        metrics: Arc::clone(&state.metrics),
-        store: Arc::clone(&state.store),
-        live: state.live_runs.clone(),
-        tools: Arc::clone(&state.tools),
-        tool_context,
-        max_steps: state.max_steps,
+        model: request.model,
     };
-    tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
-    state.runs.spawn(agent::drive(ctx, tx));
-
+    let handle = state.runs.start(identity, chat_id, run).await?;
     let body = RunStream {
-        events: rx,
-        run_id,
-        _guard: guard,
-        _client: client_gone.drop_guard(),
+        run_id: handle.run_id,
+        events: handle.events,
+        _guard: handle.guard,
+        _client: handle.client,
     };
     let sse = Sse::new(body).keep_alive(
         KeepAlive::new()
@@ -304,7 +197,7 @@ impl Stream for RunStream {
         self.events.poll_recv(cx).map(|next| {
             next.map(|(seq, event)| {
                 let data = serde_json::to_string(&event).expect("run events always serialize");
-                Ok(Event::default().id(format!("{run_id}:{seq}")).data(data))
+                Ok(Event::default().id(event_id(run_id, seq)).data(data))
             })
         })
     }

@@ -188,12 +188,11 @@ impl WireParser for Parser {
             "error" => {
                 let error = &data["error"];
                 tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
-                let message = if error["type"] == "overloaded_error" {
-                    format!("{PROVIDER} is overloaded right now; please try again later")
+                return Err(if error["type"] == "overloaded_error" {
+                    ModelError::Overloaded(PROVIDER)
                 } else {
-                    format!("{PROVIDER} failed while answering; please try again")
-                };
-                return Err(ModelError(message));
+                    ModelError::FailedMidStream(PROVIDER)
+                });
             }
             _ => {}
         }
@@ -284,7 +283,8 @@ mod tests {
         let err = Parser::default()
             .on_event(&event("error", overloaded))
             .unwrap_err();
-        assert!(err.0.contains("overloaded"));
+        assert!(err.to_string().contains("overloaded"));
+        assert_eq!(err.code(), crate::error::ErrorCode::ProviderUnavailable);
         let mut parser = Parser::default();
         parser
             .on_event(&event(

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ErrorCode;
+
 pub use test::TestOptions;
 pub use upstream::{Endpoint, Providers};
 
@@ -101,10 +103,42 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
-/// A model step that could not finish; the message is shown to the user in `run_failed`.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("{0}")]
-pub struct ModelError(pub String);
+/// A model step that could not finish, by kind; the message is shown to the user in `run_failed`, beside the code
+/// of [`ModelError::code`]. The log keeps the provider's own words where the failure happens.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("{0} is rate limiting requests right now; please try again in a moment")]
+    RateLimited(&'static str),
+    #[error("{0} is unavailable right now; please try again later")]
+    Unavailable(&'static str),
+    #[error("{0} is overloaded right now; please try again later")]
+    Overloaded(&'static str),
+    #[error("{0} refused the request; the service's model configuration needs attention")]
+    Refused(&'static str),
+    #[error("{0} sent a broken answer stream; please try again")]
+    BrokenStream(&'static str),
+    #[error("{0} stopped answering; please try again")]
+    StoppedAnswering(&'static str),
+    #[error("{0} failed while answering; please try again")]
+    FailedMidStream(&'static str),
+    /// The built-in model's `fail_after` option.
+    #[error("the test model failed after {0} deltas, as asked")]
+    TestFailure(u32),
+}
+
+impl ModelError {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::RateLimited(_) => ErrorCode::ProviderRateLimited,
+            Self::Unavailable(_) | Self::Overloaded(_) => ErrorCode::ProviderUnavailable,
+            Self::Refused(_) => ErrorCode::ProviderRefused,
+            Self::BrokenStream(_) => ErrorCode::ProviderBrokenStream,
+            Self::StoppedAnswering(_) => ErrorCode::ProviderStoppedAnswering,
+            Self::FailedMidStream(_) => ErrorCode::ProviderFailed,
+            Self::TestFailure(_) => ErrorCode::ModelFailed,
+        }
+    }
+}
 
 /// A model id, checked.
 #[derive(Debug, Clone, PartialEq)]

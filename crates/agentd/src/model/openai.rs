@@ -141,9 +141,7 @@ impl WireParser for Parser {
         let chunk = upstream::json(PROVIDER, &event.data)?;
         if let Some(error) = chunk.get("error") {
             tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
-            return Err(ModelError(format!(
-                "{PROVIDER} failed while answering; please try again"
-            )));
+            return Err(ModelError::FailedMidStream(PROVIDER));
         }
         if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
             let n = |key: &str| usage[key].as_u64().unwrap_or(0);

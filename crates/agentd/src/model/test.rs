@@ -163,7 +163,7 @@ impl Model for TestModel {
                 ));
             }
             if fail_after == Some(i) {
-                let error = ModelError(format!("the test model failed after {i} deltas, as asked"));
+                let error = ModelError::TestFailure(i);
                 return Some((Err(error), u32::MAX));
             }
             if !delay.is_zero() {

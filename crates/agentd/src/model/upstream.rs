@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use futures_util::stream;
 
 use super::{ModelError, ModelEvent, ModelStream};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Tries per request, the first included.
 pub const ATTEMPTS: u32 = 3;
@@ -63,32 +63,6 @@ impl Providers {
     }
 }
 
-impl ModelError {
-    fn rate_limited(provider: &str) -> Self {
-        Self(format!(
-            "{provider} is rate limiting requests right now; please try again in a moment"
-        ))
-    }
-
-    fn unavailable(provider: &str) -> Self {
-        Self(format!(
-            "{provider} is unavailable right now; please try again later"
-        ))
-    }
-
-    fn configuration(provider: &str) -> Self {
-        Self(format!(
-            "{provider} refused the request; the service's model configuration needs attention"
-        ))
-    }
-
-    pub(super) fn broken_stream(provider: &str) -> Self {
-        Self(format!(
-            "{provider} sent a broken answer stream; please try again"
-        ))
-    }
-}
-
 fn retryable(status: reqwest::StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 500..=504 | 529)
 }
@@ -114,18 +88,18 @@ pub async fn send(
                 let body: String = body.chars().take(LOGGED_BODY).collect();
                 tracing::warn!(provider, status = status.as_u16(), %body, attempt, "model provider answered an error");
                 if !retryable(status) {
-                    return Err(ModelError::configuration(provider));
+                    return Err(ModelError::Refused(provider));
                 }
                 let error = if status.as_u16() == 429 {
-                    ModelError::rate_limited(provider)
+                    ModelError::RateLimited(provider)
                 } else {
-                    ModelError::unavailable(provider)
+                    ModelError::Unavailable(provider)
                 };
                 (error, retry_after)
             }
             Err(error) => {
                 tracing::warn!(provider, %error, attempt, "could not reach the model provider");
-                (ModelError::unavailable(provider), None)
+                (ModelError::Unavailable(provider), None)
             }
         };
         let (error, retry_after) = failure;
@@ -139,11 +113,7 @@ pub async fn send(
 
 /// `BACKOFF * 2^(attempt-1)`, scaled by a jitter factor in [0.5, 1.0).
 fn backoff(attempt: u32) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    let jitter = 0.5 + fastrand::f64() / 2.0;
     (BACKOFF * 2u32.pow(attempt - 1)).mul_f64(jitter)
 }
 
@@ -195,8 +165,7 @@ pub fn parse_stream<P: WireParser>(
                         "model provider stream went idle"
                     );
                     state.ended = true;
-                    let message = format!("{provider} stopped answering; please try again");
-                    return Some((Err(ModelError(message)), state));
+                    return Some((Err(ModelError::StoppedAnswering(provider)), state));
                 }
                 Ok(next) => next,
             };
@@ -204,7 +173,7 @@ pub fn parse_stream<P: WireParser>(
                 Some(Ok(event)) => state.parser.on_event(&event),
                 Some(Err(error)) => {
                     tracing::warn!(provider, %error, "model provider stream broke");
-                    Err(ModelError::broken_stream(provider))
+                    Err(ModelError::BrokenStream(provider))
                 }
                 None => {
                     state.ended = true;
@@ -215,7 +184,7 @@ pub fn parse_stream<P: WireParser>(
                             provider,
                             "model provider stream ended before its end marker"
                         );
-                        Err(ModelError::broken_stream(provider))
+                        Err(ModelError::BrokenStream(provider))
                     }
                 }
             };
@@ -266,7 +235,7 @@ fn once_opened(
 pub fn json(provider: &'static str, data: &str) -> Result<serde_json::Value, ModelError> {
     serde_json::from_str(data).map_err(|error| {
         tracing::warn!(provider, %error, "model provider sent an event that is not JSON");
-        ModelError::broken_stream(provider)
+        ModelError::BrokenStream(provider)
     })
 }
 

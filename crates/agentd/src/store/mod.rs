@@ -264,33 +264,3 @@ fn usage_from(input: i64, output: i64, total: i64) -> Usage {
         total_tokens: n(total),
     }
 }
-
-/// Keeps the leases of this process's runs fresh and marks the runs of stopped processes `interrupted`, from now
-/// until `stop`: once at once, then three times per lease.
-pub async fn maintain_leases(
-    store: Arc<dyn SessionStore>,
-    live: crate::agent::LiveRuns,
-    lease: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        if let Err(error) = store.heartbeat(&live.ids()).await {
-            tracing::warn!(%error, "could not refresh the leases of running runs");
-        }
-        match store.interrupt_stale(lease).await {
-            Ok(runs) if !runs.is_empty() => {
-                tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, "could not look for the runs of stopped processes")
-            }
-        }
-    }
-}

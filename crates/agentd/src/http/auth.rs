@@ -1,21 +1,13 @@
-//! The HTTP side of auth: who a request speaks for, read from its `Authorization` header before the handler runs.
+//! The HTTP side of auth: who a request speaks for ([`Identity`]), read from its `Authorization` header before the
+//! handler runs. The checks themselves are [`crate::auth::verify`], free of HTTP.
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 
-use super::{AuthError, Caller, verify};
-use crate::error::ApiError;
-use crate::http::AppState;
-
-/// Who a request speaks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// A verified token.
-    Token(Caller),
-    /// Dev mode (no `JWT_SECRET`): nobody in particular; allowed the test model only.
-    Dev,
-}
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{AuthError, Identity, verify};
 
 impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;

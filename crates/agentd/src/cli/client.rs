@@ -9,10 +9,12 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::JwtArgs;
 use crate::auth;
-use crate::config::{EXIT_CONFIG, JwtArgs, Secret};
+use crate::config::EXIT_CONFIG;
 use crate::grpc::proto::CreateAgentChatRequest;
 use crate::grpc::proto::agents_client::AgentsClient;
+use crate::secret::Secret;
 
 /// Exit code of `agentd chat` when the run was interrupted (`sysexits.h` EX_TEMPFAIL: try again).
 pub const EXIT_INTERRUPTED: i32 = 75;

@@ -1,0 +1,481 @@
+//! The command line: the clap tree of every subcommand, the conversion of `agentd serve`'s arguments into a typed
+//! [`Config`], and the client subcommands `agentd token` and `agentd chat` (`client.rs`).
+//!
+//! Every flag can also be given as an environment variable (clap's `env`). This module imports [`crate::config`];
+//! the config never imports the command line.
+
+mod client;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::sqlite::SqliteConnectOptions;
+
+pub use client::{ChatArgs, EXIT_INTERRUPTED, TokenArgs, chat, parse_ttl, token};
+
+use crate::auth::AuthConfig;
+use crate::config::{
+    Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
+    ProviderSettings, ShutdownBudget, parse_seconds,
+};
+use crate::model::{Endpoint, ModelPolicy, ModelSpec};
+use crate::secret::Secret;
+use crate::store::StoreConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentd",
+    version,
+    about = "An AI-agent service that streams runs over SSE"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (HTTP) until SIGTERM or SIGINT.
+    Serve(Box<ServeArgs>),
+    /// Apply the store's migrations and exit (serve applies them at start too).
+    Migrate(MigrateArgs),
+    /// Mint a scoped token with JWT_SECRET, for trying things out and for scripts.
+    Token(TokenArgs),
+    /// Ask a question in a chat and print the run as it streams.
+    Chat(Box<ChatArgs>),
+}
+
+/// Where the session store is.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// `sqlite://FILE` or `postgres://USER:PASSWORD@HOST:PORT/DB` [default: sqlite://agentd.db].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL host, as the seed configured it; used when DATABASE_URL is unset.
+    #[arg(long, env = "DB_HOST")]
+    pub db_host: Option<String>,
+    #[arg(long, env = "DB_PORT", default_value_t = 5432)]
+    pub db_port: u16,
+    #[arg(long, env = "DB_NAME")]
+    pub db_name: Option<String>,
+    #[arg(long, env = "DB_USERNAME")]
+    pub db_username: Option<String>,
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    pub db_password: Option<String>,
+    /// disable, allow, prefer, require, verify-ca or verify-full.
+    #[arg(long, env = "DB_SSLMODE")]
+    pub db_sslmode: Option<String>,
+}
+
+/// Model providers, the models requests may name, and the agent's tools.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Comma-separated model ids requests may name [default: AI_MODEL and test].
+    #[arg(long, env = "AI_MODELS")]
+    pub ai_models: Option<String>,
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// An OpenAI-compatible API (OpenAI, vLLM, Ollama, llama.cpp server, gateways).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+    /// Seconds to wait for a connection to a model provider.
+    #[arg(long, env = "MODEL_CONNECT_TIMEOUT", value_parser = parse_seconds, default_value = "10")]
+    pub model_connect_timeout: Duration,
+    /// Seconds a model provider's stream may stay silent before the run fails.
+    #[arg(long, env = "MODEL_IDLE_TIMEOUT", value_parser = parse_seconds, default_value = "60")]
+    pub model_idle_timeout: Duration,
+    /// Model steps (an answer or a round of tool calls) a run may take.
+    #[arg(long, env = "AGENT_MAX_STEPS", default_value_t = 10)]
+    pub agent_max_steps: usize,
+    /// YAML or JSON file declaring HTTP tools.
+    #[arg(long, env = "TOOLS_FILE")]
+    pub tools_file: Option<PathBuf>,
+}
+
+/// How scoped tokens are checked (and minted by `agentd token`).
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// HS256 secret shared with the main application; unset = dev mode (the test model only, no token needed).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// The `aud` every token must carry.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "superplane_api")]
+    pub jwt_audience: String,
+    /// Seconds of tolerance on `exp` and `nbf`, for clock skew.
+    #[arg(long, env = "JWT_LEEWAY", value_parser = parse_seconds, default_value = "0")]
+    pub jwt_leeway: Duration,
+}
+
+impl JwtArgs {
+    pub fn auth_config(&self) -> AuthConfig {
+        AuthConfig {
+            secret: self
+                .jwt_secret
+                .clone()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Raw `agentd serve` settings, as the user typed them.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP listener address [default: 127.0.0.1:8090].
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// HTTP port on all interfaces, as the container sets it; ignored when HTTP_ADDR is set.
+    #[arg(long, env = "APP_PORT")]
+    pub app_port: Option<u16>,
+
+    /// Interface of the internal gRPC API.
+    #[arg(long, env = "INTERNAL_GRPC_HOST", default_value = "127.0.0.1")]
+    pub internal_grpc_host: IpAddr,
+
+    /// Port of the internal gRPC API.
+    #[arg(long, env = "INTERNAL_GRPC_PORT", default_value_t = 50061)]
+    pub internal_grpc_port: u16,
+
+    /// When set, every gRPC call must carry `authorization: Bearer <token>`.
+    #[arg(long, env = "INTERNAL_GRPC_TOKEN", hide_env_values = true)]
+    pub internal_grpc_token: Option<String>,
+
+    /// Seconds in-flight gRPC calls may take to finish once gRPC stops, after the HTTP drain.
+    #[arg(long, env = "GRPC_SHUTDOWN_GRACE", value_parser = parse_seconds, default_value = "5")]
+    pub grpc_shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+
+    #[command(flatten)]
+    pub models: ModelArgs,
+
+    /// Model used when a request names none (`provider:model`).
+    #[arg(long, env = "AI_MODEL", default_value = "test")]
+    pub ai_model: String,
+
+    /// Comma-separated origins allowed by CORS, or `*`.
+    #[arg(long, env = "AGENT_HTTP_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
+    /// Seconds open streams may run on after SIGTERM [default: 300].
+    #[arg(long, env = "DRAIN_TIMEOUT", value_parser = parse_seconds)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Alias of DRAIN_TIMEOUT, as the seed named it.
+    #[arg(long, env = "GRACEFUL_SHUTDOWN_TIMEOUT", value_parser = parse_seconds, hide = true)]
+    pub graceful_shutdown_timeout: Option<Duration>,
+
+    /// Seconds to keep serving normally after SIGTERM (readiness already failing) so load balancers deregister.
+    #[arg(long, env = "SHUTDOWN_DELAY", value_parser = parse_seconds, default_value = "0")]
+    pub shutdown_delay: Duration,
+
+    /// Seconds from SIGTERM to process exit, whatever is stuck.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", value_parser = parse_seconds, default_value = "310")]
+    pub shutdown_timeout: Duration,
+
+    /// The orchestrator's grace period in seconds (Kubernetes terminationGracePeriodSeconds), checked at start.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD", value_parser = parse_seconds)]
+    pub termination_grace_period: Option<Duration>,
+
+    /// Most streams open at once; more are refused with 503.
+    #[arg(long, env = "MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+
+    /// Seconds without a heartbeat after which a running run is taken for the run of a stopped process and marked
+    /// interrupted.
+    #[arg(long, env = "RUN_LEASE", value_parser = parse_seconds, default_value = "30")]
+    pub run_lease: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl ServeArgs {
+    /// The typed settings, checked; nothing is opened or bound.
+    pub fn config(self) -> Result<Config, ConfigError> {
+        let args = self;
+        let http_addr = match (args.http_addr, args.app_port) {
+            (Some(addr), _) => addr,
+            // The seed's container sets only the port and expects to be reachable from outside the pod.
+            (None, Some(port)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            (None, None) => DEFAULT_HTTP_ADDR,
+        };
+        let budget = ShutdownBudget {
+            delay: args.shutdown_delay,
+            drain: args
+                .drain_timeout
+                .or(args.graceful_shutdown_timeout)
+                .unwrap_or(DEFAULT_DRAIN),
+            timeout: args.shutdown_timeout,
+            grace_period: args.termination_grace_period,
+        };
+        budget.check()?;
+        if args.max_streams == Some(0) {
+            return Err(ConfigError::ZeroMaxStreams);
+        }
+        let default_model = ModelSpec::parse(&args.ai_model)
+            .map_err(|e| ConfigError::DefaultModel(e.to_string()))?;
+        if args.run_lease < Duration::from_secs(1) {
+            return Err(ConfigError::ShortLease);
+        }
+        let models = ModelPolicy::new(default_model.clone(), args.models.ai_models.as_deref())
+            .map_err(|e| ConfigError::AllowedModels(e.to_string()))?;
+        if args.models.agent_max_steps == 0 {
+            return Err(ConfigError::ZeroSteps);
+        }
+        let key = |k: &Option<String>| k.clone().filter(|k| !k.is_empty()).map(Secret::new);
+        let providers = ProviderSettings {
+            openai: Endpoint {
+                base_url: args.models.openai_base_url.clone(),
+                api_key: key(&args.models.openai_api_key),
+            },
+            anthropic: Endpoint {
+                base_url: args.models.anthropic_base_url.clone(),
+                api_key: key(&args.models.anthropic_api_key),
+            },
+            connect_timeout: args.models.model_connect_timeout,
+            idle_timeout: args.models.model_idle_timeout,
+        };
+        let grpc_token = args
+            .internal_grpc_token
+            .filter(|t| !t.trim().is_empty())
+            .map(Secret::new);
+        Ok(Config {
+            http_addr,
+            models,
+            providers,
+            tools_file: args.models.tools_file.clone(),
+            max_steps: args.models.agent_max_steps,
+            grpc_addr: SocketAddr::new(args.internal_grpc_host, args.internal_grpc_port),
+            grpc_token,
+            grpc_grace: args.grpc_shutdown_grace,
+            default_model,
+            cors_origins: CorsOrigins::parse(&args.cors_origins)?,
+            budget,
+            max_streams: args.max_streams,
+            log_format: args.log_format,
+            store: args.store.parse()?,
+            run_lease: args.run_lease,
+            auth: args.jwt.auth_config(),
+        })
+    }
+}
+
+impl StoreArgs {
+    /// `DATABASE_URL` when set; otherwise PostgreSQL from the seed's `DB_*` settings when `DB_HOST` is set; otherwise
+    /// the embedded SQLite file `agentd.db` in the working directory.
+    pub fn parse(&self) -> Result<StoreConfig, ConfigError> {
+        if let Some(url) = &self.database_url {
+            let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
+            return match scheme {
+                "sqlite" => SqliteConnectOptions::from_str(url)
+                    .map(StoreConfig::Sqlite)
+                    .map_err(|e| ConfigError::DatabaseUrl(format!("not a valid SQLite URL ({e})"))),
+                "postgres" | "postgresql" => PgConnectOptions::from_str(url)
+                    .map(StoreConfig::Postgres)
+                    .map_err(|_| ConfigError::DatabaseUrl("not a valid PostgreSQL URL".to_owned())),
+                _ => Err(ConfigError::DatabaseUrl(
+                    "must start with sqlite:// or postgres://".to_owned(),
+                )),
+            };
+        }
+        let Some(host) = &self.db_host else {
+            let options = SqliteConnectOptions::from_str("sqlite://agentd.db")
+                .expect("the default URL is valid");
+            return Ok(StoreConfig::Sqlite(options));
+        };
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(host)
+            .port(self.db_port);
+        if let Some(name) = &self.db_name {
+            options = options.database(name);
+        }
+        if let Some(user) = &self.db_username {
+            options = options.username(user);
+        }
+        if let Some(password) = &self.db_password {
+            options = options.password(password);
+        }
+        if let Some(mode) = &self.db_sslmode {
+            let mode = PgSslMode::from_str(mode).map_err(|_| ConfigError::SslMode(mode.clone()))?;
+            options = options.ssl_mode(mode);
+        }
+        Ok(StoreConfig::Postgres(options))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: ServeArgs) -> Result<Config, ConfigError> {
+        args.config()
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = ["agentd", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => *args,
+            _ => unreachable!("only serve is parsed here"),
+        }
+    }
+
+    #[test]
+    fn defaults_hold_the_documented_budget() {
+        let config = parse(serve(&[])).unwrap();
+        assert_eq!(config.http_addr, "127.0.0.1:8090".parse().unwrap());
+        assert_eq!(config.budget.drain, Duration::from_secs(300));
+        assert_eq!(config.budget.timeout, Duration::from_secs(310));
+        assert_eq!(config.budget.delay, Duration::ZERO);
+        assert_eq!(config.cors_origins, CorsOrigins::Any);
+        assert_eq!(config.grpc_addr, "127.0.0.1:50061".parse().unwrap());
+        assert_eq!(config.grpc_token, None);
+        assert_eq!(config.grpc_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn app_port_listens_on_all_interfaces_unless_http_addr_is_set() {
+        let config = parse(serve(&["--app-port", "9000"])).unwrap();
+        assert_eq!(config.http_addr, "0.0.0.0:9000".parse().unwrap());
+        let config = parse(serve(&["--app-port", "9000", "--http-addr", "127.0.0.1:1"])).unwrap();
+        assert_eq!(config.http_addr, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn the_seed_alias_sets_the_drain_and_the_new_name_wins() {
+        let config = parse(serve(&["--graceful-shutdown-timeout", "20"])).unwrap();
+        assert_eq!(config.budget.drain, Duration::from_secs(20));
+        let config = parse(serve(&[
+            "--graceful-shutdown-timeout",
+            "20",
+            "--drain-timeout",
+            "30",
+        ]))
+        .unwrap();
+        assert_eq!(config.budget.drain, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_drain_that_reaches_the_hard_deadline_is_refused() {
+        let err = parse(serve(&["--shutdown-delay", "10", "--drain-timeout", "300"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "impossible shutdown budget: SHUTDOWN_DELAY (10s) + DRAIN_TIMEOUT (300s) must be less than \
+             SHUTDOWN_TIMEOUT (310s), so open streams can be closed before the hard deadline"
+        );
+    }
+
+    #[test]
+    fn a_deadline_past_the_grace_period_is_refused() {
+        let err = parse(serve(&["--termination-grace-period", "30"])).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TimeoutPastGracePeriod {
+                timeout: 310.0,
+                grace: 30.0
+            }
+        );
+        assert!(parse(serve(&["--termination-grace-period", "330"])).is_ok());
+    }
+
+    #[test]
+    fn bad_model_and_limits_are_refused() {
+        assert!(matches!(
+            parse(serve(&["--ai-model", "nope"])),
+            Err(ConfigError::DefaultModel(_))
+        ));
+        assert_eq!(
+            parse(serve(&["--max-streams", "0"])).unwrap_err(),
+            ConfigError::ZeroMaxStreams
+        );
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_and_postgres_from_the_seed_settings() {
+        let config = parse(serve(&[])).unwrap();
+        assert_eq!(config.store.backend(), "sqlite");
+        let seed = serve(&[
+            "--db-host",
+            "db",
+            "--db-name",
+            "agents",
+            "--db-username",
+            "u",
+            "--db-password",
+            "p@ss/w",
+        ]);
+        let StoreConfig::Postgres(options) = seed.config().unwrap().store else {
+            panic!("DB_HOST selects PostgreSQL");
+        };
+        assert_eq!(options.get_host(), "db");
+        assert_eq!(options.get_port(), 5432);
+        assert_eq!(options.get_database(), Some("agents"));
+        let url = serve(&[
+            "--database-url",
+            "postgres://u:p@h:6543/d",
+            "--db-host",
+            "ignored",
+        ]);
+        let StoreConfig::Postgres(options) = url.config().unwrap().store else {
+            panic!("a postgres URL selects PostgreSQL");
+        };
+        assert_eq!((options.get_host(), options.get_port()), ("h", 6543));
+    }
+
+    #[test]
+    fn a_bad_database_setting_is_refused_without_echoing_it() {
+        let err = parse(serve(&["--database-url", "mysql://u:secret@h/d"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DATABASE_URL: must start with sqlite:// or postgres://"
+        );
+        assert!(!err.to_string().contains("secret"));
+        let err = parse(serve(&["--db-host", "h", "--db-sslmode", "sometimes"])).unwrap_err();
+        assert!(matches!(err, ConfigError::SslMode(_)));
+        let err = parse(serve(&["--run-lease", "0.5"])).unwrap_err();
+        assert_eq!(err, ConfigError::ShortLease);
+    }
+
+    #[test]
+    fn the_grpc_token_never_shows_in_debug_output() {
+        let config = parse(serve(&["--internal-grpc-token", "hunter2"])).unwrap();
+        assert_eq!(
+            config.grpc_token.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

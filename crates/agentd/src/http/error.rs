@@ -1,0 +1,201 @@
+//! Errors a client can see before a stream starts, and how each maps onto HTTP: a status from the error table
+//! ([`crate::error::ErrorCode`]) and a JSON body `{"detail": ...}`. Errors after a stream started are `run_failed`
+//! events. A client's mistake gets its real status and a clear message; an internal error gets a generic body and is
+//! logged once, with its cause, where it happens.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::error::ErrorCode;
+use crate::runs::StartError;
+use crate::store::StoreError;
+use crate::stream_tracker::Rejection;
+
+/// What the client is told to wait before retrying a refused stream, in seconds. A replica that is shutting down is
+/// already out of the load balancer by then, so the retry lands elsewhere.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body failed validation")]
+    Validation(Vec<FieldError>),
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body must be JSON (content-type: application/json)")]
+    UnsupportedMediaType,
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("could not read the request body")]
+    BadBody,
+    #[error("Not authenticated: {0}")]
+    Unauthorized(AuthError),
+    #[error("Not Found")]
+    RouteNotFound,
+    /// The chat does not exist or is not the caller's; the two are not told apart.
+    #[error("Chat not found")]
+    ChatNotFound,
+    /// The session store did not answer; the cause is logged where it happened.
+    #[error("Session store is unavailable; retry shortly")]
+    StoreUnavailable,
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    #[error("Service is shutting down")]
+    ShuttingDown,
+    #[error("Stream limit reached ({limit} open streams); retry shortly")]
+    AtCapacity { limit: usize },
+}
+
+/// One field's problem, in the shape FastAPI clients of the seed already parse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Where the problem is, e.g. `["body", "question"]`.
+    pub loc: Vec<&'static str>,
+    pub msg: String,
+    /// A stable machine-readable kind, e.g. `missing`, `string_too_long`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl FieldError {
+    pub fn body(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
+        Self {
+            loc: if field.is_empty() {
+                vec!["body"]
+            } else {
+                vec!["body", field]
+            },
+            msg: msg.into(),
+            kind,
+        }
+    }
+
+    pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
+        Self {
+            loc: vec!["path", param],
+            msg: msg.into(),
+            kind,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Validation(_) => ErrorCode::InvalidRequest,
+            Self::MalformedJson(_) => ErrorCode::MalformedJson,
+            Self::BadBody => ErrorCode::BadBody,
+            Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::Unauthorized(_) => ErrorCode::Unauthenticated,
+            Self::RouteNotFound => ErrorCode::RouteNotFound,
+            Self::ChatNotFound => ErrorCode::ChatNotFound,
+            Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::AtCapacity { .. } => ErrorCode::AtCapacity,
+            Self::StoreUnavailable => ErrorCode::StoreUnavailable,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.code().info().http
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::ShuttingDown => Self::ShuttingDown,
+            Rejection::AtCapacity { limit } => Self::AtCapacity { limit },
+        }
+    }
+}
+
+/// A store failure before the stream starts; logged here, once, with its cause.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            // Deleted between the lookup and the write.
+            StoreError::ChatNotFound(_) => Self::ChatNotFound,
+            error => {
+                tracing::error!(%error, "session store request failed");
+                Self::StoreUnavailable
+            }
+        }
+    }
+}
+
+/// Why a run did not start, as the client is told it; a store failure is logged here, once, with its cause.
+impl From<StartError> for ApiError {
+    fn from(error: StartError) -> Self {
+        let model_error =
+            |kind, msg: String| Self::Validation(vec![FieldError::body("model", kind, msg)]);
+        match error {
+            StartError::ModelNotAllowed(_) => model_error("model_not_allowed", error.to_string()),
+            StartError::UnknownTool(_) => model_error("unknown_tool", error.to_string()),
+            StartError::Unauthorized(reason) => Self::Unauthorized(reason),
+            StartError::ChatNotFound => Self::ChatNotFound,
+            StartError::Rejected(rejection) => rejection.into(),
+            StartError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            Self::Validation(errors) => json!(errors),
+            other => json!(other.to_string()),
+        };
+        let mut response = (status, Json(json!({ "detail": detail }))).into_response();
+        let headers = response.headers_mut();
+        match self {
+            // Close the connection after the answer: the client's retry should open one to a replica that stays, and
+            // a full replica should not hold a descriptor for a client it just turned away.
+            Self::ShuttingDown | Self::AtCapacity { .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::StoreUnavailable => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_errors_take_their_status_from_the_table() {
+        assert_eq!(ApiError::ChatNotFound.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            ApiError::AtCapacity { limit: 1 }.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ApiError::Validation(Vec::new()).status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            ApiError::MethodNotAllowed.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+}

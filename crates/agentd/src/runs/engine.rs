@@ -1,0 +1,180 @@
+//! The engine: model ↔ tools. Asks the model, runs the tools it calls (in parallel), gives it the results and asks
+//! again, until it answers without tools or the step limit is reached; every event goes out through an [`Emitter`].
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::events::{Numbered, RunEvent};
+use super::recorder::Recorder;
+use super::{RunContext, millis};
+use crate::error::ErrorCode;
+use crate::model::{Message, ModelError, ModelEvent, ModelRequest, ToolCall};
+use crate::tools::ToolResult;
+
+/// A failure that ends a run: its code (from the error table) and what the user is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<ModelError> for Failure {
+    fn from(error: ModelError) -> Self {
+        Self {
+            code: error.code(),
+            message: error.to_string(),
+        }
+    }
+}
+
+impl Failure {
+    /// The store could not keep what the run produced.
+    pub fn store(what: &str) -> Self {
+        Self {
+            code: ErrorCode::StoreFailed,
+            message: format!("the session store failed; {what} could not be saved"),
+        }
+    }
+}
+
+/// Why the loop stopped before the model finished.
+#[derive(Debug)]
+pub(super) enum Stop {
+    Failed(Failure),
+    /// The store failed while the answer streamed.
+    StoreFailed,
+    Interrupted,
+    Disconnected,
+}
+
+/// Numbers events and hands them to the response body.
+#[derive(Debug)]
+pub(super) struct Emitter {
+    tx: mpsc::Sender<Numbered>,
+    seq: u64,
+}
+
+impl Emitter {
+    pub fn new(tx: mpsc::Sender<Numbered>) -> Self {
+        Self { tx, seq: 0 }
+    }
+
+    pub async fn emit(&mut self, event: RunEvent) -> Result<(), Stop> {
+        self.seq += 1;
+        self.tx
+            .send((self.seq, Box::new(event)))
+            .await
+            .map_err(|_| Stop::Disconnected)
+    }
+}
+
+/// Asks the model, runs the tools it calls, gives their results back, until it answers without tools.
+pub(super) async fn agent_loop(
+    ctx: &RunContext,
+    out: &mut Emitter,
+    recorder: &mut Recorder,
+) -> Result<(), Stop> {
+    let definitions = ctx.tools.definitions();
+    let mut messages = ctx.history.clone();
+    messages.push(Message::User {
+        content: ctx.question.clone(),
+    });
+    for _ in 0..ctx.max_steps {
+        let request = ModelRequest {
+            messages: messages.clone(),
+            tools: definitions.clone(),
+        };
+        let mut stream = ctx.model.stream(request);
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                // Polled only while there is something to save, so an idle stream's task sleeps until the model speaks.
+                _ = recorder.save_tick.tick(), if recorder.unsaved() => {
+                    recorder.save().await.map_err(|_| Stop::StoreFailed)?;
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
+            match event.map_err(|e| Stop::Failed(e.into()))? {
+                ModelEvent::TextDelta(content) if content.is_empty() => {}
+                ModelEvent::TextDelta(content) => {
+                    let start = text.len();
+                    text.push_str(&content);
+                    out.emit(RunEvent::ModelDelta { content }).await?;
+                    // Counted once handed to the client, so a stored partial answer is what the client was sent.
+                    recorder.output.push_str(&text[start..]);
+                }
+                ModelEvent::ToolCall(call) => calls.push(call),
+                ModelEvent::Usage(usage) => recorder.usage += usage,
+            }
+        }
+        let answer = Message::Assistant {
+            content: text,
+            tool_calls: calls.clone(),
+        };
+        messages.push(answer.clone());
+        recorder.messages.push(answer);
+        if calls.is_empty() {
+            return Ok(());
+        }
+        for call in &calls {
+            out.emit(RunEvent::ToolStarted {
+                tool_name: call.name.clone(),
+                tool_call_id: call.id.clone(),
+                args: call.args.clone(),
+            })
+            .await?;
+        }
+        let mut running: FuturesUnordered<_> =
+            calls.into_iter().map(|call| call_tool(ctx, call)).collect();
+        while let Some((call, result, elapsed)) = running.next().await {
+            out.emit(RunEvent::ToolFinished {
+                tool_name: call.name.clone(),
+                tool_call_id: call.id.clone(),
+                elapsed_ms: millis(elapsed),
+            })
+            .await?;
+            let content = match result {
+                Ok(value) => value.to_string(),
+                Err(error) => serde_json::json!({ "error": error.to_string() }).to_string(),
+            };
+            let result = Message::ToolResult {
+                tool_call_id: call.id,
+                content,
+            };
+            messages.push(result.clone());
+            recorder.messages.push(result);
+        }
+    }
+    Err(Stop::Failed(Failure {
+        code: ErrorCode::MaxStepsReached,
+        message: format!(
+            "the agent stopped after {} steps without a final answer",
+            ctx.max_steps
+        ),
+    }))
+}
+
+/// Runs one tool call; a tool that fails gives the model an error result, never fails the run.
+async fn call_tool(ctx: &RunContext, call: ToolCall) -> (ToolCall, ToolResult, Duration) {
+    let started = Instant::now();
+    let result = ctx
+        .tools
+        .call(&call.name, call.args.clone(), &ctx.tool_context)
+        .await;
+    if let Err(error) = &result {
+        ctx.metrics.tool_failed(error.kind());
+        log_tool_failure(ctx.run_id, &call.name, error);
+    }
+    (call, result, started.elapsed())
+}
+
+fn log_tool_failure(run_id: Uuid, tool: &str, error: &crate::tools::ToolError) {
+    tracing::info!(%run_id, tool, kind = error.kind(), %error, "tool call failed; the model is told");
+}
