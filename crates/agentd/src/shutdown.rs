@@ -138,7 +138,7 @@ pub struct Stoppable {
     pub leases_stop: CancellationToken,
     pub leases: JoinHandle<()>,
     /// Closed last, after every run has written its end.
-    pub store: Arc<dyn SessionStore>,
+    pub store: SessionStore,
 }
 
 /// Runs the whole sequence after the first `signal`; returns when the process may exit 0.

@@ -116,7 +116,7 @@ impl Application {
         let metrics = Arc::new(Metrics::default());
         let tracker = StreamTracker::new(Some(max_streams));
         let runs = RunService::new(RunServiceParts {
-            store: Arc::clone(&store),
+            store: store.clone(),
             providers: Providers::new(
                 config.providers.openai.clone(),
                 config.providers.anthropic.clone(),
@@ -189,14 +189,14 @@ impl Application {
         let grpc_stop = CancellationToken::new();
         let grpc_server = tokio::spawn(grpc::serve(
             grpc_listener,
-            Arc::clone(&state.store),
+            state.store.clone(),
             config.grpc_token.as_ref().map(|t| t.expose().to_owned()),
             health_service,
             grpc_stop.clone(),
         ));
         let leases_stop = CancellationToken::new();
         let leases = tokio::spawn(lease::maintain(
-            Arc::clone(&state.store),
+            state.store.clone(),
             state.runs.live().clone(),
             config.run_lease,
             leases_stop.clone(),

@@ -128,6 +128,20 @@ impl Setup {
         Events::new(response).rest().await
     }
 
+    /// What the model was told of tool call `id`, in the `request`th request it got (from 0).
+    fn tool_result(&self, request: usize, id: &str) -> String {
+        let messages = &self.fake.seen("/v1/chat/completions")[request].body["messages"];
+        messages
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["tool_call_id"] == id)
+            .unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     async fn latest_status(&self, chat: &str) -> String {
         let mut grpc = AgentsClient::connect(self.server.grpc.clone())
             .await
@@ -414,18 +428,7 @@ async fn failing_tools_become_error_results_and_the_run_still_completes() {
     assert_eq!(types(&events).last().unwrap(), "done");
     assert_eq!(answer_of(&events)["output"], "Sorry, the tools failed.");
 
-    let second = &s.fake.seen("/v1/chat/completions")[1].body["messages"];
-    let result = |id: &str| {
-        second
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["tool_call_id"] == id)
-            .unwrap()["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let result = |id: &str| s.tool_result(1, id);
     assert!(
         result("c1").contains("500") && result("c1").contains("database on fire"),
         "{}",
@@ -464,18 +467,7 @@ async fn schema_keywords_beyond_types_reach_the_model_as_tool_errors() {
     let chat = s.chat().await;
     let events = s.run(&chat, "openai:gpt-test", "List").await;
     assert_eq!(answer_of(&events)["output"], "Fixed.");
-    let second = &s.fake.seen("/v1/chat/completions")[1].body["messages"];
-    let result = |id: &str| {
-        second
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["tool_call_id"] == id)
-            .unwrap()["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let result = |id: &str| s.tool_result(1, id);
     assert!(
         result("c1").contains("args.limit: 0 is less than the minimum of 1"),
         "{}",

@@ -7,7 +7,7 @@ use agentd::grpc::proto::ListAgentChatsRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
 use agentd::store::{ChatOwner, RunStatus};
-use common::db::{PgServer, TestDb};
+use common::db::{PgServer, TestDb, runs_of};
 use common::{Agentd, Events, deltas, new_chat, types};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -65,7 +65,7 @@ async fn the_second_run_of_a_chat_gets_the_first_exchange_and_the_rows_match_the
 
     let store = db.open().await;
     let chat_id: Uuid = chat.parse().unwrap();
-    let runs = store.runs(chat_id).await.unwrap();
+    let runs = runs_of(&store, chat_id).await;
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| r.status == RunStatus::Completed));
     assert_eq!(runs[0].output, deltas(&first));
@@ -259,7 +259,7 @@ async fn another_owners_chat_is_not_found_and_a_bad_chat_id_is_422() {
         response.json::<Value>().await.unwrap(),
         json!({"detail": "Chat not found"})
     );
-    assert!(store.runs(theirs.id).await.unwrap().is_empty());
+    assert!(runs_of(&store, theirs.id).await.is_empty());
 
     let response = server.ask("42", json!({"question": "q"})).await;
     assert_eq!(response.status(), 422);
@@ -371,7 +371,7 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
         .await;
     assert_eq!(types(&events).last().unwrap(), "done");
     let store = db.open().await;
-    assert_eq!(store.runs(chat.parse().unwrap()).await.unwrap().len(), 2);
+    assert_eq!(runs_of(&store, chat.parse().unwrap()).await.len(), 2);
     let ready: Value = server.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     store.close().await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{ChatOwner, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
-use common::db::TestDb;
+use common::db::{TestDb, runs_of};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -217,7 +217,7 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
             .unwrap();
         ids.push((run.id, status));
     }
-    let runs = store.runs(chat.id).await.unwrap();
+    let runs = runs_of(&store, chat.id).await;
     assert_eq!(runs.len(), 3);
     for (run, (id, status)) in runs.iter().zip(&ids) {
         assert_eq!((run.id, run.status), (*id, *status));
@@ -271,7 +271,7 @@ async fn deleting_a_chat_deletes_its_messages_and_runs(db: TestDb) {
     assert!(store.delete_chat(chat.id).await.unwrap());
     assert_eq!(store.get_run(run.id).await.unwrap(), None);
     assert!(store.messages(chat.id).await.unwrap().is_empty());
-    assert!(store.runs(chat.id).await.unwrap().is_empty());
+    assert!(runs_of(&store, chat.id).await.is_empty());
     store.close().await;
 }
 
@@ -357,7 +357,7 @@ async fn concurrent_runs_of_one_chat_get_distinct_message_indexes(db: TestDb) {
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let store = std::sync::Arc::clone(&store);
+        let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let run = new_run(chat.id, &format!("question {i}"));
             store.start_run(&run).await.unwrap();

@@ -8,7 +8,6 @@
 mod status;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +44,7 @@ pub const SERVICE_NAME: &str = "Superplane.Internal.Agents.Agents";
 
 #[derive(Debug, Clone)]
 pub struct AgentsService {
-    store: Arc<dyn SessionStore>,
+    store: SessionStore,
 }
 
 /// The health service and the handle that sets what it reports, SERVING from the start.
@@ -63,7 +62,7 @@ pub async fn health() -> (HealthReporter, HealthServer<impl Health>) {
 /// Serves the Agents and health services on `listener` until `stop` is cancelled and in-flight calls finish.
 pub async fn serve(
     listener: TcpListener,
-    store: Arc<dyn SessionStore>,
+    store: SessionStore,
     token: Option<String>,
     health_service: HealthServer<impl Health>,
     stop: CancellationToken,

@@ -41,7 +41,7 @@ pub struct AppState {
     pub tracker: StreamTracker,
     pub metrics: Arc<Metrics>,
     /// Pinged by `/readyz`.
-    pub store: Arc<dyn SessionStore>,
+    pub store: SessionStore,
     pub auth: Arc<AuthConfig>,
 }
 

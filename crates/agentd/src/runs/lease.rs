@@ -81,7 +81,7 @@ impl Drop for LiveRun {
 /// Keeps the leases of this process's runs fresh and marks the runs of stopped processes `interrupted`, from now
 /// until `stop`: once at once, then three times per lease.
 pub async fn maintain(
-    store: Arc<dyn SessionStore>,
+    store: SessionStore,
     live: LiveRuns,
     lease: Duration,
     stop: CancellationToken,

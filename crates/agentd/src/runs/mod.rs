@@ -43,7 +43,7 @@ const EVENT_BUFFER: usize = 32;
 /// What a run needs from the process, given once at start.
 #[derive(Debug)]
 pub struct RunServiceParts {
-    pub store: Arc<dyn SessionStore>,
+    pub store: SessionStore,
     pub providers: Providers,
     pub tools: ToolRegistry,
     pub models: ModelPolicy,
@@ -142,7 +142,7 @@ struct RunContext {
     client_gone: CancellationToken,
     interrupt: CancellationToken,
     metrics: Arc<Metrics>,
-    store: Arc<dyn SessionStore>,
+    store: SessionStore,
     live: LiveRuns,
     tools: ToolRegistry,
     /// Who the run acts for, as tools see it.
@@ -255,7 +255,7 @@ impl RunService {
             client_gone: client_gone.clone(),
             interrupt: self.inner.interrupt.clone(),
             metrics: Arc::clone(&parts.metrics),
-            store: Arc::clone(&parts.store),
+            store: parts.store.clone(),
             live: self.inner.live.clone(),
             tools: parts.tools.clone(),
             tool_context,
@@ -316,7 +316,7 @@ async fn run(
         model: ctx.model_id.clone(),
         canvas_id: ctx.canvas_id.clone(),
     };
-    let mut recorder = Recorder::new(Arc::clone(&ctx.store), ctx.run_id);
+    let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id);
     let result = match out.emit(run_started).await {
         Err(stop) => Err(stop),
         Ok(()) => tokio::select! {

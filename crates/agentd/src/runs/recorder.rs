@@ -5,7 +5,6 @@
 //! text of the last 250 ms. How the run ended is stored before the client is told: the answer's messages and usage
 //! for a completed run, the error for a failed one, and the partial answer for an interrupted one.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -19,7 +18,7 @@ pub const SAVE_EVERY: Duration = Duration::from_millis(250);
 /// What the run has produced so far; kept outside the cancellable loop so an interrupted run still has it.
 #[derive(Debug)]
 pub(super) struct Recorder {
-    store: Arc<dyn SessionStore>,
+    store: SessionStore,
     run_id: Uuid,
     /// The answer text so far, across steps.
     pub output: String,
@@ -32,7 +31,7 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(store: Arc<dyn SessionStore>, run_id: Uuid) -> Self {
+    pub fn new(store: SessionStore, run_id: Uuid) -> Self {
         let mut save_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + SAVE_EVERY, SAVE_EVERY);
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

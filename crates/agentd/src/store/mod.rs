@@ -1,7 +1,10 @@
 //! The session store: chats, their messages and their runs.
 //!
-//! [`SessionStore`] is what the rest of the code uses; [`sqlite`] (the embedded default) and [`postgres`] (for several
-//! replicas sharing one store) implement it with the same behaviour, checked by one test suite run against both.
+//! [`SessionStore`] is what the rest of the code uses, on SQLite (the embedded default, `sqlite.rs`) or PostgreSQL (for
+//! several replicas sharing one store, `postgres.rs`). Every query is written once (`chats.rs`, `runs.rs`) with
+//! `$N` placeholders; `db.rs` binds and reads values in each backend's types (UUID text and Unix milliseconds in
+//! SQLite, `uuid` and `timestamptz` in PostgreSQL) and fills the few SQL fragments that differ. One test suite checks
+//! the same behaviour on both.
 //!
 //! Writes that must agree happen in one transaction: starting a run stores the run row and the user's prompt (and
 //! sets the chat's `initial_message` from its first prompt); finishing a run stores its messages, its end state and
@@ -14,22 +17,20 @@
 //! it `interrupted`, keeping its partial answer. A live run always has a fresh heartbeat, so no replica marks another
 //! live replica's runs, nor its own.
 
-pub mod postgres;
-pub mod sqlite;
+mod chats;
+mod db;
+mod postgres;
+mod runs;
+mod sqlite;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::model::{Message, Usage};
-
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+use db::Db;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
 #[derive(Debug, Clone)]
@@ -48,11 +49,39 @@ impl StoreConfig {
 }
 
 /// Connects and applies the migrations of the configured backend.
-pub async fn open(config: &StoreConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
-    Ok(match config {
-        StoreConfig::Sqlite(options) => Arc::new(sqlite::SqliteStore::open(options.clone()).await?),
-        StoreConfig::Postgres(options) => Arc::new(postgres::PgStore::open(options.clone()).await?),
-    })
+pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
+    let db = match config {
+        StoreConfig::Sqlite(options) => Db::Sqlite(sqlite::open(options.clone()).await?),
+        StoreConfig::Postgres(options) => Db::Postgres(postgres::open(options.clone()).await?),
+    };
+    Ok(SessionStore { db })
+}
+
+/// The session store, on whichever backend was configured; cheap to clone (the pools are shared).
+///
+/// Its methods are grouped by aggregate: chats and their messages (`chats.rs`), runs and their leases (`runs.rs`).
+/// One concrete type rather than a trait per aggregate: there is one implementation, written once over both
+/// backends (`db.rs` hides where they differ), so a trait would only add boxed futures or generics.
+#[derive(Debug, Clone)]
+pub struct SessionStore {
+    db: Db,
+}
+
+impl SessionStore {
+    pub fn backend(&self) -> &'static str {
+        self.db.backend()
+    }
+
+    /// Succeeds when the store answers a trivial query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.read().await?.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// Closes every connection; waits for those in use to be returned.
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,64 +222,8 @@ pub struct RunEnd {
     pub messages: Vec<Message>,
 }
 
-pub trait SessionStore: Send + Sync + fmt::Debug {
-    /// Succeeds when the store answers a trivial query.
-    fn ping(&self) -> StoreFuture<'_, ()>;
-
-    fn create_chat<'a>(&'a self, owner: &'a ChatOwner) -> StoreFuture<'a, Chat>;
-
-    /// Creates the chat with this id unless it exists; returns the chat either way.
-    fn ensure_chat<'a>(&'a self, id: Uuid, owner: &'a ChatOwner) -> StoreFuture<'a, Chat>;
-
-    fn get_chat(&self, id: Uuid) -> StoreFuture<'_, Option<Chat>>;
-
-    /// The owner's chats, newest first.
-    fn list_chats<'a>(&'a self, owner: &'a ChatOwner) -> StoreFuture<'a, Vec<Chat>>;
-
-    /// Token usage summed over every chat of the organisation (zeros when it has none).
-    fn org_usage<'a>(&'a self, org_id: &'a str) -> StoreFuture<'a, Usage>;
-
-    /// Deletes the chat with its messages and runs; false when there was none.
-    fn delete_chat(&self, id: Uuid) -> StoreFuture<'_, bool>;
-
-    /// The chat's messages in order.
-    fn messages(&self, chat_id: Uuid) -> StoreFuture<'_, Vec<StoredMessage>>;
-
-    /// Stores the run as `running` and its prompt as the chat's next message, in one transaction.
-    fn start_run<'a>(&'a self, run: &'a NewRun) -> StoreFuture<'a, ()>;
-
-    /// Saves the answer so far of a running run.
-    fn save_partial<'a>(&'a self, run_id: Uuid, output: &'a str) -> StoreFuture<'a, ()>;
-
-    /// Records how the run ended, its messages, and adds its usage to the chat's totals, in one transaction.
-    fn finish_run<'a>(&'a self, run_id: Uuid, end: &'a RunEnd) -> StoreFuture<'a, ()>;
-
-    fn get_run(&self, id: Uuid) -> StoreFuture<'_, Option<Run>>;
-
-    /// The chat's runs, oldest first.
-    fn runs(&self, chat_id: Uuid) -> StoreFuture<'_, Vec<Run>>;
-
-    /// Refreshes the heartbeat of these runs (the ones this process is driving); returns how many were running.
-    fn heartbeat<'a>(&'a self, runs: &'a [Uuid]) -> StoreFuture<'a, u64>;
-
-    /// Marks `interrupted` every running run whose heartbeat is older than `lease`, keeping its partial answer.
-    fn interrupt_stale(&self, lease: Duration) -> StoreFuture<'_, Vec<Uuid>>;
-
-    /// Closes every connection; waits for those in use to be returned.
-    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-}
-
 /// What an interrupted run left by a stopped process is told, in its `error`.
 pub const STALE_RUN_ERROR: &str = "the process running it stopped before the run ended";
-
-fn encode_message(message: &Message) -> Result<String, StoreError> {
-    serde_json::to_string(message)
-        .map_err(|e| StoreError::Corrupt(format!("message does not serialize: {e}")))
-}
-
-fn decode_message(json: &str) -> Result<Message, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("stored message: {e}")))
-}
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)

@@ -7,9 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use agentd::store::{self, SessionStore, StoreConfig};
+use agentd::store::{self, Run, SessionStore, StoreConfig};
 use sqlx::Connection;
 use uuid::Uuid;
 
@@ -60,7 +60,7 @@ impl TestDb {
     }
 
     /// Opens (and migrates) the store, as agentd would.
-    pub async fn open(&self) -> Arc<dyn SessionStore> {
+    pub async fn open(&self) -> SessionStore {
         let config = match self {
             Self::Sqlite { url, .. } => StoreConfig::Sqlite(url.parse().unwrap()),
             Self::Postgres { url } => StoreConfig::Postgres(url.parse().unwrap()),
@@ -89,6 +89,27 @@ impl TestDb {
             }
         }
     }
+}
+
+/// The chat's runs, oldest first: the runs its messages name (a run stores its prompt when it starts).
+pub async fn runs_of(store: &SessionStore, chat_id: uuid::Uuid) -> Vec<Run> {
+    let mut ids = Vec::new();
+    for message in store.messages(chat_id).await.unwrap() {
+        if let Some(id) = message.run_id.filter(|id| !ids.contains(id)) {
+            ids.push(id);
+        }
+    }
+    let mut runs = Vec::new();
+    for id in ids {
+        runs.push(
+            store
+                .get_run(id)
+                .await
+                .unwrap()
+                .expect("a run its messages name"),
+        );
+    }
+    runs
 }
 
 fn shared_admin_url() -> String {

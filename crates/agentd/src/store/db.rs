@@ -1,0 +1,343 @@
+//! Where the two backends differ, in one place: connections, how values are bound and read, and a few SQL fragments.
+//!
+//! Queries are written once, with `$N` placeholders (SQLite reads `$N` as the Nth argument too) and `{token}`s for
+//! the fragments that differ ([`Db::sql`]). Values are bound as [`Arg`]s and read through [`Row`], which turn them
+//! into each backend's own types: SQLite keeps ids as UUID text, times as Unix milliseconds and messages as JSON
+//! text; PostgreSQL has `uuid`, `timestamptz` and `jsonb`. Times come from the database (`{now}`), so PostgreSQL
+//! replicas with skewed clocks still agree on which heartbeats are stale.
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPool, PgRow, Postgres};
+use sqlx::sqlite::{Sqlite, SqliteRow};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Decode, Row as _, Transaction, Type};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::StoreError;
+use super::sqlite::SqliteDb;
+use crate::model::Message;
+
+/// The configured backend's connections.
+#[derive(Debug, Clone)]
+pub(super) enum Db {
+    Sqlite(SqliteDb),
+    Postgres(PgPool),
+}
+
+/// A value to bind, in the store's own terms.
+#[derive(Debug)]
+pub(super) enum Arg<'a> {
+    Id(Uuid),
+    /// Several ids, matched by `{id_in_list}`.
+    Ids(&'a [Uuid]),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Int(i64),
+    Message(&'a Message),
+}
+
+/// A connection taken for a few statements, or a transaction.
+#[derive(Debug)]
+pub(super) enum Conn {
+    Sqlite(PoolConnection<Sqlite>),
+    Postgres(PoolConnection<Postgres>),
+    SqliteTx(Transaction<'static, Sqlite>),
+    PostgresTx(Transaction<'static, Postgres>),
+}
+
+/// A row of either backend.
+#[derive(Debug)]
+pub(super) enum Row {
+    Sqlite(SqliteRow),
+    Postgres(PgRow),
+}
+
+impl Db {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A connection for reads (in SQLite, one of the read-only pool, beside the writer).
+    pub async fn read(&self) -> Result<Conn, StoreError> {
+        Ok(match self {
+            Self::Sqlite(db) => Conn::Sqlite(db.readers.acquire().await?),
+            Self::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+        })
+    }
+
+    /// The connection for a write outside a transaction (in SQLite, the one writer).
+    pub async fn write(&self) -> Result<Conn, StoreError> {
+        Ok(match self {
+            Self::Sqlite(db) => Conn::Sqlite(db.writer.acquire().await?),
+            Self::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+        })
+    }
+
+    /// A write transaction; it rolls back unless [`Conn::commit`] is called.
+    pub async fn begin(&self) -> Result<Conn, StoreError> {
+        Ok(match self {
+            Self::Sqlite(db) => Conn::SqliteTx(db.writer.begin().await?),
+            Self::Postgres(pool) => Conn::PostgresTx(pool.begin().await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(db) => db.close().await,
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// The SQL of `template` for this backend: its `{token}`s replaced by the backend's fragment.
+///
+/// | token | SQLite | PostgreSQL |
+/// |---|---|---|
+/// | `{now}` | Unix milliseconds, from the database | `now()` |
+/// | `{ms}` | the bound milliseconds | an interval of that many milliseconds |
+/// | `{id_in_list}` | `id IN` the JSON array bound | `id = ANY` the array bound |
+/// | `{order}` | `rowid` (insertion order) | `id` |
+fn sql(conn: &Conn, template: &str) -> String {
+    let sqlite = matches!(conn, Conn::Sqlite(_) | Conn::SqliteTx(_));
+    let fragments: [(&str, &str); 4] = if sqlite {
+        [
+            ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
+            ("{ms}", "$2"),
+            ("{id_in_list}", "id IN (SELECT value FROM json_each($1))"),
+            ("{order}", "rowid"),
+        ]
+    } else {
+        [
+            ("{now}", "now()"),
+            (
+                "{ms}",
+                "(CAST($2 AS DOUBLE PRECISION) * interval '1 millisecond')",
+            ),
+            ("{id_in_list}", "id = ANY($1)"),
+            ("{order}", "id"),
+        ]
+    };
+    fragments
+        .iter()
+        .fold(template.to_owned(), |sql, (token, fragment)| {
+            sql.replace(token, fragment)
+        })
+}
+
+/// Binds `args` in order to a query of either backend (a macro: the two query types share no trait for `bind`).
+macro_rules! bind_args {
+    ($query:expr, $args:expr, $id:expr, $ids:expr, $message:expr) => {{
+        let mut query = $query;
+        for arg in $args {
+            query = match arg {
+                Arg::Id(id) => query.bind($id(*id)),
+                Arg::Ids(ids) => query.bind($ids(ids)?),
+                Arg::Text(text) => query.bind(*text),
+                Arg::OptText(text) => query.bind(*text),
+                Arg::Int(n) => query.bind(*n),
+                Arg::Message(message) => query.bind($message(message)?),
+            };
+        }
+        query
+    }};
+}
+
+fn sqlite_id(id: Uuid) -> String {
+    id.to_string()
+}
+
+fn sqlite_ids(ids: &[Uuid]) -> Result<String, StoreError> {
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn sqlite_message(message: &Message) -> Result<String, StoreError> {
+    serde_json::to_string(message)
+        .map_err(|e| StoreError::Corrupt(format!("message does not serialize: {e}")))
+}
+
+fn pg_ids(ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    Ok(ids.to_vec())
+}
+
+fn pg_message(message: &Message) -> Result<Json<&Message>, StoreError> {
+    Ok(Json(message))
+}
+
+impl Conn {
+    /// Runs a statement; how many rows it changed.
+    pub async fn execute(&mut self, template: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+        let sql = AssertSqlSafe(sql(self, template));
+        Ok(match self {
+            Self::Sqlite(conn) => sqlite_query(sql, args)?
+                .execute(&mut **conn)
+                .await?
+                .rows_affected(),
+            Self::SqliteTx(tx) => sqlite_query(sql, args)?
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            Self::Postgres(conn) => pg_query(sql, args)?
+                .execute(&mut **conn)
+                .await?
+                .rows_affected(),
+            Self::PostgresTx(tx) => pg_query(sql, args)?
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    pub async fn fetch_all(
+        &mut self,
+        template: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        let sql = AssertSqlSafe(sql(self, template));
+        Ok(match self {
+            Self::Sqlite(conn) => rows(sqlite_query(sql, args)?.fetch_all(&mut **conn).await?),
+            Self::SqliteTx(tx) => rows(sqlite_query(sql, args)?.fetch_all(&mut **tx).await?),
+            Self::Postgres(conn) => rows(pg_query(sql, args)?.fetch_all(&mut **conn).await?),
+            Self::PostgresTx(tx) => rows(pg_query(sql, args)?.fetch_all(&mut **tx).await?),
+        })
+    }
+
+    pub async fn fetch_optional(
+        &mut self,
+        template: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.fetch_all(template, args).await?.into_iter().next())
+    }
+
+    pub async fn fetch_one(&mut self, template: &str, args: &[Arg<'_>]) -> Result<Row, StoreError> {
+        self.fetch_optional(template, args).await?.ok_or_else(|| {
+            StoreError::Corrupt("a query that always answers gave no row".to_owned())
+        })
+    }
+
+    /// Commits a transaction; a plain connection has nothing to commit.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Self::SqliteTx(tx) => tx.commit().await?,
+            Self::PostgresTx(tx) => tx.commit().await?,
+            Self::Sqlite(_) | Self::Postgres(_) => {}
+        }
+        Ok(())
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments>;
+
+fn sqlite_query<'q>(
+    sql: AssertSqlSafe<String>,
+    args: &'q [Arg<'q>],
+) -> Result<SqliteQuery<'q>, StoreError> {
+    Ok(bind_args!(
+        sqlx::query::<Sqlite>(sql),
+        args,
+        sqlite_id,
+        sqlite_ids,
+        sqlite_message
+    ))
+}
+
+fn pg_query<'q>(
+    sql: AssertSqlSafe<String>,
+    args: &'q [Arg<'q>],
+) -> Result<PgQuery<'q>, StoreError> {
+    Ok(bind_args!(
+        sqlx::query::<Postgres>(sql),
+        args,
+        std::convert::identity,
+        pg_ids,
+        pg_message
+    ))
+}
+
+fn rows<R>(rows: Vec<R>) -> Vec<Row>
+where
+    Row: From<R>,
+{
+    rows.into_iter().map(Row::from).collect()
+}
+
+impl From<SqliteRow> for Row {
+    fn from(row: SqliteRow) -> Self {
+        Self::Sqlite(row)
+    }
+}
+
+impl From<PgRow> for Row {
+    fn from(row: PgRow) -> Self {
+        Self::Postgres(row)
+    }
+}
+
+impl Row {
+    /// A column whose type is the same in both backends (text, integers).
+    pub fn get<T>(&self, column: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> Decode<'r, Sqlite>
+            + Type<Sqlite>
+            + for<'r> Decode<'r, Postgres>
+            + Type<Postgres>,
+    {
+        Ok(match self {
+            Self::Sqlite(row) => row.try_get(column)?,
+            Self::Postgres(row) => row.try_get(column)?,
+        })
+    }
+
+    pub fn uuid(&self, column: &str) -> Result<Uuid, StoreError> {
+        self.opt_uuid(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
+    }
+
+    pub fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
+        match self {
+            Self::Sqlite(row) => row
+                .try_get::<Option<String>, _>(column)?
+                .map(|text| {
+                    Uuid::parse_str(&text)
+                        .map_err(|e| StoreError::Corrupt(format!("{column} {text:?}: {e}")))
+                })
+                .transpose(),
+            Self::Postgres(row) => Ok(row.try_get(column)?),
+        }
+    }
+
+    pub fn time(&self, column: &str) -> Result<OffsetDateTime, StoreError> {
+        self.opt_time(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
+    }
+
+    pub fn opt_time(&self, column: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        match self {
+            Self::Sqlite(row) => row
+                .try_get::<Option<i64>, _>(column)?
+                .map(|ms| {
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
+                })
+                .transpose(),
+            Self::Postgres(row) => Ok(row.try_get(column)?),
+        }
+    }
+
+    pub fn message(&self, column: &str) -> Result<Message, StoreError> {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("stored message: {e}"));
+        match self {
+            Self::Sqlite(row) => serde_json::from_str(row.try_get(column)?).map_err(corrupt),
+            Self::Postgres(row) => {
+                let Json(message) = row.try_get(column)?;
+                Ok(message)
+            }
+        }
+    }
+}
