@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use uuid::Uuid;
 
@@ -17,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::model::Providers;
 use crate::runs::{RunService, RunServiceParts, lease};
 use crate::secret::Secret;
-use crate::shutdown::{self, Lifecycle, Signal, Stoppable};
+use crate::shutdown::{Component, Lifecycle, Shutdown, Signal, Stage, Stages};
 use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
 use crate::tools::ToolRegistry;
@@ -75,6 +73,11 @@ pub struct Application {
     listener: TcpListener,
     grpc_listener: TcpListener,
     state: AppState,
+    /// Every component the shutdown stops, registered here in its stage.
+    stages: Stages,
+    http: Component,
+    grpc: Component,
+    leases: Component,
 }
 
 impl Application {
@@ -113,23 +116,36 @@ impl Application {
             max_streams,
             "stream admission limit set"
         );
+        let mut stages = Stages::default();
+        let closing = stages.register(Stage::Store, "store", None);
+        let (stop, to_close) = (closing.stop.clone(), store.clone());
+        closing.spawn(async move {
+            stop.cancelled().await;
+            to_close.close().await;
+        });
         let metrics = Arc::new(Metrics::default());
         let tracker = StreamTracker::new(Some(max_streams));
-        let runs = RunService::new(RunServiceParts {
-            store: store.clone(),
-            providers: Providers::new(
-                config.providers.openai.clone(),
-                config.providers.anthropic.clone(),
-                config.providers.connect_timeout,
-                config.providers.idle_timeout,
-            ),
-            tools,
-            models: config.models.clone(),
-            metrics: Arc::clone(&metrics),
-            tracker: tracker.clone(),
-            max_steps: config.max_steps,
-            instance_id,
-        });
+        let runs = RunService::new(
+            RunServiceParts {
+                store: store.clone(),
+                providers: Providers::new(
+                    config.providers.openai.clone(),
+                    config.providers.anthropic.clone(),
+                    config.providers.connect_timeout,
+                    config.providers.idle_timeout,
+                ),
+                tools,
+                models: config.models.clone(),
+                metrics: Arc::clone(&metrics),
+                tracker: tracker.clone(),
+                max_steps: config.max_steps,
+                instance_id,
+            },
+            stages.register(Stage::Runs, "runs", None),
+        );
+        let http = stages.register(Stage::Servers, "http", None);
+        let grpc = stages.register(Stage::Servers, "grpc", Some(config.grpc_grace));
+        let leases = stages.register(Stage::Background, "leases", None);
         let state = AppState {
             runs,
             lifecycle: Arc::new(Lifecycle::default()),
@@ -143,6 +159,10 @@ impl Application {
             listener,
             grpc_listener,
             state,
+            stages,
+            http,
+            grpc,
+            leases,
         })
     }
 
@@ -169,15 +189,17 @@ impl Application {
             listener,
             grpc_listener,
             state,
+            stages,
+            http,
+            grpc,
+            leases,
         } = self;
         let router = http::router(state.clone(), &config.cors_origins);
-        let http_stop = CancellationToken::new();
-        let http_connections = TaskTracker::new();
-        let http_server = tokio::spawn(http::server::serve(
+        http.spawn(http::server::serve(
             listener,
             router,
-            http_stop.clone(),
-            http_connections.clone(),
+            http.stop.clone(),
+            http.tasks.clone(),
         ));
         if config.auth.secret.is_none() {
             tracing::warn!(
@@ -186,20 +208,23 @@ impl Application {
         }
         grpc::warn_if_open(grpc_addr, config.grpc_token.as_ref().map(Secret::expose));
         let (grpc_health, health_service) = grpc::health().await;
-        let grpc_stop = CancellationToken::new();
-        let grpc_server = tokio::spawn(grpc::serve(
+        let served = grpc::serve(
             grpc_listener,
             state.store.clone(),
             config.grpc_token.as_ref().map(|t| t.expose().to_owned()),
             health_service,
-            grpc_stop.clone(),
-        ));
-        let leases_stop = CancellationToken::new();
-        let leases = tokio::spawn(lease::maintain(
+            grpc.stop.clone(),
+        );
+        grpc.spawn(async move {
+            if let Err(error) = served.await {
+                tracing::error!(%error, "the gRPC server failed");
+            }
+        });
+        leases.spawn(lease::maintain(
             state.store.clone(),
             state.runs.live().clone(),
             config.run_lease,
-            leases_stop.clone(),
+            leases.stop.clone(),
         ));
         tracing::info!(%http_addr, %grpc_addr, default_model = %config.default_model, "agentd is serving");
 
@@ -207,22 +232,14 @@ impl Application {
             tracing::warn!("signal listener ended; shutting down");
             return;
         };
-        let parts = Stoppable {
+        let shutdown = Shutdown {
             lifecycle: state.lifecycle,
             tracker: state.tracker,
             metrics: state.metrics,
-            runs: state.runs,
-            http_stop,
-            http_connections,
-            http_server,
+            live_runs: state.runs.live().clone(),
             grpc_health,
-            grpc_stop,
-            grpc_server,
-            grpc_grace: config.grpc_grace,
-            leases_stop,
-            leases,
-            store: state.store,
+            stages: Arc::new(stages),
         };
-        shutdown::shut_down(parts, config.budget, first, &mut signals).await;
+        shutdown.run(config.budget, first, &mut signals).await;
     }
 }

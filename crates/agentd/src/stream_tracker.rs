@@ -9,13 +9,9 @@
 //! a body that is never polled, a handler that panics after admission.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// How often [`StreamTracker::wait_for_drain`] logs the number of streams still open.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a stream was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,24 +103,12 @@ impl StreamTracker {
         self.state.borrow().open
     }
 
-    /// Waits until no stream is open or `deadline` passes, logging the open count every 5 s.
+    /// Waits until no stream is open or `deadline` passes.
     pub async fn wait_for_drain(&self, deadline: Instant) -> DrainOutcome {
         let mut rx = self.state.subscribe();
-        let mut progress =
-            tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-        let drained = rx.wait_for(|state| state.open == 0);
-        tokio::pin!(drained);
-        loop {
-            tokio::select! {
-                _ = &mut drained => return DrainOutcome::Drained,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return DrainOutcome::TimedOut { open: self.open() };
-                }
-                _ = progress.tick() => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tracing::info!(open_streams = self.open(), left_s = left.as_secs(), "draining: streams still open");
-                }
-            }
+        tokio::select! {
+            _ = rx.wait_for(|state| state.open == 0) => DrainOutcome::Drained,
+            () = tokio::time::sleep_until(deadline) => DrainOutcome::TimedOut { open: self.open() },
         }
     }
 }
@@ -143,6 +127,8 @@ impl Drop for StreamGuard {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn far() -> Instant {

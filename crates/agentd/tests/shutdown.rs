@@ -73,6 +73,26 @@ async fn a_stream_longer_than_the_drain_is_interrupted_visibly() {
 }
 
 #[tokio::test]
+async fn the_drain_progress_line_names_the_oldest_runs() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "6"), ("SHUTDOWN_TIMEOUT", "20")]).await;
+    let mut old = server.stream(&new_chat(), slow(100)).await;
+    let old_run = old.next_data().await["run_id"].as_str().unwrap().to_owned();
+    let mut young = server.stream(&new_chat(), slow(100)).await;
+    let young_run = young.next_data().await["run_id"].as_str().unwrap().to_owned();
+    server.signal("TERM");
+
+    let progress = server.wait_for_log("draining: streams still open").await;
+    assert_eq!(progress["open_streams"], 2);
+    assert_eq!(progress["runs"], 2);
+    let named = progress["oldest_runs"].as_str().unwrap();
+    let (at_old, at_young) = (named.find(&old_run), named.find(&young_run));
+    assert!(at_old.is_some() && at_young.is_some(), "{named}");
+    assert!(at_old < at_young, "oldest first: {named}");
+    drop((old, young));
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
 async fn a_second_signal_during_the_drain_closes_at_once() {
     let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "120"), ("SHUTDOWN_TIMEOUT", "150")]).await;
     let mut stream = server.stream(&new_chat(), slow(100)).await;
@@ -163,6 +183,9 @@ async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
     assert_eq!(status.code(), Some(1));
     let stuck = server.wait_for_log("shutdown timeout reached").await;
     assert_eq!(stuck["open_streams"], 1);
+    // The run cannot hand its last events to a client that does not read: the watchdog names its stage.
+    let pending = stuck["pending"].as_str().unwrap();
+    assert!(pending.contains("(\"runs\", 1)"), "{pending}");
     drop(socket);
 }
 

@@ -35,9 +35,9 @@ const NO_FDS_RESPONSE: &[u8] =
 retry-after: 1\r\nconnection: close\r\ncontent-length: 66\r\n\r\n\
 {\"detail\":\"Stream limit reached (open-file limit); retry shortly\"}";
 
-/// Serves `router` on `listener` until `stop` is cancelled and every connection has closed.
+/// Serves `router` on `listener` until `stop` is cancelled; each connection then finishes the response it is writing.
 ///
-/// `connections` tracks the connection tasks, so the caller can report how many are still open.
+/// `connections` tracks the connection tasks, so the caller can wait for them and report how many are still open.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -104,8 +104,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    connections.close();
-    connections.wait().await;
 }
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the

@@ -6,7 +6,7 @@
 //!
 //! A run is driven by its own task and sends numbered events ([`events`]) into a channel that the response body
 //! reads. The task races every step against two signals: the client going away (the body was dropped) and the
-//! shutdown deadline ([`RunService::interrupt_all`]). Whatever ends the run, the task ends with it: a client that
+//! shutdown deadline (the run service's shutdown component is stopped). Whatever ends the run, the task ends with it: a client that
 //! leaves stops the model at its next await, and the shutdown deadline ends the stream with `run_interrupted` +
 //! `done`. What is stored when is the recorder's business; the model ↔ tools loop is the engine's; the
 //! leases that let another replica tell a dead run from a live one are [`lease`]'s.
@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::metrics::{Metrics, RunOutcome};
 use crate::model::{Message, Model, ModelPolicy, ModelSpec, Providers};
+use crate::shutdown::Component;
 use crate::store::{ChatOwner, NewRun, RunStatus, SessionStore, StoreError};
 use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
@@ -65,10 +65,9 @@ pub struct RunService {
 struct Inner {
     parts: RunServiceParts,
     live: LiveRuns,
-    /// Cancelled at the drain deadline: every run still going ends with `run_interrupted`.
-    interrupt: CancellationToken,
-    /// Every run task, so shutdown can wait for each to record its end.
-    tasks: TaskTracker,
+    /// Stopped at the drain deadline: every run still going ends with `run_interrupted`. Its tracker holds every
+    /// run task, so shutdown waits for each to record its end.
+    component: Component,
 }
 
 /// What a client asks for: a question, and the model if not the default.
@@ -151,13 +150,13 @@ struct RunContext {
 }
 
 impl RunService {
-    pub fn new(parts: RunServiceParts) -> Self {
+    /// The service; its runs are the tasks of `component`, and stop when it is told to.
+    pub fn new(parts: RunServiceParts, component: Component) -> Self {
         Self {
             inner: Arc::new(Inner {
                 parts,
                 live: LiveRuns::default(),
-                interrupt: CancellationToken::new(),
-                tasks: TaskTracker::new(),
+                component,
             }),
         }
     }
@@ -253,7 +252,7 @@ impl RunService {
             history,
             question: request.question,
             client_gone: client_gone.clone(),
-            interrupt: self.inner.interrupt.clone(),
+            interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
             store: parts.store.clone(),
             live: self.inner.live.clone(),
@@ -262,7 +261,7 @@ impl RunService {
             max_steps: parts.max_steps,
         };
         tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
-        self.inner.tasks.spawn(drive(ctx, tx));
+        self.inner.component.tasks.spawn(drive(ctx, tx));
         Ok(RunHandle {
             run_id,
             events,
@@ -274,22 +273,6 @@ impl RunService {
     fn rejected(&self, rejection: Rejection) -> StartError {
         self.inner.parts.metrics.stream_rejected(rejection);
         StartError::Rejected(rejection)
-    }
-
-    /// Ends every run still going with `run_interrupted` (the drain deadline).
-    pub fn interrupt_all(&self) {
-        self.inner.interrupt.cancel();
-    }
-
-    /// Run tasks not yet finished.
-    pub fn running(&self) -> usize {
-        self.inner.tasks.len()
-    }
-
-    /// Waits until every run task has recorded its end; no run starts after this is called.
-    pub async fn wait_for_runs(&self) {
-        self.inner.tasks.close();
-        self.inner.tasks.wait().await;
     }
 }
 

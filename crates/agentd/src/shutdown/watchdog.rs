@@ -1,0 +1,29 @@
+//! The hard deadline: a plain thread that ends the process at `SHUTDOWN_TIMEOUT`, naming what was still running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{EXIT_FORCED, Lifecycle, Stages};
+use crate::stream_tracker::StreamTracker;
+
+/// Ends the process at `timeout` from now if it is still running then, saying what is left. A plain thread, so a
+/// blocked or overloaded runtime cannot hold it up.
+pub(super) fn spawn(
+    timeout: Duration,
+    lifecycle: Arc<Lifecycle>,
+    tracker: StreamTracker,
+    stages: Arc<Stages>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(timeout);
+            tracing::error!(phase = ?lifecycle.phase(), open_streams = tracker.open(),
+                pending = ?stages.pending(), timeout_s = timeout.as_secs_f64(),
+                "shutdown timeout reached with work still running; exiting");
+            std::process::exit(EXIT_FORCED);
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "could not start the shutdown watchdog; SHUTDOWN_TIMEOUT is not enforced");
+    }
+}
