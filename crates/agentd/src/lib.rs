@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → runs → {model, tools, auth,
-//! store} → {error, secret}. Nothing lower imports anything higher.
+//! store} → {error, secret, stages}. Nothing lower imports anything higher.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -11,6 +11,7 @@
 //! | [`config`] | typed settings, with the checks that need no I/O (the shutdown budget); never imports `cli` |
 //! | [`startup`] | build (load the tools file, bind, open the store, assemble the run service) and run until a signal |
 //! | [`shutdown`] | signal → readiness off → delay → drain (deadline, progress logs) → close, in one place |
+//! | [`stages`] | the components shutdown stops, registered at build time in ordered stages |
 //! | [`http`] | router, state, thin routes, the token extractor, HTTP errors, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
 //! | [`runs`] | the run service (start), the SSE events and their ids, the engine (model ↔ tools), the recorder (what is stored when), leases |
@@ -35,6 +36,7 @@ pub mod model;
 pub mod runs;
 pub mod secret;
 pub mod shutdown;
+pub mod stages;
 pub mod startup;
 pub mod store;
 pub mod stream_tracker;

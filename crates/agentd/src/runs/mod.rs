@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::auth::{AuthError, Identity};
 use crate::metrics::{Metrics, RunOutcome};
 use crate::model::{Message, Model, ModelPolicy, ModelSpec, Providers};
-use crate::shutdown::Component;
+use crate::stages::Component;
 use crate::store::{ChatOwner, NewRun, RunStatus, SessionStore, StoreError};
 use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};

@@ -20,7 +20,6 @@
 //! is: a timeout around a future would not stop tasks that were spawned.
 
 mod signals;
-mod stages;
 mod watchdog;
 
 use std::sync::Arc;
@@ -35,9 +34,9 @@ use crate::config::ShutdownBudget;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::runs::LiveRuns;
+use crate::stages::{Stage, Stages};
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
 pub use signals::{Signal, os_signals};
-pub use stages::{Component, Stage, Stages};
 
 /// Exit code when the hard deadline ends the process with work still running.
 pub const EXIT_FORCED: i32 = 1;

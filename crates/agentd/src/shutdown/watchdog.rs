@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{EXIT_FORCED, Lifecycle, Stages};
+use super::{EXIT_FORCED, Lifecycle};
+use crate::stages::Stages;
 use crate::stream_tracker::StreamTracker;
 
 /// Ends the process at `timeout` from now if it is still running then, saying what is left. A plain thread, so a

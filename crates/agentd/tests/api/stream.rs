@@ -1,8 +1,6 @@
 //! The stream route and the other routes, through the real binary.
 
-mod common;
-
-use common::{Agentd, deltas, new_chat, types};
+use crate::common::{Agentd, deltas, new_chat, types};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -365,7 +363,7 @@ async fn the_open_file_limit_caps_streams_and_beyond_it_connections_get_a_clear_
             .await
             .unwrap();
         let mut answer = vec![0; 1024];
-        let n = tokio::time::timeout(common::PATIENCE, socket.read(&mut answer))
+        let n = tokio::time::timeout(crate::common::PATIENCE, socket.read(&mut answer))
             .await
             .expect("every client gets an answer, none hangs")
             .unwrap();
@@ -397,7 +395,7 @@ async fn the_open_file_limit_caps_streams_and_beyond_it_connections_get_a_clear_
 
     // Once the clients let go, the server serves again, as the refusal's Retry-After promised.
     drop(held);
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + crate::common::PATIENCE;
     loop {
         let status = server.get("/healthz").await.status();
         if status == 200 {

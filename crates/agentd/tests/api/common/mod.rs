@@ -3,8 +3,6 @@
 //! The server is started with `HTTP_ADDR=127.0.0.1:0` and JSON logs; the harness reads the bound address from the
 //! "agentd is serving" log line, so no test guesses a port or sleeps to let the server start.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 pub mod db;
 pub mod upstream;
 

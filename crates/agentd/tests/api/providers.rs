@@ -1,17 +1,15 @@
 //! Real model providers and tools, against a local fake provider that speaks each real streaming wire format.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::upstream::{FakeUpstream, Reply, anthropic, openai};
+use crate::common::{Agentd, Events, deltas, types};
 use agentd::auth;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::grpc::proto::{
     CreateAgentChatRequest, DescribeAgentChatRequest, DescribeOrganizationAgentUsageRequest,
 };
 use agentd::secret::Secret;
-use common::upstream::{FakeUpstream, Reply, anthropic, openai};
-use common::{Agentd, Events, deltas, types};
 use serde_json::{Value, json};
 
 const SECRET: &str = "provider-tests-secret";
@@ -678,7 +676,7 @@ async fn a_model_outside_the_allow_list_is_422_and_dev_mode_refuses_real_models(
     .await;
     let response = dev
         .ask(
-            &common::new_chat(),
+            &crate::common::new_chat(),
             json!({"question": "q", "model": "openai:gpt-test"}),
         )
         .await;
@@ -692,7 +690,7 @@ async fn a_model_outside_the_allow_list_is_422_and_dev_mode_refuses_real_models(
         "{body}"
     );
     assert_eq!(
-        dev.ask(&common::new_chat(), json!({"question": "q"}))
+        dev.ask(&crate::common::new_chat(), json!({"question": "q"}))
             .await
             .status(),
         200

@@ -1,14 +1,12 @@
 //! Runs are durable: what the binary streams is what the store keeps, through crashes, shutdowns, disconnects and
 //! store outages, on SQLite and on PostgreSQL.
 
-mod common;
-
+use crate::common::db::{PgServer, TestDb, runs_of};
+use crate::common::{Agentd, Events, deltas, new_chat, types};
 use agentd::grpc::proto::ListAgentChatsRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
 use agentd::store::{ChatOwner, RunStatus};
-use common::db::{PgServer, TestDb, runs_of};
-use common::{Agentd, Events, deltas, new_chat, types};
 use serde_json::{Value, json};
 use uuid::Uuid;
 

@@ -1,12 +1,10 @@
 //! One store test suite, run against SQLite and against a real PostgreSQL.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::db::{TestDb, runs_of};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{ChatOwner, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
-use common::db::{TestDb, runs_of};
 use serde_json::json;
 use uuid::Uuid;
 

@@ -1,15 +1,13 @@
 //! Scoped JWTs on the stream route, with tokens minted independently of agentd's JWT library (by hand, from
 //! base64url and HMAC-SHA256), and the client subcommands against the real binary.
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::common::{Agentd, types};
 use agentd::grpc::proto::CreateAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Agentd, types};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -98,7 +96,7 @@ async fn a_valid_token_streams_and_every_broken_rule_is_a_401_with_its_reason() 
     let token = good_token("acme", "alice", "canvas-1");
     let response = ask_with(&server, &chat, Some(&format!("Bearer {token}"))).await;
     assert_eq!(response.status(), 200);
-    let events = common::Events::new(response).rest().await;
+    let events = crate::common::Events::new(response).rest().await;
     assert_eq!(events[0].1["canvas_id"], "canvas-1");
     assert_eq!(types(&events).last().unwrap(), "done");
 
@@ -265,7 +263,11 @@ async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404() {
         expected
     );
     assert_eq!(
-        answer(good_token("acme", "alice", "canvas-1"), common::new_chat()).await,
+        answer(
+            good_token("acme", "alice", "canvas-1"),
+            crate::common::new_chat()
+        )
+        .await,
         expected
     );
     assert_eq!(
@@ -309,14 +311,16 @@ async fn tokens_from_agentd_token_verify() {
 #[tokio::test]
 async fn with_a_secret_the_test_model_needs_a_token_too_and_dev_mode_says_so_at_start() {
     let server = spawn_secured().await;
-    let response = ask_with(&server, &common::new_chat(), None).await;
+    let response = ask_with(&server, &crate::common::new_chat(), None).await;
     assert_eq!(response.status(), 401);
     assert!(!server.log_text().contains("dev mode"));
 
     let dev = Agentd::spawn(&[]).await;
     assert!(dev.log_text().contains("dev mode: JWT_SECRET is unset"));
     assert_eq!(
-        ask_with(&dev, &common::new_chat(), None).await.status(),
+        ask_with(&dev, &crate::common::new_chat(), None)
+            .await
+            .status(),
         200
     );
 }

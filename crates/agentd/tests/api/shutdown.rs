@@ -1,10 +1,8 @@
 //! The shutdown sequence, through the real binary and real signals.
 
-mod common;
-
 use std::io::Write;
 
-use common::{Agentd, new_chat, types};
+use crate::common::{Agentd, new_chat, types};
 use serde_json::{Value, json};
 
 /// A run that takes about `seconds` to finish.
@@ -78,7 +76,10 @@ async fn the_drain_progress_line_names_the_oldest_runs() {
     let mut old = server.stream(&new_chat(), slow(100)).await;
     let old_run = old.next_data().await["run_id"].as_str().unwrap().to_owned();
     let mut young = server.stream(&new_chat(), slow(100)).await;
-    let young_run = young.next_data().await["run_id"].as_str().unwrap().to_owned();
+    let young_run = young.next_data().await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     server.signal("TERM");
 
     let progress = server.wait_for_log("draining: streams still open").await;

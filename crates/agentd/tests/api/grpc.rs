@@ -1,13 +1,11 @@
 //! The internal gRPC API, with a real tonic client against the real binary.
 
-mod common;
-
+use crate::common::{Agentd, types};
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::grpc::proto::{
     CreateAgentChatRequest, DeleteAgentChatRequest, DescribeAgentChatRequest,
     DescribeOrganizationAgentUsageRequest, ListAgentChatMessagesRequest, ListAgentChatsRequest,
 };
-use common::{Agentd, types};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;

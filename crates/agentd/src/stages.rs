@@ -4,7 +4,8 @@
 //! [`Stage`], and gets a [`Component`]: the token that tells it to stop and the tracker its tasks run on. The shutdown
 //! sequence stops the stages in order, each by cancelling its tokens and waiting for its tasks, so adding a component
 //! is one registration and the sequence never changes. What is still running can be named at any moment
-//! ([`Stages::pending`]), stage by stage, for the progress lines and the watchdog.
+//! ([`Stages::pending`]), stage by stage, for the progress lines and the watchdog. A leaf: the components below
+//! the shutdown sequence (the run service) take their [`Component`] from here without importing the sequence.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// When a component stops, in order. Open streams are drained before any of these (see the module docs of
-/// [`super`]).
+/// When a component stops, in order. Open streams are drained before any of these (see [`crate::shutdown`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     /// Runs still going end with `run_interrupted` and record their end.
