@@ -1,0 +1,306 @@
+//! When a provider or a tool fails: retries, messages and codes by kind, tool errors the model reads.
+
+use serde_json::{Value, json};
+
+use super::{CANVAS, ORG, USER, answer_of, setup};
+use crate::common::upstream::{Reply, anthropic, openai};
+use crate::common::{Agentd, Events, deltas, types};
+use agentd::grpc::proto::DescribeAgentChatRequest;
+use agentd::grpc::proto::agents_client::AgentsClient;
+
+#[tokio::test]
+async fn failing_tools_become_error_results_and_the_run_still_completes() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Frames(vec![
+            openai::tool(0, "c1", "broken", "{}"),
+            openai::tool(1, "c2", "slow", "{}"),
+            openai::tool(2, "c3", "list_nodes", r#"{"limit": "many"}"#),
+            openai::tool(3, "c4", "no_such_tool", "{}"),
+            openai::usage(5, 5),
+            openai::done(),
+        ]),
+        Reply::Frames(openai::answer(&["Sorry, the tools failed."], 9, 4)),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "openai:gpt-test", "Try everything").await;
+    assert_eq!(
+        types(&events)
+            .iter()
+            .filter(|t| *t == "tool_finished")
+            .count(),
+        4
+    );
+    assert_eq!(types(&events).last().unwrap(), "done");
+    assert_eq!(answer_of(&events)["output"], "Sorry, the tools failed.");
+
+    let result = |id: &str| s.tool_result(1, id);
+    assert!(
+        result("c1").contains("500") && result("c1").contains("database on fire"),
+        "{}",
+        result("c1")
+    );
+    assert!(result("c2").contains("timed out"), "{}", result("c2"));
+    assert!(
+        result("c3").contains("args.canvas is required"),
+        "{}",
+        result("c3")
+    );
+    assert!(result("c4").contains("no tool named"), "{}", result("c4"));
+    assert!(
+        s.fake.seen("/api/canvases").is_empty(),
+        "bad args never reach the API"
+    );
+}
+
+#[tokio::test]
+async fn schema_keywords_beyond_types_reach_the_model_as_tool_errors() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Frames(vec![
+            openai::tool(
+                0,
+                "c1",
+                "list_nodes",
+                r#"{"canvas": "canvas-1", "limit": 0}"#,
+            ),
+            openai::tool(1, "c2", "list_nodes", r#"{"canvas": "../admin"}"#),
+            openai::usage(5, 5),
+            openai::done(),
+        ]),
+        Reply::Frames(openai::answer(&["Fixed."], 9, 4)),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "openai:gpt-test", "List").await;
+    assert_eq!(answer_of(&events)["output"], "Fixed.");
+    let result = |id: &str| s.tool_result(1, id);
+    assert!(
+        result("c1").contains("args.limit: 0 is less than the minimum of 1"),
+        "{}",
+        result("c1")
+    );
+    assert!(
+        result("c2").contains("args.canvas") && result("c2").contains("does not match"),
+        "{}",
+        result("c2")
+    );
+    assert!(
+        s.fake.seen("/api/canvases").is_empty(),
+        "args that break the schema never reach the API"
+    );
+    let metrics = s.server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agentd_tool_failures_total{kind=\"invalid_args\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_429_then_success_is_retried_into_one_clean_stream() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Status(429, Some(0)),
+        Reply::Status(503, None),
+        Reply::Frames(openai::answer(&["Fine."], 3, 1)),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "openai:gpt-test", "q").await;
+    assert_eq!(
+        types(&events),
+        [
+            "run_started",
+            "model_delta",
+            "final_answer",
+            "run_completed",
+            "done"
+        ]
+    );
+    assert_eq!(s.fake.seen("/v1/chat/completions").len(), 3);
+}
+
+#[tokio::test]
+async fn upstream_failures_end_the_run_with_a_message_by_kind() {
+    let s = setup().await;
+    let chat = s.chat().await;
+    // The message and the stable code of the run's `run_failed`.
+    let failure = |events: &[(String, Value)]| {
+        let kinds = types(events);
+        assert_eq!(
+            kinds[kinds.len() - 2..],
+            ["run_failed", "done"],
+            "{kinds:?}"
+        );
+        let failed = &events[events.len() - 2].1;
+        (
+            failed["error"].as_str().unwrap().to_owned(),
+            failed["code"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    s.fake.script([
+        Reply::Status(429, Some(0)),
+        Reply::Status(429, Some(0)),
+        Reply::Status(429, Some(0)),
+    ]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("rate limiting"), "{error}");
+    assert_eq!(code, "provider_rate_limited");
+
+    s.fake.script([Reply::Status(401, None)]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("configuration"), "{error}");
+    assert_eq!(code, "provider_refused");
+    assert_eq!(
+        s.fake.seen("/v1/chat/completions").len(),
+        4,
+        "a refusal is not retried"
+    );
+
+    // A failure after the first delta is not retried: the client already has that text.
+    s.fake
+        .script([Reply::Frames(vec![openai::text("Hel"), openai::error()])]);
+    let events = s.run(&chat, "openai:gpt-test", "q").await;
+    assert_eq!(deltas(&events), "Hel");
+    let (error, code) = failure(&events);
+    assert!(error.contains("failed while answering"));
+    assert_eq!(code, "provider_failed");
+    assert_eq!(s.fake.seen("/v1/chat/completions").len(), 5);
+
+    s.fake.script([
+        Reply::Status(503, Some(0)),
+        Reply::Status(502, Some(0)),
+        Reply::Status(500, Some(0)),
+    ]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("unavailable right now"), "{error}");
+    assert_eq!(code, "provider_unavailable");
+
+    let mut overloaded = vec![anthropic::start(3), anthropic::text_delta(0, "Hi")];
+    overloaded.push(anthropic::overloaded());
+    s.fake.script([Reply::Frames(overloaded)]);
+    let (error, code) = failure(&s.run(&chat, "anthropic:claude-test", "q").await);
+    assert!(error.contains("overloaded"), "{error}");
+    assert_eq!(code, "provider_unavailable");
+
+    s.fake.script([Reply::Frames(vec![
+        "data: {\"choices\": [{\"delta\": {\"content\n\n".to_owned(),
+    ])]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("broken answer stream"), "{error}");
+    assert_eq!(code, "provider_broken_stream");
+
+    s.fake.script([Reply::Frames(vec![openai::text("cut")])]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("broken answer stream"), "truncated: {error}");
+    assert_eq!(code, "provider_broken_stream");
+
+    s.fake
+        .script([Reply::FramesThenStall(vec![openai::text("Hel")])]);
+    let (error, code) = failure(&s.run(&chat, "openai:gpt-test", "q").await);
+    assert!(error.contains("stopped answering"), "{error}");
+    assert_eq!(code, "provider_stopped_answering");
+    assert_eq!(s.latest_status(&chat).await, "failed");
+
+    // Metrics count the failures by code.
+    let metrics = s.server.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "agentd_run_failures_total{code=\"provider_rate_limited\"} 1",
+        "agentd_run_failures_total{code=\"provider_unavailable\"} 2",
+        "agentd_run_failures_total{code=\"provider_broken_stream\"} 2",
+        "agentd_run_failures_total{code=\"provider_stopped_answering\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+
+    let logs = s.server.log_text();
+    assert!(
+        logs.contains("\"status\":429") && logs.contains("scripted"),
+        "the log keeps the upstream's answer"
+    );
+}
+
+#[tokio::test]
+async fn a_client_disconnect_closes_the_upstream_connection_and_the_run_is_interrupted() {
+    let s = setup().await;
+    s.fake.script([Reply::FramesThenForever(
+        vec![openai::text("Hel")],
+        openai::text,
+    )]);
+    let chat = s.chat().await;
+    let mut stream = Events::new(s.ask(&chat, "openai:gpt-test", "Talk forever").await);
+    assert_eq!(stream.next_data().await["type"], "run_started");
+    assert_eq!(stream.next_data().await["content"], "Hel");
+    assert_eq!(stream.next_data().await["content"], " more0");
+    drop(stream);
+
+    s.fake.wait_closed().await;
+    let mut server = s.server;
+    let ended = server
+        .wait_for_log_where(|l| l["message"] == "run ended")
+        .await
+        .unwrap();
+    assert_eq!(ended["outcome"], "disconnected");
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    let described = grpc
+        .describe_agent_chat(DescribeAgentChatRequest {
+            org_id: ORG.into(),
+            canvas_id: CANVAS.into(),
+            user_id: USER.into(),
+            chat_id: chat,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        described.into_inner().chat.unwrap().latest_run_status,
+        "interrupted"
+    );
+}
+
+#[tokio::test]
+async fn a_model_outside_the_allow_list_is_422_and_dev_mode_refuses_real_models() {
+    let s = setup().await;
+    let chat = s.chat().await;
+    let response = s.ask(&chat, "openai:gpt-other", "q").await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "model"]));
+    assert!(
+        body["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("openai:gpt-other")
+    );
+    assert!(s.fake.seen("/v1").is_empty());
+
+    let dev = Agentd::spawn(&[
+        ("AI_MODELS", "openai:gpt-test"),
+        ("OPENAI_BASE_URL", &format!("{}/v1", s.fake.base)),
+    ])
+    .await;
+    let response = dev
+        .ask(
+            &crate::common::new_chat(),
+            json!({"question": "q", "model": "openai:gpt-test"}),
+        )
+        .await;
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("only the test model"),
+        "{body}"
+    );
+    assert_eq!(
+        dev.ask(&crate::common::new_chat(), json!({"question": "q"}))
+            .await
+            .status(),
+        200
+    );
+}
