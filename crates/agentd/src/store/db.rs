@@ -6,6 +6,7 @@
 //! text; PostgreSQL has `uuid`, `timestamptz` and `jsonb`. Times come from the database (`{now}`), so PostgreSQL
 //! replicas with skewed clocks still agree on which heartbeats are stale.
 
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgRow, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteRow};
@@ -63,26 +64,29 @@ impl Db {
 
     /// A connection for reads (in SQLite, one of the read-only pool, beside the writer).
     pub async fn read(&self) -> Result<Conn, StoreError> {
-        Ok(match self {
-            Self::Sqlite(db) => Conn::Sqlite(db.readers.acquire().await?),
-            Self::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
-        })
+        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
+            Self::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.readers.acquire().await?)) }),
+            Self::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+        };
+        Ok(acquiring.await?)
     }
 
     /// The connection for a write outside a transaction (in SQLite, the one writer).
     pub async fn write(&self) -> Result<Conn, StoreError> {
-        Ok(match self {
-            Self::Sqlite(db) => Conn::Sqlite(db.writer.acquire().await?),
-            Self::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
-        })
+        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
+            Self::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
+            Self::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+        };
+        Ok(acquiring.await?)
     }
 
     /// A write transaction; it rolls back unless [`Conn::commit`] is called.
     pub async fn begin(&self) -> Result<Conn, StoreError> {
-        Ok(match self {
-            Self::Sqlite(db) => Conn::SqliteTx(db.writer.begin().await?),
-            Self::Postgres(pool) => Conn::PostgresTx(pool.begin().await?),
-        })
+        let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
+            Self::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
+            Self::Postgres(pool) => Box::pin(async { Ok(Conn::PostgresTx(pool.begin().await?)) }),
+        };
+        Ok(beginning.await?)
     }
 
     pub async fn close(&self) {
@@ -172,24 +176,27 @@ impl Conn {
     /// Runs a statement; how many rows it changed.
     pub async fn execute(&mut self, template: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
         let sql = AssertSqlSafe(sql(self, template));
-        Ok(match self {
-            Self::Sqlite(conn) => sqlite_query(sql, args)?
-                .execute(&mut **conn)
-                .await?
-                .rows_affected(),
-            Self::SqliteTx(tx) => sqlite_query(sql, args)?
-                .execute(&mut **tx)
-                .await?
-                .rows_affected(),
-            Self::Postgres(conn) => pg_query(sql, args)?
-                .execute(&mut **conn)
-                .await?
-                .rows_affected(),
-            Self::PostgresTx(tx) => pg_query(sql, args)?
-                .execute(&mut **tx)
-                .await?
-                .rows_affected(),
-        })
+        // Each backend's query future is boxed: held inline, the largest of them would sit in the state of every
+        // future that reads or writes the store (several KiB in every run's task).
+        let running: BoxFuture<'_, Result<u64, sqlx::Error>> = match self {
+            Self::Sqlite(conn) => {
+                let query = sqlite_query(sql, args)?;
+                Box::pin(async move { Ok(query.execute(&mut **conn).await?.rows_affected()) })
+            }
+            Self::SqliteTx(tx) => {
+                let query = sqlite_query(sql, args)?;
+                Box::pin(async move { Ok(query.execute(&mut **tx).await?.rows_affected()) })
+            }
+            Self::Postgres(conn) => {
+                let query = pg_query(sql, args)?;
+                Box::pin(async move { Ok(query.execute(&mut **conn).await?.rows_affected()) })
+            }
+            Self::PostgresTx(tx) => {
+                let query = pg_query(sql, args)?;
+                Box::pin(async move { Ok(query.execute(&mut **tx).await?.rows_affected()) })
+            }
+        };
+        Ok(running.await?)
     }
 
     pub async fn fetch_all(
@@ -198,12 +205,25 @@ impl Conn {
         args: &[Arg<'_>],
     ) -> Result<Vec<Row>, StoreError> {
         let sql = AssertSqlSafe(sql(self, template));
-        Ok(match self {
-            Self::Sqlite(conn) => rows(sqlite_query(sql, args)?.fetch_all(&mut **conn).await?),
-            Self::SqliteTx(tx) => rows(sqlite_query(sql, args)?.fetch_all(&mut **tx).await?),
-            Self::Postgres(conn) => rows(pg_query(sql, args)?.fetch_all(&mut **conn).await?),
-            Self::PostgresTx(tx) => rows(pg_query(sql, args)?.fetch_all(&mut **tx).await?),
-        })
+        let running: BoxFuture<'_, Result<Vec<Row>, sqlx::Error>> = match self {
+            Self::Sqlite(conn) => {
+                let query = sqlite_query(sql, args)?;
+                Box::pin(async move { Ok(rows(query.fetch_all(&mut **conn).await?)) })
+            }
+            Self::SqliteTx(tx) => {
+                let query = sqlite_query(sql, args)?;
+                Box::pin(async move { Ok(rows(query.fetch_all(&mut **tx).await?)) })
+            }
+            Self::Postgres(conn) => {
+                let query = pg_query(sql, args)?;
+                Box::pin(async move { Ok(rows(query.fetch_all(&mut **conn).await?)) })
+            }
+            Self::PostgresTx(tx) => {
+                let query = pg_query(sql, args)?;
+                Box::pin(async move { Ok(rows(query.fetch_all(&mut **tx).await?)) })
+            }
+        };
+        Ok(running.await?)
     }
 
     pub async fn fetch_optional(
@@ -222,12 +242,12 @@ impl Conn {
 
     /// Commits a transaction; a plain connection has nothing to commit.
     pub async fn commit(self) -> Result<(), StoreError> {
-        match self {
-            Self::SqliteTx(tx) => tx.commit().await?,
-            Self::PostgresTx(tx) => tx.commit().await?,
-            Self::Sqlite(_) | Self::Postgres(_) => {}
-        }
-        Ok(())
+        let committing: BoxFuture<'static, Result<(), sqlx::Error>> = match self {
+            Self::SqliteTx(tx) => Box::pin(tx.commit()),
+            Self::PostgresTx(tx) => Box::pin(tx.commit()),
+            Self::Sqlite(_) | Self::Postgres(_) => return Ok(()),
+        };
+        Ok(committing.await?)
     }
 }
 
