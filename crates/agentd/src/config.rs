@@ -46,6 +46,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// See `RUN_LEASE`; heartbeats are sent three times per lease.
     pub run_lease: Duration,
+    /// `DETACH_GRACE`: how long a run nobody follows goes on waiting for a follower.
+    pub detach_grace: Duration,
+    /// `RUN_LOG_RETENTION`: how long the events of finished runs stay replayable.
+    pub run_log_retention: Duration,
     pub auth: AuthConfig,
 }
 
@@ -172,9 +176,36 @@ pub fn parse_seconds(raw: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{raw:?} is not a non-negative number of seconds"))
 }
 
+/// Parses a duration: seconds (`300`, `0.5`) or a number with a unit (`90s`, `15m`, `24h`, `7d`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (number, scale) = match raw.chars().last() {
+        Some('s') => (&raw[..raw.len() - 1], 1.0),
+        Some('m') => (&raw[..raw.len() - 1], 60.0),
+        Some('h') => (&raw[..raw.len() - 1], 3600.0),
+        Some('d') => (&raw[..raw.len() - 1], 86400.0),
+        _ => (raw, 1.0),
+    };
+    let seconds = parse_seconds(number)
+        .map_err(|_| format!("{raw:?} is not a duration like 300, 90s, 15m, 24h or 7d"))?;
+    Duration::try_from_secs_f64(seconds.as_secs_f64() * scale)
+        .map_err(|_| format!("{raw:?} is too long"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_seconds_or_a_unit() {
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("-1h").is_err());
+    }
 
     #[test]
     fn seconds_accept_fractions_and_refuse_garbage() {

@@ -18,6 +18,10 @@ pub enum ErrorCode {
     Unauthenticated,
     RouteNotFound,
     ChatNotFound,
+    RunNotFound,
+    ChatBusy,
+    RunEnded,
+    LogSwept,
     MethodNotAllowed,
     ShuttingDown,
     AtCapacity,
@@ -45,7 +49,7 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 25] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -54,6 +58,10 @@ impl ErrorCode {
         Self::Unauthenticated,
         Self::RouteNotFound,
         Self::ChatNotFound,
+        Self::RunNotFound,
+        Self::ChatBusy,
+        Self::RunEnded,
+        Self::LogSwept,
         Self::MethodNotAllowed,
         Self::ShuttingDown,
         Self::AtCapacity,
@@ -83,6 +91,10 @@ impl ErrorCode {
             Self::Unauthenticated => ("unauthenticated", 401, G::Unauthenticated, false),
             Self::RouteNotFound => ("route_not_found", 404, G::Unimplemented, false),
             Self::ChatNotFound => ("chat_not_found", 404, G::NotFound, false),
+            Self::RunNotFound => ("run_not_found", 404, G::NotFound, false),
+            Self::ChatBusy => ("chat_busy", 409, G::FailedPrecondition, true),
+            Self::RunEnded => ("run_ended", 409, G::FailedPrecondition, false),
+            Self::LogSwept => ("log_swept", 410, G::NotFound, false),
             Self::MethodNotAllowed => ("method_not_allowed", 405, G::Unimplemented, false),
             Self::ShuttingDown => ("shutting_down", 503, G::Unavailable, true),
             Self::AtCapacity => ("at_capacity", 503, G::ResourceExhausted, true),

@@ -14,7 +14,7 @@
 //! | [`stages`] | the components shutdown stops, registered at build time in ordered stages |
 //! | [`http`] | router, state, thin routes, the token extractor, HTTP errors, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
-//! | [`runs`] | the run service (start), the SSE events and their ids, the engine (model ↔ tools), the recorder (what is stored when), leases |
+//! | [`runs`] | the run service (start, attach, cancel, history), the SSE events and their ids, the run log (group commit, in-memory fan-out, LISTEN/NOTIFY), followers (replay then follow), the engine (model ↔ tools), the recorder (what is stored when), leases |
 //! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
 //! | [`model`] | the model trait and providers (the built-in `test` model, OpenAI-compatible, Anthropic) |
 //! | [`tools`] | the tool registry, the built-in tool, HTTP tools, JSON Schema checks of arguments |

@@ -5,7 +5,14 @@
 //! | `agentd_open_streams` | gauge | streams admitted and not yet released |
 //! | `agentd_streams_admitted_total` | counter | streams admitted |
 //! | `agentd_streams_rejected_total{reason}` | counter | streams refused: `shutdown` or `limit` |
-//! | `agentd_runs_total{outcome}` | counter | runs ended: `completed`, `failed`, `interrupted`, `disconnected` |
+//! | `agentd_runs_total{outcome}` | counter | runs ended: `completed`, `failed`, `interrupted` (shutdown), `cancelled`, `detached` (nobody followed) |
+//! | `agentd_followers` | gauge | clients following a run now (streams of the POST and of attach) |
+//! | `agentd_replays_total` | counter | attaches served (replay, then follow) |
+//! | `agentd_run_log_events_total` | counter | events committed to the run log |
+//! | `agentd_run_log_rows_total` | counter | rows written to the run log (consecutive events of a run share one) |
+//! | `agentd_run_log_batch_events` | histogram | events per group commit |
+//! | `agentd_run_log_commit_seconds` | histogram | how long a group commit took |
+//! | `agentd_run_log_commit_failures_total` | counter | group commits that failed (their events were released unlogged) |
 //! | `agentd_run_failures_total{code}` | counter | runs failed, by error code (see [`crate::error::ErrorCode`]) |
 //! | `agentd_tool_failures_total{kind}` | counter | tool calls that gave the model an error, by kind |
 //! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
@@ -16,6 +23,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::ErrorCode;
@@ -32,7 +40,8 @@ pub enum RunOutcome {
     Completed,
     Failed,
     Interrupted,
-    Disconnected,
+    Cancelled,
+    Detached,
 }
 
 impl RunOutcome {
@@ -41,7 +50,8 @@ impl RunOutcome {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Interrupted => "interrupted",
-            Self::Disconnected => "disconnected",
+            Self::Cancelled => "cancelled",
+            Self::Detached => "detached",
         }
     }
 }
@@ -72,6 +82,13 @@ pub struct Metrics {
     run_failures: Family<CodeLabels, Counter>,
     tool_failures: Family<KindLabels, Counter>,
     drain_seconds: Gauge<f64, AtomicU64>,
+    followers: Gauge,
+    replays: Counter,
+    log_events: Counter,
+    log_rows: Counter,
+    log_batch: Histogram,
+    log_commit: Histogram,
+    log_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -84,6 +101,44 @@ impl Default for Metrics {
         let run_failures = Family::default();
         let tool_failures = Family::default();
         let drain_seconds = Gauge::default();
+        let followers = Gauge::default();
+        let replays = Counter::default();
+        let log_events = Counter::default();
+        let log_rows = Counter::default();
+        let log_batch = Histogram::new(exponential_buckets(1.0, 4.0, 9));
+        let log_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let log_failures = Counter::default();
+        registry.register(
+            "agentd_followers",
+            "Clients following a run now",
+            followers.clone(),
+        );
+        registry.register("agentd_replays", "Attaches served", replays.clone());
+        registry.register(
+            "agentd_run_log_events",
+            "Events committed to the run log",
+            log_events.clone(),
+        );
+        registry.register(
+            "agentd_run_log_rows",
+            "Rows written to the run log",
+            log_rows.clone(),
+        );
+        registry.register(
+            "agentd_run_log_batch_events",
+            "Events per group commit",
+            log_batch.clone(),
+        );
+        registry.register(
+            "agentd_run_log_commit_seconds",
+            "Group commit time",
+            log_commit.clone(),
+        );
+        registry.register(
+            "agentd_run_log_commit_failures",
+            "Group commits that failed",
+            log_failures.clone(),
+        );
         registry.register(
             "agentd_open_streams",
             "Streams admitted and not yet released",
@@ -124,6 +179,13 @@ impl Default for Metrics {
             run_failures,
             tool_failures,
             drain_seconds,
+            followers,
+            replays,
+            log_events,
+            log_rows,
+            log_batch,
+            log_commit,
+            log_failures,
         }
     }
 }
@@ -159,6 +221,30 @@ impl Metrics {
 
     pub fn tool_failed(&self, kind: &'static str) {
         self.tool_failures.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn follower_attached(&self) {
+        self.followers.inc();
+    }
+
+    pub fn follower_detached(&self) {
+        self.followers.dec();
+    }
+
+    pub fn replay_served(&self) {
+        self.replays.inc();
+    }
+
+    /// A group commit of `events` events in `rows` rows took `took`.
+    pub fn log_committed(&self, events: usize, rows: usize, took: std::time::Duration) {
+        self.log_events.inc_by(events as u64);
+        self.log_rows.inc_by(rows as u64);
+        self.log_batch.observe(events as f64);
+        self.log_commit.observe(took.as_secs_f64());
+    }
+
+    pub fn log_commit_failed(&self) {
+        self.log_failures.inc();
     }
 
     pub fn drain_finished(&self, took: std::time::Duration) {

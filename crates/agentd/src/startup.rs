@@ -13,6 +13,7 @@ use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::model::Providers;
+use crate::runs::log::{self as run_log, RunLog};
 use crate::runs::{RunService, RunServiceParts, lease};
 use crate::secret::Secret;
 use crate::shutdown::{Lifecycle, Shutdown, Signal};
@@ -126,9 +127,16 @@ impl Application {
         });
         let metrics = Arc::new(Metrics::default());
         let tracker = StreamTracker::new(Some(max_streams));
+        let (log, queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
+        // The writer stops after the runs and the servers: followers still waiting for a `done` get it.
+        let writer = stages.register(Stage::Background, "run log writer", None);
+        writer.spawn(run_log::write(log.clone(), queue, writer.stop.clone()));
+        let notifications = stages.register(Stage::Background, "run log listener", None);
+        notifications.spawn(run_log::listen(log.clone(), notifications.stop.clone()));
         let runs = RunService::new(
             RunServiceParts {
                 store: store.clone(),
+                log,
                 providers: Providers::new(
                     config.providers.openai.clone(),
                     config.providers.anthropic.clone(),
@@ -141,6 +149,8 @@ impl Application {
                 tracker: tracker.clone(),
                 max_steps: config.max_steps,
                 instance_id,
+                detach_grace: config.detach_grace,
+                lease: config.run_lease,
             },
             stages.register(Stage::Runs, "runs", None),
         );
@@ -224,7 +234,9 @@ impl Application {
         leases.spawn(lease::maintain(
             state.store.clone(),
             state.runs.live().clone(),
+            state.runs.log().clone(),
             config.run_lease,
+            config.run_log_retention,
             leases.stop.clone(),
         ));
         tracing::info!(%http_addr, %grpc_addr, default_model = %config.default_model, "agentd is serving");

@@ -152,14 +152,23 @@ async fn ask(args: ChatArgs) -> Result<i32, String> {
     if let Some(model) = &args.model {
         body["model"] = json!(model);
     }
-    let url = format!(
-        "{}/agents/chats/{chat_id}/stream",
-        args.url.trim_end_matches('/')
-    );
-    let mut request = reqwest::Client::new().post(&url).json(&body);
-    if let Some(token) = &token {
-        request = request.bearer_auth(token);
+    let base = args.url.trim_end_matches('/').to_owned();
+    let url = format!("{base}/agents/chats/{chat_id}/stream");
+    let client = reqwest::Client::new();
+    let response = send(authorized(client.post(&url).json(&body), &token), &url).await?;
+    follow(&client, &base, chat_id, &token, response).await
+}
+
+/// Adds the bearer token, when there is one.
+fn authorized(request: reqwest::RequestBuilder, token: &Option<String>) -> reqwest::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
     }
+}
+
+/// Sends `request`; an error status becomes the server's `detail`.
+async fn send(request: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, String> {
     let response = request
         .send()
         .await
@@ -173,7 +182,155 @@ async fn ask(args: ChatArgs) -> Result<i32, String> {
             .unwrap_or_default();
         return Err(format!("{status}: {detail}"));
     }
-    print_stream(response).await
+    Ok(response)
+}
+
+/// How many times in a row the client re-attaches to a run whose stream dropped before giving up.
+const REATTACH_ATTEMPTS: u32 = 10;
+/// How long it waits before re-attaching.
+const REATTACH_AFTER: Duration = Duration::from_secs(1);
+
+/// Prints the run as it streams. A stream that ends without `done` (a lost connection) is re-attached with the last
+/// event id, so no text is printed twice. The first Ctrl-C cancels the run (its end is still printed); a second one
+/// leaves at once, and the run goes on without this client.
+async fn follow(
+    client: &reqwest::Client,
+    base: &str,
+    chat_id: Uuid,
+    token: &Option<String>,
+    response: reqwest::Response,
+) -> Result<i32, String> {
+    use eventsource_stream::Eventsource;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut interrupts =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for Ctrl-C: {e}"))?;
+    let mut printer = Printer::default();
+    let mut cancelling = false;
+    let mut attempts = 0;
+    let mut response = Some(response);
+    loop {
+        if let Some(current) = response.take() {
+            let mut events = current.bytes_stream().eventsource();
+            loop {
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    _ = interrupts.recv() => {
+                        let Some(run_id) = printer.run_id.filter(|_| !cancelling) else {
+                            printer.newline();
+                            eprintln!("agentd chat: left; the run goes on without this client");
+                            return Ok(EXIT_LEFT);
+                        };
+                        cancelling = true;
+                        printer.newline();
+                        eprintln!("agentd chat: cancelling the run (Ctrl-C again to leave it running)");
+                        let url = format!("{base}/agents/chats/{chat_id}/runs/{run_id}/cancel");
+                        if let Err(error) = send(authorized(client.post(&url), token), &url).await {
+                            eprintln!("agentd chat: could not cancel: {error}");
+                        }
+                        continue;
+                    }
+                };
+                match event {
+                    Some(Ok(event)) => {
+                        attempts = 0;
+                        printer.last_id = Some(event.id.clone());
+                        if let Some(code) = printer.print(&event.data)? {
+                            return Ok(code);
+                        }
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+        }
+        // The stream ended before `done`: attach again after the last event seen.
+        let Some(run_id) = printer.run_id else {
+            return Err("the stream ended before the run started".to_owned());
+        };
+        attempts += 1;
+        if attempts > REATTACH_ATTEMPTS {
+            return Err(format!("lost the run {run_id}; gave up re-attaching"));
+        }
+        tokio::time::sleep(REATTACH_AFTER).await;
+        let url = format!("{base}/agents/chats/{chat_id}/runs/{run_id}/stream");
+        let mut request = authorized(client.get(&url), token);
+        if let Some(last) = &printer.last_id {
+            request = request.header("last-event-id", last);
+        }
+        response = send(request, &url)
+            .await
+            .inspect_err(|error| eprintln!("agentd chat: re-attaching: {error}"))
+            .ok();
+    }
+}
+
+/// Exit code of `agentd chat` when the user left a run going (128 + SIGINT, as shells report it).
+pub const EXIT_LEFT: i32 = 130;
+
+/// What has been printed so far: the run, the last event id, and whether a line is open.
+#[derive(Debug, Default)]
+struct Printer {
+    run_id: Option<Uuid>,
+    last_id: Option<String>,
+    mid_line: bool,
+}
+
+impl Printer {
+    fn newline(&mut self) {
+        if self.mid_line {
+            println!();
+            self.mid_line = false;
+        }
+    }
+
+    fn line(&mut self, text: String) {
+        self.newline();
+        println!("{text}");
+    }
+
+    /// Prints one event; the exit code once the run has ended.
+    fn print(&mut self, data: &str) -> Result<Option<i32>, String> {
+        let event: Value =
+            serde_json::from_str(data).map_err(|e| format!("a garbled event: {e}"))?;
+        match event["type"].as_str().unwrap_or_default() {
+            "run_started" => self.run_id = text(&event["run_id"]).parse().ok(),
+            "model_delta" => {
+                print!("{}", event["content"].as_str().unwrap_or_default());
+                let _ = std::io::stdout().flush();
+                self.mid_line = true;
+            }
+            "tool_started" => self.line(format!(
+                "[tool {} {}]",
+                text(&event["tool_name"]),
+                event["args"]
+            )),
+            "tool_finished" => self.line(format!(
+                "[tool {} done in {} ms]",
+                text(&event["tool_name"]),
+                event["elapsed_ms"]
+            )),
+            "run_failed" => {
+                self.newline();
+                eprintln!("agentd chat: the run failed: {}", text(&event["error"]));
+                return Ok(Some(1));
+            }
+            "run_interrupted" => {
+                self.newline();
+                eprintln!(
+                    "agentd chat: the run was interrupted ({}); resume at {}",
+                    text(&event["reason"]),
+                    text(&event["resume"])
+                );
+                return Ok(Some(EXIT_INTERRUPTED));
+            }
+            "done" => {
+                self.newline();
+                return Ok(Some(0));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
 }
 
 fn mint(secret: &Secret, audience: &str, org: &str, user: &str, canvas: &str) -> String {
@@ -221,64 +378,6 @@ async fn create_chat(args: &ChatArgs, org: &str, user: &str, canvas: &str) -> Re
         Uuid::parse_str(&id).map_err(|_| "the server answered without a chat id".to_owned())?;
     eprintln!("chat {id}");
     Ok(id)
-}
-
-/// Prints the answer text as it comes, tool calls on their own lines.
-async fn print_stream(response: reqwest::Response) -> Result<i32, String> {
-    use eventsource_stream::Eventsource;
-
-    let mut events = response.bytes_stream().eventsource();
-    let mut out = std::io::stdout();
-    let mut mid_line = false;
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|e| format!("the stream broke: {e}"))?;
-        let event: Value =
-            serde_json::from_str(&event.data).map_err(|e| format!("a garbled event: {e}"))?;
-        let mut line = |text: String| {
-            if mid_line {
-                println!();
-                mid_line = false;
-            }
-            println!("{text}");
-        };
-        match event["type"].as_str().unwrap_or_default() {
-            "model_delta" => {
-                print!("{}", event["content"].as_str().unwrap_or_default());
-                let _ = out.flush();
-                mid_line = true;
-            }
-            "tool_started" => line(format!(
-                "[tool {} {}]",
-                text(&event["tool_name"]),
-                event["args"]
-            )),
-            "tool_finished" => line(format!(
-                "[tool {} done in {} ms]",
-                text(&event["tool_name"]),
-                event["elapsed_ms"]
-            )),
-            "run_failed" => {
-                line(String::new());
-                eprintln!("agentd chat: the run failed: {}", text(&event["error"]));
-                return Ok(1);
-            }
-            "run_interrupted" => {
-                line(String::new());
-                eprintln!(
-                    "agentd chat: the run was interrupted ({}); resume at {}",
-                    text(&event["reason"]),
-                    text(&event["resume"])
-                );
-                return Ok(EXIT_INTERRUPTED);
-            }
-            "done" => break,
-            _ => {}
-        }
-    }
-    if mid_line {
-        println!();
-    }
-    Ok(0)
 }
 
 fn text(value: &Value) -> &str {

@@ -20,7 +20,7 @@ pub use client::{ChatArgs, EXIT_INTERRUPTED, TokenArgs, chat, parse_ttl, token};
 use crate::auth::AuthConfig;
 use crate::config::{
     Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
-    ProviderSettings, ShutdownBudget, parse_seconds,
+    ProviderSettings, ShutdownBudget, parse_duration, parse_seconds,
 };
 use crate::model::{Endpoint, ModelPolicy, ModelSpec};
 use crate::secret::Secret;
@@ -215,6 +215,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RUN_LEASE", value_parser = parse_seconds, default_value = "30")]
     pub run_lease: Duration,
 
+    /// Seconds a run whose last client left goes on, waiting for one to attach, before it stops.
+    #[arg(long, env = "DETACH_GRACE", value_parser = parse_seconds, default_value = "30")]
+    pub detach_grace: Duration,
+
+    /// How long the events of finished runs stay replayable: seconds, or with a unit (`90s`, `15m`, `24h`, `7d`).
+    #[arg(long, env = "RUN_LOG_RETENTION", value_parser = parse_duration, default_value = "24h")]
+    pub run_log_retention: Duration,
+
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -289,6 +297,8 @@ impl ServeArgs {
             log_format: args.log_format,
             store: args.store.parse()?,
             run_lease: args.run_lease,
+            detach_grace: args.detach_grace,
+            run_log_retention: args.run_log_retention,
             auth: args.jwt.auth_config(),
         })
     }
@@ -477,5 +487,21 @@ mod tests {
             Some("hunter2")
         );
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_run_log_settings_have_their_documented_defaults() {
+        let config = parse(serve(&[])).unwrap();
+        assert_eq!(config.detach_grace, Duration::from_secs(30));
+        assert_eq!(config.run_log_retention, Duration::from_secs(24 * 3600));
+        let config = parse(serve(&[
+            "--detach-grace",
+            "0.5",
+            "--run-log-retention",
+            "15m",
+        ]))
+        .unwrap();
+        assert_eq!(config.detach_grace, Duration::from_millis(500));
+        assert_eq!(config.run_log_retention, Duration::from_secs(900));
     }
 }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use subtle::ConstantTimeEq;
 
 use crate::error::ErrorCode;
-use crate::model::Message;
+use crate::runs::history;
 use crate::store::{Chat, ChatOwner, SessionStore, StoredMessage};
 
 pub mod proto {
@@ -166,42 +166,19 @@ fn chat_info(chat: &Chat) -> ChatInfo {
     }
 }
 
-/// The chat as a UI shows it: prompts as `user`, answer text as `assistant`, each tool call as one `tool` message
-/// with a readable label; tool results are folded into their call.
+/// The chat as a UI shows it (see [`history::entries`]), in the proto's shape.
 pub fn flatten(messages: &[StoredMessage]) -> Vec<AgentChatMessage> {
-    let mut flat = Vec::new();
-    for stored in messages {
-        let entry =
-            |part: usize, role: &str, content: String, tool_call_id: String, tool_status: &str| {
-                AgentChatMessage {
-                    id: format!("{}-{part}", stored.index),
-                    role: role.to_owned(),
-                    content,
-                    tool_call_id,
-                    tool_status: tool_status.to_owned(),
-                    created_at: Some(timestamp(stored.created_at)),
-                }
-            };
-        match &stored.message {
-            Message::User { content } => {
-                flat.push(entry(0, "user", content.clone(), String::new(), ""))
-            }
-            Message::Assistant {
-                content,
-                tool_calls,
-            } => {
-                for (i, call) in tool_calls.iter().enumerate() {
-                    let label = format!("Used tool {}", call.name.replace('_', " "));
-                    flat.push(entry(i + 1, "tool", label, call.id.clone(), "completed"));
-                }
-                if !content.is_empty() {
-                    flat.push(entry(0, "assistant", content.clone(), String::new(), ""));
-                }
-            }
-            Message::ToolResult { .. } => {}
-        }
-    }
-    flat
+    history::entries(messages)
+        .into_iter()
+        .map(|entry| AgentChatMessage {
+            id: entry.id,
+            role: entry.role.to_owned(),
+            content: entry.content,
+            tool_call_id: entry.tool_call_id,
+            tool_status: entry.tool_status.to_owned(),
+            created_at: Some(timestamp(entry.created_at)),
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -319,6 +296,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::model::Message;
     use crate::model::ToolCall;
 
     fn stored(index: i64, message: Message) -> StoredMessage {

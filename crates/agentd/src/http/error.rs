@@ -11,8 +11,8 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::error::ErrorCode;
-use crate::runs::StartError;
-use crate::store::StoreError;
+use crate::runs::RunError;
+use crate::store::{RunStatus, StoreError};
 use crate::stream_tracker::Rejection;
 
 /// What the client is told to wait before retrying a refused stream, in seconds. A replica that is shutting down is
@@ -38,6 +38,15 @@ pub enum ApiError {
     /// The chat does not exist or is not the caller's; the two are not told apart.
     #[error("Chat not found")]
     ChatNotFound,
+    /// The run does not exist or is not of this chat; the two are not told apart.
+    #[error("Run not found")]
+    RunNotFound,
+    #[error("The chat has a run going; attach to it or wait for it to end")]
+    ChatBusy { run_id: uuid::Uuid },
+    #[error("The run already ended ({status})")]
+    RunEnded { status: RunStatus },
+    #[error("The run's events are no longer kept; its answer is in the chat's messages")]
+    LogSwept,
     /// The session store did not answer; the cause is logged where it happened.
     #[error("Session store is unavailable; retry shortly")]
     StoreUnavailable,
@@ -73,6 +82,19 @@ impl FieldError {
         }
     }
 
+    /// Where to resume a run: the `Last-Event-ID` header or the `after` query parameter.
+    pub fn resume(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
+        Self {
+            loc: if field == "after" {
+                vec!["query", "after"]
+            } else {
+                vec!["header", field]
+            },
+            msg: msg.into(),
+            kind,
+        }
+    }
+
     pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
         Self {
             loc: vec!["path", param],
@@ -93,6 +115,10 @@ impl ApiError {
             Self::Unauthorized(_) => ErrorCode::Unauthenticated,
             Self::RouteNotFound => ErrorCode::RouteNotFound,
             Self::ChatNotFound => ErrorCode::ChatNotFound,
+            Self::RunNotFound => ErrorCode::RunNotFound,
+            Self::ChatBusy { .. } => ErrorCode::ChatBusy,
+            Self::RunEnded { .. } => ErrorCode::RunEnded,
+            Self::LogSwept => ErrorCode::LogSwept,
             Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::AtCapacity { .. } => ErrorCode::AtCapacity,
@@ -128,18 +154,28 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Why a run did not start, as the client is told it; a store failure is logged here, once, with its cause.
-impl From<StartError> for ApiError {
-    fn from(error: StartError) -> Self {
+/// Why a request about a run was refused, as the client is told it; a store failure is logged here, once, with its
+/// cause.
+impl From<RunError> for ApiError {
+    fn from(error: RunError) -> Self {
         let model_error =
             |kind, msg: String| Self::Validation(vec![FieldError::body("model", kind, msg)]);
         match error {
-            StartError::ModelNotAllowed(_) => model_error("model_not_allowed", error.to_string()),
-            StartError::UnknownTool(_) => model_error("unknown_tool", error.to_string()),
-            StartError::Unauthorized(reason) => Self::Unauthorized(reason),
-            StartError::ChatNotFound => Self::ChatNotFound,
-            StartError::Rejected(rejection) => rejection.into(),
-            StartError::Store(error) => error.into(),
+            RunError::ModelNotAllowed(_) => model_error("model_not_allowed", error.to_string()),
+            RunError::UnknownTool(_) => model_error("unknown_tool", error.to_string()),
+            RunError::Unauthorized(reason) => Self::Unauthorized(reason),
+            RunError::ChatNotFound => Self::ChatNotFound,
+            RunError::RunNotFound => Self::RunNotFound,
+            RunError::ChatBusy(run_id) => Self::ChatBusy { run_id },
+            RunError::RunEnded(status) => Self::RunEnded { status },
+            RunError::AfterLast { field, last } => Self::Validation(vec![FieldError::resume(
+                field,
+                "after_last_event",
+                format!("the run's last event is {last}"),
+            )]),
+            RunError::LogSwept => Self::LogSwept,
+            RunError::Rejected(rejection) => rejection.into(),
+            RunError::Store(error) => error.into(),
         }
     }
 }
@@ -151,7 +187,13 @@ impl IntoResponse for ApiError {
             Self::Validation(errors) => json!(errors),
             other => json!(other.to_string()),
         };
-        let mut response = (status, Json(json!({ "detail": detail }))).into_response();
+        let mut body = json!({ "detail": detail });
+        match &self {
+            Self::ChatBusy { run_id } => body["run_id"] = json!(run_id),
+            Self::RunEnded { status } => body["status"] = json!(status.as_str()),
+            _ => {}
+        }
+        let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match self {
             // Close the connection after the answer: the client's retry should open one to a replica that stays, and

@@ -3,6 +3,7 @@
 mod auth;
 pub mod error;
 mod health;
+mod runs;
 pub mod server;
 mod stream;
 
@@ -48,6 +49,15 @@ pub struct AppState {
 pub fn router(state: AppState, cors: &CorsOrigins) -> Router {
     Router::new()
         .route("/agents/chats/{chat_id}/stream", post(stream::stream))
+        .route(
+            "/agents/chats/{chat_id}/runs/{run_id}/stream",
+            get(runs::attach),
+        )
+        .route(
+            "/agents/chats/{chat_id}/runs/{run_id}/cancel",
+            post(runs::cancel),
+        )
+        .route("/agents/chats/{chat_id}/messages", get(runs::messages))
         .route("/healthz", get(health::live))
         .route("/health", get(health::live))
         .route("/readyz", get(health::ready))

@@ -1,7 +1,7 @@
 //! `POST /agents/chats/{chat_id}/stream`: a run, as Server-Sent Events.
 //!
 //! The route is thin: it parses the body and the chat id, asks the run service ([`crate::runs::RunService::start`])
-//! and turns the run's events into SSE. Everything that can be refused is refused before the stream starts, as an
+//! and turns the run's events into SSE; the response is the run's first follower. Everything that can be refused is refused before the stream starts, as an
 //! HTTP error. Admission counts the stream before the handler returns, and the [`StreamGuard`] moves into the
 //! response body, which releases it when hyper drops the body, whichever way the response ends.
 
@@ -17,16 +17,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_core::Stream;
 use serde_json::Value;
-use tokio::sync::mpsc;
-use tokio_util::sync::DropGuard;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
-use crate::runs::RunRequest;
-use crate::runs::events::{Numbered, event_id};
+use crate::runs::events::event_id;
+use crate::runs::{RunHandle, RunRequest};
 use crate::stream_tracker::StreamGuard;
 
 const QUESTION_MAX_CHARS: usize = 2000;
@@ -153,40 +152,48 @@ pub async fn stream(
     Path(chat_id): Path<String>,
     request: StreamRequest,
 ) -> Result<Response, ApiError> {
-    let chat_id = Uuid::parse_str(&chat_id).map_err(|_| {
-        ApiError::Validation(vec![FieldError::path(
-            "chat_id",
-            "uuid_parsing",
-            "Input should be a valid UUID",
-        )])
-    })?;
+    let chat_id = parse_id(&chat_id, "chat_id")?;
     let run = RunRequest {
         question: request.question,
         model: request.model,
     };
     let handle = state.runs.start(identity, chat_id, run).await?;
+    Ok(sse(handle))
+}
+
+/// A path id, or the 422 naming it.
+pub(super) fn parse_id(raw: &str, name: &'static str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::Validation(vec![FieldError::path(
+            name,
+            "uuid_parsing",
+            "Input should be a valid UUID",
+        )])
+    })
+}
+
+/// The follower's events as an SSE response.
+pub(super) fn sse(handle: RunHandle) -> Response {
+    let run_id = handle.follower.run_id();
     let body = RunStream {
-        run_id: handle.run_id,
-        events: handle.events,
+        events: Box::pin(handle.follower.into_stream()),
+        run_id,
         _guard: handle.guard,
-        _client: handle.client,
     };
     let sse = Sse::new(body).keep_alive(
         KeepAlive::new()
             .interval(KEEP_ALIVE_EVERY)
             .text("keep-alive"),
     );
-    Ok(([("x-accel-buffering", "no")], sse).into_response())
+    ([("x-accel-buffering", "no")], sse).into_response()
 }
 
-/// The response body of a run: its events, encoded as SSE, and the two things that must end when the body ends.
+/// The response body of a follower: the run's events, encoded as SSE, and the admission it holds.
 struct RunStream {
-    events: mpsc::Receiver<Numbered>,
+    events: Pin<Box<dyn Stream<Item = (u64, Arc<str>)> + Send>>,
     run_id: Uuid,
     /// Keeps the stream counted for the drain until hyper drops the body.
     _guard: StreamGuard,
-    /// Tells the run its client is gone when hyper drops the body.
-    _client: DropGuard,
 }
 
 impl Stream for RunStream {
@@ -194,11 +201,8 @@ impl Stream for RunStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let run_id = self.run_id;
-        self.events.poll_recv(cx).map(|next| {
-            next.map(|(seq, event)| {
-                let data = serde_json::to_string(&event).expect("run events always serialize");
-                Ok(Event::default().id(event_id(run_id, seq)).data(data))
-            })
+        self.events.as_mut().poll_next(cx).map(|next| {
+            next.map(|(seq, json)| Ok(Event::default().id(event_id(run_id, seq)).data(&*json)))
         })
     }
 }

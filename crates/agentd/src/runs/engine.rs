@@ -1,16 +1,16 @@
 //! The engine: model ↔ tools. Asks the model, runs the tools it calls (in parallel), gives it the results and asks
-//! again, until it answers without tools or the step limit is reached; every event goes out through an [`Emitter`].
+//! again, until it answers without tools or the step limit is reached; every event goes to the run log ([`RunWriter`]).
 
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::events::{Numbered, RunEvent};
+use super::drive::{RunContext, millis};
+use super::events::RunEvent;
+use super::log::RunWriter;
 use super::recorder::Recorder;
-use super::{RunContext, millis};
 use crate::error::ErrorCode;
 use crate::model::{Message, ModelError, ModelEvent, ModelRequest, ToolCall};
 use crate::tools::ToolResult;
@@ -47,35 +47,18 @@ pub(super) enum Stop {
     Failed(Failure),
     /// The store failed while the answer streamed.
     StoreFailed,
+    /// The shutdown deadline.
     Interrupted,
-    Disconnected,
-}
-
-/// Numbers events and hands them to the response body.
-#[derive(Debug)]
-pub(super) struct Emitter {
-    tx: mpsc::Sender<Numbered>,
-    seq: u64,
-}
-
-impl Emitter {
-    pub fn new(tx: mpsc::Sender<Numbered>) -> Self {
-        Self { tx, seq: 0 }
-    }
-
-    pub async fn emit(&mut self, event: RunEvent) -> Result<(), Stop> {
-        self.seq += 1;
-        self.tx
-            .send((self.seq, Box::new(event)))
-            .await
-            .map_err(|_| Stop::Disconnected)
-    }
+    /// The stop button.
+    Cancelled,
+    /// Nobody followed the run for `DETACH_GRACE`.
+    Detached,
 }
 
 /// Asks the model, runs the tools it calls, gives their results back, until it answers without tools.
 pub(super) async fn agent_loop(
     ctx: &RunContext,
-    out: &mut Emitter,
+    out: &mut RunWriter,
     recorder: &mut Recorder,
 ) -> Result<(), Stop> {
     let definitions = ctx.tools.definitions();
@@ -106,8 +89,8 @@ pub(super) async fn agent_loop(
                 ModelEvent::TextDelta(content) => {
                     let start = text.len();
                     text.push_str(&content);
-                    out.emit(RunEvent::ModelDelta { content }).await?;
-                    // Counted once handed to the client, so a stored partial answer is what the client was sent.
+                    out.emit(&RunEvent::ModelDelta { content }).await;
+                    // Counted once in the log, so a stored partial answer is what followers were sent.
                     recorder.output.push_str(&text[start..]);
                 }
                 ModelEvent::ToolCall(call) => calls.push(call),
@@ -124,22 +107,22 @@ pub(super) async fn agent_loop(
             return Ok(());
         }
         for call in &calls {
-            out.emit(RunEvent::ToolStarted {
+            out.emit(&RunEvent::ToolStarted {
                 tool_name: call.name.clone(),
                 tool_call_id: call.id.clone(),
                 args: call.args.clone(),
             })
-            .await?;
+            .await;
         }
         let mut running: FuturesUnordered<_> =
             calls.into_iter().map(|call| call_tool(ctx, call)).collect();
         while let Some((call, result, elapsed)) = running.next().await {
-            out.emit(RunEvent::ToolFinished {
+            out.emit(&RunEvent::ToolFinished {
                 tool_name: call.name.clone(),
                 tool_call_id: call.id.clone(),
                 elapsed_ms: millis(elapsed),
             })
-            .await?;
+            .await;
             let content = match result {
                 Ok(value) => value.to_string(),
                 Err(error) => serde_json::json!({ "error": error.to_string() }).to_string(),

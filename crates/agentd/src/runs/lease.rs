@@ -9,7 +9,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::SessionStore;
+use super::events::{RunEvent, resume_path};
+use super::log::RunLog;
+use crate::store::{LogRow, SessionStore, StoreError};
 
 /// The runs this process is driving now, with when each started; their leases are the ones it keeps fresh.
 #[derive(Debug, Clone, Default)]
@@ -78,16 +80,24 @@ impl Drop for LiveRun {
     }
 }
 
-/// Keeps the leases of this process's runs fresh and marks the runs of stopped processes `interrupted`, from now
-/// until `stop`: once at once, then three times per lease.
+/// How often the events of long-finished runs are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// From now until `stop`, three times per lease: keeps the leases of this process's runs fresh, notes the runs
+/// followed here but produced elsewhere, and marks the runs of stopped processes `interrupted` (ending their logs
+/// with `run_interrupted` + `done`, so their followers end too). Once a minute, sweeps the events of runs that
+/// finished more than `retention` ago.
 pub async fn maintain(
     store: SessionStore,
     live: LiveRuns,
+    log: RunLog,
     lease: Duration,
+    retention: Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -96,16 +106,57 @@ pub async fn maintain(
         if let Err(error) = store.heartbeat(&live.ids()).await {
             tracing::warn!(%error, "could not refresh the leases of running runs");
         }
+        if let Err(error) = store.touch_followed(&log.followed_remotely()).await {
+            tracing::warn!(%error, "could not note the runs followed here");
+        }
         match store.interrupt_stale(lease).await {
             Ok(runs) if !runs.is_empty() => {
                 tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
+                for run_id in runs {
+                    if let Err(error) = end_log(&store, run_id).await {
+                        tracing::warn!(%run_id, %error, "could not end the log of a stopped run");
+                    }
+                }
             }
             Ok(_) => {}
             Err(error) => {
                 tracing::warn!(%error, "could not look for the runs of stopped processes")
             }
         }
+        if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            last_sweep = Some(Instant::now());
+            match store.sweep_events(retention).await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, "swept the events of finished runs"),
+                Err(error) => tracing::warn!(%error, "could not sweep the run log"),
+            }
+        }
     }
+}
+
+/// Ends the log of a run whose process stopped: `run_interrupted` (reason `stopped`) and `done` after its last event.
+async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<(), StoreError> {
+    let Some(run) = store.get_run(run_id).await? else {
+        return Ok(());
+    };
+    let last = store.last_seq(run_id).await?;
+    let interrupted = RunEvent::RunInterrupted {
+        reason: "stopped",
+        resume: resume_path(run.chat_id, run_id),
+    };
+    let events = [interrupted, RunEvent::Done]
+        .iter()
+        .map(|event| serde_json::to_string(event).expect("run events always serialize"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    store
+        .append_events(&[LogRow {
+            run_id,
+            seq: last + 1,
+            last_seq: last + 2,
+            events,
+        }])
+        .await
 }
 
 #[cfg(test)]

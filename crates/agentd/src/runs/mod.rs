@@ -1,49 +1,52 @@
 //! The run service: where a run starts, lives and ends, apart from any HTTP response.
 //!
-//! [`RunService`] holds what every run needs once (the store, the providers, the tools, metrics, limits) and offers
-//! [`RunService::start`]: check the request, authorize the caller on the chat, admit the stream, store the run and
-//! its prompt, and spawn the run. The route only extracts the request and turns the [`RunHandle`] into SSE.
+//! [`RunService`] holds what every run needs once (the store, the run log, the providers, the tools, metrics, limits)
+//! and offers what the routes need: [`RunService::start`] (check the request, authorize the caller on the chat,
+//! admit the stream, store the run and its prompt, spawn the run, and follow it), [`RunService::attach`] (follow a
+//! run from any seq, on any replica), [`RunService::cancel`] and [`RunService::history`].
 //!
-//! A run is driven by its own task and sends numbered events ([`events`]) into a channel that the response body
-//! reads. The task races every step against two signals: the client going away (the body was dropped) and the
-//! shutdown deadline (the run service's shutdown component is stopped). Whatever ends the run, the task ends with it: a client that
-//! leaves stops the model at its next await, and the shutdown deadline ends the stream with `run_interrupted` +
-//! `done`. What is stored when is the recorder's business; the model ↔ tools loop is the engine's; the
-//! leases that let another replica tell a dead run from a live one are [`lease`]'s.
+//! A run is driven by its own task (`drive.rs`), which appends its numbered events ([`events`]) to the run log
+//! ([`log`]); clients are followers of the log ([`follow`]), never of the task. A client that leaves does not stop
+//! the run: it goes on for `DETACH_GRACE` waiting for someone to attach. The shutdown deadline, the stop button and
+//! nobody following end a run with `run_interrupted` + `done`. What is stored when is the recorder's business; the
+//! model ↔ tools loop is the engine's; the leases that let another replica tell a dead run from a live one are
+//! [`lease`]'s.
 
+mod drive;
 mod engine;
 pub mod events;
+pub mod follow;
+pub mod history;
 pub mod lease;
+pub mod log;
 mod recorder;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
-use crate::metrics::{Metrics, RunOutcome};
-use crate::model::{Message, Model, ModelPolicy, ModelSpec, Providers};
+use crate::metrics::Metrics;
+use crate::model::{ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
-use crate::store::{ChatOwner, NewRun, RunStatus, SessionStore, StoreError};
+use crate::store::{
+    Chat, ChatOwner, NewRun, Run, RunStatus, SessionStore, StoreError, StoredMessage,
+};
 use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
+use drive::{RunContext, drive};
 pub use engine::Failure;
-use engine::{Emitter, Stop};
-use events::{Numbered, RunEvent, resume_path};
+use follow::Follower;
 pub use lease::LiveRuns;
-use recorder::Recorder;
+use log::RunLog;
 pub use recorder::SAVE_EVERY;
-
-/// Events a run may have ready before it waits for the client to read; enough to batch writes, small per stream.
-const EVENT_BUFFER: usize = 32;
 
 /// What a run needs from the process, given once at start.
 #[derive(Debug)]
 pub struct RunServiceParts {
     pub store: SessionStore,
+    pub log: RunLog,
     pub providers: Providers,
     pub tools: ToolRegistry,
     pub models: ModelPolicy,
@@ -53,6 +56,10 @@ pub struct RunServiceParts {
     pub max_steps: usize,
     /// This process, as the owner of the runs it drives (see the store's leases).
     pub instance_id: Arc<str>,
+    /// How long a run nobody follows goes on waiting for a follower (`DETACH_GRACE`).
+    pub detach_grace: Duration,
+    /// `RUN_LEASE`: how fresh another replica's note that it follows a run must be.
+    pub lease: Duration,
 }
 
 /// Starts runs and keeps track of the ones this process drives; cheap to clone.
@@ -77,9 +84,9 @@ pub struct RunRequest {
     pub model: Option<ModelSpec>,
 }
 
-/// Why a run did not start; each is an HTTP error before any event.
+/// Why a request about a run was refused; each is an HTTP error before any event.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum RunError {
     #[error("model {0:?} is not one this service offers")]
     ModelNotAllowed(String),
     #[error("unknown tool {0:?}")]
@@ -89,31 +96,60 @@ pub enum StartError {
     /// The chat does not exist or is not the caller's; the two are not told apart.
     #[error("chat not found")]
     ChatNotFound,
+    /// The run does not exist or is not of this chat; the two are not told apart.
+    #[error("run not found")]
+    RunNotFound,
+    /// The chat has a run going; one at a time.
+    #[error("the chat has a run going")]
+    ChatBusy(Uuid),
+    /// The run already ended, with this status.
+    #[error("the run already ended")]
+    RunEnded(RunStatus),
+    /// Where to resume is past the run's last event.
+    #[error("{field} is past the run's last event ({last})")]
+    AfterLast { field: &'static str, last: u64 },
+    /// The run ended long enough ago that its events were swept.
+    #[error("the run's events are no longer kept")]
+    LogSwept,
     #[error("not admitted: {0:?}")]
     Rejected(Rejection),
     #[error(transparent)]
     Store(StoreError),
 }
 
-impl From<StoreError> for StartError {
+impl From<StoreError> for RunError {
     fn from(error: StoreError) -> Self {
         match error {
             // Deleted between the lookup and the write.
             StoreError::ChatNotFound(_) => Self::ChatNotFound,
+            StoreError::ChatBusy(run_id) => Self::ChatBusy(run_id),
             other => Self::Store(other),
         }
     }
 }
 
-/// A started run as its first follower sees it: the events, and what must end when the follower leaves.
+/// A run as one follower sees it: its events from some seq on, and the admission it holds.
 #[derive(Debug)]
 pub struct RunHandle {
-    pub run_id: Uuid,
-    pub events: mpsc::Receiver<Numbered>,
+    pub follower: Follower,
     /// Keeps the stream counted for the drain until the follower is dropped.
     pub guard: StreamGuard,
-    /// Tells the run its client is gone when dropped.
-    pub client: DropGuard,
+}
+
+/// Where a follower starts: after this seq of the run (0: from the start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub after: u64,
+    /// Which input named it, for the error when it is past the end.
+    pub field: &'static str,
+}
+
+/// A chat's history, and its run still going, for a page that (re)loads.
+#[derive(Debug)]
+pub struct History {
+    pub messages: Vec<StoredMessage>,
+    /// The run going now and its last committed seq.
+    pub running: Option<(Uuid, u64)>,
 }
 
 /// Who a request acts for in dev mode: chats are created for this owner on demand.
@@ -123,30 +159,6 @@ pub fn dev_owner() -> ChatOwner {
         user_id: "dev-user".to_owned(),
         canvas_id: "dev-canvas".to_owned(),
     }
-}
-
-/// Everything a run needs, decided before its stream starts.
-#[derive(Debug)]
-struct RunContext {
-    chat_id: Uuid,
-    canvas_id: Option<String>,
-    run_id: Uuid,
-    /// The model id as the client will see it in `run_started`.
-    model_id: String,
-    model: Arc<dyn Model>,
-    /// Earlier messages of the chat, oldest first.
-    history: Vec<Message>,
-    question: String,
-    /// Cancelled when the response body is dropped: nobody is reading any more.
-    client_gone: CancellationToken,
-    interrupt: CancellationToken,
-    metrics: Arc<Metrics>,
-    store: SessionStore,
-    live: LiveRuns,
-    tools: ToolRegistry,
-    /// Who the run acts for, as tools see it.
-    tool_context: ToolContext,
-    max_steps: usize,
 }
 
 impl RunService {
@@ -170,39 +182,42 @@ impl RunService {
         &self.inner.parts.tools
     }
 
-    /// Starts a run of `request` in `chat_id` for `caller`. Everything that can be refused is refused here, before
-    /// any event: a service that is not admitting says so before the store is asked anything.
+    pub fn log(&self) -> &RunLog {
+        &self.inner.parts.log
+    }
+
+    /// Starts a run of `request` in `chat_id` for `caller`, and follows it from its first event. Everything that can
+    /// be refused is refused here, before any event: a service that is not admitting says so before the store is
+    /// asked anything.
     pub async fn start(
         &self,
         caller: Identity,
         chat_id: Uuid,
         request: RunRequest,
-    ) -> Result<RunHandle, StartError> {
+    ) -> Result<RunHandle, RunError> {
         let parts = &self.inner.parts;
         parts.tracker.admitting().map_err(|r| self.rejected(r))?;
         let model = request
             .model
             .unwrap_or_else(|| parts.models.default.clone());
         if !parts.models.allows(&model) {
-            return Err(StartError::ModelNotAllowed(model.to_string()));
+            return Err(RunError::ModelNotAllowed(model.to_string()));
         }
         if let ModelSpec::Test(options) = &model
             && let Some(tool) = &options.tool
             && parts.tools.get(tool).is_none()
         {
-            return Err(StartError::UnknownTool(tool.clone()));
+            return Err(RunError::UnknownTool(tool.clone()));
         }
         if matches!(caller, Identity::Dev) && !model.is_test() {
-            return Err(StartError::Unauthorized(AuthError::TokenRequired(
+            return Err(RunError::Unauthorized(AuthError::TokenRequired(
                 model.to_string(),
             )));
         }
         let found = parts.store.get_chat(chat_id).await?;
         let chat = match (&caller, found) {
-            (Identity::Token(caller), Some(chat)) if caller.owns(&chat) => Some(chat),
-            (Identity::Dev, Some(chat)) if chat.owner == dev_owner() => Some(chat),
             (Identity::Dev, None) => None,
-            _ => return Err(StartError::ChatNotFound),
+            (caller, found) => Some(owned(caller, found)?),
         };
         // Counted before anything is written, so a refused stream leaves nothing behind.
         let guard = parts.tracker.try_admit().map_err(|r| self.rejected(r))?;
@@ -241,8 +256,9 @@ impl RunService {
                 org_id: dev_owner().org_id,
             },
         };
-        let client_gone = CancellationToken::new();
-        let (tx, events) = mpsc::channel(EVENT_BUFFER);
+        let writer = parts.log.produce(run_id);
+        // The first follower exists before the run does, so a run never starts unfollowed.
+        let follower = self.follower(run_id, 0);
         let ctx = RunContext {
             chat_id,
             canvas_id: Some(chat.owner.canvas_id),
@@ -251,7 +267,6 @@ impl RunService {
             model: model.build(&parts.providers),
             history,
             question: request.question,
-            client_gone: client_gone.clone(),
             interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
             store: parts.store.clone(),
@@ -259,126 +274,123 @@ impl RunService {
             tools: parts.tools.clone(),
             tool_context,
             max_steps: parts.max_steps,
+            detach_grace: parts.detach_grace,
+            lease: parts.lease,
         };
         tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
-        self.inner.component.tasks.spawn(drive(ctx, tx));
-        Ok(RunHandle {
-            run_id,
-            events,
-            guard,
-            client: client_gone.drop_guard(),
+        self.inner.component.tasks.spawn(drive(ctx, writer));
+        Ok(RunHandle { follower, guard })
+    }
+
+    /// Follows run `run_id` of `chat_id` for `caller`: its events after `resume`, then the live run to its `done`.
+    pub async fn attach(
+        &self,
+        caller: &Identity,
+        chat_id: Uuid,
+        run_id: Uuid,
+        resume: Resume,
+    ) -> Result<RunHandle, RunError> {
+        let parts = &self.inner.parts;
+        parts.tracker.admitting().map_err(|r| self.rejected(r))?;
+        let run = self.find_run(caller, chat_id, run_id).await?;
+        let last = self.last_seq(run_id).await?;
+        if resume.after > last {
+            return Err(RunError::AfterLast {
+                field: resume.field,
+                last,
+            });
+        }
+        if last == 0 && run.status != RunStatus::Running {
+            return Err(RunError::LogSwept);
+        }
+        let guard = parts.tracker.try_admit().map_err(|r| self.rejected(r))?;
+        parts.metrics.replay_served();
+        let follower = self.follower(run_id, resume.after);
+        if !follower.is_local() {
+            // Tell the producer, wherever it is, that this run is followed.
+            parts.store.touch_followed(&[run_id]).await?;
+        }
+        Ok(RunHandle { follower, guard })
+    }
+
+    /// Stops run `run_id` of `chat_id` on purpose, from any replica.
+    pub async fn cancel(
+        &self,
+        caller: &Identity,
+        chat_id: Uuid,
+        run_id: Uuid,
+    ) -> Result<(), RunError> {
+        let parts = &self.inner.parts;
+        let run = self.find_run(caller, chat_id, run_id).await?;
+        if run.status != RunStatus::Running {
+            return Err(RunError::RunEnded(run.status));
+        }
+        match parts.log.live(run_id) {
+            Some(live) => live.cancel.cancel(),
+            None => parts.store.notify_cancel(run_id).await?,
+        }
+        tracing::info!(%run_id, %chat_id, "run cancel requested");
+        Ok(())
+    }
+
+    /// The chat's messages and its run still going, for `caller`.
+    pub async fn history(&self, caller: &Identity, chat_id: Uuid) -> Result<History, RunError> {
+        let parts = &self.inner.parts;
+        let chat = owned(caller, parts.store.get_chat(chat_id).await?)?;
+        let messages = parts.store.messages(chat.id).await?;
+        let running = match parts.store.running_run(chat.id).await? {
+            Some(run_id) => Some((run_id, self.last_seq(run_id).await?)),
+            None => None,
+        };
+        Ok(History { messages, running })
+    }
+
+    /// Run `run_id` of `chat_id`, when the chat is the caller's and the run is of the chat.
+    async fn find_run(
+        &self,
+        caller: &Identity,
+        chat_id: Uuid,
+        run_id: Uuid,
+    ) -> Result<Run, RunError> {
+        let store = &self.inner.parts.store;
+        owned(caller, store.get_chat(chat_id).await?)?;
+        store
+            .get_run(run_id)
+            .await?
+            .filter(|run| run.chat_id == chat_id)
+            .ok_or(RunError::RunNotFound)
+    }
+
+    /// The run's last committed seq: from memory when it is produced here, else from the store.
+    async fn last_seq(&self, run_id: Uuid) -> Result<u64, RunError> {
+        Ok(match self.inner.parts.log.live(run_id) {
+            Some(live) => live.last_seq(),
+            None => self.inner.parts.store.last_seq(run_id).await?,
         })
     }
 
-    fn rejected(&self, rejection: Rejection) -> StartError {
+    fn follower(&self, run_id: Uuid, after: u64) -> Follower {
+        let parts = &self.inner.parts;
+        Follower::new(
+            run_id,
+            parts.log.source(run_id),
+            parts.store.clone(),
+            after,
+            Arc::clone(&parts.metrics),
+        )
+    }
+
+    fn rejected(&self, rejection: Rejection) -> RunError {
         self.inner.parts.metrics.stream_rejected(rejection);
-        StartError::Rejected(rejection)
+        RunError::Rejected(rejection)
     }
 }
 
-/// Drives one run to its end, sending its events into `tx`.
-async fn drive(ctx: RunContext, tx: mpsc::Sender<Numbered>) -> RunOutcome {
-    let started = Instant::now();
-    let _live = ctx.live.enter(ctx.run_id);
-    let mut out = Emitter::new(tx);
-    let (outcome, failure) = run(&ctx, &mut out, started).await;
-    ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
-    tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, outcome = outcome.as_str(),
-        elapsed_ms = started.elapsed().as_millis() as u64, "run ended");
-    outcome
-}
-
-async fn run(
-    ctx: &RunContext,
-    out: &mut Emitter,
-    started: Instant,
-) -> (RunOutcome, Option<Failure>) {
-    let run_started = RunEvent::RunStarted {
-        chat_id: ctx.chat_id,
-        run_id: ctx.run_id,
-        model: ctx.model_id.clone(),
-        canvas_id: ctx.canvas_id.clone(),
-    };
-    let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id);
-    let result = match out.emit(run_started).await {
-        Err(stop) => Err(stop),
-        Ok(()) => tokio::select! {
-            biased;
-            _ = ctx.client_gone.cancelled() => Err(Stop::Disconnected),
-            _ = ctx.interrupt.cancelled() => Err(Stop::Interrupted),
-            result = engine::agent_loop(ctx, out, &mut recorder) => result,
-        },
-    };
-    let (mut outcome, status, mut failure) = match result {
-        Ok(()) => (RunOutcome::Completed, RunStatus::Completed, None),
-        Err(Stop::Failed(failure)) => {
-            tracing::warn!(run_id = %ctx.run_id, code = failure.code.as_str(), error = %failure.message, "run failed");
-            (RunOutcome::Failed, RunStatus::Failed, Some(failure))
-        }
-        Err(Stop::StoreFailed) => (
-            RunOutcome::Failed,
-            RunStatus::Failed,
-            Some(Failure::store("the run")),
-        ),
-        Err(Stop::Interrupted) => (RunOutcome::Interrupted, RunStatus::Interrupted, None),
-        Err(Stop::Disconnected) => (RunOutcome::Disconnected, RunStatus::Interrupted, None),
-    };
-    let error = match (&failure, outcome) {
-        (Some(failure), _) => Some(failure.message.clone()),
-        (None, RunOutcome::Interrupted) => {
-            Some("the service shut down before the run ended".to_owned())
-        }
-        (None, RunOutcome::Disconnected) => {
-            Some("the client disconnected before the run ended".to_owned())
-        }
-        (None, _) => None,
-    };
-    let end = match recorder.finish(status, error).await {
-        Ok(end) => Some(end),
-        Err(store_error) => {
-            tracing::error!(run_id = %ctx.run_id, error = %store_error, "could not store how the run ended");
-            if outcome == RunOutcome::Completed {
-                outcome = RunOutcome::Failed;
-                failure = Some(Failure::store("the answer"));
-            }
-            None
-        }
-    };
-    let last = match (outcome, end, &failure) {
-        (RunOutcome::Completed, Some(end), _) => vec![
-            RunEvent::FinalAnswer {
-                output: end.output,
-                usage: end.usage,
-            },
-            RunEvent::RunCompleted {
-                elapsed_ms: millis(started.elapsed()),
-            },
-        ],
-        (RunOutcome::Failed, _, Some(failure)) => vec![RunEvent::RunFailed {
-            error: failure.message.clone(),
-            code: failure.code.as_str(),
-        }],
-        (RunOutcome::Interrupted, _, _) => vec![RunEvent::RunInterrupted {
-            reason: "shutdown",
-            resume: resume_path(ctx.chat_id, ctx.run_id),
-        }],
-        // Disconnected: nobody is left to tell.
-        _ => return (outcome, failure),
-    };
-    for event in last.into_iter().chain([RunEvent::Done]) {
-        // The client may still leave while the last events wait for room in the channel.
-        let sent = tokio::select! {
-            biased;
-            _ = ctx.client_gone.cancelled() => Err(Stop::Disconnected),
-            sent = out.emit(event) => sent,
-        };
-        if sent.is_err() {
-            return (RunOutcome::Disconnected, failure);
-        }
+/// The chat, when it exists and is the caller's.
+fn owned(caller: &Identity, found: Option<Chat>) -> Result<Chat, RunError> {
+    match (caller, found) {
+        (Identity::Token(caller), Some(chat)) if caller.owns(&chat) => Ok(chat),
+        (Identity::Dev, Some(chat)) if chat.owner == dev_owner() => Ok(chat),
+        _ => Err(RunError::ChatNotFound),
     }
-    (outcome, failure)
-}
-
-pub(crate) fn millis(elapsed: Duration) -> u64 {
-    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }

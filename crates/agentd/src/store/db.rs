@@ -102,15 +102,16 @@ impl Db {
 /// | token | SQLite | PostgreSQL |
 /// |---|---|---|
 /// | `{now}` | Unix milliseconds, from the database | `now()` |
-/// | `{ms}` | the bound milliseconds | an interval of that many milliseconds |
+/// | `{ms1}`, `{ms2}` | the milliseconds bound as `$1` / `$2` | an interval of that many milliseconds |
 /// | `{id_in_list}` | `id IN` the JSON array bound | `id = ANY` the array bound |
 /// | `{order}` | `rowid` (insertion order) | `id` |
 fn sql(conn: &Conn, template: &str) -> String {
     let sqlite = matches!(conn, Conn::Sqlite(_) | Conn::SqliteTx(_));
-    let fragments: [(&str, &str); 4] = if sqlite {
+    let fragments: [(&str, &str); 5] = if sqlite {
         [
             ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
-            ("{ms}", "$2"),
+            ("{ms1}", "$1"),
+            ("{ms2}", "$2"),
             ("{id_in_list}", "id IN (SELECT value FROM json_each($1))"),
             ("{order}", "rowid"),
         ]
@@ -118,7 +119,11 @@ fn sql(conn: &Conn, template: &str) -> String {
         [
             ("{now}", "now()"),
             (
-                "{ms}",
+                "{ms1}",
+                "(CAST($1 AS DOUBLE PRECISION) * interval '1 millisecond')",
+            ),
+            (
+                "{ms2}",
                 "(CAST($2 AS DOUBLE PRECISION) * interval '1 millisecond')",
             ),
             ("{id_in_list}", "id = ANY($1)"),

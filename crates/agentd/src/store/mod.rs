@@ -19,6 +19,8 @@
 
 mod chats;
 mod db;
+mod events;
+mod listen;
 mod postgres;
 mod runs;
 mod sqlite;
@@ -31,6 +33,8 @@ use uuid::Uuid;
 
 use crate::model::{Message, Usage};
 use db::Db;
+pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, REPLAY_PAGE};
+pub use listen::Listener;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
 #[derive(Debug, Clone)]
@@ -94,6 +98,9 @@ pub enum StoreError {
     ChatNotFound(Uuid),
     #[error("run {0} not found")]
     RunNotFound(Uuid),
+    /// The chat already has a run going (this one).
+    #[error("chat has run {0} going")]
+    ChatBusy(Uuid),
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
 }

@@ -43,6 +43,16 @@ impl SessionStore {
         if chat == 0 {
             return Err(StoreError::ChatNotFound(run.chat_id));
         }
+        // The chat row is locked by the update above, so two starts cannot both see the chat idle.
+        let going = tx
+            .fetch_optional(
+                "SELECT id FROM agent_chat_runs WHERE chat_id = $1 AND status = 'running' LIMIT 1",
+                &[Arg::Id(run.chat_id)],
+            )
+            .await?;
+        if let Some(going) = going {
+            return Err(StoreError::ChatBusy(going.uuid("id")?));
+        }
         tx.execute(
             "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, heartbeat_at, created_at) \
              VALUES ($1, $2, $3, 'running', $4, {now}, {now})",
@@ -148,10 +158,60 @@ impl SessionStore {
             .await?
             .fetch_all(
                 "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now} \
-                 WHERE status = 'running' AND heartbeat_at < {now} - {ms} RETURNING id",
+                 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} RETURNING id",
                 &[Arg::Text(STALE_RUN_ERROR), Arg::Int(lease_ms)],
             )
             .await?;
         rows.iter().map(|row| row.uuid("id")).collect()
+    }
+
+    /// The chat's run still going, if any.
+    pub async fn running_run(&self, chat_id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let row = self
+            .db
+            .read()
+            .await?
+            .fetch_optional(
+                "SELECT id FROM agent_chat_runs WHERE chat_id = $1 AND status = 'running' \
+                 ORDER BY created_at DESC LIMIT 1",
+                &[Arg::Id(chat_id)],
+            )
+            .await?;
+        row.map(|row| row.uuid("id")).transpose()
+    }
+
+    /// Notes that a process other than the producer has followers of these runs now.
+    pub async fn touch_followed(&self, runs: &[Uuid]) -> Result<(), StoreError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .write()
+            .await?
+            .execute(
+                "UPDATE agent_chat_runs SET followed_at = {now} WHERE status = 'running' AND {id_in_list}",
+                &[Arg::Ids(runs)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Whether another process noted a follower of the run within `within`.
+    pub async fn followed_within(
+        &self,
+        run_id: Uuid,
+        within: Duration,
+    ) -> Result<bool, StoreError> {
+        let ms = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        let row = self
+            .db
+            .read()
+            .await?
+            .fetch_optional(
+                "SELECT id FROM agent_chat_runs WHERE followed_at > {now} - {ms1} AND id = $2",
+                &[Arg::Int(ms), Arg::Id(run_id)],
+            )
+            .await?;
+        Ok(row.is_some())
     }
 }

@@ -1,12 +1,14 @@
 //! The integration tests, as one binary (one link instead of seven): the real `agentd` binary on a free port, real
 //! HTTP, SSE and gRPC clients, real signals, and both stores. `common` is the harness they share.
 
+#[macro_use]
 mod common;
 
 mod auth;
 mod grpc;
 mod layout;
 mod providers;
+mod runlog;
 mod runs;
 mod shutdown;
 mod store;

@@ -183,7 +183,11 @@ async fn shutdown_disconnect_and_failure_are_each_stored_with_their_partial_answ
     let db = TestDb::sqlite();
     let mut server = Agentd::spawn_on(
         db.url(),
-        &[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "20")],
+        &[
+            ("DRAIN_TIMEOUT", "1"),
+            ("SHUTDOWN_TIMEOUT", "20"),
+            ("DETACH_GRACE", "0"),
+        ],
     )
     .await;
 
@@ -201,7 +205,7 @@ async fn shutdown_disconnect_and_failure_are_each_stored_with_their_partial_answ
     let (left_id, left_text) = read_deltas(&mut leaving, 3).await;
     drop(leaving);
     server
-        .wait_for_log_where(|l| l["outcome"] == "disconnected")
+        .wait_for_log_where(|l| l["outcome"] == "detached")
         .await
         .unwrap();
 
@@ -223,7 +227,7 @@ async fn shutdown_disconnect_and_failure_are_each_stored_with_their_partial_answ
 
     let left = store.get_run(left_id).await.unwrap().unwrap();
     assert_eq!(left.status, RunStatus::Interrupted);
-    assert!(left.error.unwrap().contains("client disconnected"));
+    assert!(left.error.unwrap().contains("nobody followed"));
     assert!(left.output.starts_with(&left_text) && !left.output.is_empty());
 
     let cut = store.get_run(cut_id).await.unwrap().unwrap();

@@ -3,6 +3,28 @@
 //! The server is started with `HTTP_ADDR=127.0.0.1:0` and JSON logs; the harness reads the bound address from the
 //! "agentd is serving" log line, so no test guesses a port or sleeps to let the server start.
 
+/// Runs each named test against both backends.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::TestDb::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
 pub mod db;
 pub mod upstream;
 
@@ -178,6 +200,41 @@ impl Agentd {
         self.http
             .post(self.url(&format!("/agents/chats/{chat}/stream")))
             .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Attaches to a run: `GET .../runs/{run}/stream`, with `Last-Event-ID` and `?after=` when given.
+    pub async fn attach(
+        &self,
+        chat: &str,
+        run: &str,
+        last_event_id: Option<&str>,
+        after: Option<&str>,
+    ) -> reqwest::Response {
+        let mut url = self.url(&format!("/agents/chats/{chat}/runs/{run}/stream"));
+        if let Some(after) = after {
+            url = format!("{url}?after={after}");
+        }
+        let mut request = self.http.get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Attaches and expects a stream.
+    pub async fn follow(&self, chat: &str, run: &str, last_event_id: Option<&str>) -> Events {
+        let response = self.attach(chat, run, last_event_id, None).await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        Events::new(response)
+    }
+
+    /// `POST .../runs/{run}/cancel`.
+    pub async fn cancel(&self, chat: &str, run: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/agents/chats/{chat}/runs/{run}/cancel")))
             .send()
             .await
             .unwrap()

@@ -244,7 +244,7 @@ async fn a_client_disconnect_closes_the_upstream_connection_and_the_run_is_inter
         .wait_for_log_where(|l| l["message"] == "run ended")
         .await
         .unwrap();
-    assert_eq!(ended["outcome"], "disconnected");
+    assert_eq!(ended["outcome"], "detached");
     let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
     let described = grpc
         .describe_agent_chat(DescribeAgentChatRequest {

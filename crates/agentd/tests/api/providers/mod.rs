@@ -70,6 +70,8 @@ async fn setup() -> Setup {
         ("ANTHROPIC_API_KEY", "ak-test-key"),
         ("AI_MODELS", "openai:gpt-test,anthropic:claude-test"),
         ("MODEL_IDLE_TIMEOUT", "1"),
+        // A client that leaves stops its run at once here; the run log's own tests cover the grace.
+        ("DETACH_GRACE", "0"),
         ("TOOLS_FILE", tools_path.to_str().unwrap()),
     ])
     .await;

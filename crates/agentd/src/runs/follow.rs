@@ -1,0 +1,132 @@
+//! A follower: replays a run's events after a given seq, then follows the live run to its `done`, with no gap and no
+//! repeat at the seam. Any number of followers may read one run; the POST's own stream is simply the first.
+//!
+//! The seam holds because a follower marks its wake-up signal as seen *before* it reads: events committed after the
+//! read always wake it again, and it always reads from the seq after the last one it sent.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use uuid::Uuid;
+
+use super::log::Source;
+use crate::metrics::Metrics;
+use crate::store::SessionStore;
+
+/// How often a follower reading from the store looks again when no notification came (a safety net: PostgreSQL
+/// notifications wake it at once).
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+/// The JSON of the last event of every run.
+const DONE: &str = r#"{"type":"done"}"#;
+
+/// One run's events for one client, from a given seq on.
+#[derive(Debug)]
+pub struct Follower {
+    run_id: Uuid,
+    source: Source,
+    store: SessionStore,
+    /// The next seq to send.
+    next: u64,
+    pending: VecDeque<(u64, Arc<str>)>,
+    ended: bool,
+    _attached: Attached,
+}
+
+/// Counts the follower in the metrics while it exists.
+#[derive(Debug)]
+struct Attached(Arc<Metrics>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.follower_detached();
+    }
+}
+
+impl Follower {
+    /// A follower of `run_id` that sends the events after `after` (0: from the start).
+    pub fn new(
+        run_id: Uuid,
+        source: Source,
+        store: SessionStore,
+        after: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.follower_attached();
+        Self {
+            run_id,
+            source,
+            store,
+            next: after + 1,
+            pending: VecDeque::new(),
+            ended: false,
+            _attached: Attached(metrics),
+        }
+    }
+
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// Whether the run is produced on this process (its events come from memory).
+    pub fn is_local(&self) -> bool {
+        matches!(self.source, Source::Local(..))
+    }
+
+    /// The next event, `(seq, json)`; `None` after `done`.
+    pub async fn next_event(&mut self) -> Option<(u64, Arc<str>)> {
+        loop {
+            if let Some((seq, json)) = self.pending.pop_front() {
+                self.next = seq + 1;
+                if &*json == DONE {
+                    self.ended = true;
+                    self.pending.clear();
+                }
+                return Some((seq, json));
+            }
+            if self.ended {
+                return None;
+            }
+            match &mut self.source {
+                Source::Local(live, committed) => {
+                    let upto = *committed.borrow_and_update();
+                    if upto >= self.next {
+                        self.pending.extend(live.slice(self.next, upto));
+                        continue;
+                    }
+                    if committed.changed().await.is_err() {
+                        return None;
+                    }
+                }
+                Source::Stored(wake) => {
+                    wake.borrow_and_update();
+                    match self.store.events_after(self.run_id, self.next - 1).await {
+                        Ok(events) if !events.is_empty() => {
+                            self.pending
+                                .extend(events.into_iter().map(|(seq, json)| (seq, json.into())));
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(run_id = %self.run_id, %error, "could not read the run log; trying again")
+                        }
+                    }
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        () = tokio::time::sleep(POLL_EVERY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The events as a stream, for a response body.
+    pub fn into_stream(self) -> impl Stream<Item = (u64, Arc<str>)> + Send {
+        futures_util::stream::unfold(self, |mut follower| async move {
+            let event = follower.next_event().await?;
+            Some((event, follower))
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! The run log in the store: the events of every run, appended in group commits and read back in order.
+//!
+//! A row holds consecutive events of one run, `seq` to `last_seq`, as their compact JSON joined by newlines (JSON
+//! never holds a raw newline, so splitting gives back each event exactly). A group commit writes one row per run
+//! per batch, all in one transaction; with PostgreSQL the same transaction notifies every replica of each run's new
+//! last seq (`agentd_run_events`, delivered on commit).
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::db::Arg;
+use super::{SessionStore, StoreError, to_i64};
+
+/// The channel a PostgreSQL commit notifies: `<run_id>:<last_seq>` pairs, comma-separated.
+pub const EVENTS_CHANNEL: &str = "agentd_run_events";
+/// The channel a cancel is sent on: the run id.
+pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
+
+/// Rows per INSERT statement (four values each, well under both backends' limits on bound values).
+const ROWS_PER_STATEMENT: usize = 500;
+/// Largest notification payload (PostgreSQL refuses 8,000 bytes and more).
+const NOTIFY_BYTES: usize = 7_000;
+/// Events read per query when replaying.
+pub const REPLAY_PAGE: i64 = 1_000;
+
+/// Consecutive events of one run, ready to store.
+#[derive(Debug, Clone)]
+pub struct LogRow {
+    pub run_id: Uuid,
+    pub seq: u64,
+    pub last_seq: u64,
+    /// The events' JSON, one per line.
+    pub events: String,
+}
+
+impl SessionStore {
+    /// Appends `rows` in one transaction (and, with PostgreSQL, notifies the replicas when it commits).
+    pub async fn append_events(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let n = i * 4;
+                    format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES {}",
+                values.join(", ")
+            );
+            let args: Vec<Arg<'_>> = chunk
+                .iter()
+                .flat_map(|row| {
+                    [
+                        Arg::Id(row.run_id),
+                        Arg::Int(to_i64(row.seq)),
+                        Arg::Int(to_i64(row.last_seq)),
+                        Arg::Text(&row.events),
+                    ]
+                })
+                .collect();
+            tx.execute(&sql, &args).await?;
+        }
+        if self.db.backend() == "postgres" {
+            let mut payload = String::new();
+            for row in rows {
+                if payload.len() > NOTIFY_BYTES {
+                    notify(&mut tx, EVENTS_CHANNEL, &payload).await?;
+                    payload.clear();
+                }
+                if !payload.is_empty() {
+                    payload.push(',');
+                }
+                payload.push_str(&format!("{}:{}", row.run_id, row.last_seq));
+            }
+            notify(&mut tx, EVENTS_CHANNEL, &payload).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Up to [`REPLAY_PAGE`] rows of the run's events after `after`: `(seq, json)` in order.
+    pub async fn events_after(
+        &self,
+        run_id: Uuid,
+        after: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows = self
+            .db
+            .read()
+            .await?
+            .fetch_all(
+                "SELECT seq, events FROM agent_run_events WHERE run_id = $1 AND last_seq > $2 \
+                 ORDER BY seq LIMIT $3",
+                &[
+                    Arg::Id(run_id),
+                    Arg::Int(to_i64(after)),
+                    Arg::Int(REPLAY_PAGE),
+                ],
+            )
+            .await?;
+        let mut events = Vec::new();
+        for row in rows {
+            let first = u64::try_from(row.get::<i64>("seq")?).unwrap_or(0);
+            let text: String = row.get("events")?;
+            for (i, json) in text.split('\n').enumerate() {
+                let seq = first + i as u64;
+                if seq > after {
+                    events.push((seq, json.to_owned()));
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The seq of the run's last stored event (0 when it has none).
+    pub async fn last_seq(&self, run_id: Uuid) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .read()
+            .await?
+            .fetch_one(
+                "SELECT CAST(COALESCE(MAX(last_seq), 0) AS BIGINT) AS last FROM agent_run_events WHERE run_id = $1",
+                &[Arg::Id(run_id)],
+            )
+            .await?;
+        Ok(u64::try_from(row.get::<i64>("last")?).unwrap_or(0))
+    }
+
+    /// Deletes the events of runs that finished more than `retention` ago; how many rows went.
+    pub async fn sweep_events(&self, retention: Duration) -> Result<u64, StoreError> {
+        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        self.db
+            .write()
+            .await?
+            .execute(
+                "DELETE FROM agent_run_events WHERE run_id IN (SELECT id FROM agent_chat_runs \
+                 WHERE finished_at IS NOT NULL AND finished_at < {now} - {ms1})",
+                &[Arg::Int(ms)],
+            )
+            .await
+    }
+
+    /// Asks the replica producing the run to cancel it (PostgreSQL; one process has nobody else to ask).
+    pub async fn notify_cancel(&self, run_id: Uuid) -> Result<(), StoreError> {
+        if self.db.backend() == "postgres" {
+            let mut conn = self.db.write().await?;
+            notify(&mut conn, CANCEL_CHANNEL, &run_id.to_string()).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn notify(
+    conn: &mut super::db::Conn,
+    channel: &str,
+    payload: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "SELECT pg_notify($1, $2)",
+        &[Arg::Text(channel), Arg::Text(payload)],
+    )
+    .await?;
+    Ok(())
+}

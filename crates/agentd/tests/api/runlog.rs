@@ -1,0 +1,352 @@
+//! Runs outlive their connections: the run log, attach and replay, detach, cancel, one run per chat, the history a
+//! page re-attaches from. Through the real binary, on SQLite and on PostgreSQL.
+
+use std::time::Duration;
+
+use agentd::store::{ChatOwner, RunStatus};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::common::db::TestDb;
+use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
+
+on_both_backends!(
+    a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones,
+    a_finished_run_replays_the_same_events_and_ends,
+    every_event_a_client_received_is_in_the_log_after_a_kill,
+    a_run_nobody_follows_stops_after_the_detach_grace,
+    a_run_re_attached_within_the_grace_completes,
+    cancel_busy_chats_and_bad_resume_inputs_get_their_statuses,
+    the_history_names_the_run_going_so_a_page_can_re_attach,
+);
+
+/// A run of `n` deltas, one every `ms` milliseconds.
+fn paced(n: u32, ms: u32) -> Value {
+    json!({"question": "q", "model": format!("test:deltas={n},delay_ms={ms}")})
+}
+
+/// Reads `n` events; returns them.
+async fn take(stream: &mut Events, n: usize) -> Vec<(String, Value)> {
+    let mut events = Vec::new();
+    for _ in 0..n {
+        events.push(stream.next().await.expect("the stream goes on"));
+    }
+    events
+}
+
+fn run_id_of(events: &[(String, Value)]) -> String {
+    events[0].1["run_id"].as_str().unwrap().to_owned()
+}
+
+/// Checks the ids are `<run>:1`, `<run>:2`, ... with no gap and no repeat, and the stream ends with one `done`.
+fn assert_whole(run: &str, events: &[(String, Value)]) {
+    for (i, (id, _)) in events.iter().enumerate() {
+        assert_eq!(id, &format!("{run}:{}", i + 1), "event {i} of {events:?}");
+    }
+    let kinds = types(events);
+    assert_eq!(kinds.iter().filter(|k| *k == "done").count(), 1);
+    assert_eq!(kinds.last().unwrap(), "done");
+}
+
+fn final_output(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .find(|(_, e)| e["type"] == "final_answer")
+        .expect("a final answer")
+        .1["output"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits until the stored run has left `running`.
+async fn ended(db: &TestDb, run: &str) -> agentd::store::Run {
+    let store = db.open().await;
+    let run: Uuid = run.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let stored = store.get_run(run).await.unwrap().unwrap();
+        if stored.status != RunStatus::Running {
+            return stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut first = server.stream(&chat, paced(40, 30)).await;
+    let mut seen = take(&mut first, 10).await;
+    drop(first);
+    let run = run_id_of(&seen);
+    // Events went on while nobody was connected; they are replayed, then the live ones follow.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let last = seen.last().unwrap().0.clone();
+    let mut again = server.follow(&chat, &run, Some(&last)).await;
+    seen.extend(again.rest().await);
+    assert_whole(&run, &seen);
+    assert_eq!(deltas(&seen), final_output(&seen));
+    assert_eq!(
+        types(&seen).iter().filter(|t| *t == "model_delta").count(),
+        40
+    );
+
+    // `?after=` is the same as `Last-Event-ID`, and a second follower of a finished run gets the same events.
+    let replay = Events::new(server.attach(&chat, &run, None, Some("10")).await)
+        .rest()
+        .await;
+    assert_eq!(replay, seen[10..]);
+}
+
+async fn a_finished_run_replays_the_same_events_and_ends(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let body = json!({"question": "q", "model": "test:deltas=5,tool=current_time"});
+    let original = server.stream(&chat, body).await.rest().await;
+    let run = run_id_of(&original);
+    let replay = server.follow(&chat, &run, None).await.rest().await;
+    assert_eq!(replay, original);
+    assert_whole(&run, &replay);
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "agentd_replays_total 1"),
+        "{metrics}"
+    );
+}
+
+async fn every_event_a_client_received_is_in_the_log_after_a_kill(db: TestDb) {
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut stream = server.stream(&chat, paced(1000, 20)).await;
+    let received = take(&mut stream, 15).await;
+    server.kill().await;
+    drop(stream);
+    let run: Uuid = run_id_of(&received).parse().unwrap();
+    let logged = db.open().await.events_after(run, 0).await.unwrap();
+    assert!(logged.len() >= received.len(), "{} logged", logged.len());
+    for ((id, event), (seq, json)) in received.iter().zip(&logged) {
+        assert_eq!(id, &format!("{run}:{seq}"));
+        assert_eq!(event, &serde_json::from_str::<Value>(json).unwrap());
+    }
+}
+
+async fn a_run_nobody_follows_stops_after_the_detach_grace(db: TestDb) {
+    let mut server = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "0.5")]).await;
+    let mut stream = server.stream(&new_chat(), paced(1000, 20)).await;
+    let run = run_id_of(&take(&mut stream, 3).await);
+    drop(stream);
+    let stored = ended(&db, &run).await;
+    assert_eq!(stored.status, RunStatus::Interrupted);
+    assert!(stored.error.unwrap().contains("nobody followed"));
+    assert!(!stored.output.is_empty(), "the partial answer is kept");
+    let ended = server
+        .wait_for_log_where(|l| l["run_id"] == run.as_str() && l["message"] == "run ended")
+        .await
+        .unwrap();
+    assert_eq!(ended["outcome"], "detached");
+}
+
+async fn a_run_re_attached_within_the_grace_completes(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "5")]).await;
+    let chat = new_chat();
+    let mut stream = server.stream(&chat, paced(30, 30)).await;
+    let mut seen = take(&mut stream, 3).await;
+    drop(stream);
+    let run = run_id_of(&seen);
+    let last = seen.last().unwrap().0.clone();
+    seen.extend(server.follow(&chat, &run, Some(&last)).await.rest().await);
+    assert_whole(&run, &seen);
+    assert_eq!(types(&seen)[seen.len() - 2], "run_completed");
+    assert_eq!(ended(&db, &run).await.status, RunStatus::Completed);
+}
+
+async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut stream = server.stream(&chat, paced(1000, 20)).await;
+    let run = run_id_of(&take(&mut stream, 2).await);
+
+    // One run at a time per chat: the client is told which one to attach to.
+    let busy = server.ask(&chat, paced(1, 0)).await;
+    assert_eq!(busy.status(), 409);
+    let body: Value = busy.json().await.unwrap();
+    assert_eq!(body["run_id"], run.as_str());
+    assert!(body["detail"].as_str().unwrap().contains("run going"));
+
+    // Where to resume, when it makes no sense, is a 422 naming it.
+    let other = Uuid::new_v4();
+    let cases: [(Option<String>, Option<&str>, &str); 5] = [
+        (Some("garbage".to_owned()), None, "last-event-id"),
+        (Some(format!("{other}:3")), None, "last-event-id"),
+        (Some(format!("{run}:x")), None, "last-event-id"),
+        (None, Some("abc"), "after"),
+        (None, Some("999999"), "after"),
+    ];
+    for (header, after, field) in cases {
+        let refused = server.attach(&chat, &run, header.as_deref(), after).await;
+        assert_eq!(refused.status(), 422, "{header:?} {after:?}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["detail"][0]["loc"][1], field, "{body}");
+    }
+
+    // Not found, the same bytes whether missing or someone else's.
+    let store = db.open().await;
+    let theirs = store
+        .create_chat(&ChatOwner {
+            org_id: "other-org".into(),
+            user_id: "other-user".into(),
+            canvas_id: "other-canvas".into(),
+        })
+        .await
+        .unwrap();
+    let body = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 404);
+        response.bytes().await.unwrap()
+    };
+    let missing_chat = body(server.attach(&new_chat(), &run, None, None).await).await;
+    let foreign_chat = body(
+        server
+            .attach(&theirs.id.to_string(), &run, None, None)
+            .await,
+    )
+    .await;
+    assert_eq!(missing_chat, foreign_chat);
+    let missing_run = body(
+        server
+            .attach(&chat, &Uuid::new_v4().to_string(), None, None)
+            .await,
+    )
+    .await;
+    let own_chat = new_chat();
+    server.stream(&own_chat, paced(1, 0)).await.rest().await;
+    let run_of_another_chat = body(server.attach(&own_chat, &run, None, None).await).await;
+    assert_eq!(missing_run, run_of_another_chat);
+    assert_eq!(
+        body(server.cancel(&theirs.id.to_string(), &run).await).await,
+        missing_chat
+    );
+
+    // Stop on purpose: every follower sees the run end, and it is stored interrupted.
+    let mut second = server.follow(&chat, &run, None).await;
+    let cancelled = server.cancel(&chat, &run).await;
+    assert_eq!(cancelled.status(), 202);
+    for events in [stream.rest().await, second.rest().await] {
+        let kinds = types(&events);
+        assert_eq!(kinds[kinds.len() - 2..], ["run_interrupted", "done"]);
+        assert_eq!(events[events.len() - 2].1["reason"], "cancelled");
+    }
+    assert_eq!(ended(&db, &run).await.status, RunStatus::Interrupted);
+    let again = server.cancel(&chat, &run).await;
+    assert_eq!(again.status(), 409);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["status"], "interrupted");
+    // The chat is free again.
+    assert_eq!(server.ask(&chat, paced(1, 0)).await.status(), 200);
+}
+
+async fn history_of(server: &Agentd, chat: &str) -> Value {
+    let response = server.get(&format!("/agents/chats/{chat}/messages")).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn the_history_names_the_run_going_so_a_page_can_re_attach(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let first = server
+        .stream(
+            &chat,
+            json!({"question": "first?", "model": "test:deltas=2"}),
+        )
+        .await
+        .rest()
+        .await;
+    let mut going = server
+        .stream(
+            &chat,
+            json!({"question": "second?", "model": "test:deltas=1000,delay_ms=20"}),
+        )
+        .await;
+    let seen = take(&mut going, 4).await;
+    let run = run_id_of(&seen);
+
+    let history = history_of(&server, &chat).await;
+    let roles: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user"]);
+    assert_eq!(history["messages"][1]["content"], final_output(&first));
+    assert_eq!(history["run"]["id"], run.as_str());
+    let last_seq = history["run"]["last_seq"].as_u64().unwrap();
+    assert!(last_seq >= 4, "{history}");
+    // What the history names is where a page picks the run up.
+    let stream_path = history["run"]["stream"].as_str().unwrap();
+    assert_eq!(
+        stream_path,
+        format!("/agents/chats/{chat}/runs/{run}/stream")
+    );
+    let mut picked_up = Events::new(
+        server
+            .attach(&chat, &run, Some(&format!("{run}:{last_seq}")), None)
+            .await,
+    );
+    let next = picked_up.next().await.unwrap();
+    assert_eq!(next.0, format!("{run}:{}", last_seq + 1));
+
+    assert_eq!(server.cancel(&chat, &run).await.status(), 202);
+    picked_up.rest().await;
+    let history = history_of(&server, &chat).await;
+    assert_eq!(history["run"], Value::Null);
+    let missing = server
+        .get(&format!("/agents/chats/{}/messages", new_chat()))
+        .await;
+    assert_eq!(missing.status(), 404);
+}
+
+/// PostgreSQL, two replicas: a run produced on one is followed on the other from the start and from the middle,
+/// event for event, and cancelled from it.
+#[tokio::test]
+async fn a_run_produced_on_one_replica_is_followed_and_cancelled_on_another() {
+    let db = TestDb::postgres().await;
+    let a = Agentd::spawn_on(db.url(), &[]).await;
+    let b = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut on_a = a.stream(&chat, paced(30, 40)).await;
+    let head = take(&mut on_a, 6).await;
+    let run = run_id_of(&head);
+    let from_start = tokio::spawn({
+        let events = b.follow(&chat, &run, None).await;
+        async move {
+            let mut events = events;
+            events.rest().await
+        }
+    });
+    let from_middle = tokio::spawn({
+        let events = b.follow(&chat, &run, Some(&head[4].0)).await;
+        async move {
+            let mut events = events;
+            events.rest().await
+        }
+    });
+    let mut all = head;
+    all.extend(on_a.rest().await);
+    assert_whole(&run, &all);
+    assert_eq!(from_start.await.unwrap(), all);
+    assert_eq!(from_middle.await.unwrap(), all[5..]);
+
+    let other = new_chat();
+    let mut long = a.stream(&other, paced(1000, 20)).await;
+    let run = run_id_of(&take(&mut long, 2).await);
+    assert_eq!(b.cancel(&other, &run).await.status(), 202);
+    let rest = long.rest().await;
+    assert_eq!(rest[rest.len() - 2].1["reason"], "cancelled");
+    assert_eq!(ended(&db, &run).await.status, RunStatus::Interrupted);
+}
