@@ -113,8 +113,12 @@ pub async fn maintain(
             Ok(runs) if !runs.is_empty() => {
                 tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
                 for run_id in runs {
-                    if let Err(error) = end_log(&store, run_id).await {
-                        tracing::warn!(%run_id, %error, "could not end the log of a stopped run");
+                    match end_log(&store, run_id).await {
+                        // Followers here of the dead run read its end at once.
+                        Ok(last) => log.committed_elsewhere(run_id, last),
+                        Err(error) => {
+                            tracing::warn!(%run_id, %error, "could not end the log of a stopped run")
+                        }
                     }
                 }
             }
@@ -135,9 +139,10 @@ pub async fn maintain(
 }
 
 /// Ends the log of a run whose process stopped: `run_interrupted` (reason `stopped`) and `done` after its last event.
-async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<(), StoreError> {
+/// Returns the seq of the new last event.
+async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<u64, StoreError> {
     let Some(run) = store.get_run(run_id).await? else {
-        return Ok(());
+        return Ok(0);
     };
     let last = store.last_seq(run_id).await?;
     let interrupted = RunEvent::RunInterrupted {
@@ -156,7 +161,8 @@ async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<(), StoreError> {
             last_seq: last + 2,
             events,
         }])
-        .await
+        .await?;
+    Ok(last + 2)
 }
 
 #[cfg(test)]

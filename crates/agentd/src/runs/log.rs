@@ -175,8 +175,9 @@ impl RunLog {
         remote.keys().copied().collect()
     }
 
-    /// A notification said the run's events are committed up to `seq`.
-    fn committed_elsewhere(&self, run_id: Uuid, seq: u64) {
+    /// The run's events are committed up to `seq` by someone else (a notification said so, or the lease loop ended
+    /// a dead run's log): its followers here read on.
+    pub fn committed_elsewhere(&self, run_id: Uuid, seq: u64) {
         if let Some(watch) = self.inner.remote.lock().expect("run log lock").get(&run_id) {
             watch.send_if_modified(|last| {
                 let newer = seq > *last;

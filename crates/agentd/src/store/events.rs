@@ -138,7 +138,7 @@ impl SessionStore {
             .await?
             .execute(
                 "DELETE FROM agent_run_events WHERE run_id IN (SELECT id FROM agent_chat_runs \
-                 WHERE finished_at IS NOT NULL AND finished_at < {now} - {ms1})",
+                 WHERE finished_at IS NOT NULL AND finished_at <= {now} - {ms1})",
                 &[Arg::Int(ms)],
             )
             .await

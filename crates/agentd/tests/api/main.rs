@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod cli;
 mod grpc;
 mod layout;
 mod providers;

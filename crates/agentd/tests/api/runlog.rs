@@ -350,3 +350,30 @@ async fn a_run_produced_on_one_replica_is_followed_and_cancelled_on_another() {
     assert_eq!(rest[rest.len() - 2].1["reason"], "cancelled");
     assert_eq!(ended(&db, &run).await.status, RunStatus::Interrupted);
 }
+
+/// The events of a run that ended longer than `RUN_LOG_RETENTION` ago are swept; attaching says so, and the answer
+/// is still in the history.
+#[tokio::test]
+async fn attaching_to_a_swept_run_is_410_and_its_answer_stays_in_the_history() {
+    let db = TestDb::sqlite();
+    let retention = [("RUN_LOG_RETENTION", "0")];
+    let chat = new_chat();
+    let run = {
+        let mut first = Agentd::spawn_on(db.url(), &retention).await;
+        let events = first.stream(&chat, paced(3, 0)).await.rest().await;
+        first.signal("TERM");
+        first.exit_status().await;
+        run_id_of(&events)
+    };
+    // The next start sweeps at once.
+    let mut second = Agentd::spawn_on(db.url(), &retention).await;
+    second
+        .wait_for_log("swept the events of finished runs")
+        .await;
+    let swept = second.attach(&chat, &run, None, None).await;
+    assert_eq!(swept.status(), 410);
+    let body: Value = swept.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("chat's messages"));
+    let history = history_of(&second, &chat).await;
+    assert_eq!(history["messages"][1]["role"], "assistant");
+}

@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use crate::common::db::{TestDb, runs_of};
 use agentd::model::{Message, ToolCall, Usage};
-use agentd::store::{ChatOwner, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
+use agentd::store::{ChatOwner, LogRow, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 
 on_both_backends!(
+    the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs,
     chats_are_created_found_listed_newest_first_and_deleted,
     a_run_stores_its_prompt_then_its_messages_in_order,
     runs_go_through_every_status_and_add_to_the_chat_totals,
@@ -376,5 +377,72 @@ async fn concurrent_starts_on_one_chat_admit_exactly_one(db: TestDb) {
         .map(|m| m.index)
         .collect();
     assert_eq!(indexes, [0, 1, 2]);
+    store.close().await;
+}
+
+async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let other = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let (done, going) = (new_run(chat.id, "q"), new_run(other.id, "q"));
+    store.start_run(&done).await.unwrap();
+    store.start_run(&going).await.unwrap();
+    let row = |run: Uuid, seq: u64, events: &[&str]| LogRow {
+        run_id: run,
+        seq,
+        last_seq: seq + events.len() as u64 - 1,
+        events: events.join("\n"),
+    };
+    // One batch, several runs, consecutive events of a run in one row.
+    store
+        .append_events(&[
+            row(done.id, 1, &[r#"{"type":"a"}"#, r#"{"type":"b"}"#]),
+            row(going.id, 1, &[r#"{"type":"x"}"#]),
+        ])
+        .await
+        .unwrap();
+    store
+        .append_events(&[row(done.id, 3, &[r#"{"type":"c"}"#])])
+        .await
+        .unwrap();
+    let all = store.events_after(done.id, 0).await.unwrap();
+    assert_eq!(
+        all,
+        [
+            (1, r#"{"type":"a"}"#.to_owned()),
+            (2, r#"{"type":"b"}"#.to_owned()),
+            (3, r#"{"type":"c"}"#.to_owned()),
+        ]
+    );
+    assert_eq!(store.events_after(done.id, 1).await.unwrap(), all[1..]);
+    assert_eq!(store.events_after(done.id, 3).await.unwrap(), []);
+    assert_eq!(store.last_seq(done.id).await.unwrap(), 3);
+    assert_eq!(store.last_seq(Uuid::new_v4()).await.unwrap(), 0);
+    // A seq is written once.
+    assert!(
+        store
+            .append_events(&[row(done.id, 3, &[r#"{"type":"again"}"#])])
+            .await
+            .is_err()
+    );
+
+    store
+        .finish_run(
+            done.id,
+            &end(RunStatus::Completed, "", Usage::default(), vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.sweep_events(Duration::from_secs(3600)).await.unwrap(),
+        0
+    );
+    assert_eq!(store.sweep_events(Duration::ZERO).await.unwrap(), 2);
+    assert_eq!(store.events_after(done.id, 0).await.unwrap(), []);
+    assert_eq!(
+        store.events_after(going.id, 0).await.unwrap().len(),
+        1,
+        "a running run keeps its log"
+    );
     store.close().await;
 }
