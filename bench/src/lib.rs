@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 mod parse;
+mod stream;
+
+use stream::one_stream;
 
 pub use parse::{EventKind, EventParser};
 
@@ -53,6 +52,10 @@ pub struct Plan {
     pub response_timeout: Duration,
     /// Counts streams that got `run_started` or failed, for a caller waiting on this run from outside.
     pub settled: Option<Arc<AtomicUsize>>,
+    /// GET this path instead of POSTing a question (attach to a run: a replay).
+    pub path: Option<String>,
+    /// POST to `target`, then follow each run from this other replica's attach route and measure that stream.
+    pub follow_at: Option<SocketAddr>,
 }
 
 /// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).
@@ -116,6 +119,8 @@ pub struct Report {
     pub deltas_per_sec: f64,
     pub to_run_started_ms: Percentiles,
     pub to_first_delta_ms: Percentiles,
+    /// For deltas stamped with their production time (the test model's `clock=1`): how long each took to arrive.
+    pub delta_delivery_ms: Percentiles,
     pub rss_idle_kib: Option<u64>,
     /// Server RSS at each checkpoint (streams launched), and after the hold.
     pub rss_kib: BTreeMap<usize, u64>,
@@ -145,6 +150,7 @@ struct Stats {
     errors: Mutex<BTreeMap<String, usize>>,
     to_started: Mutex<Vec<Duration>>,
     to_first_delta: Mutex<Vec<Duration>>,
+    delivery: Mutex<Vec<Duration>>,
     /// The plan's outside counter of streams started or failed.
     settled: Option<Arc<AtomicUsize>>,
 }
@@ -167,6 +173,7 @@ impl Default for Stats {
             errors: Mutex::default(),
             to_started: Mutex::default(),
             to_first_delta: Mutex::default(),
+            delivery: Mutex::default(),
             settled: None,
         }
     }
@@ -293,6 +300,7 @@ pub async fn run(plan: Plan) -> Report {
         events_per_sec: events as f64 / active_seconds,
         deltas_per_sec: deltas as f64 / active_seconds,
         to_run_started_ms: Percentiles::of(std::mem::take(&mut stats.to_started.lock().unwrap())),
+        delta_delivery_ms: Percentiles::of(std::mem::take(&mut stats.delivery.lock().unwrap())),
         to_first_delta_ms: Percentiles::of(std::mem::take(
             &mut stats.to_first_delta.lock().unwrap(),
         )),
@@ -323,135 +331,6 @@ fn connect_error(error: &std::io::Error) -> String {
         Some(104) => "connection reset".to_owned(),
         _ => format!("connect: {}", error.kind()),
     }
-}
-
-/// One stream, from connect to its last event (or to `stop`).
-async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationToken) {
-    let source = plan.sources[i % plan.sources.len()];
-    let requested = Instant::now();
-    let socket = match tokio::net::TcpSocket::new_v4() {
-        Ok(socket) => socket,
-        Err(error) => return stats.error(connect_error(&error)),
-    };
-    if let Err(error) = socket.bind(SocketAddr::new(source, 0)) {
-        return stats.error(connect_error(&error));
-    }
-    let tcp = match socket.connect(plan.target).await {
-        Ok(tcp) => tcp,
-        Err(error) => return stats.error(connect_error(&error)),
-    };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-            Ok(pair) => pair,
-            Err(_) => return stats.error("handshake"),
-        };
-    let connection = tokio::spawn(connection);
-    let chat = uuid::Uuid::new_v4();
-    let body = serde_json::json!({"question": plan.question, "model": plan.model}).to_string();
-    let mut request = Request::post(format!("/agents/chats/{chat}/stream"))
-        .header("host", plan.target.to_string())
-        .header("content-type", "application/json");
-    if let Some(token) = &plan.bearer {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid request");
-    let response = tokio::select! {
-        response = tokio::time::timeout(plan.response_timeout, sender.send_request(request)) => response,
-        () = stop.cancelled() => { connection.abort(); return }
-    };
-    let mut response = match response {
-        Ok(Ok(response)) => response,
-        Ok(Err(_)) => {
-            connection.abort();
-            return stats.error("request failed");
-        }
-        Err(_) => {
-            connection.abort();
-            return stats.error("no response in time");
-        }
-    };
-    if response.status() != 200 {
-        connection.abort();
-        return stats.error(format!("http {}", response.status().as_u16()));
-    }
-    let mut parser = EventParser::default();
-    let mut seen_started = false;
-    let mut seen_delta = false;
-    let mut open = false;
-    let outcome = loop {
-        let frame = tokio::select! {
-            frame = response.body_mut().frame() => frame,
-            () = stop.cancelled() => break Ok(()),
-        };
-        let data = match frame {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue,
-            },
-            Some(Err(_)) => break Err("stream broke"),
-            None => break Err("stream ended before done"),
-        };
-        let mut finished = None;
-        let now = u64::try_from(stats.began.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        stats.last_event_ns.fetch_max(now, Ordering::Relaxed);
-        parser.feed(&data, |kind| {
-            stats.events.fetch_add(1, Ordering::Relaxed);
-            match kind {
-                EventKind::RunStarted if !seen_started => {
-                    seen_started = true;
-                    stats.to_started.lock().unwrap().push(requested.elapsed());
-                }
-                EventKind::ModelDelta => {
-                    stats.deltas.fetch_add(1, Ordering::Relaxed);
-                    if !seen_delta {
-                        seen_delta = true;
-                        stats
-                            .to_first_delta
-                            .lock()
-                            .unwrap()
-                            .push(requested.elapsed());
-                    }
-                }
-                EventKind::RunCompleted => {
-                    stats.completed.fetch_add(1, Ordering::Relaxed);
-                }
-                EventKind::RunInterrupted => {
-                    stats.interrupted.fetch_add(1, Ordering::Relaxed);
-                }
-                EventKind::RunFailed => finished = Some(Err("run_failed")),
-                EventKind::Done => {
-                    finished.get_or_insert(Ok(()));
-                }
-                _ => {}
-            }
-        });
-        if seen_started && !open {
-            open = true;
-            stats.settle();
-            stats.started.fetch_add(1, Ordering::Relaxed);
-            let now_open = stats.open.fetch_add(1, Ordering::Relaxed) + 1;
-            stats.max_open.fetch_max(now_open, Ordering::Relaxed);
-        }
-        if let Some(outcome) = finished {
-            if outcome.is_ok() {
-                stats.done.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .last_done_unix_ns
-                    .fetch_max(unix_ns(), Ordering::Relaxed);
-            }
-            break outcome;
-        }
-    };
-    if open {
-        stats.open.fetch_sub(1, Ordering::Relaxed);
-    }
-    if let Err(kind) = outcome {
-        stats.error(kind);
-    }
-    connection.abort();
 }
 
 fn unix_ns() -> u64 {

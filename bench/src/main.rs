@@ -59,6 +59,12 @@ struct Args {
     /// Seconds a stream may wait for its response head.
     #[arg(long, default_value_t = 30.0)]
     response_timeout: f64,
+    /// GET this path on every stream instead of POSTing a question (attach to a finished run: a replay).
+    #[arg(long)]
+    path: Option<String>,
+    /// POST to --target, then follow each run from this other replica's attach route, and measure that stream.
+    #[arg(long)]
+    follow_at: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -81,6 +87,8 @@ async fn main() {
         rss_checkpoints: args.rss_at.clone(),
         response_timeout: Duration::from_secs_f64(args.response_timeout),
         settled: None,
+        path: None,
+        follow_at: None,
     };
     let background = if args.background > 0 {
         let settled = Arc::new(AtomicUsize::new(0));
@@ -110,18 +118,22 @@ async fn main() {
     } else {
         false
     };
-    let report = run(plan(
-        args.streams,
-        &args.model,
-        args.hold.map(Duration::from_secs_f64),
-        args.concurrency,
-    ))
+    let report = run(Plan {
+        path: args.path.clone(),
+        follow_at: args.follow_at,
+        ..plan(
+            args.streams,
+            &args.model,
+            args.hold.map(Duration::from_secs_f64),
+            args.concurrency,
+        )
+    })
     .await;
     if let Some(background) = background {
         background.abort();
     }
     eprintln!(
-        "bench: {} requested, {} started, {} done, max open {}, errors {:?}, {:.0} events/s, run_started p50 {:.2} ms p99 {:.2} ms, stopped by: {}{}",
+        "bench: {} requested, {} started, {} done, max open {}, errors {:?}, {:.0} events/s, run_started p50 {:.2} ms p99 {:.2} ms, delivery p99 {:.2} ms, stopped by: {}{}",
         report.requested,
         report.started,
         report.done,
@@ -130,6 +142,7 @@ async fn main() {
         report.events_per_sec,
         report.to_run_started_ms.p50,
         report.to_run_started_ms.p99,
+        report.delta_delivery_ms.p99,
         report.stopped_by,
         if limit {
             " (client open-file limit)"

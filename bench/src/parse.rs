@@ -23,13 +23,15 @@ pub struct EventParser {
 }
 
 impl EventParser {
-    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(EventKind)) {
+    /// Splits off every complete event of `bytes` (with what came before) and calls `on_event` with its kind and
+    /// its raw text.
+    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(EventKind, &[u8])) {
         self.pending.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = memchr::memmem::find(&self.pending[start..], b"\n\n") {
             let event = &self.pending[start..start + end];
             if let Some(kind) = kind_of(event) {
-                on_event(kind);
+                on_event(kind, event);
             }
             start += end + 2;
         }
@@ -69,8 +71,8 @@ mod tests {
         for split in 1..stream.len() {
             let mut parser = EventParser::default();
             let mut kinds = Vec::new();
-            parser.feed(&stream[..split], |k| kinds.push(k));
-            parser.feed(&stream[split..], |k| kinds.push(k));
+            parser.feed(&stream[..split], |k, _| kinds.push(k));
+            parser.feed(&stream[split..], |k, _| kinds.push(k));
             assert_eq!(
                 kinds,
                 [

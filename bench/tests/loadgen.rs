@@ -60,6 +60,8 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         rss_checkpoints: vec![streams],
         response_timeout: Duration::from_secs(10),
         settled: None,
+        path: None,
+        follow_at: None,
     })
     .await
 }
@@ -126,6 +128,8 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         rss_checkpoints: vec![],
         response_timeout: Duration::from_secs(10),
         settled: None,
+        path: None,
+        follow_at: None,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));

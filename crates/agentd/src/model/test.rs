@@ -2,7 +2,8 @@
 //!
 //! It lets the service run its main job with no network and no key, and lets tests and benchmarks shape a run:
 //! `test:deltas=N,delay_ms=N,tool=NAME,fail_after=N` streams N text deltas with a pause before each, asks for the
-//! named tool once first, and fails after N deltas when asked.
+//! named tool once first, and fails after N deltas when asked; `clock=1` stamps each delta with the time it was
+//! produced, for the benchmark's delivery-latency figures.
 
 use std::fmt;
 use std::time::Duration;
@@ -30,6 +31,9 @@ pub struct TestOptions {
     pub tool: Option<String>,
     /// Fail the run after this many deltas.
     pub fail_after: Option<u32>,
+    /// Each delta's text is the wall-clock time it was produced (`@<unix nanoseconds> `), so a benchmark can tell how
+    /// long a delta took to reach a client.
+    pub clock: bool,
 }
 
 impl Default for TestOptions {
@@ -39,6 +43,7 @@ impl Default for TestOptions {
             delay: Duration::ZERO,
             tool: None,
             fail_after: None,
+            clock: false,
         }
     }
 }
@@ -76,6 +81,7 @@ impl TestOptions {
                 "fail_after" => {
                     options.fail_after = Some(number()?.min(u64::from(MAX_DELTAS)) as u32)
                 }
+                "clock" => options.clock = number()? != 0,
                 _ => return Err(format!("unknown option {key:?}")),
             }
         }
@@ -99,6 +105,9 @@ impl fmt::Display for TestOptions {
         }
         if let Some(n) = self.fail_after {
             parts.push(format!("fail_after={n}"));
+        }
+        if self.clock {
+            parts.push("clock=1".to_owned());
         }
         if !parts.is_empty() {
             write!(f, ":{}", parts.join(","))?;
@@ -128,6 +137,14 @@ pub fn delta_text(i: u32) -> String {
     }
 }
 
+/// `@<unix nanoseconds> `: when the delta was produced.
+fn clock_text() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("@{now} ")
+}
+
 impl Model for TestModel {
     fn stream(&self, request: ModelRequest) -> ModelStream {
         let input_tokens = request.messages.iter().map(words).sum();
@@ -147,6 +164,7 @@ impl Model for TestModel {
             deltas,
             delay,
             fail_after,
+            clock,
             ..
         } = self.options.clone();
         Box::pin(stream::unfold(0u32, move |i| async move {
@@ -169,7 +187,8 @@ impl Model for TestModel {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Some((Ok(ModelEvent::TextDelta(delta_text(i))), i + 1))
+            let text = if clock { clock_text() } else { delta_text(i) };
+            Some((Ok(ModelEvent::TextDelta(text)), i + 1))
         }))
     }
 }

@@ -10,9 +10,10 @@
 //! (another replica, or a process that is gone) reads them from the store ([`Source::Stored`]), woken by PostgreSQL
 //! notifications (one listener connection per process, `listen`) and, as a safety net, by a slow poll.
 //!
-//! If a commit fails (the store is down), the batch is released anyway and the failure is logged and counted: the
-//! clients that are following see their run end visibly (it fails at its next write) rather than hang, though those
-//! events are not in the log for a later replay.
+//! If a commit fails, its runs are committed one by one, so one run whose rows cannot be stored (its chat was deleted
+//! mid-run) does not cost the others their durability. What still fails (the store is down) is released anyway, and
+//! the failure logged and counted: the clients that are following see their run end visibly (it fails at its next
+//! write) rather than hang, though those events are not in the log for a later replay.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -295,9 +296,22 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     match result {
         Ok(()) => metrics.log_committed(batch.len(), rows.len(), started.elapsed()),
         Err(error) => {
-            metrics.log_commit_failed();
-            tracing::error!(%error, events = batch.len(), runs = rows.len(),
-                "could not commit run events; releasing them to their followers unlogged");
+            // One run's rows can fail the whole batch (its chat was deleted mid-run): commit run by run, so only
+            // the runs whose rows cannot be stored go unlogged.
+            tracing::warn!(%error, events = batch.len(), runs = rows.len(),
+                "a group commit failed; committing its runs one by one");
+            for row in &rows {
+                if let Err(error) = log
+                    .inner
+                    .store
+                    .append_events(std::slice::from_ref(row))
+                    .await
+                {
+                    metrics.log_commit_failed();
+                    tracing::error!(run_id = %row.run_id, %error,
+                        "could not commit the run's events; releasing them to its followers unlogged");
+                }
+            }
         }
     }
     let live = log.inner.live.lock().expect("run log lock");

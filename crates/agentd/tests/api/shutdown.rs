@@ -199,6 +199,23 @@ async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
     )
     .unwrap();
     server.wait_for_log("run admitted").await;
+    // More than the socket buffers can hold, so the response cannot finish while the client does not read.
+    let deadline = tokio::time::Instant::now() + crate::common::PATIENCE;
+    loop {
+        let metrics = server.get("/metrics").await.text().await.unwrap();
+        let events: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("agentd_run_log_events_total "))
+            .map_or(0.0, |n| n.parse().unwrap());
+        if events >= 500_000.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run stalled at {events} events"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     server.signal("TERM");
     let status = server.exit_status().await;

@@ -1,0 +1,265 @@
+//! One stream of the load generator, from connect to its last event: the request (a POST of a question, or a GET
+//! of a run's attach route), optionally following the run from another replica, and the events counted as they come.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use super::{EventKind, EventParser, Plan, Stats, connect_error, unix_ns};
+use std::sync::atomic::Ordering;
+
+type Response = hyper::Response<hyper::body::Incoming>;
+
+/// Connects from `source` to `target`, sends `request`, and returns the response (status 200) and its connection task.
+async fn open(
+    source: IpAddr,
+    target: SocketAddr,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<(Response, tokio::task::JoinHandle<()>), String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| connect_error(&e))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| connect_error(&e))?;
+    let tcp = socket
+        .connect(target)
+        .await
+        .map_err(|e| connect_error(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|_| "handshake".to_owned())?;
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = tokio::select! {
+        response = tokio::time::timeout(timeout, sender.send_request(request)) => response,
+        () = stop.cancelled() => { connection.abort(); return Err(String::new()) }
+    };
+    let response = match response {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => {
+            connection.abort();
+            return Err("request failed".to_owned());
+        }
+        Err(_) => {
+            connection.abort();
+            return Err("no response in time".to_owned());
+        }
+    };
+    if response.status() != 200 {
+        connection.abort();
+        return Err(format!("http {}", response.status().as_u16()));
+    }
+    Ok((response, connection))
+}
+
+/// A request to `target`: the plan's GET path, or a POST of its question to a new chat.
+fn request(
+    plan: &Plan,
+    target: SocketAddr,
+    chat: uuid::Uuid,
+    path: Option<&str>,
+) -> Request<Full<Bytes>> {
+    let (method, path, body) = match path {
+        Some(path) => ("GET", path.to_owned(), String::new()),
+        None => (
+            "POST",
+            format!("/agents/chats/{chat}/stream"),
+            serde_json::json!({"question": plan.question, "model": plan.model}).to_string(),
+        ),
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", target.to_string())
+        .header("content-type", "application/json");
+    if let Some(token) = &plan.bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    request
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid request")
+}
+
+/// Reads `response` until its `run_started`; the run id.
+async fn run_id_of(response: &mut Response) -> Option<String> {
+    let mut pending = Vec::new();
+    while let Some(Ok(frame)) = response.body_mut().frame().await {
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        let mark = b"\"run_id\":\"";
+        if let Some(at) = memchr::memmem::find(&pending, mark) {
+            let start = at + mark.len();
+            let end = start + memchr::memchr(b'"', &pending[start..])?;
+            return String::from_utf8(pending[start..end].to_vec()).ok();
+        }
+    }
+    None
+}
+
+/// One stream, from connect to its last event (or to `stop`).
+pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationToken) {
+    let source = plan.sources[i % plan.sources.len()];
+    let requested = Instant::now();
+    let chat = uuid::Uuid::new_v4();
+    let first = request(plan, plan.target, chat, plan.path.as_deref());
+    let (mut response, mut connection) =
+        match open(source, plan.target, first, plan.response_timeout, stop).await {
+            Ok(opened) => opened,
+            Err(kind) if kind.is_empty() => return,
+            Err(kind) => return stats.error(kind),
+        };
+    if let Some(replica) = plan.follow_at {
+        // The run's own stream stays open (drained) on the producer; this client follows it on the other replica.
+        let Some(run) = run_id_of(&mut response).await else {
+            connection.abort();
+            return stats.error("no run_started");
+        };
+        let producer = connection;
+        let mut drained = response;
+        let drain = tokio::spawn(async move {
+            while let Some(Ok(_)) = drained.body_mut().frame().await {}
+            producer.abort();
+        });
+        let path = format!("/agents/chats/{chat}/runs/{run}/stream");
+        let follow = request(plan, replica, chat, Some(&path));
+        match open(source, replica, follow, plan.response_timeout, stop).await {
+            Ok((followed, follower)) => {
+                response = followed;
+                connection = tokio::spawn(async move {
+                    let _ = follower.await;
+                    drain.abort();
+                });
+            }
+            Err(kind) => {
+                drain.abort();
+                if !kind.is_empty() {
+                    stats.error(kind);
+                }
+                return;
+            }
+        }
+    }
+    let mut parser = EventParser::default();
+    let mut seen_started = false;
+    let mut seen_delta = false;
+    let mut open = false;
+    let outcome = loop {
+        let frame = tokio::select! {
+            frame = response.body_mut().frame() => frame,
+            () = stop.cancelled() => break Ok(()),
+        };
+        let data = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(_)) => break Err("stream broke"),
+            None => break Err("stream ended before done"),
+        };
+        let mut finished = None;
+        let now = u64::try_from(stats.began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.last_event_ns.fetch_max(now, Ordering::Relaxed);
+        parser.feed(&data, |kind, event| {
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                EventKind::RunStarted if !seen_started => {
+                    seen_started = true;
+                    stats.to_started.lock().unwrap().push(requested.elapsed());
+                }
+                EventKind::ModelDelta => {
+                    stats.deltas.fetch_add(1, Ordering::Relaxed);
+                    if let Some(made) = stamp_of(event) {
+                        let took = unix_ns().saturating_sub(made);
+                        stats
+                            .delivery
+                            .lock()
+                            .unwrap()
+                            .push(Duration::from_nanos(took));
+                    }
+                    if !seen_delta {
+                        seen_delta = true;
+                        stats
+                            .to_first_delta
+                            .lock()
+                            .unwrap()
+                            .push(requested.elapsed());
+                    }
+                }
+                EventKind::RunCompleted => {
+                    stats.completed.fetch_add(1, Ordering::Relaxed);
+                }
+                EventKind::RunInterrupted => {
+                    stats.interrupted.fetch_add(1, Ordering::Relaxed);
+                }
+                EventKind::RunFailed => finished = Some(Err("run_failed")),
+                EventKind::Done => {
+                    finished.get_or_insert(Ok(()));
+                }
+                _ => {}
+            }
+        });
+        if seen_started && !open {
+            open = true;
+            stats.settle();
+            stats.started.fetch_add(1, Ordering::Relaxed);
+            let now_open = stats.open.fetch_add(1, Ordering::Relaxed) + 1;
+            stats.max_open.fetch_max(now_open, Ordering::Relaxed);
+        }
+        if let Some(outcome) = finished {
+            if outcome.is_ok() {
+                stats.done.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .last_done_unix_ns
+                    .fetch_max(unix_ns(), Ordering::Relaxed);
+            }
+            break outcome;
+        }
+    };
+    if open {
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Err(kind) = outcome {
+        stats.error(kind);
+    }
+    connection.abort();
+}
+
+/// The production time a `clock=1` delta carries (`"content":"@<unix ns> "`).
+fn stamp_of(event: &[u8]) -> Option<u64> {
+    let mark = b"\"content\":\"@";
+    let at = memchr::memmem::find(event, mark)? + mark.len();
+    let digits = event[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&event[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamped_deltas_give_their_production_time() {
+        let event = br#"id: r:2
+data: {"type":"model_delta","content":"@1764070000123456789 "}"#;
+        assert_eq!(stamp_of(event), Some(1_764_070_000_123_456_789));
+        assert_eq!(
+            stamp_of(br#"data: {"type":"model_delta","content":" answer"}"#),
+            None
+        );
+    }
+}
