@@ -73,6 +73,7 @@ async fn run(
         biased;
         _ = ctx.interrupt.cancelled() => Err(Stop::Interrupted),
         _ = live.cancel.cancelled() => Err(Stop::Cancelled),
+        _ = live.unlogged.cancelled() => Err(Stop::StoreFailed),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
         result = engine::agent_loop(ctx, out, &mut recorder) => result,
     };

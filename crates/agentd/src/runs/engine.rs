@@ -75,14 +75,7 @@ pub(super) async fn agent_loop(
         let mut text = String::new();
         let mut calls = Vec::new();
         loop {
-            let event = tokio::select! {
-                event = stream.next() => event,
-                // Polled only while there is something to save, so an idle stream's task sleeps until the model speaks.
-                _ = recorder.save_tick.tick(), if recorder.unsaved() => {
-                    recorder.save().await.map_err(|_| Stop::StoreFailed)?;
-                    continue;
-                }
-            };
+            let event = stream.next().await;
             let Some(event) = event else { break };
             match event.map_err(|e| Stop::Failed(e.into()))? {
                 ModelEvent::TextDelta(content) if content.is_empty() => {}

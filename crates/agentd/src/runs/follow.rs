@@ -100,8 +100,12 @@ impl Follower {
                         return None;
                     }
                 }
-                Source::Stored(wake) => {
+                Source::Stored(run, wake) => {
                     wake.borrow_and_update();
+                    if let Some(events) = run.recent_from(self.next) {
+                        self.pending.extend(events);
+                        continue;
+                    }
                     match self.store.events_after(self.run_id, self.next - 1).await {
                         Ok(events) if !events.is_empty() => {
                             self.pending

@@ -111,8 +111,7 @@ pub async fn maintain(
         }
         match store.interrupt_stale(lease).await {
             Ok(runs) if !runs.is_empty() => {
-                tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
-                for run_id in runs {
+                for &run_id in &runs {
                     match end_log(&store, run_id).await {
                         // Followers here of the dead run read its end at once.
                         Ok(last) => log.committed_elsewhere(run_id, last),
@@ -121,6 +120,7 @@ pub async fn maintain(
                         }
                     }
                 }
+                tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
             }
             Ok(_) => {}
             Err(error) => {
@@ -138,13 +138,27 @@ pub async fn maintain(
     }
 }
 
-/// Ends the log of a run whose process stopped: `run_interrupted` (reason `stopped`) and `done` after its last event.
-/// Returns the seq of the new last event.
+/// Ends the log of a run whose process stopped: stores the answer so far, read back from its log, and appends
+/// `run_interrupted` (reason `stopped`) and `done` after its last event. Returns the seq of the new last event.
 async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<u64, StoreError> {
     let Some(run) = store.get_run(run_id).await? else {
         return Ok(0);
     };
-    let last = store.last_seq(run_id).await?;
+    let mut answer = String::new();
+    let mut last = 0;
+    loop {
+        let page = store.events_after(run_id, last).await?;
+        let Some(&(page_last, _)) = page.last() else {
+            break;
+        };
+        for (_, json) in &page {
+            if let Ok(RunEventText::ModelDelta { content }) = serde_json::from_str(json) {
+                answer.push_str(&content);
+            }
+        }
+        last = page_last;
+    }
+    store.save_partial(run_id, &answer).await?;
     let interrupted = RunEvent::RunInterrupted {
         reason: "stopped",
         resume: resume_path(run.chat_id, run_id),
@@ -163,6 +177,13 @@ async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<u64, StoreError> 
         }])
         .await?;
     Ok(last + 2)
+}
+
+/// The one event whose text matters when an answer is read back from a log.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum RunEventText {
+    ModelDelta { content: String },
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! the failure logged and counted: the clients that are following see their run end visibly (it fails at its next
 //! write) rather than hang, though those events are not in the log for a later replay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::events::RunEvent;
 use crate::metrics::Metrics;
-use crate::store::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, SessionStore};
+use crate::store::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, SessionStore};
 
 /// Events the writer may have queued before producers wait: room for every run to have a burst ready.
 const QUEUE: usize = 65_536;
@@ -53,6 +53,8 @@ pub struct LiveLog {
     committed: watch::Sender<u64>,
     /// Cancelled to stop the run on purpose.
     pub cancel: CancellationToken,
+    /// Cancelled when the run's events could not be stored: the run stops rather than go on unlogged.
+    pub unlogged: CancellationToken,
 }
 
 impl LiveLog {
@@ -94,16 +96,56 @@ struct Inner {
     store: SessionStore,
     queue: mpsc::Sender<Append>,
     live: Mutex<HashMap<Uuid, Arc<LiveLog>>>,
-    /// Runs produced elsewhere with followers here: their last committed seq, as notifications tell it.
-    remote: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// Runs produced elsewhere with followers here: their last committed seq and latest events, as notifications
+    /// tell them.
+    remote: Mutex<HashMap<Uuid, Arc<RemoteRun>>>,
     metrics: Arc<Metrics>,
+}
+
+/// A run produced elsewhere, as the notifications of its commits tell it: its last committed seq, and the events
+/// they carried (the latest few, in order), so its followers here need not read the store for each commit.
+#[derive(Debug)]
+pub struct RemoteRun {
+    committed: watch::Sender<u64>,
+    recent: Mutex<VecDeque<(u64, Arc<str>)>>,
+}
+
+/// Events of a remote run kept from notifications, per run.
+const REMOTE_RECENT: usize = 1_024;
+
+impl RemoteRun {
+    /// The run's events from `from` on, if the notifications carried all of them.
+    pub(super) fn recent_from(&self, from: u64) -> Option<Vec<(u64, Arc<str>)>> {
+        let recent = self.recent.lock().expect("run log lock");
+        let first = recent.front()?.0;
+        if from < first || from > recent.back()?.0 {
+            return None;
+        }
+        let skip = usize::try_from(from - first).ok()?;
+        Some(recent.iter().skip(skip).cloned().collect())
+    }
+
+    /// Events `seq..` arrived in a notification; kept when they follow on from what is kept.
+    fn carried(&self, seq: u64, events: &str) {
+        let mut recent = self.recent.lock().expect("run log lock");
+        if recent.back().is_some_and(|(last, _)| last + 1 != seq) {
+            recent.clear();
+        }
+        for (i, json) in events.split('\n').enumerate() {
+            recent.push_back((seq + i as u64, json.into()));
+        }
+        while recent.len() > REMOTE_RECENT {
+            recent.pop_front();
+        }
+    }
 }
 
 /// Where a follower reads a run's events.
 #[derive(Debug)]
 pub enum Source {
     Local(Arc<LiveLog>, watch::Receiver<u64>),
-    Stored(watch::Receiver<u64>),
+    /// From the notifications' events when they have them, else from the store.
+    Stored(Arc<RemoteRun>, watch::Receiver<u64>),
 }
 
 impl RunLog {
@@ -132,6 +174,7 @@ impl RunLog {
             events: Mutex::default(),
             committed: watch::Sender::new(0),
             cancel: CancellationToken::new(),
+            unlogged: CancellationToken::new(),
         });
         self.inner
             .live
@@ -163,24 +206,27 @@ impl RunLog {
             return Source::Local(live, rx);
         }
         let mut remote = self.inner.remote.lock().expect("run log lock");
-        let watch = remote
-            .entry(run_id)
-            .or_insert_with(|| watch::Sender::new(0));
-        Source::Stored(watch.subscribe())
+        let run = remote.entry(run_id).or_insert_with(|| {
+            Arc::new(RemoteRun {
+                committed: watch::Sender::new(0),
+                recent: Mutex::default(),
+            })
+        });
+        Source::Stored(Arc::clone(run), run.committed.subscribe())
     }
 
     /// Runs produced elsewhere that have a follower here, so their producers know someone still reads them.
     pub fn followed_remotely(&self) -> Vec<Uuid> {
         let mut remote = self.inner.remote.lock().expect("run log lock");
-        remote.retain(|_, watch| watch.receiver_count() > 0);
+        remote.retain(|_, run| run.committed.receiver_count() > 0);
         remote.keys().copied().collect()
     }
 
     /// The run's events are committed up to `seq` by someone else (a notification said so, or the lease loop ended
     /// a dead run's log): its followers here read on.
     pub fn committed_elsewhere(&self, run_id: Uuid, seq: u64) {
-        if let Some(watch) = self.inner.remote.lock().expect("run log lock").get(&run_id) {
-            watch.send_if_modified(|last| {
+        if let Some(run) = self.inner.remote.lock().expect("run log lock").get(&run_id) {
+            run.committed.send_if_modified(|last| {
                 let newer = seq > *last;
                 *last = (*last).max(seq);
                 newer
@@ -188,10 +234,28 @@ impl RunLog {
         }
     }
 
+    /// A notification carried the run's events `seq..=last_seq` (or only their range, when they were too large).
+    fn notified(&self, run_id: Uuid, seq: u64, last_seq: u64, events: Option<&str>) {
+        let Some(run) = self
+            .inner
+            .remote
+            .lock()
+            .expect("run log lock")
+            .get(&run_id)
+            .cloned()
+        else {
+            return;
+        };
+        if let Some(events) = events {
+            run.carried(seq, events);
+        }
+        self.committed_elsewhere(run_id, last_seq);
+    }
+
     /// Wakes every follower that reads from the store, to catch up (after notifications may have been missed).
     fn catch_up_all(&self) {
-        for watch in self.inner.remote.lock().expect("run log lock").values() {
-            watch.send_modify(|_| {});
+        for run in self.inner.remote.lock().expect("run log lock").values() {
+            run.committed.send_modify(|_| {});
         }
     }
 
@@ -296,20 +360,34 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     match result {
         Ok(()) => metrics.log_committed(batch.len(), rows.len(), started.elapsed()),
         Err(error) => {
-            // One run's rows can fail the whole batch (its chat was deleted mid-run): commit run by run, so only
-            // the runs whose rows cannot be stored go unlogged.
-            tracing::warn!(%error, events = batch.len(), runs = rows.len(),
-                "a group commit failed; committing its runs one by one");
-            for row in &rows {
-                if let Err(error) = log
-                    .inner
-                    .store
-                    .append_events(std::slice::from_ref(row))
-                    .await
-                {
-                    metrics.log_commit_failed();
-                    tracing::error!(run_id = %row.run_id, %error,
-                        "could not commit the run's events; releasing them to its followers unlogged");
+            // One run's rows can fail the whole batch (its chat was deleted mid-run): then commit run by run, so
+            // only the runs whose rows cannot be stored go unlogged. A store that cannot be reached fails them all.
+            let mut failed = Vec::new();
+            if error.is_unavailable() {
+                failed.extend(rows.iter().map(|row| row.run_id));
+            } else {
+                tracing::warn!(%error, events = batch.len(), runs = rows.len(),
+                    "a group commit failed; committing its runs one by one");
+                for row in &rows {
+                    if log
+                        .inner
+                        .store
+                        .append_events(std::slice::from_ref(row))
+                        .await
+                        .is_err()
+                    {
+                        failed.push(row.run_id);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                metrics.log_commit_failed();
+                tracing::error!(%error, runs = ?failed,
+                    "could not commit run events; releasing them to their followers unlogged and stopping those runs");
+            }
+            for run_id in failed {
+                if let Some(run) = log.live(run_id) {
+                    run.unlogged.cancel();
                 }
             }
         }
@@ -371,11 +449,9 @@ pub async fn listen(log: RunLog, stop: CancellationToken) {
                 }
             }
             Ok(Some((_, payload))) => {
-                for pair in payload.split(',') {
-                    if let Some((run, seq)) = pair.split_once(':')
-                        && let (Ok(run_id), Ok(seq)) = (Uuid::parse_str(run), seq.parse())
-                    {
-                        log.committed_elsewhere(run_id, seq);
+                for record in payload.split(RECORD_SEPARATOR) {
+                    if let Some((run_id, seq, last_seq, events)) = parse_record(record) {
+                        log.notified(run_id, seq, last_seq, events);
                     }
                 }
             }
@@ -384,5 +460,57 @@ pub async fn listen(log: RunLog, stop: CancellationToken) {
                 listener = None;
             }
         }
+    }
+}
+
+/// One record of an events notification: `<run_id> <seq> <last_seq>`, then a newline and the events' JSON (one per
+/// line) when they fitted.
+fn parse_record(record: &str) -> Option<(Uuid, u64, u64, Option<&str>)> {
+    let (head, events) = match record.split_once('\n') {
+        Some((head, events)) => (head, Some(events)),
+        None => (record, None),
+    };
+    let mut parts = head.split(' ');
+    let run_id = Uuid::parse_str(parts.next()?).ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let last_seq = parts.next()?.parse().ok()?;
+    Some((run_id, seq, last_seq, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
+        let run = RemoteRun {
+            committed: watch::Sender::new(0),
+            recent: Mutex::default(),
+        };
+        run.carried(1, "{\"a\":1}\n{\"a\":2}");
+        run.carried(3, "{\"a\":3}");
+        let from_two: Vec<u64> = run
+            .recent_from(2)
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect();
+        assert_eq!(from_two, [2, 3]);
+        assert!(run.recent_from(4).is_none());
+        run.carried(7, "{\"a\":7}");
+        assert!(
+            run.recent_from(3).is_none(),
+            "a gap: what came before is dropped"
+        );
+        assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
+    }
+
+    #[test]
+    fn records_carry_their_events_when_they_fit() {
+        let id = Uuid::new_v4();
+        let with = format!("{id} 4 5\n{{}}\n{{}}");
+        assert_eq!(parse_record(&with), Some((id, 4, 5, Some("{}\n{}"))));
+        assert_eq!(parse_record(&format!("{id} 4 5")), Some((id, 4, 5, None)));
+        assert_eq!(parse_record("garbage"), None);
     }
 }

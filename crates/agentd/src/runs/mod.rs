@@ -40,7 +40,6 @@ pub use engine::Failure;
 use follow::Follower;
 pub use lease::LiveRuns;
 use log::RunLog;
-pub use recorder::SAVE_EVERY;
 
 /// What a run needs from the process, given once at start.
 #[derive(Debug)]

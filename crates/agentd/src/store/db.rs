@@ -32,6 +32,10 @@ pub(super) enum Arg<'a> {
     Id(Uuid),
     /// Several ids, matched by `{id_in_list}`.
     Ids(&'a [Uuid]),
+    /// Several integers, for `unnest` (PostgreSQL) or `json_each` (SQLite).
+    Ints(&'a [i64]),
+    /// Several texts, likewise.
+    Texts(&'a [&'a str]),
     Text(&'a str),
     OptText(Option<&'a str>),
     Int(i64),
@@ -139,12 +143,14 @@ fn sql(conn: &Conn, template: &str) -> String {
 
 /// Binds `args` in order to a query of either backend (a macro: the two query types share no trait for `bind`).
 macro_rules! bind_args {
-    ($query:expr, $args:expr, $id:expr, $ids:expr, $message:expr) => {{
+    ($query:expr, $args:expr, $id:expr, $ids:expr, $list:expr, $message:expr) => {{
         let mut query = $query;
         for arg in $args {
             query = match arg {
                 Arg::Id(id) => query.bind($id(*id)),
                 Arg::Ids(ids) => query.bind($ids(ids)?),
+                Arg::Ints(ints) => query.bind($list(ints)?),
+                Arg::Texts(texts) => query.bind($list(texts)?),
                 Arg::Text(text) => query.bind(*text),
                 Arg::OptText(text) => query.bind(*text),
                 Arg::Int(n) => query.bind(*n),
@@ -167,6 +173,14 @@ fn sqlite_ids(ids: &[Uuid]) -> Result<String, StoreError> {
 fn sqlite_message(message: &Message) -> Result<String, StoreError> {
     serde_json::to_string(message)
         .map_err(|e| StoreError::Corrupt(format!("message does not serialize: {e}")))
+}
+
+fn sqlite_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(items).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn pg_list<T: Clone>(items: &[T]) -> Result<Vec<T>, StoreError> {
+    Ok(items.to_vec())
 }
 
 fn pg_ids(ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
@@ -268,6 +282,7 @@ fn sqlite_query<'q>(
         args,
         sqlite_id,
         sqlite_ids,
+        sqlite_list,
         sqlite_message
     ))
 }
@@ -281,6 +296,7 @@ fn pg_query<'q>(
         args,
         std::convert::identity,
         pg_ids,
+        pg_list,
         pg_message
     ))
 }

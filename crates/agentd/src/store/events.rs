@@ -12,8 +12,14 @@ use uuid::Uuid;
 use super::db::Arg;
 use super::{SessionStore, StoreError, to_i64};
 
-/// The channel a PostgreSQL commit notifies: `<run_id>:<last_seq>` pairs, comma-separated.
+/// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
+/// `<run_id> <seq> <last_seq>` followed, when they fit, by a newline and the events' JSON, one per line. Followers on
+/// other replicas read the events from the notification and go to the store only when they were not carried.
 pub const EVENTS_CHANNEL: &str = "agentd_run_events";
+/// Between the records of an events notification (ASCII RS: JSON never holds it raw).
+pub const RECORD_SEPARATOR: char = '\u{1e}';
+/// Largest events text a notification carries for one run; larger ones are read from the store.
+const CARRIED_BYTES: usize = 3_000;
 /// The channel a cancel is sent on: the run id.
 pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
 
@@ -41,43 +47,74 @@ impl SessionStore {
             return Ok(());
         }
         let mut tx = self.db.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let n = i * 4;
-                    format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4)
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES {}",
-                values.join(", ")
-            );
-            let args: Vec<Arg<'_>> = chunk
-                .iter()
-                .flat_map(|row| {
-                    [
-                        Arg::Id(row.run_id),
-                        Arg::Int(to_i64(row.seq)),
-                        Arg::Int(to_i64(row.last_seq)),
-                        Arg::Text(&row.events),
-                    ]
-                })
-                .collect();
-            tx.execute(&sql, &args).await?;
+        if self.db.backend() == "postgres" {
+            // One statement of four arrays, prepared once, whatever the batch's size.
+            let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
+            let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
+            let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
+            let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
+            tx.execute(
+                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[])",
+                &[
+                    Arg::Ids(&run_ids),
+                    Arg::Ints(&seqs),
+                    Arg::Ints(&last_seqs),
+                    Arg::Texts(&events),
+                ],
+            )
+            .await?;
+        } else {
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let n = i * 4;
+                        format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4)
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES {}",
+                    values.join(", ")
+                );
+                let args: Vec<Arg<'_>> = chunk
+                    .iter()
+                    .flat_map(|row| {
+                        [
+                            Arg::Id(row.run_id),
+                            Arg::Int(to_i64(row.seq)),
+                            Arg::Int(to_i64(row.last_seq)),
+                            Arg::Text(&row.events),
+                        ]
+                    })
+                    .collect();
+                tx.execute(&sql, &args).await?;
+            }
         }
         if self.db.backend() == "postgres" {
+            let mut payloads = Vec::new();
             let mut payload = String::new();
             for row in rows {
-                if payload.len() > NOTIFY_BYTES {
-                    notify(&mut tx, EVENTS_CHANNEL, &payload).await?;
-                    payload.clear();
+                let mut record = format!("{} {} {}", row.run_id, row.seq, row.last_seq);
+                if row.events.len() <= CARRIED_BYTES {
+                    record.push('\n');
+                    record.push_str(&row.events);
+                }
+                if !payload.is_empty() && payload.len() + record.len() > NOTIFY_BYTES {
+                    payloads.push(std::mem::take(&mut payload));
                 }
                 if !payload.is_empty() {
-                    payload.push(',');
+                    payload.push(RECORD_SEPARATOR);
                 }
-                payload.push_str(&format!("{}:{}", row.run_id, row.last_seq));
+                payload.push_str(&record);
             }
-            notify(&mut tx, EVENTS_CHANNEL, &payload).await?;
+            payloads.push(payload);
+            // Every notification of the batch in one statement; they are delivered when the transaction commits.
+            let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+            tx.execute(
+                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                &[Arg::Text(EVENTS_CHANNEL), Arg::Texts(&payloads)],
+            )
+            .await?;
         }
         tx.commit().await
     }

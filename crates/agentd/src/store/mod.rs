@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::model::{Message, Usage};
 use db::Db;
-pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, REPLAY_PAGE};
+pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, REPLAY_PAGE};
 pub use listen::Listener;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
@@ -103,6 +103,22 @@ pub enum StoreError {
     ChatBusy(Uuid),
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached at all (as opposed to refusing this request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
 }
 
 /// Who a chat belongs to; a chat is found for a caller only when all three match.
