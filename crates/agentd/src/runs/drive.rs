@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub(super) struct RunContext {
     pub chat_id: Uuid,
-    pub canvas_id: Option<String>,
     pub run_id: Uuid,
     /// The model id as the client will see it in `run_started`.
     pub model_id: String,
@@ -60,13 +59,7 @@ async fn run(
     out: &mut RunWriter,
     started: Instant,
 ) -> (RunOutcome, Option<Failure>) {
-    out.emit(&RunEvent::RunStarted {
-        chat_id: ctx.chat_id,
-        run_id: ctx.run_id,
-        model: ctx.model_id.clone(),
-        canvas_id: ctx.canvas_id.clone(),
-    })
-    .await;
+    // `run_started` is already in the log: it was stored with the run.
     let live = Arc::clone(out.live());
     let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id);
     let result = tokio::select! {

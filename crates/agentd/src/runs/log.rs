@@ -168,11 +168,12 @@ impl RunLog {
         &self.inner.store
     }
 
-    /// Starts the in-memory log of a run produced here, and its writer.
-    pub fn produce(&self, run_id: Uuid) -> RunWriter {
+    /// Starts the in-memory log of a run produced here, and its writer; `first` is its first event, already
+    /// stored with the run itself.
+    pub fn produce(&self, run_id: Uuid, first: String) -> RunWriter {
         let live = Arc::new(LiveLog {
-            events: Mutex::default(),
-            committed: watch::Sender::new(0),
+            events: Mutex::new(vec![first.into()]),
+            committed: watch::Sender::new(1),
             cancel: CancellationToken::new(),
             unlogged: CancellationToken::new(),
         });
@@ -185,7 +186,7 @@ impl RunLog {
             run_id,
             live,
             queue: self.inner.queue.clone(),
-            seq: 0,
+            seq: 1,
         }
     }
 

@@ -37,6 +37,7 @@ use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
 use drive::{RunContext, drive};
 pub use engine::Failure;
+use events::RunEvent;
 use follow::Follower;
 pub use lease::LiveRuns;
 use log::RunLog;
@@ -233,6 +234,13 @@ impl RunService {
         };
         let run_id = Uuid::new_v4();
         let model_id = model.to_string();
+        let run_started = serde_json::to_string(&RunEvent::RunStarted {
+            chat_id,
+            run_id,
+            model: model_id.clone(),
+            canvas_id: Some(chat.owner.canvas_id),
+        })
+        .expect("run events always serialize");
         parts
             .store
             .start_run(&NewRun {
@@ -241,6 +249,7 @@ impl RunService {
                 model: model_id.clone(),
                 owner_instance: parts.instance_id.to_string(),
                 prompt: request.question.clone(),
+                first_event: Some(run_started.clone()),
             })
             .await?;
         parts.metrics.stream_admitted();
@@ -255,12 +264,11 @@ impl RunService {
                 org_id: dev_owner().org_id,
             },
         };
-        let writer = parts.log.produce(run_id);
+        let writer = parts.log.produce(run_id, run_started);
         // The first follower exists before the run does, so a run never starts unfollowed.
         let follower = self.follower(run_id, 0);
         let ctx = RunContext {
             chat_id,
-            canvas_id: Some(chat.owner.canvas_id),
             run_id,
             model_id,
             model: model.build(&parts.providers),

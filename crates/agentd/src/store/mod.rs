@@ -231,6 +231,9 @@ pub struct NewRun {
     pub model: String,
     pub owner_instance: String,
     pub prompt: String,
+    /// The run's first event (`run_started`) as its JSON, stored as seq 1 of its log in the same transaction, so the
+    /// run start costs one commit; `None` leaves the log empty.
+    pub first_event: Option<String>,
 }
 
 /// How a run ended, and what it leaves behind.

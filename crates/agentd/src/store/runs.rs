@@ -68,6 +68,13 @@ impl SessionStore {
             content: run.prompt.clone(),
         };
         append_messages(&mut tx, run.chat_id, run.id, &[prompt]).await?;
+        if let Some(first) = &run.first_event {
+            tx.execute(
+                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES ($1, 1, 1, $2)",
+                &[Arg::Id(run.id), Arg::Text(first)],
+            )
+            .await?;
+        }
         tx.commit().await
     }
 

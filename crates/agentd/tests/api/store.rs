@@ -35,6 +35,7 @@ fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
         model: "test".into(),
         owner_instance: "instance-a".into(),
         prompt: prompt.into(),
+        first_event: None,
     }
 }
 
