@@ -56,6 +56,9 @@ pub struct Plan {
     pub path: Option<String>,
     /// POST to `target`, then follow each run from this other replica's attach route and measure that stream.
     pub follow_at: Option<SocketAddr>,
+    /// With `follow_at`: close the run's own stream once the follower is set up (the client moved), rather than
+    /// keep reading it (a second client).
+    pub leave_producer: bool,
 }
 
 /// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).

@@ -65,6 +65,9 @@ struct Args {
     /// POST to --target, then follow each run from this other replica's attach route, and measure that stream.
     #[arg(long)]
     follow_at: Option<SocketAddr>,
+    /// With --follow-at: close the run's own stream (the client moved to the other replica) instead of draining it.
+    #[arg(long)]
+    leave_producer: bool,
 }
 
 #[tokio::main]
@@ -89,6 +92,7 @@ async fn main() {
         settled: None,
         path: None,
         follow_at: None,
+        leave_producer: false,
     };
     let background = if args.background > 0 {
         let settled = Arc::new(AtomicUsize::new(0));
@@ -121,6 +125,7 @@ async fn main() {
     let report = run(Plan {
         path: args.path.clone(),
         follow_at: args.follow_at,
+        leave_producer: args.leave_producer,
         ..plan(
             args.streams,
             &args.model,

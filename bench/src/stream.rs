@@ -119,15 +119,17 @@ pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &Canc
             Err(kind) => return stats.error(kind),
         };
     if let Some(replica) = plan.follow_at {
-        // The run's own stream stays open (drained) on the producer; this client follows it on the other replica.
+        // This client follows the run on the other replica. The run's own stream either stays open (drained) on
+        // the producer, a second client of the run, or is closed, as when a client moved to another replica.
         let Some(run) = run_id_of(&mut response).await else {
             connection.abort();
             return stats.error("no run_started");
         };
         let producer = connection;
         let mut drained = response;
+        let keep = !plan.leave_producer;
         let drain = tokio::spawn(async move {
-            while let Some(Ok(_)) = drained.body_mut().frame().await {}
+            while keep && matches!(drained.body_mut().frame().await, Some(Ok(_))) {}
             producer.abort();
         });
         let path = format!("/agents/chats/{chat}/runs/{run}/stream");

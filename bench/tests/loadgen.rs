@@ -62,6 +62,7 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         settled: None,
         path: None,
         follow_at: None,
+        leave_producer: false,
     })
     .await
 }
@@ -130,6 +131,7 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         settled: None,
         path: None,
         follow_at: None,
+        leave_producer: false,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));
