@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::drive::{RunContext, millis};
 use super::events::RunEvent;
+use super::history::tool_label;
 use super::log::RunWriter;
 use super::recorder::Recorder;
 use crate::error::ErrorCode;
@@ -102,6 +103,7 @@ pub(super) async fn agent_loop(
         for call in &calls {
             out.emit(&RunEvent::ToolStarted {
                 tool_name: call.name.clone(),
+                tool_label: tool_label(&call.name),
                 tool_call_id: call.id.clone(),
                 args: call.args.clone(),
             })
@@ -112,6 +114,7 @@ pub(super) async fn agent_loop(
         while let Some((call, result, elapsed)) = running.next().await {
             out.emit(&RunEvent::ToolFinished {
                 tool_name: call.name.clone(),
+                tool_label: tool_label(&call.name),
                 tool_call_id: call.id.clone(),
                 elapsed_ms: millis(elapsed),
             })

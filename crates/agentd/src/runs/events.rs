@@ -23,11 +23,14 @@ pub enum RunEvent {
     },
     ToolStarted {
         tool_name: String,
+        /// What a UI shows for the call; the same text as the history's tool entry.
+        tool_label: String,
         tool_call_id: String,
         args: serde_json::Value,
     },
     ToolFinished {
         tool_name: String,
+        tool_label: String,
         tool_call_id: String,
         elapsed_ms: u64,
     },

@@ -24,6 +24,12 @@ pub struct Entry {
     pub created_at: OffsetDateTime,
 }
 
+/// How a tool call reads in a UI ("Used tool current time"): in the history and on the `tool_started` and
+/// `tool_finished` events alike.
+pub fn tool_label(tool_name: &str) -> String {
+    format!("Used tool {}", tool_name.replace('_', " "))
+}
+
 /// The entries of `messages`, in order.
 pub fn entries(messages: &[StoredMessage]) -> Vec<Entry> {
     let mut flat = Vec::new();
@@ -49,7 +55,7 @@ pub fn entries(messages: &[StoredMessage]) -> Vec<Entry> {
                 tool_calls,
             } => {
                 for (i, call) in tool_calls.iter().enumerate() {
-                    let label = format!("Used tool {}", call.name.replace('_', " "));
+                    let label = tool_label(&call.name);
                     flat.push(entry(i + 1, "tool", label, call.id.clone(), "completed"));
                 }
                 if !content.is_empty() {

@@ -65,6 +65,9 @@ async fn a_tool_call_shows_its_start_and_finish_before_the_answer() {
         ]
     );
     assert_eq!(events[1].1["tool_name"], "current_time");
+    // The label a UI shows, on both events, as the history stores it.
+    assert_eq!(events[1].1["tool_label"], "Used tool current time");
+    assert_eq!(events[2].1["tool_label"], "Used tool current time");
     assert_eq!(events[1].1["tool_call_id"], events[2].1["tool_call_id"]);
     assert_eq!(events[1].1["args"], json!({}));
     assert!(events[2].1["elapsed_ms"].is_u64());
