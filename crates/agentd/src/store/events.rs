@@ -23,8 +23,6 @@ const CARRIED_BYTES: usize = 3_000;
 /// The channel a cancel is sent on: the run id.
 pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
 
-/// Rows per INSERT statement (four values each, well under both backends' limits on bound values).
-const ROWS_PER_STATEMENT: usize = 500;
 /// Largest notification payload (PostgreSQL refuses 8,000 bytes and more).
 const NOTIFY_BYTES: usize = 7_000;
 /// Events read per query when replaying.
@@ -65,30 +63,28 @@ impl SessionStore {
             )
             .await?;
         } else {
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let n = i * 4;
-                        format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4)
-                    })
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES {}",
-                    values.join(", ")
-                );
-                let args: Vec<Arg<'_>> = chunk
-                    .iter()
-                    .flat_map(|row| {
-                        [
-                            Arg::Id(row.run_id),
-                            Arg::Int(to_i64(row.seq)),
-                            Arg::Int(to_i64(row.last_seq)),
-                            Arg::Text(&row.events),
-                        ]
-                    })
-                    .collect();
-                tx.execute(&sql, &args).await?;
-            }
+            // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite
+            // unpacks itself (binding thousands of values, in a statement whose text changes with every batch
+            // size, costs more than the insert).
+            let rows: Vec<(String, u64, u64, &str)> = rows
+                .iter()
+                .map(|row| {
+                    (
+                        row.run_id.to_string(),
+                        row.seq,
+                        row.last_seq,
+                        row.events.as_str(),
+                    )
+                })
+                .collect();
+            let rows = serde_json::to_string(&rows)
+                .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
+            tx.execute(
+                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
+                &[Arg::Text(&rows)],
+            )
+            .await?;
         }
         if self.db.backend() == "postgres" {
             let mut payloads = Vec::new();
