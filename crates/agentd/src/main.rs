@@ -64,10 +64,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     match Application::build(config).await {
-        Ok(app) => {
-            app.run(signals).await;
-            ExitCode::SUCCESS
-        }
+        Ok(app) => match app.run(signals).await {
+            shutdown::Outcome::Clean => ExitCode::SUCCESS,
+            shutdown::Outcome::Forced => exit(shutdown::EXIT_FORCED),
+        },
         Err(error) => {
             tracing::error!(%error, "cannot start");
             exit(error.exit_code())

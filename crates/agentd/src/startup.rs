@@ -16,7 +16,7 @@ use crate::model::Providers;
 use crate::runs::log::{self as run_log, RunLog};
 use crate::runs::{RunService, RunServiceParts, lease};
 use crate::secret::Secret;
-use crate::shutdown::{Lifecycle, Shutdown, Signal};
+use crate::shutdown::{self, Lifecycle, Shutdown, Signal};
 use crate::stages::{Component, Stage, Stages};
 use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
@@ -192,7 +192,7 @@ impl Application {
     }
 
     /// Serves until the first signal, then runs the shutdown sequence to its end.
-    pub async fn run(self, mut signals: mpsc::Receiver<Signal>) {
+    pub async fn run(self, mut signals: mpsc::Receiver<Signal>) -> shutdown::Outcome {
         let http_addr = self.http_addr();
         let grpc_addr = self.grpc_addr();
         let Self {
@@ -243,7 +243,7 @@ impl Application {
 
         let Some(first) = signals.recv().await else {
             tracing::warn!("signal listener ended; shutting down");
-            return;
+            return shutdown::Outcome::Clean;
         };
         let shutdown = Shutdown {
             lifecycle: state.lifecycle,
@@ -253,6 +253,6 @@ impl Application {
             grpc_health,
             stages: Arc::new(stages),
         };
-        shutdown.run(config.budget, first, &mut signals).await;
+        shutdown.run(config.budget, first, &mut signals).await
     }
 }

@@ -93,6 +93,9 @@ pub struct Shutdown {
 /// How often the drain logs what is still open.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// How long the sequence leaves the watchdog to end the process once the hard deadline is reached.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(1);
+
 /// How many of the oldest runs a progress line names.
 const NAMED_RUNS: usize = 3;
 
@@ -103,7 +106,7 @@ impl Shutdown {
         budget: ShutdownBudget,
         first: Signal,
         signals: &mut mpsc::Receiver<Signal>,
-    ) {
+    ) -> Outcome {
         let Self {
             lifecycle,
             tracker,
@@ -166,18 +169,32 @@ impl Shutdown {
         lifecycle.enter(Phase::Closing);
         for stage in Stage::ALL {
             stages.stop(stage, hard_deadline).await;
-            if stage == Stage::Runs
-                && let DrainOutcome::TimedOut { open } = tracker.wait_for_drain(hard_deadline).await
-            {
-                // Unreachable in practice: the watchdog ends the process at the same deadline.
-                tracing::error!(
-                    open_streams = open,
-                    "streams still open at the shutdown timeout"
+            let stuck = stage == Stage::Runs
+                && matches!(
+                    tracker.wait_for_drain(hard_deadline).await,
+                    DrainOutcome::TimedOut { .. }
                 );
+            if stuck || Instant::now() >= hard_deadline {
+                // The watchdog ends the process now, naming what is left; this path only makes sure the exit is
+                // non-zero should the watchdog be missing.
+                tokio::time::sleep(WATCHDOG_MARGIN).await;
+                tracing::error!(open_streams = tracker.open(), pending = ?stages.pending(),
+                    "shutdown reached its timeout with work still running");
+                return Outcome::Forced;
             }
         }
         tracing::info!("shutdown complete");
+        Outcome::Clean
     }
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything finished inside the budget: exit 0.
+    Clean,
+    /// The hard deadline cut something: exit [`EXIT_FORCED`].
+    Forced,
 }
 
 /// Waits for the open streams to end or `deadline`, saying every 5 s how many are open and which runs are oldest.

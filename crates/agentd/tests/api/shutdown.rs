@@ -219,7 +219,7 @@ async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
 
     server.signal("TERM");
     let status = server.exit_status().await;
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(1), "{}", server.log_text());
     let stuck = server.wait_for_log("shutdown timeout reached").await;
     assert_eq!(stuck["open_streams"], 1);
     // The run itself ended (it writes to the log, not to the client); the connection to a client that does not read
