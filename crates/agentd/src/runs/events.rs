@@ -1,4 +1,4 @@
-//! The events of a run: the SSE contract (`docs: DESIGN.md`, "The SSE stream") and their numbering.
+//! The events of a run: the SSE contract (the README's "The SSE stream") and their numbering.
 //!
 //! Every event of a run has a `seq`, from 1, and its SSE id is `<run_id>:<seq>`; a client that reconnects names the
 //! last id it saw. The JSON of an event is its `data:` line.
