@@ -1,7 +1,7 @@
 //! Typed settings of `agentd serve`, and the checks that need no I/O: the shutdown budget, CORS origins, durations.
 //!
-//! Nothing here binds, connects or opens a file: the command line ([`crate::cli`]) is turned into a [`Config`], and
-//! [`crate::startup`] does the I/O it describes (the tools file is read there, too).
+//! Nothing here binds, connects or opens a file: the command line (`cli/`) is turned into a [`Config`], and
+//! `startup.rs` does the I/O it describes (the tools file is read there, too).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

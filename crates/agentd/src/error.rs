@@ -1,7 +1,7 @@
 //! Every failure a client can be told about, in one table of stable codes.
 //!
 //! [`ErrorCode`] is the table: each kind of failure has one code, with its HTTP status, its gRPC code and whether a
-//! retry can help. The HTTP errors (`http/error.rs`), the gRPC statuses ([`crate::grpc`]) and the `run_failed` events
+//! retry can help. The HTTP errors (`http/error.rs`), the gRPC statuses (`grpc/`) and the `run_failed` events
 //! (`code` beside `error`) all read it, and metrics count run failures by it. A leaf: it imports nothing of the
 //! service, so every layer can use it.
 

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// When a component stops, in order. Open streams are drained before any of these (see [`crate::shutdown`]).
+/// When a component stops, in order. Open streams are drained before any of these (see `shutdown/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     /// Runs still going end with `run_interrupted` and record their end.

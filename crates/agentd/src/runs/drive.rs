@@ -4,44 +4,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
-use super::engine::{self, Failure, Stop};
+use super::engine::{self, Failure, RunContext, Stop, millis};
 use super::events::{RunEvent, resume_path};
-use super::lease::LiveRuns;
 use super::log::{LiveLog, RunWriter};
 use super::recorder::Recorder;
-use crate::metrics::{Metrics, RunOutcome};
-use crate::model::{Message, Model};
-use crate::store::{RunStatus, SessionStore};
-use crate::tools::{ToolContext, ToolRegistry};
-use tokio_util::sync::CancellationToken;
-
-/// Everything a run needs, decided before its stream starts.
-#[derive(Debug)]
-pub(super) struct RunContext {
-    pub chat_id: Uuid,
-    pub run_id: Uuid,
-    /// The model id as the client will see it in `run_started`.
-    pub model_id: String,
-    pub model: Arc<dyn Model>,
-    /// Earlier messages of the chat, oldest first.
-    pub history: Vec<Message>,
-    pub question: String,
-    /// Stopped at the drain deadline.
-    pub interrupt: CancellationToken,
-    pub metrics: Arc<Metrics>,
-    pub store: SessionStore,
-    pub live: LiveRuns,
-    pub tools: ToolRegistry,
-    /// Who the run acts for, as tools see it.
-    pub tool_context: ToolContext,
-    pub max_steps: usize,
-    /// How long the run goes on with nobody following it (`DETACH_GRACE`).
-    pub detach_grace: Duration,
-    /// How recent another replica's note that it follows the run must be (`RUN_LEASE`).
-    pub lease: Duration,
-}
+use crate::metrics::RunOutcome;
+use crate::store::RunStatus;
 
 /// Drives one run to its end, appending its events to the log.
 pub(super) async fn drive(ctx: RunContext, mut out: RunWriter) -> RunOutcome {
@@ -164,8 +132,4 @@ async fn unfollowed(ctx: &RunContext, live: &LiveLog) {
             }
         }
     }
-}
-
-pub(crate) fn millis(elapsed: Duration) -> u64 {
-    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,20 +1,50 @@
 //! The engine: model ↔ tools. Asks the model, runs the tools it calls (in parallel), gives it the results and asks
 //! again, until it answers without tools or the step limit is reached; every event goes to the run log ([`RunWriter`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::drive::{RunContext, millis};
 use super::events::RunEvent;
 use super::history::tool_label;
+use super::lease::LiveRuns;
 use super::log::RunWriter;
 use super::recorder::Recorder;
 use crate::error::ErrorCode;
-use crate::model::{Message, ModelError, ModelEvent, ModelRequest, ToolCall};
-use crate::tools::ToolResult;
+use crate::metrics::Metrics;
+use crate::model::{Message, Model, ModelError, ModelEvent, ModelRequest, ToolCall};
+use crate::store::SessionStore;
+use crate::tools::{ToolContext, ToolRegistry, ToolResult};
+
+/// Everything a run needs, decided before its stream starts.
+#[derive(Debug)]
+pub(super) struct RunContext {
+    pub chat_id: Uuid,
+    pub run_id: Uuid,
+    /// The model id as the client will see it in `run_started`.
+    pub model_id: String,
+    pub model: Arc<dyn Model>,
+    /// Earlier messages of the chat, oldest first.
+    pub history: Vec<Message>,
+    pub question: String,
+    /// Stopped at the drain deadline.
+    pub interrupt: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    pub store: SessionStore,
+    pub live: LiveRuns,
+    pub tools: ToolRegistry,
+    /// Who the run acts for, as tools see it.
+    pub tool_context: ToolContext,
+    pub max_steps: usize,
+    /// How long the run goes on with nobody following it (`DETACH_GRACE`).
+    pub detach_grace: Duration,
+    /// How recent another replica's note that it follows the run must be (`RUN_LEASE`).
+    pub lease: Duration,
+}
 
 /// A failure that ends a run: its code (from the error table) and what the user is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,4 +186,8 @@ async fn call_tool(ctx: &RunContext, call: ToolCall) -> (ToolCall, ToolResult, D
 
 fn log_tool_failure(run_id: Uuid, tool: &str, error: &crate::tools::ToolError) {
     tracing::info!(%run_id, tool, kind = error.kind(), %error, "tool call failed; the model is told");
+}
+
+pub(crate) fn millis(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }

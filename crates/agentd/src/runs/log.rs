@@ -1,7 +1,7 @@
 //! The run log: every event of a run is stored before any client receives it, and released to followers from there.
 //!
 //! A producer ([`RunWriter`]) numbers each event, keeps it in memory for the followers on this process, and hands it
-//! to the one writer task of the process ([`write`]). The writer takes whatever events all runs have ready, commits
+//! to the one writer task of the process ([`write()`]). The writer takes whatever events all runs have ready, commits
 //! them in one transaction (one row per run per batch: a group commit, never a transaction per event), and only then
 //! moves each run's committed mark, which is what followers read up to. So a client never sees an event the store
 //! does not have, and every follower of a run, whenever it attached, sees the same events with the same ids.
@@ -149,7 +149,7 @@ pub enum Source {
 }
 
 impl RunLog {
-    /// The log and the receiving end of its writer's queue (for [`write`]).
+    /// The log and the receiving end of its writer's queue (for [`write()`]).
     pub fn new(store: SessionStore, metrics: Arc<Metrics>) -> (Self, WriterQueue) {
         let (queue, rx) = mpsc::channel(QUEUE);
         let log = Self {
@@ -162,10 +162,6 @@ impl RunLog {
             }),
         };
         (log, WriterQueue(rx))
-    }
-
-    pub fn store(&self) -> &SessionStore {
-        &self.inner.store
     }
 
     /// Starts the in-memory log of a run produced here, and its writer; `first` is its first event, already
@@ -393,18 +389,14 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
             }
         }
     }
-    let live = log.inner.live.lock().expect("run log lock");
+    let mut live = log.inner.live.lock().expect("run log lock");
     for row in &rows {
         if let Some(run) = live.get(&row.run_id) {
             run.committed.send_replace(row.last_seq);
         }
     }
-    drop(live);
-    if !finished.is_empty() {
-        let mut live = log.inner.live.lock().expect("run log lock");
-        for run_id in finished {
-            live.remove(&run_id);
-        }
+    for run_id in finished {
+        live.remove(&run_id);
     }
     batch.clear();
 }

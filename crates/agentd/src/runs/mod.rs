@@ -35,8 +35,9 @@ use crate::store::{
 };
 use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
-use drive::{RunContext, drive};
+use drive::drive;
 pub use engine::Failure;
+use engine::RunContext;
 use events::RunEvent;
 use follow::Follower;
 pub use lease::LiveRuns;
@@ -176,10 +177,6 @@ impl RunService {
     /// The runs this process drives now.
     pub fn live(&self) -> &LiveRuns {
         &self.inner.live
-    }
-
-    pub fn tools(&self) -> &ToolRegistry {
-        &self.inner.parts.tools
     }
 
     pub fn log(&self) -> &RunLog {

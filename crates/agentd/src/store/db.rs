@@ -59,11 +59,8 @@ pub(super) enum Row {
 }
 
 impl Db {
-    pub fn backend(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
-        }
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
     }
 
     /// A connection for reads (in SQLite, one of the read-only pool, beside the writer).
@@ -134,11 +131,14 @@ fn sql(conn: &Conn, template: &str) -> String {
             ("{order}", "id"),
         ]
     };
-    fragments
-        .iter()
-        .fold(template.to_owned(), |sql, (token, fragment)| {
-            sql.replace(token, fragment)
-        })
+    // Most queries hold one token or none: replace only what is there, rather than copy the text once per token.
+    let mut sql = template.to_owned();
+    for (token, fragment) in fragments {
+        if sql.contains(token) {
+            sql = sql.replace(token, fragment);
+        }
+    }
+    sql
 }
 
 /// Binds `args` in order to a query of either backend (a macro: the two query types share no trait for `bind`).

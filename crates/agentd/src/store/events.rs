@@ -26,7 +26,7 @@ pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
 /// Largest notification payload (PostgreSQL refuses 8,000 bytes and more).
 const NOTIFY_BYTES: usize = 7_000;
 /// Events read per query when replaying.
-pub const REPLAY_PAGE: i64 = 1_000;
+const REPLAY_PAGE: i64 = 1_000;
 
 /// Consecutive events of one run, ready to store.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl SessionStore {
             return Ok(());
         }
         let mut tx = self.db.begin().await?;
-        if self.db.backend() == "postgres" {
+        if self.db.is_postgres() {
             // One statement of four arrays, prepared once, whatever the batch's size.
             let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
             let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
@@ -86,7 +86,7 @@ impl SessionStore {
             )
             .await?;
         }
-        if self.db.backend() == "postgres" {
+        if self.db.is_postgres() {
             let mut payloads = Vec::new();
             let mut payload = String::new();
             for row in rows {
@@ -115,7 +115,7 @@ impl SessionStore {
         tx.commit().await
     }
 
-    /// Up to [`REPLAY_PAGE`] rows of the run's events after `after`: `(seq, json)` in order.
+    /// Up to 1,000 rows (a page) of the run's events after `after`: `(seq, json)` in order.
     pub async fn events_after(
         &self,
         run_id: Uuid,
@@ -179,7 +179,7 @@ impl SessionStore {
 
     /// Asks the replica producing the run to cancel it (PostgreSQL; one process has nobody else to ask).
     pub async fn notify_cancel(&self, run_id: Uuid) -> Result<(), StoreError> {
-        if self.db.backend() == "postgres" {
+        if self.db.is_postgres() {
             let mut conn = self.db.write().await?;
             notify(&mut conn, CANCEL_CHANNEL, &run_id.to_string()).await?;
         }

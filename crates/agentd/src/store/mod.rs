@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::model::{Message, Usage};
 use db::Db;
-pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, REPLAY_PAGE};
+pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR};
 pub use listen::Listener;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
@@ -72,10 +72,6 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    pub fn backend(&self) -> &'static str {
-        self.db.backend()
-    }
-
     /// Succeeds when the store answers a trivial query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db.read().await?.execute("SELECT 1", &[]).await?;
