@@ -79,7 +79,23 @@ pub struct ShutdownBudget {
     pub timeout: Duration,
     /// The orchestrator's own deadline, if known; it kills the process at that point.
     pub grace_period: Option<Duration>,
+    pub mode: ShutdownMode,
 }
+
+/// What a draining replica does with its open streams (`SHUTDOWN_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ShutdownMode {
+    /// The seed's behaviour: open streams run on until their run ends or `DRAIN_TIMEOUT`, then are interrupted.
+    #[default]
+    Drain,
+    /// After `SHUTDOWN_DELAY` every open stream gets `reconnect` and ends; the runs keep producing into the log until
+    /// they end or `DRAIN_TIMEOUT`, then are released for another replica to continue.
+    Handoff,
+}
+
+/// What a handoff drain needs after `DRAIN_TIMEOUT`, before the hard deadline: to commit what its runs produced and
+/// release them.
+pub const HANDOFF_RELEASE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -88,6 +104,16 @@ pub enum ConfigError {
          SHUTDOWN_TIMEOUT ({timeout}s), so open streams can be closed before the hard deadline"
     )]
     DrainPastTimeout {
+        delay: f64,
+        drain: f64,
+        timeout: f64,
+    },
+    #[error(
+        "impossible shutdown budget: with SHUTDOWN_MODE=handoff, SHUTDOWN_DELAY ({delay}s) + DRAIN_TIMEOUT ({drain}s) \
+         + 1s must be less than SHUTDOWN_TIMEOUT ({timeout}s), so the runs still producing can be released for \
+         another replica before the hard deadline"
+    )]
+    ReleasePastTimeout {
         delay: f64,
         drain: f64,
         timeout: f64,
@@ -124,11 +150,25 @@ pub(crate) const DEFAULT_DRAIN: Duration = Duration::from_secs(300);
 
 impl ShutdownBudget {
     pub fn check(&self) -> Result<(), ConfigError> {
+        let (delay, drain, timeout) = (
+            self.delay.as_secs_f64(),
+            self.drain.as_secs_f64(),
+            self.timeout.as_secs_f64(),
+        );
         if self.delay + self.drain >= self.timeout {
             return Err(ConfigError::DrainPastTimeout {
-                delay: self.delay.as_secs_f64(),
-                drain: self.drain.as_secs_f64(),
-                timeout: self.timeout.as_secs_f64(),
+                delay,
+                drain,
+                timeout,
+            });
+        }
+        if self.mode == ShutdownMode::Handoff
+            && self.delay + self.drain + HANDOFF_RELEASE >= self.timeout
+        {
+            return Err(ConfigError::ReleasePastTimeout {
+                delay,
+                drain,
+                timeout,
             });
         }
         if let Some(grace) = self.grace_period

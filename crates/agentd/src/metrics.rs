@@ -42,6 +42,10 @@ pub enum RunOutcome {
     Interrupted,
     Cancelled,
     Detached,
+    /// Released at the drain deadline in handoff mode, for another replica to continue.
+    HandedOff,
+    /// Another process claimed it (this one had lost its lease): it stopped here without a word.
+    Fenced,
 }
 
 impl RunOutcome {
@@ -52,6 +56,8 @@ impl RunOutcome {
             Self::Interrupted => "interrupted",
             Self::Cancelled => "cancelled",
             Self::Detached => "detached",
+            Self::HandedOff => "handed_off",
+            Self::Fenced => "fenced",
         }
     }
 }
@@ -89,6 +95,9 @@ pub struct Metrics {
     log_batch: Histogram,
     log_commit: Histogram,
     log_failures: Counter,
+    taken_over: Counter,
+    continued_tokens: Counter,
+    fencing_rejections: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +117,24 @@ impl Default for Metrics {
         let log_batch = Histogram::new(exponential_buckets(1.0, 4.0, 9));
         let log_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let log_failures = Counter::default();
+        let taken_over = Counter::default();
+        let continued_tokens = Counter::default();
+        let fencing_rejections = Counter::default();
+        registry.register(
+            "agentd_runs_taken_over",
+            "Runs whose producer was gone, continued here",
+            taken_over.clone(),
+        );
+        registry.register(
+            "agentd_continued_tokens",
+            "Output tokens of runs continued here after a takeover",
+            continued_tokens.clone(),
+        );
+        registry.register(
+            "agentd_fencing_rejections",
+            "Writes of a producer that had lost its run's lease, refused",
+            fencing_rejections.clone(),
+        );
         registry.register(
             "agentd_followers",
             "Clients following a run now",
@@ -186,6 +213,9 @@ impl Default for Metrics {
             log_batch,
             log_commit,
             log_failures,
+            taken_over,
+            continued_tokens,
+            fencing_rejections,
         }
     }
 }
@@ -245,6 +275,19 @@ impl Metrics {
 
     pub fn log_commit_failed(&self) {
         self.log_failures.inc();
+    }
+
+    pub fn run_taken_over(&self) {
+        self.taken_over.inc();
+    }
+
+    /// A run continued here ended, its continuation having produced `tokens` output tokens.
+    pub fn continuation_finished(&self, tokens: u64) {
+        self.continued_tokens.inc_by(tokens);
+    }
+
+    pub fn fenced(&self) {
+        self.fencing_rejections.inc();
     }
 
     pub fn drain_finished(&self, took: std::time::Duration) {

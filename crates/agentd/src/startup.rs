@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use uuid::Uuid;
 
-use crate::config::{Config, EXIT_CONFIG};
+use crate::config::{Config, EXIT_CONFIG, ShutdownMode};
 use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -151,6 +151,7 @@ impl Application {
                 instance_id,
                 detach_grace: config.detach_grace,
                 lease: config.run_lease,
+                handoff: config.budget.mode == ShutdownMode::Handoff,
             },
             stages.register(Stage::Runs, "runs", None),
         );
@@ -210,6 +211,7 @@ impl Application {
             listener,
             router,
             http.stop.clone(),
+            state.lifecycle.handoff.clone(),
             http.tasks.clone(),
         ));
         if config.auth.secret.is_none() {
@@ -232,9 +234,7 @@ impl Application {
             }
         });
         leases.spawn(lease::maintain(
-            state.store.clone(),
-            state.runs.live().clone(),
-            state.runs.log().clone(),
+            state.runs.clone(),
             config.run_lease,
             config.run_log_retention,
             leases.stop.clone(),

@@ -20,7 +20,7 @@ pub use client::{ChatArgs, EXIT_INTERRUPTED, TokenArgs, chat, parse_ttl, token};
 use crate::auth::AuthConfig;
 use crate::config::{
     Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
-    ProviderSettings, ShutdownBudget, parse_duration, parse_seconds,
+    ProviderSettings, ShutdownBudget, ShutdownMode, parse_duration, parse_seconds,
 };
 use crate::model::{Endpoint, ModelPolicy, ModelSpec};
 use crate::secret::Secret;
@@ -198,6 +198,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHUTDOWN_DELAY", value_parser = parse_seconds, default_value = "0")]
     pub shutdown_delay: Duration,
 
+    /// What a draining replica does with its open streams: `drain` (they run on until done or DRAIN_TIMEOUT) or
+    /// `handoff` (they get `reconnect` after SHUTDOWN_DELAY; the runs are continued by another replica).
+    #[arg(long, env = "SHUTDOWN_MODE", value_enum, default_value_t = ShutdownMode::Drain)]
+    pub shutdown_mode: ShutdownMode,
+
     /// Seconds from SIGTERM to process exit, whatever is stuck.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", value_parser = parse_seconds, default_value = "310")]
     pub shutdown_timeout: Duration,
@@ -249,6 +254,7 @@ impl ServeArgs {
                 .unwrap_or(DEFAULT_DRAIN),
             timeout: args.shutdown_timeout,
             grace_period: args.termination_grace_period,
+            mode: args.shutdown_mode,
         };
         budget.check()?;
         if args.max_streams == Some(0) {

@@ -37,7 +37,7 @@ pub async fn attach(
         .runs
         .attach(&identity, chat_id, run_id, resume)
         .await?;
-    Ok(sse(handle))
+    Ok(sse(handle, state.lifecycle.handoff.clone()))
 }
 
 /// Where to start: the `Last-Event-ID` header, else `?after=`, else the start.

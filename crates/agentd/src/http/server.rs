@@ -36,12 +36,16 @@ retry-after: 1\r\nconnection: close\r\ncontent-length: 66\r\n\r\n\
 {\"detail\":\"Stream limit reached (open-file limit); retry shortly\"}";
 
 /// Serves `router` on `listener` until `stop` is cancelled; each connection then finishes the response it is writing.
+/// When `handoff` is cancelled, the connections open at that moment close the same way (their streams end with
+/// `reconnect`, and idle ones close at once); connections accepted later get their answer (a 503 for a new stream)
+/// and close.
 ///
 /// `connections` tracks the connection tasks, so the caller can wait for them and report how many are still open.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     stop: CancellationToken,
+    handoff: CancellationToken,
     connections: TaskTracker,
 ) {
     let mut builder = http1::Builder::new();
@@ -89,11 +93,16 @@ pub async fn serve(
             TowerToHyperService::new(router.clone()),
         );
         let stop = stop.clone();
+        let handoff = if handoff.is_cancelled() {
+            CancellationToken::new()
+        } else {
+            handoff.clone()
+        };
         connections.spawn(async move {
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = stop.cancelled() => {
+                () = async { tokio::select! { () = stop.cancelled() => {}, () = handoff.cancelled() => {} } } => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }

@@ -17,14 +17,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_core::Stream;
 use serde_json::Value;
-use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
-use crate::runs::events::event_id;
+use crate::runs::events::{RunEvent, event_id, resume_path};
 use crate::runs::{RunHandle, RunRequest};
 use crate::stream_tracker::StreamGuard;
 
@@ -158,7 +159,7 @@ pub async fn stream(
         model: request.model,
     };
     let handle = state.runs.start(identity, chat_id, run).await?;
-    Ok(sse(handle))
+    Ok(sse(handle, state.lifecycle.handoff.clone()))
 }
 
 /// A path id, or the 422 naming it.
@@ -172,13 +173,42 @@ pub(super) fn parse_id(raw: &str, name: &'static str) -> Result<Uuid, ApiError> 
     })
 }
 
-/// The follower's events as an SSE response.
-pub(super) fn sse(handle: RunHandle) -> Response {
-    let run_id = handle.follower.run_id();
+/// The follower's events as an SSE response. When a handoff drain begins (`handoff`), the stream sends `reconnect`
+/// (with the SSE `retry:` field) after the last event it sent, and ends.
+pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
+    let RunHandle {
+        follower,
+        guard,
+        chat_id,
+    } = handle;
+    let run_id = follower.run_id();
+    let events = futures_util::stream::unfold(Some(follower), move |follower| {
+        let handoff = handoff.clone();
+        async move {
+            let mut follower = follower?;
+            tokio::select! {
+                biased;
+                () = handoff.cancelled() => {
+                    let reconnect = RunEvent::Reconnect {
+                        resume: resume_path(chat_id, run_id),
+                        last_event_id: event_id(run_id, follower.last_sent()),
+                        retry_ms: RECONNECT_RETRY.as_millis() as u64,
+                    };
+                    let json = serde_json::to_string(&reconnect).expect("run events always serialize");
+                    let event = Event::default().retry(RECONNECT_RETRY).data(json);
+                    Some((event, None))
+                }
+                next = follower.next_event() => {
+                    let (seq, json) = next?;
+                    let event = Event::default().id(event_id(run_id, seq)).data(&*json);
+                    Some((event, Some(follower)))
+                }
+            }
+        }
+    });
     let body = RunStream {
-        events: Box::pin(handle.follower.into_stream()),
-        run_id,
-        _guard: handle.guard,
+        events: Box::pin(events),
+        _guard: guard,
     };
     let sse = Sse::new(body).keep_alive(
         KeepAlive::new()
@@ -188,10 +218,12 @@ pub(super) fn sse(handle: RunHandle) -> Response {
     ([("x-accel-buffering", "no")], sse).into_response()
 }
 
+/// How long a client told to reconnect waits first (`retry_ms`, and the SSE `retry:` field).
+const RECONNECT_RETRY: Duration = Duration::from_millis(250);
+
 /// The response body of a follower: the run's events, encoded as SSE, and the admission it holds.
 struct RunStream {
-    events: Pin<Box<dyn Stream<Item = (u64, Arc<str>)> + Send>>,
-    run_id: Uuid,
+    events: Pin<Box<dyn Stream<Item = Event> + Send>>,
     /// Keeps the stream counted for the drain until hyper drops the body.
     _guard: StreamGuard,
 }
@@ -200,10 +232,7 @@ impl Stream for RunStream {
     type Item = Result<Event, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let run_id = self.run_id;
-        self.events.as_mut().poll_next(cx).map(|next| {
-            next.map(|(seq, json)| Ok(Event::default().id(event_id(run_id, seq)).data(&*json)))
-        })
+        self.events.as_mut().poll_next(cx).map(|next| next.map(Ok))
     }
 }
 

@@ -66,6 +66,18 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
             _ => messages.push(json!({"role": role, "content": blocks})),
         }
     }
+    // An answer cut when its producer was lost is the last turn: Anthropic continues a prefilled assistant turn,
+    // which must not end with whitespace.
+    if let Some(last) = messages.last_mut()
+        && last["role"] == "assistant"
+        && let Some(Value::Object(block)) =
+            last["content"].as_array_mut().and_then(|b| b.last_mut())
+        && block.get("type") == Some(&json!("text"))
+        && let Some(Value::String(text)) = block.get_mut("text")
+    {
+        let trimmed = text.trim_end().len();
+        text.truncate(trimmed);
+    }
     let mut body = json!({
         "model": model,
         "max_tokens": MAX_TOKENS,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 
-pub use test::TestOptions;
+pub use test::{TestOptions, delta_text};
 pub use upstream::{Endpoint, Providers};
 
 /// One step's output, as it arrives.

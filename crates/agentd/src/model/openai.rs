@@ -21,6 +21,10 @@ pub struct OpenAi {
     pub providers: Providers,
 }
 
+/// What an OpenAI-compatible model is told after the partial answer of a run continued elsewhere.
+pub const CONTINUE: &str = "Your previous answer was cut off. Continue it exactly where it stopped, without \
+repeating any of it and without any preamble.";
+
 /// The request body, in the provider's own format.
 pub fn body(model: &str, request: &ModelRequest) -> Value {
     let messages: Vec<Value> = request
@@ -58,6 +62,17 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
             }
         })
         .collect();
+    let mut messages = messages;
+    if let Some(Message::Assistant {
+        content,
+        tool_calls,
+    }) = request.messages.last()
+        && tool_calls.is_empty()
+        && !content.is_empty()
+    {
+        // An answer cut when its producer was lost: the model is asked to go on from where it stopped.
+        messages.push(json!({"role": "user", "content": CONTINUE}));
+    }
     let mut body = json!({
         "model": model,
         "messages": messages,

@@ -137,6 +137,20 @@ pub fn delta_text(i: u32) -> String {
     }
 }
 
+/// How many deltas of an answer `text` is made of (the answer so far of a continued run).
+fn deltas_in(text: &str, clock: bool) -> u32 {
+    if clock {
+        return u32::try_from(text.matches('@').count()).unwrap_or(u32::MAX);
+    }
+    let mut len = 0;
+    let mut i = 0;
+    while len < text.len() {
+        len += delta_text(i).len();
+        i += 1;
+    }
+    i
+}
+
 /// `@<unix nanoseconds> `: when the delta was produced.
 fn clock_text() -> String {
     let now = std::time::SystemTime::now()
@@ -148,7 +162,22 @@ fn clock_text() -> String {
 impl Model for TestModel {
     fn stream(&self, request: ModelRequest) -> ModelStream {
         let input_tokens = request.messages.iter().map(words).sum();
-        let answered_tool = matches!(request.messages.last(), Some(Message::ToolResult { .. }));
+        let asked = request
+            .messages
+            .iter()
+            .rposition(|m| matches!(m, Message::User { .. }))
+            .unwrap_or(0);
+        let answered_tool = request.messages[asked..]
+            .iter()
+            .any(|m| matches!(m, Message::ToolResult { .. }));
+        // A continuation (the answer so far is the last turn) goes on at the next delta exactly.
+        let partial = match request.messages.last() {
+            Some(Message::Assistant {
+                content,
+                tool_calls,
+            }) if tool_calls.is_empty() => content.as_str(),
+            _ => "",
+        };
         if let (Some(tool), false) = (&self.options.tool, answered_tool) {
             let call = ToolCall {
                 id: "call_1".to_owned(),
@@ -167,7 +196,8 @@ impl Model for TestModel {
             clock,
             ..
         } = self.options.clone();
-        Box::pin(stream::unfold(0u32, move |i| async move {
+        let first = deltas_in(partial, clock).min(deltas);
+        Box::pin(stream::unfold(first, move |i| async move {
             if i > deltas {
                 return None;
             }
@@ -175,7 +205,7 @@ impl Model for TestModel {
                 return Some((
                     Ok(ModelEvent::Usage(Usage::new(
                         input_tokens,
-                        u64::from(deltas),
+                        u64::from(deltas - first),
                     ))),
                     i + 1,
                 ));
@@ -292,6 +322,42 @@ mod tests {
         });
         let second: Vec<_> = model.stream(request).collect().await;
         assert_eq!(second[0], Ok(ModelEvent::TextDelta("Agents".into())));
+    }
+
+    #[tokio::test]
+    async fn a_continuation_goes_on_at_the_next_delta_and_after_the_tool() {
+        let model = ModelSpec::parse("test:deltas=4,tool=current_time")
+            .unwrap()
+            .build(&providers());
+        let mut request = ask("time?");
+        request.messages.extend([
+            Message::Assistant {
+                content: String::new(),
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "current_time".into(),
+                    args: serde_json::json!({}),
+                }],
+            },
+            Message::ToolResult {
+                tool_call_id: "call_1".into(),
+                content: "now".into(),
+            },
+            Message::Assistant {
+                content: "Agents answer".into(),
+                tool_calls: Vec::new(),
+            },
+        ]);
+        let events: Vec<_> = model.stream(request).collect().await;
+        assert_eq!(
+            events[..2],
+            [
+                Ok(ModelEvent::TextDelta(" in".into())),
+                Ok(ModelEvent::TextDelta(" small".into())),
+            ]
+        );
+        assert!(matches!(events[2], Ok(ModelEvent::Usage(u)) if u.output_tokens == 2));
+        assert_eq!(events.len(), 3);
     }
 
     #[tokio::test]

@@ -2,43 +2,76 @@
 //! nobody following, then stores how the run ended and appends its last events to the log.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::engine::{self, Failure, RunContext, Stop, millis};
+use super::engine::{self, Failure, Resumed, RunContext, Stop, millis};
 use super::events::{RunEvent, resume_path};
 use super::log::{LiveLog, RunWriter};
 use super::recorder::Recorder;
 use crate::metrics::RunOutcome;
-use crate::store::RunStatus;
+use crate::store::{RunStatus, StoreError};
 
-/// Drives one run to its end, appending its events to the log.
-pub(super) async fn drive(ctx: RunContext, mut out: RunWriter) -> RunOutcome {
-    let started = Instant::now();
+/// Drives one run to its end (or to where another process takes it over), appending its events to the log;
+/// `resumed` is where a continued run picks up.
+pub(super) async fn drive(ctx: RunContext, mut out: RunWriter, resumed: Resumed) -> RunOutcome {
     let _live = ctx.live.enter(ctx.run_id);
-    let (outcome, failure) = run(&ctx, &mut out, started).await;
+    let continued = resumed != Resumed::default();
+    let (outcome, failure, tokens) = run(&ctx, &mut out, resumed).await;
     ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
+    if continued {
+        ctx.metrics.continuation_finished(tokens);
+    }
     tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, outcome = outcome.as_str(),
-        elapsed_ms = started.elapsed().as_millis() as u64, "run ended");
+        elapsed_ms = ctx.started.elapsed().as_millis() as u64, "run ended");
     outcome
 }
 
 async fn run(
     ctx: &RunContext,
     out: &mut RunWriter,
-    started: Instant,
-) -> (RunOutcome, Option<Failure>) {
-    // `run_started` is already in the log: it was stored with the run.
+    resumed: Resumed,
+) -> (RunOutcome, Option<Failure>, u64) {
+    // `run_started` (and, for a continued run, everything before) is already in the log.
     let live = Arc::clone(out.live());
-    let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id);
+    let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id, ctx.epoch);
+    let deadline = if ctx.handoff {
+        Stop::Released
+    } else {
+        Stop::Interrupted
+    };
     let result = tokio::select! {
         biased;
-        _ = ctx.interrupt.cancelled() => Err(Stop::Interrupted),
+        _ = ctx.interrupt.cancelled() => Err(deadline),
+        _ = live.moved.cancelled() => Err(Stop::Fenced),
         _ = live.cancel.cancelled() => Err(Stop::Cancelled),
         _ = live.unlogged.cancelled() => Err(Stop::StoreFailed),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
-        result = engine::agent_loop(ctx, out, &mut recorder) => result,
+        result = engine::agent_loop(ctx, out, &mut recorder, resumed) => result,
     };
-    let (mut outcome, status, mut failure, reason) = match result {
+    let tokens = recorder.usage.output_tokens;
+    let (outcome, status, failure, reason) = match result {
+        Err(Stop::Released) => return (release(ctx, out).await, None, tokens),
+        Err(Stop::Fenced) => {
+            tracing::warn!(run_id = %ctx.run_id, "another process holds the run now; stopped producing it here");
+            return (RunOutcome::Fenced, None, tokens);
+        }
+        other => ended(ctx, other),
+    };
+    let (outcome, failure) =
+        finish(ctx, out, &mut recorder, outcome, status, failure, reason).await;
+    (outcome, failure, tokens)
+}
+
+/// How a run ended, before it is stored: outcome, status, failure and, for an interruption, its reason and text.
+type Ending = (
+    RunOutcome,
+    RunStatus,
+    Option<Failure>,
+    Option<(&'static str, &'static str)>,
+);
+
+fn ended(ctx: &RunContext, result: Result<(), Stop>) -> Ending {
+    match result {
         Ok(()) => (RunOutcome::Completed, RunStatus::Completed, None, None),
         Err(Stop::Failed(failure)) => {
             tracing::warn!(run_id = %ctx.run_id, code = failure.code.as_str(), error = %failure.message, "run failed");
@@ -68,7 +101,21 @@ async fn run(
             None,
             Some(("detached", "nobody followed the run for DETACH_GRACE")),
         ),
-    };
+        Err(Stop::Released | Stop::Fenced) => unreachable!("handled before"),
+    }
+}
+
+/// Stores how the run ended, then appends its last events; returns the outcome (a completed run whose end could not
+/// be stored has failed).
+async fn finish(
+    ctx: &RunContext,
+    out: &mut RunWriter,
+    recorder: &mut Recorder,
+    mut outcome: RunOutcome,
+    status: RunStatus,
+    mut failure: Option<Failure>,
+    reason: Option<(&'static str, &'static str)>,
+) -> (RunOutcome, Option<Failure>) {
     let error = match (&failure, reason) {
         (Some(failure), _) => Some(failure.message.clone()),
         (None, Some((_, why))) => Some(why.to_owned()),
@@ -76,6 +123,12 @@ async fn run(
     };
     let end = match recorder.finish(status, error).await {
         Ok(end) => Some(end),
+        Err(StoreError::Fenced(_)) => {
+            // Another process claimed the run meanwhile (this one had lost its lease): it writes the end.
+            ctx.metrics.fenced();
+            tracing::warn!(run_id = %ctx.run_id, "another process holds the run now; its end is not stored here");
+            return (RunOutcome::Fenced, None);
+        }
         Err(store_error) => {
             tracing::error!(run_id = %ctx.run_id, error = %store_error, "could not store how the run ended");
             if outcome == RunOutcome::Completed {
@@ -101,7 +154,7 @@ async fn run(
             })
             .await;
             RunEvent::RunCompleted {
-                elapsed_ms: millis(started.elapsed()),
+                elapsed_ms: millis(ctx.started.elapsed()),
             }
         }
         (None, None, None) => unreachable!("a completed run that could not be stored has failed"),
@@ -109,6 +162,31 @@ async fn run(
     out.emit(&last).await;
     out.emit(&RunEvent::Done).await;
     (outcome, failure)
+}
+
+/// Lets go of the run at the shutdown deadline in handoff mode: once what it produced is committed, it is released
+/// (its epoch raised, no owner) and announced, so a replica with a follower continues it from its next seq. A run
+/// nobody follows is marked `interrupted` by any replica once its lease has run out.
+async fn release(ctx: &RunContext, out: &RunWriter) -> RunOutcome {
+    out.flushed().await;
+    let outcome = match ctx.store.release(ctx.run_id, ctx.epoch).await {
+        Ok(true) => {
+            if let Err(error) = ctx.store.notify_released(ctx.run_id).await {
+                tracing::warn!(run_id = %ctx.run_id, %error,
+                    "could not announce the released run; a replica following it claims it at its next lease check");
+            }
+            tracing::info!(run_id = %ctx.run_id, "run released for another replica to continue");
+            RunOutcome::HandedOff
+        }
+        Ok(false) => RunOutcome::Fenced,
+        Err(error) => {
+            tracing::warn!(run_id = %ctx.run_id, %error,
+                "could not release the run; another replica takes it over once its lease runs out");
+            RunOutcome::HandedOff
+        }
+    };
+    out.moved();
+    outcome
 }
 
 /// Completes when nobody has followed the run for `DETACH_GRACE`: no follower here, and no other replica noted one.

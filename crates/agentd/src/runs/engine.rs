@@ -25,6 +25,13 @@ use crate::tools::{ToolContext, ToolRegistry, ToolResult};
 pub(super) struct RunContext {
     pub chat_id: Uuid,
     pub run_id: Uuid,
+    /// The fencing epoch this process holds the run under.
+    pub epoch: u64,
+    /// Whether the shutdown deadline releases the run for another replica (`SHUTDOWN_MODE=handoff`) rather than
+    /// interrupting it.
+    pub handoff: bool,
+    /// When the run started, wherever that was (a continued run started before this process took it over).
+    pub started: Instant,
     /// The model id as the client will see it in `run_started`.
     pub model_id: String,
     pub model: Arc<dyn Model>,
@@ -82,35 +89,87 @@ pub(super) enum Stop {
     Interrupted,
     /// The stop button.
     Cancelled,
+    /// The shutdown deadline in handoff mode: another replica continues the run.
+    Released,
+    /// Another process holds the run now.
+    Fenced,
     /// Nobody followed the run for `DETACH_GRACE`.
     Detached,
 }
 
-/// Asks the model, runs the tools it calls, gives their results back, until it answers without tools.
+/// Where a run picks up when it is continued after its producer was gone; empty for a new run.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Resumed {
+    /// Messages after the prompt: the model's answers and the tool results of the steps so far.
+    pub steps: Vec<Message>,
+    /// The answer's text so far, across steps.
+    pub output: String,
+    /// The answer so far of the step that was cut: continued, never repeated.
+    pub partial: String,
+    /// Tool calls of the last step that started and have no result (their step is the last of `steps`).
+    pub unfinished: Vec<ToolCall>,
+}
+
+/// What a tool call cut by the loss of its producer gives the model when the tool may not be run twice.
+const CUT_TOOL_CALL: &str = "the tool call was interrupted before its result arrived; it may or may not have taken \
+effect, and it was not run again";
+
+/// Asks the model, runs the tools it calls, gives their results back, until it answers without tools; a continued
+/// run first finishes what `resumed` left open.
 pub(super) async fn agent_loop(
     ctx: &RunContext,
     out: &mut RunWriter,
     recorder: &mut Recorder,
+    resumed: Resumed,
 ) -> Result<(), Stop> {
     let definitions = ctx.tools.definitions();
     let mut messages = ctx.history.clone();
     messages.push(Message::User {
         content: ctx.question.clone(),
     });
-    for _ in 0..ctx.max_steps {
-        let request = ModelRequest {
+    let steps_done = resumed
+        .steps
+        .iter()
+        .filter(|m| matches!(m, Message::Assistant { .. }))
+        .count();
+    messages.extend(resumed.steps.iter().cloned());
+    recorder.messages = resumed.steps;
+    recorder.output = resumed.output;
+    let mut partial = resumed.partial;
+    if !resumed.unfinished.is_empty() {
+        let results = run_tools(ctx, out, resumed.unfinished, Rerun::IfIdempotent).await;
+        messages.extend(results.iter().cloned());
+        recorder.messages.extend(results);
+    }
+    for _ in steps_done..ctx.max_steps {
+        // A step cut mid-answer is continued: the model gets its answer so far as its own turn.
+        let mut text = std::mem::take(&mut partial);
+        let mut request = ModelRequest {
             messages: messages.clone(),
             tools: definitions.clone(),
         };
+        if !text.is_empty() {
+            request.messages.push(Message::Assistant {
+                content: text.clone(),
+                tool_calls: Vec::new(),
+            });
+        }
+        let continued = !text.is_empty();
         let mut stream = ctx.model.stream(request);
-        let mut text = String::new();
         let mut calls = Vec::new();
         loop {
             let event = stream.next().await;
             let Some(event) = event else { break };
             match event.map_err(|e| Stop::Failed(e.into()))? {
                 ModelEvent::TextDelta(content) if content.is_empty() => {}
-                ModelEvent::TextDelta(content) => {
+                ModelEvent::TextDelta(mut content) => {
+                    if continued && text.ends_with(char::is_whitespace) {
+                        // A continuation may open with the space the cut answer already ends with.
+                        content = content.trim_start().to_owned();
+                        if content.is_empty() {
+                            continue;
+                        }
+                    }
                     let start = text.len();
                     text.push_str(&content);
                     out.emit(&RunEvent::ModelDelta { content }).await;
@@ -139,27 +198,9 @@ pub(super) async fn agent_loop(
             })
             .await;
         }
-        let mut running: FuturesUnordered<_> =
-            calls.into_iter().map(|call| call_tool(ctx, call)).collect();
-        while let Some((call, result, elapsed)) = running.next().await {
-            out.emit(&RunEvent::ToolFinished {
-                tool_name: call.name.clone(),
-                tool_label: tool_label(&call.name),
-                tool_call_id: call.id.clone(),
-                elapsed_ms: millis(elapsed),
-            })
-            .await;
-            let content = match result {
-                Ok(value) => value.to_string(),
-                Err(error) => serde_json::json!({ "error": error.to_string() }).to_string(),
-            };
-            let result = Message::ToolResult {
-                tool_call_id: call.id,
-                content,
-            };
-            messages.push(result.clone());
-            recorder.messages.push(result);
-        }
+        let results = run_tools(ctx, out, calls, Rerun::Always).await;
+        messages.extend(results.iter().cloned());
+        recorder.messages.extend(results);
     }
     Err(Stop::Failed(Failure {
         code: ErrorCode::MaxStepsReached,
@@ -168,6 +209,56 @@ pub(super) async fn agent_loop(
             ctx.max_steps
         ),
     }))
+}
+
+/// Whether a tool call is run: always for a new call; for one cut by the loss of the run's producer, only when the
+/// tool may be run twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rerun {
+    Always,
+    IfIdempotent,
+}
+
+/// Runs `calls` in parallel and emits each one's `tool_finished` (with its result, for the log) as it ends; returns
+/// the results as messages, in the order they finished.
+async fn run_tools(
+    ctx: &RunContext,
+    out: &mut RunWriter,
+    calls: Vec<ToolCall>,
+    rerun: Rerun,
+) -> Vec<Message> {
+    let mut results = Vec::with_capacity(calls.len());
+    let mut running: FuturesUnordered<_> = calls
+        .into_iter()
+        .map(|call| async move {
+            if rerun == Rerun::IfIdempotent && !ctx.tools.idempotent(&call.name) {
+                tracing::info!(run_id = %ctx.run_id, tool = %call.name,
+                    "a cut tool call is not idempotent; the model is told instead of running it again");
+                let cut = serde_json::json!({ "error": CUT_TOOL_CALL });
+                return (call, Ok(cut), Duration::ZERO);
+            }
+            call_tool(ctx, call).await
+        })
+        .collect();
+    while let Some((call, result, elapsed)) = running.next().await {
+        let content = match result {
+            Ok(value) => value.to_string(),
+            Err(error) => serde_json::json!({ "error": error.to_string() }).to_string(),
+        };
+        out.emit(&RunEvent::ToolFinished {
+            tool_name: call.name.clone(),
+            tool_label: tool_label(&call.name),
+            tool_call_id: call.id.clone(),
+            elapsed_ms: millis(elapsed),
+            result: Some(content.clone()),
+        })
+        .await;
+        results.push(Message::ToolResult {
+            tool_call_id: call.id,
+            content,
+        });
+    }
+    results
 }
 
 /// Runs one tool call; a tool that fails gives the model an error result, never fails the run.

@@ -33,6 +33,10 @@ pub enum RunEvent {
         tool_label: String,
         tool_call_id: String,
         elapsed_ms: u64,
+        /// What the tool gave the model, kept in the log for a continuation elsewhere; followers never send it to
+        /// clients (see `follow.rs`). Always the last field.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
     },
     FinalAnswer {
         output: String,
@@ -52,6 +56,13 @@ pub enum RunEvent {
         resume: String,
     },
     Done,
+    /// Not part of the run (never in its log, no id): this connection ends because its replica is draining in handoff
+    /// mode; the client re-attaches at `resume` with `Last-Event-ID: <last_event_id>` after `retry_ms`.
+    Reconnect {
+        resume: String,
+        last_event_id: String,
+        retry_ms: u64,
+    },
 }
 
 /// An event with its place in the run: the SSE id is `<run_id>:<seq>`, and `seq` starts at 1. Boxed, because the

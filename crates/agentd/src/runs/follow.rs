@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use uuid::Uuid;
 
-use super::log::Source;
+use super::log::{RunLog, Source};
 use crate::metrics::Metrics;
 use crate::store::SessionStore;
 
@@ -27,6 +27,8 @@ const DONE: &str = r#"{"type":"done"}"#;
 pub struct Follower {
     run_id: Uuid,
     source: Source,
+    /// Where to read on when the run leaves this process.
+    log: RunLog,
     store: SessionStore,
     /// The next seq to send.
     next: u64,
@@ -49,7 +51,7 @@ impl Follower {
     /// A follower of `run_id` that sends the events after `after` (0: from the start).
     pub fn new(
         run_id: Uuid,
-        source: Source,
+        log: RunLog,
         store: SessionStore,
         after: u64,
         metrics: Arc<Metrics>,
@@ -57,7 +59,8 @@ impl Follower {
         metrics.follower_attached();
         Self {
             run_id,
-            source,
+            source: log.source(run_id),
+            log,
             store,
             next: after + 1,
             pending: VecDeque::new(),
@@ -84,7 +87,7 @@ impl Follower {
                     self.ended = true;
                     self.pending.clear();
                 }
-                return Some((seq, json));
+                return Some((seq, for_clients(json)));
             }
             if self.ended {
                 return None;
@@ -96,8 +99,14 @@ impl Follower {
                         self.pending.extend(live.slice(self.next, upto));
                         continue;
                     }
-                    if committed.changed().await.is_err() {
-                        return None;
+                    tokio::select! {
+                        changed = committed.changed() => if changed.is_err() {
+                            return None;
+                        },
+                        // Another process produces the run now: read on from the store.
+                        () = live.moved.cancelled() => {
+                            self.source = self.log.stored_source(self.run_id);
+                        }
                     }
                 }
                 Source::Stored(run, wake) => {
@@ -126,11 +135,51 @@ impl Follower {
         }
     }
 
+    /// The seq of the last event sent (0 before the first).
+    pub fn last_sent(&self) -> u64 {
+        self.next - 1
+    }
+
     /// The events as a stream, for a response body.
     pub fn into_stream(self) -> impl Stream<Item = (u64, Arc<str>)> + Send {
         futures_util::stream::unfold(self, |mut follower| async move {
             let event = follower.next_event().await?;
             Some((event, follower))
         })
+    }
+}
+
+/// An event as clients see it: the log keeps each tool call's result on its `tool_finished` (so a run can be
+/// continued elsewhere), which is for the model, not for clients. The result is the event's last field, and a JSON
+/// string never holds `,"result":` unescaped, so cutting there leaves the event exactly as it is without it.
+fn for_clients(json: Arc<str>) -> Arc<str> {
+    if !json.starts_with(TOOL_FINISHED) {
+        return json;
+    }
+    match json.find(RESULT_FIELD) {
+        Some(at) => format!("{}}}", &json[..at]).into(),
+        None => json,
+    }
+}
+
+/// How the JSON of a `tool_finished` event starts, and where its stored result begins.
+const TOOL_FINISHED: &str = r#"{"type":"tool_finished""#;
+const RESULT_FIELD: &str = r#","result":"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_never_see_a_tool_result() {
+        let stored: Arc<str> =
+            r#"{"type":"tool_finished","tool_name":"t","elapsed_ms":3,"result":"{\"secret\":1}"}"#
+                .into();
+        assert_eq!(
+            &*for_clients(stored),
+            r#"{"type":"tool_finished","tool_name":"t","elapsed_ms":3}"#
+        );
+        let delta: Arc<str> = r#"{"type":"model_delta","content":"result"}"#.into();
+        assert!(Arc::ptr_eq(&for_clients(Arc::clone(&delta)), &delta));
     }
 }

@@ -9,8 +9,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::RunService;
+use super::engine::Resumed;
 use super::events::{RunEvent, resume_path};
-use super::log::RunLog;
+use super::takeover::read_log;
 use crate::store::{LogRow, SessionStore, StoreError};
 
 /// The runs this process is driving now, with when each started; their leases are the ones it keeps fresh.
@@ -83,36 +85,49 @@ impl Drop for LiveRun {
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// From now until `stop`, three times per lease: keeps the leases of this process's runs fresh, notes the runs
-/// followed here but produced elsewhere, and marks the runs of stopped processes `interrupted` (ending their logs
-/// with `run_interrupted` + `done`, so their followers end too). Once a minute, sweeps the events of runs that
-/// finished more than `retention` ago.
+/// From now until `stop`, three times per lease (and at once when a run followed here is released): keeps the
+/// leases of this process's runs fresh (a run whose lease another process took stops here), notes the runs followed
+/// here but produced elsewhere, takes over those whose producer is gone, and marks `interrupted` the runs of stopped
+/// processes that nobody follows (ending their logs with `run_interrupted` + `done`, so late followers end too).
+/// Once a minute, sweeps the events of runs that finished more than `retention` ago.
 pub async fn maintain(
-    store: SessionStore,
-    live: LiveRuns,
-    log: RunLog,
+    runs: RunService,
     lease: Duration,
     retention: Duration,
     stop: CancellationToken,
 ) {
+    let (store, live, log) = (runs.store(), runs.live(), runs.log());
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = log.claimable() => {}
             () = stop.cancelled() => return,
         }
-        if let Err(error) = store.heartbeat(&live.ids()).await {
-            tracing::warn!(%error, "could not refresh the leases of running runs");
+        let driving = live.ids();
+        match store.heartbeat(runs.instance_id(), &driving).await {
+            Ok(held) => {
+                let still = live.ids();
+                for run_id in driving {
+                    if !held.contains(&run_id) && still.contains(&run_id) {
+                        tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
+                        runs.metrics().fenced();
+                        log.moved(run_id);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not refresh the leases of running runs"),
         }
         if let Err(error) = store.touch_followed(&log.followed_remotely()).await {
             tracing::warn!(%error, "could not note the runs followed here");
         }
+        runs.take_over_followed().await;
         match store.interrupt_stale(lease).await {
-            Ok(runs) if !runs.is_empty() => {
-                for &run_id in &runs {
-                    match end_log(&store, run_id).await {
+            Ok(stopped) if !stopped.is_empty() => {
+                for &(run_id, epoch) in &stopped {
+                    match end_log(store, run_id, epoch).await {
                         // Followers here of the dead run read its end at once.
                         Ok(last) => log.committed_elsewhere(run_id, last),
                         Err(error) => {
@@ -120,7 +135,9 @@ pub async fn maintain(
                         }
                     }
                 }
-                tracing::warn!(count = runs.len(), runs = ?runs, "marked interrupted the runs of a stopped process");
+                let ids: Vec<Uuid> = stopped.iter().map(|(id, _)| *id).collect();
+                tracing::warn!(count = ids.len(), runs = ?ids,
+                    "marked interrupted the runs of a stopped process that nobody follows");
             }
             Ok(_) => {}
             Err(error) => {
@@ -139,26 +156,17 @@ pub async fn maintain(
 }
 
 /// Ends the log of a run whose process stopped: stores the answer so far, read back from its log, and appends
-/// `run_interrupted` (reason `stopped`) and `done` after its last event. Returns the seq of the new last event.
-async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<u64, StoreError> {
+/// `run_interrupted` (reason `stopped`) and `done` after its last event, under the `epoch` the stop raised it to.
+/// Returns the seq of the new last event.
+async fn end_log(store: &SessionStore, run_id: Uuid, epoch: u64) -> Result<u64, StoreError> {
     let Some(run) = store.get_run(run_id).await? else {
         return Ok(0);
     };
-    let mut answer = String::new();
-    let mut last = 0;
-    loop {
-        let page = store.events_after(run_id, last).await?;
-        let Some(&(page_last, _)) = page.last() else {
-            break;
-        };
-        for (_, json) in &page {
-            if let Ok(RunEventText::ModelDelta { content }) = serde_json::from_str(json) {
-                answer.push_str(&content);
-            }
-        }
-        last = page_last;
-    }
-    store.save_partial(run_id, &answer).await?;
+    let events = read_log(store, run_id).await?;
+    let last = events.last().map_or(0, |(seq, _)| *seq);
+    store
+        .save_partial(run_id, &Resumed::from_log(&events).output)
+        .await?;
     let interrupted = RunEvent::RunInterrupted {
         reason: "stopped",
         resume: resume_path(run.chat_id, run_id),
@@ -171,19 +179,13 @@ async fn end_log(store: &SessionStore, run_id: Uuid) -> Result<u64, StoreError> 
     store
         .append_events(&[LogRow {
             run_id,
+            epoch,
             seq: last + 1,
             last_seq: last + 2,
             events,
         }])
         .await?;
     Ok(last + 2)
-}
-
-/// The one event whose text matters when an answer is read back from a log.
-#[derive(serde::Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum RunEventText {
-    ModelDelta { content: String },
 }
 
 #[cfg(test)]

@@ -25,7 +25,10 @@ use uuid::Uuid;
 
 use super::events::RunEvent;
 use crate::metrics::Metrics;
-use crate::store::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, SessionStore};
+use crate::store::{
+    CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL, SessionStore,
+};
+use crate::tools::ToolContext;
 
 /// Events the writer may have queued before producers wait: room for every run to have a burst ready.
 const QUEUE: usize = 65_536;
@@ -38,6 +41,7 @@ const LISTEN_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Append {
     run_id: Uuid,
+    epoch: u64,
     seq: u64,
     json: Arc<str>,
     /// The run's `done`: after it commits, the run leaves the in-memory log.
@@ -55,6 +59,9 @@ pub struct LiveLog {
     pub cancel: CancellationToken,
     /// Cancelled when the run's events could not be stored: the run stops rather than go on unlogged.
     pub unlogged: CancellationToken,
+    /// Cancelled when the run left this process (released for another replica, or claimed by one because this
+    /// process lost its lease): the producer stops without a word, and followers here read on from the store.
+    pub moved: CancellationToken,
 }
 
 impl LiveLog {
@@ -100,6 +107,8 @@ struct Inner {
     /// tell them.
     remote: Mutex<HashMap<Uuid, Arc<RemoteRun>>>,
     metrics: Arc<Metrics>,
+    /// Woken when a run followed here may be claimable now (its producer released it).
+    claimable: tokio::sync::Notify,
 }
 
 /// A run produced elsewhere, as the notifications of its commits tell it: its last committed seq, and the events
@@ -108,6 +117,9 @@ struct Inner {
 pub struct RemoteRun {
     committed: watch::Sender<u64>,
     recent: Mutex<VecDeque<(u64, Arc<str>)>>,
+    /// Who last attached here to follow it: a continuation after a takeover acts for them (the bearer token is
+    /// never stored, so only a client that is here can lend it).
+    caller: Mutex<Option<ToolContext>>,
 }
 
 /// Events of a remote run kept from notifications, per run.
@@ -125,14 +137,19 @@ impl RemoteRun {
         Some(recent.iter().skip(skip).cloned().collect())
     }
 
-    /// Events `seq..` arrived in a notification; kept when they follow on from what is kept.
+    /// Events `seq..` arrived in a notification; kept when they follow on from what is kept (events already kept,
+    /// told twice, are skipped).
     fn carried(&self, seq: u64, events: &str) {
         let mut recent = self.recent.lock().expect("run log lock");
-        if recent.back().is_some_and(|(last, _)| last + 1 != seq) {
+        let next = recent.back().map(|(last, _)| last + 1);
+        if next.is_some_and(|next| seq > next) {
             recent.clear();
         }
         for (i, json) in events.split('\n').enumerate() {
-            recent.push_back((seq + i as u64, json.into()));
+            let at = seq + i as u64;
+            if next.is_none_or(|next| at >= next) {
+                recent.push_back((at, json.into()));
+            }
         }
         while recent.len() > REMOTE_RECENT {
             recent.pop_front();
@@ -159,19 +176,22 @@ impl RunLog {
                 live: Mutex::default(),
                 remote: Mutex::default(),
                 metrics,
+                claimable: tokio::sync::Notify::new(),
             }),
         };
         (log, WriterQueue(rx))
     }
 
-    /// Starts the in-memory log of a run produced here, and its writer; `first` is its first event, already
-    /// stored with the run itself.
-    pub fn produce(&self, run_id: Uuid, first: String) -> RunWriter {
+    /// Starts the in-memory log of a run produced here under `epoch`, and its writer; `events` are the run's events
+    /// so far, already stored (`run_started` for a new run; everything before a takeover).
+    pub fn produce(&self, run_id: Uuid, epoch: u64, events: Vec<Arc<str>>) -> RunWriter {
+        let seq = events.len() as u64;
         let live = Arc::new(LiveLog {
-            events: Mutex::new(vec![first.into()]),
-            committed: watch::Sender::new(1),
+            events: Mutex::new(events),
+            committed: watch::Sender::new(seq),
             cancel: CancellationToken::new(),
             unlogged: CancellationToken::new(),
+            moved: CancellationToken::new(),
         });
         self.inner
             .live
@@ -179,10 +199,26 @@ impl RunLog {
             .expect("run log lock")
             .insert(run_id, Arc::clone(&live));
         RunWriter {
+            log: self.clone(),
             run_id,
+            epoch,
             live,
             queue: self.inner.queue.clone(),
-            seq: 1,
+            seq,
+        }
+    }
+
+    /// The run left this process (released, or claimed elsewhere): its producer stops, its followers here read on
+    /// from the store, and new followers go there too.
+    pub fn moved(&self, run_id: Uuid) {
+        let live = self
+            .inner
+            .live
+            .lock()
+            .expect("run log lock")
+            .remove(&run_id);
+        if let Some(live) = live {
+            live.moved.cancel();
         }
     }
 
@@ -202,14 +238,45 @@ impl RunLog {
             let rx = live.committed.subscribe();
             return Source::Local(live, rx);
         }
+        self.stored_source(run_id)
+    }
+
+    /// Where to read the events of a run produced elsewhere: the notifications' events, else the store.
+    pub(super) fn stored_source(&self, run_id: Uuid) -> Source {
         let mut remote = self.inner.remote.lock().expect("run log lock");
         let run = remote.entry(run_id).or_insert_with(|| {
             Arc::new(RemoteRun {
                 committed: watch::Sender::new(0),
                 recent: Mutex::default(),
+                caller: Mutex::default(),
             })
         });
         Source::Stored(Arc::clone(run), run.committed.subscribe())
+    }
+
+    /// `caller` follows the run here: a takeover of it acts for them.
+    pub(super) fn followed_by(&self, run_id: Uuid, caller: ToolContext) {
+        if let Some(run) = self.inner.remote.lock().expect("run log lock").get(&run_id) {
+            *run.caller.lock().expect("run log lock") = Some(caller);
+        }
+    }
+
+    /// Runs produced elsewhere that are followed here, with who follows them: what this process may take over.
+    pub(super) fn followed_with_callers(&self) -> Vec<(Uuid, ToolContext)> {
+        let mut remote = self.inner.remote.lock().expect("run log lock");
+        remote.retain(|_, run| run.committed.receiver_count() > 0);
+        remote
+            .iter()
+            .filter_map(|(id, run)| {
+                let caller = run.caller.lock().expect("run log lock").clone()?;
+                Some((*id, caller))
+            })
+            .collect()
+    }
+
+    /// Completes when a run followed here may have become claimable (its producer released it).
+    pub(super) async fn claimable(&self) {
+        self.inner.claimable.notified().await;
     }
 
     /// Runs produced elsewhere that have a follower here, so their producers know someone still reads them.
@@ -256,6 +323,19 @@ impl RunLog {
         }
     }
 
+    /// A run was released by its producer: if it is followed here, look at once whether to take it over.
+    fn released(&self, run_id: Uuid) {
+        if self
+            .inner
+            .remote
+            .lock()
+            .expect("run log lock")
+            .contains_key(&run_id)
+        {
+            self.inner.claimable.notify_one();
+        }
+    }
+
     fn cancel_here(&self, run_id: Uuid) {
         if let Some(live) = self.live(run_id) {
             live.cancel.cancel();
@@ -266,7 +346,9 @@ impl RunLog {
 /// The producing end of one run's log: numbers its events and queues them for the writer.
 #[derive(Debug)]
 pub struct RunWriter {
+    log: RunLog,
     run_id: Uuid,
+    epoch: u64,
     live: Arc<LiveLog>,
     queue: mpsc::Sender<Append>,
     seq: u64,
@@ -286,6 +368,7 @@ impl RunWriter {
             .push(Arc::clone(&json));
         let append = Append {
             run_id: self.run_id,
+            epoch: self.epoch,
             seq: self.seq,
             json,
             last: matches!(event, RunEvent::Done),
@@ -296,6 +379,22 @@ impl RunWriter {
 
     pub fn live(&self) -> &Arc<LiveLog> {
         &self.live
+    }
+
+    /// The run left this process: see [`RunLog::moved`].
+    pub fn moved(&self) {
+        self.log.moved(self.run_id);
+    }
+
+    /// Waits until every event emitted so far is committed (or the run's events could not be stored).
+    pub async fn flushed(&self) {
+        let mut committed = self.live.committed.subscribe();
+        let seq = self.seq;
+        tokio::select! {
+            _ = committed.wait_for(|last| *last >= seq) => {}
+            () = self.live.unlogged.cancelled() => {}
+            () = self.live.moved.cancelled() => {}
+        }
     }
 }
 
@@ -341,6 +440,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
                 row_of.insert(append.run_id, rows.len());
                 rows.push(LogRow {
                     run_id: append.run_id,
+                    epoch: append.epoch,
                     seq: append.seq,
                     last_seq: append.seq,
                     events: append.json.to_string(),
@@ -354,26 +454,32 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     let started = Instant::now();
     let result = log.inner.store.append_events(&rows).await;
     let metrics = &log.inner.metrics;
+    // Runs whose rows were not stored: the ones that moved on (claimed elsewhere, or gone) and, when the commit
+    // failed, the ones the store would not take.
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
     match result {
-        Ok(()) => metrics.log_committed(batch.len(), rows.len(), started.elapsed()),
+        Ok(moved) => {
+            metrics.log_committed(batch.len(), rows.len(), started.elapsed());
+            refused = moved;
+        }
         Err(error) => {
-            // One run's rows can fail the whole batch (its chat was deleted mid-run): then commit run by run, so
-            // only the runs whose rows cannot be stored go unlogged. A store that cannot be reached fails them all.
-            let mut failed = Vec::new();
+            // One run's rows can fail the whole batch (a value the store refuses): then commit run by run, so only
+            // the runs whose rows cannot be stored go unlogged. A store that cannot be reached fails them all.
             if error.is_unavailable() {
                 failed.extend(rows.iter().map(|row| row.run_id));
             } else {
                 tracing::warn!(%error, events = batch.len(), runs = rows.len(),
                     "a group commit failed; committing its runs one by one");
                 for row in &rows {
-                    if log
+                    match log
                         .inner
                         .store
                         .append_events(std::slice::from_ref(row))
                         .await
-                        .is_err()
                     {
-                        failed.push(row.run_id);
+                        Ok(moved) => refused.extend(moved),
+                        Err(_) => failed.push(row.run_id),
                     }
                 }
             }
@@ -382,23 +488,55 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
                 tracing::error!(%error, runs = ?failed,
                     "could not commit run events; releasing them to their followers unlogged and stopping those runs");
             }
-            for run_id in failed {
-                if let Some(run) = log.live(run_id) {
-                    run.unlogged.cancel();
-                }
+        }
+    }
+    for &run_id in &refused {
+        fenced(log, run_id).await;
+    }
+    for &run_id in &failed {
+        if let Some(run) = log.live(run_id) {
+            run.unlogged.cancel();
+        }
+    }
+    {
+        let mut live = log.inner.live.lock().expect("run log lock");
+        for row in rows.iter().filter(|row| !refused.contains(&row.run_id)) {
+            if let Some(run) = live.get(&row.run_id) {
+                run.committed.send_replace(row.last_seq);
+            }
+        }
+        for run_id in finished {
+            live.remove(&run_id);
+        }
+    }
+    // A run taken over here may also have followers that attached while it was produced elsewhere.
+    let followed_here = !log.inner.remote.lock().expect("run log lock").is_empty();
+    if followed_here {
+        for row in rows
+            .iter()
+            .filter(|row| !refused.contains(&row.run_id) && !failed.contains(&row.run_id))
+        {
+            log.notified(row.run_id, row.seq, row.last_seq, Some(&row.events));
+        }
+    }
+    batch.clear();
+}
+
+/// A run's append was refused: if it still exists, another process holds it now, and this one stops producing it
+/// (its followers here read on from the store); if it is gone (its chat was deleted), it cannot be logged.
+async fn fenced(log: &RunLog, run_id: Uuid) {
+    match log.inner.store.get_run(run_id).await {
+        Ok(Some(_)) => {
+            log.inner.metrics.fenced();
+            tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
+            log.moved(run_id);
+        }
+        Ok(None) | Err(_) => {
+            if let Some(run) = log.live(run_id) {
+                run.unlogged.cancel();
             }
         }
     }
-    let mut live = log.inner.live.lock().expect("run log lock");
-    for row in &rows {
-        if let Some(run) = live.get(&row.run_id) {
-            run.committed.send_replace(row.last_seq);
-        }
-    }
-    for run_id in finished {
-        live.remove(&run_id);
-    }
-    batch.clear();
 }
 
 /// Follows the store's notifications (PostgreSQL): new events of runs followed here, and cancels of runs produced
@@ -410,7 +548,7 @@ pub async fn listen(log: RunLog, stop: CancellationToken) {
             match log
                 .inner
                 .store
-                .listen(&[EVENTS_CHANNEL, CANCEL_CHANNEL])
+                .listen(&[EVENTS_CHANNEL, CANCEL_CHANNEL, RELEASED_CHANNEL])
                 .await
             {
                 Ok(Some(connected)) => {
@@ -436,6 +574,11 @@ pub async fn listen(log: RunLog, stop: CancellationToken) {
         match received {
             // The connection dropped (the next call reconnects): notifications may have been missed.
             Ok(None) => log.catch_up_all(),
+            Ok(Some((channel, payload))) if channel == RELEASED_CHANNEL => {
+                if let Ok(run_id) = Uuid::parse_str(&payload) {
+                    log.released(run_id);
+                }
+            }
             Ok(Some((channel, payload))) if channel == CANCEL_CHANNEL => {
                 if let Ok(run_id) = Uuid::parse_str(&payload) {
                     log.cancel_here(run_id);
@@ -479,6 +622,7 @@ mod tests {
         let run = RemoteRun {
             committed: watch::Sender::new(0),
             recent: Mutex::default(),
+            caller: Mutex::default(),
         };
         run.carried(1, "{\"a\":1}\n{\"a\":2}");
         run.carried(3, "{\"a\":3}");

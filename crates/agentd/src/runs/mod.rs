@@ -20,6 +20,7 @@ pub mod history;
 pub mod lease;
 pub mod log;
 mod recorder;
+mod takeover;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::metrics::Metrics;
-use crate::model::{ModelPolicy, ModelSpec, Providers};
+use crate::model::{Message, ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
 use crate::store::{
     Chat, ChatOwner, NewRun, Run, RunStatus, SessionStore, StoreError, StoredMessage,
@@ -37,7 +38,7 @@ use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
 use drive::drive;
 pub use engine::Failure;
-use engine::RunContext;
+use engine::{Resumed, RunContext};
 use events::RunEvent;
 use follow::Follower;
 pub use lease::LiveRuns;
@@ -61,6 +62,8 @@ pub struct RunServiceParts {
     pub detach_grace: Duration,
     /// `RUN_LEASE`: how fresh another replica's note that it follows a run must be.
     pub lease: Duration,
+    /// `SHUTDOWN_MODE=handoff`: at the drain deadline runs are released for another replica, not interrupted.
+    pub handoff: bool,
 }
 
 /// Starts runs and keeps track of the ones this process drives; cheap to clone.
@@ -132,6 +135,7 @@ impl From<StoreError> for RunError {
 /// A run as one follower sees it: its events from some seq on, and the admission it holds.
 #[derive(Debug)]
 pub struct RunHandle {
+    pub chat_id: Uuid,
     pub follower: Follower,
     /// Keeps the stream counted for the drain until the follower is dropped.
     pub guard: StreamGuard,
@@ -181,6 +185,19 @@ impl RunService {
 
     pub fn log(&self) -> &RunLog {
         &self.inner.parts.log
+    }
+
+    pub fn store(&self) -> &SessionStore {
+        &self.inner.parts.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.parts.metrics
+    }
+
+    /// This process, as the owner of the runs it drives.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.parts.instance_id
     }
 
     /// Starts a run of `request` in `chat_id` for `caller`, and follows it from its first event. Everything that can
@@ -251,26 +268,55 @@ impl RunService {
             .await?;
         parts.metrics.stream_admitted();
 
-        let tool_context = match &caller {
-            Identity::Token(caller) => ToolContext {
-                bearer: Some(caller.token.clone()),
-                org_id: caller.org_id.clone(),
-            },
-            Identity::Dev => ToolContext {
-                bearer: None,
-                org_id: dev_owner().org_id,
-            },
-        };
-        let writer = parts.log.produce(run_id, run_started);
+        let writer = parts.log.produce(run_id, 1, vec![run_started.into()]);
         // The first follower exists before the run does, so a run never starts unfollowed.
         let follower = self.follower(run_id, 0);
-        let ctx = RunContext {
+        let ctx = self.context(
             chat_id,
             run_id,
-            model_id,
+            1,
+            &model,
+            history,
+            request.question,
+            tool_context(&caller),
+            std::time::Instant::now(),
+        );
+        tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
+        self.inner
+            .component
+            .tasks
+            .spawn(drive(ctx, writer, Resumed::default()));
+        Ok(RunHandle {
+            chat_id,
+            follower,
+            guard,
+        })
+    }
+
+    /// What run `run_id` of `chat_id` needs to be driven here under `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    fn context(
+        &self,
+        chat_id: Uuid,
+        run_id: Uuid,
+        epoch: u64,
+        model: &ModelSpec,
+        history: Vec<Message>,
+        question: String,
+        tool_context: ToolContext,
+        started: std::time::Instant,
+    ) -> RunContext {
+        let parts = &self.inner.parts;
+        RunContext {
+            chat_id,
+            run_id,
+            epoch,
+            handoff: parts.handoff,
+            started,
+            model_id: model.to_string(),
             model: model.build(&parts.providers),
             history,
-            question: request.question,
+            question,
             interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
             store: parts.store.clone(),
@@ -280,10 +326,7 @@ impl RunService {
             max_steps: parts.max_steps,
             detach_grace: parts.detach_grace,
             lease: parts.lease,
-        };
-        tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
-        self.inner.component.tasks.spawn(drive(ctx, writer));
-        Ok(RunHandle { follower, guard })
+        }
     }
 
     /// Follows run `run_id` of `chat_id` for `caller`: its events after `resume`, then the live run to its `done`.
@@ -310,11 +353,21 @@ impl RunService {
         let guard = parts.tracker.try_admit().map_err(|r| self.rejected(r))?;
         parts.metrics.replay_served();
         let follower = self.follower(run_id, resume.after);
-        if !follower.is_local() {
-            // Tell the producer, wherever it is, that this run is followed.
+        if !follower.is_local() && run.status == RunStatus::Running {
+            // Tell the producer, wherever it is, that this run is followed; should it be gone, this process may
+            // continue the run, acting for this caller.
+            parts.log.followed_by(run_id, tool_context(caller));
             parts.store.touch_followed(&[run_id]).await?;
+            if run.owner_instance.is_empty() {
+                // Released by a replica that drained: continue it now rather than at the next lease check.
+                self.take_over_followed().await;
+            }
         }
-        Ok(RunHandle { follower, guard })
+        Ok(RunHandle {
+            chat_id,
+            follower,
+            guard,
+        })
     }
 
     /// Stops run `run_id` of `chat_id` on purpose, from any replica.
@@ -377,7 +430,7 @@ impl RunService {
         let parts = &self.inner.parts;
         Follower::new(
             run_id,
-            parts.log.source(run_id),
+            parts.log.clone(),
             parts.store.clone(),
             after,
             Arc::clone(&parts.metrics),
@@ -387,6 +440,20 @@ impl RunService {
     fn rejected(&self, rejection: Rejection) -> RunError {
         self.inner.parts.metrics.stream_rejected(rejection);
         RunError::Rejected(rejection)
+    }
+}
+
+/// Who a run acts for, as its tools see it.
+fn tool_context(caller: &Identity) -> ToolContext {
+    match caller {
+        Identity::Token(caller) => ToolContext {
+            bearer: Some(caller.token.clone()),
+            org_id: caller.org_id.clone(),
+        },
+        Identity::Dev => ToolContext {
+            bearer: None,
+            org_id: dev_owner().org_id,
+        },
     }
 }
 

@@ -16,6 +16,8 @@ use crate::store::{RunEnd, RunStatus, SessionStore, StoreError};
 pub(super) struct Recorder {
     store: SessionStore,
     run_id: Uuid,
+    /// The epoch the run is held under: the end is stored only if it still is.
+    epoch: u64,
     /// The answer text so far, across steps.
     pub output: String,
     pub usage: Usage,
@@ -24,10 +26,11 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(store: SessionStore, run_id: Uuid) -> Self {
+    pub fn new(store: SessionStore, run_id: Uuid, epoch: u64) -> Self {
         Self {
             store,
             run_id,
+            epoch,
             output: String::new(),
             usage: Usage::default(),
             messages: Vec::new(),
@@ -51,7 +54,7 @@ impl Recorder {
                 Vec::new()
             },
         };
-        self.store.finish_run(self.run_id, &end).await?;
+        self.store.finish_run(self.run_id, self.epoch, &end).await?;
         Ok(end)
     }
 }

@@ -30,7 +30,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic_health::server::HealthReporter;
 
-use crate::config::ShutdownBudget;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ShutdownBudget, ShutdownMode};
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::runs::LiveRuns;
@@ -55,6 +57,9 @@ pub enum Phase {
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     phase: AtomicU8,
+    /// Cancelled when a handoff drain begins: every open stream sends `reconnect` and ends, and idle connections
+    /// close.
+    pub handoff: CancellationToken,
 }
 
 impl Lifecycle {
@@ -140,10 +145,29 @@ impl Shutdown {
             }
         }
 
-        // 2. Stop admitting; let the open streams finish.
+        // 2. Stop admitting; let the open streams finish (drain), or hand them over and let the runs produce on
+        // (handoff).
         tracker.begin_shutdown();
         lifecycle.enter(Phase::Draining);
-        if !hurry {
+        if budget.mode == ShutdownMode::Handoff {
+            lifecycle.handoff.cancel();
+            tracing::info!(
+                open_streams = tracker.open(),
+                runs = live_runs.len(),
+                "handing off: open streams are told to reconnect elsewhere"
+            );
+        }
+        if !hurry && budget.mode == ShutdownMode::Handoff {
+            let started = Instant::now();
+            tokio::select! {
+                () = produce_on(&tracker, &live_runs, started + budget.drain) => {}
+                Some(again) = signals.recv() => {
+                    tracing::warn!(signal = %again, runs = live_runs.len(),
+                        "second signal during the handoff drain; releasing the runs still producing");
+                }
+            }
+            metrics.drain_finished(started.elapsed());
+        } else if !hurry {
             let started = Instant::now();
             tracing::info!(
                 open_streams = tracker.open(),
@@ -197,6 +221,47 @@ pub enum Outcome {
     Forced,
 }
 
+/// Handoff: waits until no run is producing here or `deadline`, saying every 5 s how many runs are still producing and
+/// how many followers this replica still has.
+async fn produce_on(tracker: &StreamTracker, live_runs: &LiveRuns, deadline: Instant) {
+    let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let mut check = tokio::time::interval(RUNS_CHECK_EVERY);
+    loop {
+        if live_runs.is_empty() {
+            tracing::info!("handed off: no run is producing here");
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::info!(
+                runs = live_runs.len(),
+                followers = tracker.open(),
+                "drain timeout reached; releasing the runs still producing for another replica to continue"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = check.tick() => {}
+            _ = progress.tick() => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tracing::info!(runs = live_runs.len(), followers = tracker.open(), oldest_runs = ?named(live_runs),
+                    left_s = left.as_secs(), "handing off: runs still producing");
+            }
+        }
+    }
+}
+
+/// How often a handoff drain looks whether runs are still producing.
+const RUNS_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// The oldest runs, with their age, as a progress line names them.
+fn named(live_runs: &LiveRuns) -> Vec<String> {
+    live_runs
+        .oldest(NAMED_RUNS)
+        .into_iter()
+        .map(|(run, age)| format!("{run} ({}s)", age.as_secs()))
+        .collect()
+}
+
 /// Waits for the open streams to end or `deadline`, saying every 5 s how many are open and which runs are oldest.
 async fn drain(tracker: &StreamTracker, live_runs: &LiveRuns, deadline: Instant) -> DrainOutcome {
     let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
@@ -207,12 +272,7 @@ async fn drain(tracker: &StreamTracker, live_runs: &LiveRuns, deadline: Instant)
             outcome = &mut drained => return outcome,
             _ = progress.tick() => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let oldest: Vec<String> = live_runs
-                    .oldest(NAMED_RUNS)
-                    .into_iter()
-                    .map(|(run, age)| format!("{run} ({}s)", age.as_secs()))
-                    .collect();
-                tracing::info!(open_streams = tracker.open(), runs = live_runs.len(), oldest_runs = ?oldest,
+                tracing::info!(open_streams = tracker.open(), runs = live_runs.len(), oldest_runs = ?named(live_runs),
                     left_s = left.as_secs(), "draining: streams still open");
             }
         }

@@ -106,15 +106,17 @@ impl Db {
 /// | `{ms1}`, `{ms2}` | the milliseconds bound as `$1` / `$2` | an interval of that many milliseconds |
 /// | `{id_in_list}` | `id IN` the JSON array bound | `id = ANY` the array bound |
 /// | `{order}` | `rowid` (insertion order) | `id` |
+/// | `{for_update}` | nothing (one writer at a time) | `FOR UPDATE` |
 fn sql(conn: &Conn, template: &str) -> String {
     let sqlite = matches!(conn, Conn::Sqlite(_) | Conn::SqliteTx(_));
-    let fragments: [(&str, &str); 5] = if sqlite {
+    let fragments: [(&str, &str); 6] = if sqlite {
         [
             ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
             ("{ms1}", "$1"),
             ("{ms2}", "$2"),
             ("{id_in_list}", "id IN (SELECT value FROM json_each($1))"),
             ("{order}", "rowid"),
+            ("{for_update}", ""),
         ]
     } else {
         [
@@ -129,6 +131,7 @@ fn sql(conn: &Conn, template: &str) -> String {
             ),
             ("{id_in_list}", "id = ANY($1)"),
             ("{order}", "id"),
+            ("{for_update}", "FOR UPDATE"),
         ]
     };
     // Most queries hold one token or none: replace only what is there, rather than copy the text once per token.

@@ -22,6 +22,8 @@ pub const RECORD_SEPARATOR: char = '\u{1e}';
 const CARRIED_BYTES: usize = 3_000;
 /// The channel a cancel is sent on: the run id.
 pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
+/// The channel a released run is announced on (its producer drained in handoff mode): the run id.
+pub const RELEASED_CHANNEL: &str = "agentd_run_released";
 
 /// Largest notification payload (PostgreSQL refuses 8,000 bytes and more).
 const NOTIFY_BYTES: usize = 7_000;
@@ -32,6 +34,8 @@ const REPLAY_PAGE: i64 = 1_000;
 #[derive(Debug, Clone)]
 pub struct LogRow {
     pub run_id: Uuid,
+    /// The epoch the producer holds the run under; the row is refused when the run's epoch moved on.
+    pub epoch: u64,
     pub seq: u64,
     pub last_seq: u64,
     /// The events' JSON, one per line.
@@ -39,34 +43,44 @@ pub struct LogRow {
 }
 
 impl SessionStore {
-    /// Appends `rows` in one transaction (and, with PostgreSQL, notifies the replicas when it commits).
-    pub async fn append_events(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+    /// Appends `rows` in one transaction (and, with PostgreSQL, notifies the replicas when it commits). A row whose
+    /// run is no longer held under its epoch (claimed by another process, or gone) is not stored: returns those runs.
+    pub async fn append_events(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut tx = self.db.begin().await?;
-        if self.db.is_postgres() {
+        let inserted = if self.db.is_postgres() {
             // One statement of four arrays, prepared once, whatever the batch's size.
             let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
             let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
             let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
             let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
-            tx.execute(
-                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
-                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[])",
+            let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
+            // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
+            // commit and then raises the epoch: nothing under the old one can land after it.
+            tx.fetch_all(
+                "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
+                 $5::bigint[]) AS b (run_id, seq, last_seq, events, epoch)), \
+                 held AS (SELECT r.id FROM agent_chat_runs r JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch \
+                 FOR KEY SHARE OF r) \
+                 INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+                 SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
+                 RETURNING run_id",
                 &[
                     Arg::Ids(&run_ids),
                     Arg::Ints(&seqs),
                     Arg::Ints(&last_seqs),
                     Arg::Texts(&events),
+                    Arg::Ints(&epochs),
                 ],
             )
-            .await?;
+            .await?
         } else {
             // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite
             // unpacks itself (binding thousands of values, in a statement whose text changes with every batch
             // size, costs more than the insert).
-            let rows: Vec<(String, u64, u64, &str)> = rows
+            let batch: Vec<(String, u64, u64, &str, u64)> = rows
                 .iter()
                 .map(|row| {
                     (
@@ -74,22 +88,34 @@ impl SessionStore {
                         row.seq,
                         row.last_seq,
                         row.events.as_str(),
+                        row.epoch,
                     )
                 })
                 .collect();
-            let rows = serde_json::to_string(&rows)
+            let batch = serde_json::to_string(&batch)
                 .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
-            tx.execute(
+            tx.fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
-                &[Arg::Text(&rows)],
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) \
+                 WHERE EXISTS (SELECT 1 FROM agent_chat_runs r WHERE r.id = value ->> 0 AND r.epoch = value ->> 4) \
+                 RETURNING run_id",
+                &[Arg::Text(&batch)],
             )
-            .await?;
+            .await?
+        };
+        let mut stored = std::collections::HashSet::with_capacity(inserted.len());
+        for row in &inserted {
+            stored.insert(row.uuid("run_id")?);
         }
-        if self.db.is_postgres() {
+        let refused: Vec<Uuid> = rows
+            .iter()
+            .map(|row| row.run_id)
+            .filter(|run_id| !stored.contains(run_id))
+            .collect();
+        if self.db.is_postgres() && !stored.is_empty() {
             let mut payloads = Vec::new();
             let mut payload = String::new();
-            for row in rows {
+            for row in rows.iter().filter(|row| stored.contains(&row.run_id)) {
                 let mut record = format!("{} {} {}", row.run_id, row.seq, row.last_seq);
                 if row.events.len() <= CARRIED_BYTES {
                     record.push('\n');
@@ -103,7 +129,9 @@ impl SessionStore {
                 }
                 payload.push_str(&record);
             }
-            payloads.push(payload);
+            if !payload.is_empty() {
+                payloads.push(payload);
+            }
             // Every notification of the batch in one statement; they are delivered when the transaction commits.
             let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
             tx.execute(
@@ -112,7 +140,8 @@ impl SessionStore {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(refused)
     }
 
     /// Up to 1,000 rows (a page) of the run's events after `after`: `(seq, json)` in order.
@@ -175,6 +204,15 @@ impl SessionStore {
                 &[Arg::Int(ms)],
             )
             .await
+    }
+
+    /// Tells the replicas that the run was released, so one that follows it takes it over at once (PostgreSQL).
+    pub async fn notify_released(&self, run_id: Uuid) -> Result<(), StoreError> {
+        if self.db.is_postgres() {
+            let mut conn = self.db.write().await?;
+            notify(&mut conn, RELEASED_CHANNEL, &run_id.to_string()).await?;
+        }
+        Ok(())
     }
 
     /// Asks the replica producing the run to cancel it (PostgreSQL; one process has nobody else to ask).

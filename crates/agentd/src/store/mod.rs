@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::model::{Message, Usage};
 use db::Db;
-pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR};
+pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL};
 pub use listen::Listener;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
@@ -94,6 +94,9 @@ pub enum StoreError {
     ChatNotFound(Uuid),
     #[error("run {0} not found")]
     RunNotFound(Uuid),
+    /// The run's lease moved on (another process claimed it, or it ended): a stale producer writes nothing.
+    #[error("run {0} is no longer held by this process")]
+    Fenced(Uuid),
     /// The chat already has a run going (this one).
     #[error("chat has run {0} going")]
     ChatBusy(Uuid),
@@ -213,8 +216,11 @@ pub struct Run {
     pub usage: Usage,
     /// The answer as far as it was saved; the whole answer once the run ended.
     pub output: String,
-    /// The process that runs (or ran) it.
+    /// The process that runs (or ran) it; empty while it is released for another replica to take over.
     pub owner_instance: String,
+    /// The fencing epoch of its lease: raised by every claim, release and stop by another process; writes under an
+    /// older one are refused.
+    pub epoch: u64,
     pub created_at: OffsetDateTime,
     pub finished_at: Option<OffsetDateTime>,
 }

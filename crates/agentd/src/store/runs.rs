@@ -24,9 +24,18 @@ fn run_from(row: &Row) -> Result<Run, StoreError> {
         ),
         output: row.get("partial_output")?,
         owner_instance: row.get("owner_instance")?,
+        epoch: u64::try_from(row.get::<i64>("epoch")?).unwrap_or(0),
         created_at: row.time("created_at")?,
         finished_at: row.opt_time("finished_at")?,
     })
+}
+
+/// A run's id and epoch, as a claim or a stop returns them.
+fn id_and_epoch(row: &Row) -> Result<(Uuid, u64), StoreError> {
+    Ok((
+        row.uuid("id")?,
+        u64::try_from(row.get::<i64>("epoch")?).unwrap_or(0),
+    ))
 }
 
 impl SessionStore {
@@ -91,8 +100,14 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Records how the run ended, its messages, and adds its usage to the chat's totals, in one transaction.
-    pub async fn finish_run(&self, run_id: Uuid, end: &RunEnd) -> Result<(), StoreError> {
+    /// Records how the run ended, its messages, and adds its usage to the chat's totals, in one transaction; refused
+    /// ([`StoreError::Fenced`]) unless the run is still running under `epoch`.
+    pub async fn finish_run(
+        &self,
+        run_id: Uuid,
+        epoch: u64,
+        end: &RunEnd,
+    ) -> Result<(), StoreError> {
         let (input, output, total) = (
             to_i64(end.usage.input_tokens),
             to_i64(end.usage.output_tokens),
@@ -102,7 +117,8 @@ impl SessionStore {
         let row = tx
             .fetch_optional(
                 "UPDATE agent_chat_runs SET status = $1, error = $2, partial_output = $3, input_tokens = $4, \
-                 output_tokens = $5, total_tokens = $6, finished_at = {now} WHERE id = $7 RETURNING chat_id",
+                 output_tokens = $5, total_tokens = $6, finished_at = {now} \
+                 WHERE id = $7 AND epoch = $8 AND status = 'running' RETURNING chat_id",
                 &[
                     Arg::Text(end.status.as_str()),
                     Arg::OptText(end.error.as_deref()),
@@ -111,12 +127,11 @@ impl SessionStore {
                     Arg::Int(output),
                     Arg::Int(total),
                     Arg::Id(run_id),
+                    Arg::Int(to_i64(epoch)),
                 ],
             )
             .await?;
-        let chat_id = row
-            .ok_or(StoreError::RunNotFound(run_id))?
-            .uuid("chat_id")?;
+        let chat_id = row.ok_or(StoreError::Fenced(run_id))?.uuid("chat_id")?;
         tx.execute(
             "UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $1, \
              total_output_tokens = total_output_tokens + $2, total_tokens = total_tokens + $3 WHERE id = $4",
@@ -134,42 +149,93 @@ impl SessionStore {
             .await?
             .fetch_optional(
                 "SELECT id, chat_id, model, status, error, input_tokens, output_tokens, total_tokens, \
-                 partial_output, owner_instance, created_at, finished_at FROM agent_chat_runs WHERE id = $1",
+                 partial_output, owner_instance, epoch, created_at, finished_at FROM agent_chat_runs WHERE id = $1",
                 &[Arg::Id(id)],
             )
             .await?;
         row.as_ref().map(run_from).transpose()
     }
 
-    /// Refreshes the heartbeat of these runs (the ones this process is driving); returns how many were running.
-    pub async fn heartbeat(&self, runs: &[Uuid]) -> Result<u64, StoreError> {
+    /// Refreshes the heartbeat of these runs (the ones `owner` is driving); returns the ones it still holds: a run
+    /// missing from the answer was claimed by another process or ended, and its producer here must stop.
+    pub async fn heartbeat(&self, owner: &str, runs: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         if runs.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        self.db
+        let rows = self
+            .db
+            .write()
+            .await?
+            .fetch_all(
+                "UPDATE agent_chat_runs SET heartbeat_at = {now} \
+                 WHERE status = 'running' AND {id_in_list} AND owner_instance = $2 RETURNING id",
+                &[Arg::Ids(runs), Arg::Text(owner)],
+            )
+            .await?;
+        rows.iter().map(|row| row.uuid("id")).collect()
+    }
+
+    /// Claims for `owner` those of `runs` that are running and whose producer is gone (released, or its heartbeat
+    /// older than `lease`): raises each one's epoch, so its old producer can write nothing more. Exactly one claimer
+    /// wins a run; returns the runs won, with their new epoch.
+    pub async fn claim(
+        &self,
+        runs: &[Uuid],
+        lease: Duration,
+        owner: &str,
+    ) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        // The row lock waits for any append in flight under the old epoch, which the raised epoch then refuses.
+        let rows = self
+            .db
+            .write()
+            .await?
+            .fetch_all(
+                "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
+                 WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = 'running' AND {id_in_list} \
+                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) {for_update}) RETURNING id, epoch",
+                &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner)],
+            )
+            .await?;
+        rows.iter().map(id_and_epoch).collect()
+    }
+
+    /// Lets go of a run held under `epoch` (its process is draining in handoff mode): it has no owner until a replica
+    /// with a follower claims it, and its epoch is raised. Returns whether the run was still held.
+    pub async fn release(&self, run_id: Uuid, epoch: u64) -> Result<bool, StoreError> {
+        let released = self
+            .db
             .write()
             .await?
             .execute(
-                "UPDATE agent_chat_runs SET heartbeat_at = {now} WHERE status = 'running' AND {id_in_list}",
-                &[Arg::Ids(runs)],
+                "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
+                 WHERE id = $1 AND epoch = $2 AND status = 'running'",
+                &[Arg::Id(run_id), Arg::Int(to_i64(epoch))],
             )
-            .await
+            .await?;
+        Ok(released == 1)
     }
 
-    /// Marks `interrupted` every running run whose heartbeat is older than `lease`, keeping its partial answer.
-    pub async fn interrupt_stale(&self, lease: Duration) -> Result<Vec<Uuid>, StoreError> {
+    /// Marks `interrupted` every running run whose producer is gone (heartbeat older than `lease`, or released that
+    /// long ago) and that no replica has followed within `lease`, keeping its partial answer; raises its epoch.
+    /// Returns the runs, with their new epoch.
+    pub async fn interrupt_stale(&self, lease: Duration) -> Result<Vec<(Uuid, u64)>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let rows = self
             .db
             .write()
             .await?
             .fetch_all(
-                "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now} \
-                 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} RETURNING id",
+                "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now}, \
+                 epoch = epoch + 1 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
+                 AND (followed_at IS NULL OR followed_at < {now} - {ms2}) RETURNING id, epoch",
                 &[Arg::Text(STALE_RUN_ERROR), Arg::Int(lease_ms)],
             )
             .await?;
-        rows.iter().map(|row| row.uuid("id")).collect()
+        rows.iter().map(id_and_epoch).collect()
     }
 
     /// The chat's run still going, if any.

@@ -63,6 +63,10 @@ struct HttpToolSpec {
     body: Vec<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Whether a call may be made twice with the same effect, so a call cut by the loss of its run's producer is
+    /// made again after a takeover; `GET`, `HEAD` and `OPTIONS` tools are by default, others are not.
+    #[serde(default)]
+    idempotent: Option<bool>,
 }
 
 fn empty_object_schema() -> Value {
@@ -142,6 +146,13 @@ impl Tool for HttpTool {
             description: self.spec.description.clone(),
             parameters: self.spec.parameters.clone(),
         }
+    }
+
+    fn idempotent(&self) -> bool {
+        self.spec.idempotent.unwrap_or(matches!(
+            self.method,
+            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
+        ))
     }
 
     fn call<'a>(

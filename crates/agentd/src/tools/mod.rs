@@ -69,6 +69,10 @@ pub struct ToolContext {
 
 pub trait Tool: Send + Sync + std::fmt::Debug {
     fn definition(&self) -> ToolDefinition;
+    /// Whether calling it twice has the effect of calling it once (a call cut by a takeover is made again).
+    fn idempotent(&self) -> bool {
+        true
+    }
     fn call<'a>(
         &'a self,
         args: Value,
@@ -156,6 +160,12 @@ impl ToolRegistry {
             .iter()
             .map(|entry| entry.definition.clone())
             .collect()
+    }
+
+    /// Whether the named tool may be called again after a cut call; an unknown tool may not.
+    pub fn idempotent(&self, name: &str) -> bool {
+        self.entry(name)
+            .is_some_and(|entry| entry.tool.idempotent())
     }
 
     /// Runs the named tool; an unknown name or bad args are an error result.

@@ -18,6 +18,8 @@ on_both_backends!(
     ensure_chat_creates_once,
     stale_runs_are_interrupted_and_live_ones_are_not,
     concurrent_starts_on_one_chat_admit_exactly_one,
+    a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
+    a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once,
 );
 
 fn owner(org: &str, user: &str, canvas: &str) -> ChatOwner {
@@ -141,6 +143,7 @@ async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
     store
         .finish_run(
             run.id,
+            1,
             &end(RunStatus::Completed, "It is now.", usage, answer.clone()),
         )
         .await
@@ -190,7 +193,7 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
             vec![]
         };
         store
-            .finish_run(run.id, &end(status, "partial answer", usage, messages))
+            .finish_run(run.id, 1, &end(status, "partial answer", usage, messages))
             .await
             .unwrap();
         ids.push((run.id, status));
@@ -221,10 +224,11 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
         store
             .finish_run(
                 Uuid::new_v4(),
+                1,
                 &end(RunStatus::Failed, "", Usage::default(), vec![])
             )
             .await,
-        Err(StoreError::RunNotFound(_))
+        Err(StoreError::Fenced(_))
     ));
     store.close().await;
 }
@@ -237,6 +241,7 @@ async fn deleting_a_chat_deletes_its_messages_and_runs(db: TestDb) {
     store
         .finish_run(
             run.id,
+            1,
             &end(
                 RunStatus::Completed,
                 "a",
@@ -301,15 +306,19 @@ async fn stale_runs_are_interrupted_and_live_ones_are_not(db: TestDb) {
     // A minute passes; only the live run's process refreshes its lease.
     db.age_heartbeats(60).await;
     assert_eq!(
-        store.heartbeat(&[live.id, Uuid::new_v4()]).await.unwrap(),
-        1
+        store
+            .heartbeat("instance-a", &[live.id, Uuid::new_v4()])
+            .await
+            .unwrap(),
+        [live.id]
     );
     assert_eq!(
         store
             .interrupt_stale(Duration::from_secs(30))
             .await
             .unwrap(),
-        [dead.id]
+        [(dead.id, 2)],
+        "the stop raises the epoch"
     );
 
     let dead = store.get_run(dead.id).await.unwrap().unwrap();
@@ -327,7 +336,7 @@ async fn stale_runs_are_interrupted_and_live_ones_are_not(db: TestDb) {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store.heartbeat(&[]).await.unwrap(), 0);
+    assert!(store.heartbeat("instance-a", &[]).await.unwrap().is_empty());
     store.close().await;
 }
 
@@ -360,6 +369,7 @@ async fn concurrent_starts_on_one_chat_admit_exactly_one(db: TestDb) {
     store
         .finish_run(
             started[0],
+            1,
             &end(
                 RunStatus::Completed,
                 "a",
@@ -390,6 +400,7 @@ async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: Tes
     store.start_run(&going).await.unwrap();
     let row = |run: Uuid, seq: u64, events: &[&str]| LogRow {
         run_id: run,
+        epoch: 1,
         seq,
         last_seq: seq + events.len() as u64 - 1,
         events: events.join("\n"),
@@ -430,6 +441,7 @@ async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: Tes
     store
         .finish_run(
             done.id,
+            1,
             &end(RunStatus::Completed, "", Usage::default(), vec![]),
         )
         .await
@@ -444,6 +456,127 @@ async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: Tes
         store.events_after(going.id, 0).await.unwrap().len(),
         1,
         "a running run keeps its log"
+    );
+    store.close().await;
+}
+
+fn log_row(run_id: Uuid, epoch: u64, seq: u64, json: &str) -> LogRow {
+    LogRow {
+        run_id,
+        epoch,
+        seq,
+        last_seq: seq,
+        events: json.to_owned(),
+    }
+}
+
+async fn a_claim_fences_the_old_producer_and_exactly_one_claimer_wins(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    let lease = Duration::from_secs(30);
+    // A live producer's run cannot be claimed.
+    assert!(store.claim(&[run.id], lease, "b").await.unwrap().is_empty());
+
+    // Its producer stops refreshing (paused, or dead); two replicas try to claim it at once.
+    db.age_heartbeats(60).await;
+    let ids = [run.id];
+    let (b, c) = tokio::join!(store.claim(&ids, lease, "b"), store.claim(&ids, lease, "c"));
+    let won: Vec<_> = [b.unwrap(), c.unwrap()].concat();
+    assert_eq!(won, [(run.id, 2)], "exactly one claimer wins");
+    let held = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(held.epoch, 2);
+
+    // The old producer wakes up: its appends, heartbeat and end are refused; the new one's are not.
+    assert_eq!(
+        store
+            .append_events(&[log_row(run.id, 1, 1, r#"{"type":"stale"}"#)])
+            .await
+            .unwrap(),
+        [run.id]
+    );
+    assert!(
+        store
+            .heartbeat("instance-a", &[run.id])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store
+            .finish_run(
+                run.id,
+                1,
+                &end(RunStatus::Completed, "", Usage::default(), vec![])
+            )
+            .await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(
+        store
+            .append_events(&[log_row(run.id, held.epoch, 1, r#"{"type":"fresh"}"#)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.events_after(run.id, 0).await.unwrap(),
+        [(1, r#"{"type":"fresh"}"#.to_owned())],
+        "nothing of the old producer landed, and no seq twice"
+    );
+    // In one batch, a fenced run's row does not cost another run its append.
+    let other_chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let other = new_run(other_chat.id, "q");
+    store.start_run(&other).await.unwrap();
+    assert_eq!(
+        store
+            .append_events(&[
+                log_row(run.id, 1, 2, r#"{"type":"stale"}"#),
+                log_row(other.id, 1, 1, r#"{"type":"ok"}"#),
+            ])
+            .await
+            .unwrap(),
+        [run.id]
+    );
+    assert_eq!(store.last_seq(other.id).await.unwrap(), 1);
+    store
+        .finish_run(
+            run.id,
+            2,
+            &end(RunStatus::Completed, "", Usage::default(), vec![]),
+        )
+        .await
+        .unwrap();
+    store.close().await;
+}
+
+async fn a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    let lease = Duration::from_secs(30);
+
+    // Released by its draining producer: claimable at once, though its heartbeat is fresh.
+    assert!(store.release(run.id, 1).await.unwrap());
+    assert!(!store.release(run.id, 1).await.unwrap(), "released once");
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().unwrap().owner_instance,
+        ""
+    );
+    assert_eq!(
+        store.claim(&[run.id], lease, "b").await.unwrap(),
+        [(run.id, 3)]
+    );
+
+    // Its new producer dies too, but a replica still follows it: it is not interrupted, and stays claimable.
+    db.age_heartbeats(60).await;
+    store.touch_followed(&[run.id]).await.unwrap();
+    assert!(store.interrupt_stale(lease).await.unwrap().is_empty());
+    assert_eq!(
+        store.claim(&[run.id], lease, "c").await.unwrap(),
+        [(run.id, 4)]
     );
     store.close().await;
 }
