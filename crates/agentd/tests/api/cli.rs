@@ -82,7 +82,7 @@ async fn agentd_chat_follows_its_run_to_the_end_when_the_producer_is_killed_and_
 {
     let db = TestDb::sqlite();
     let addr = format!("127.0.0.1:{}", free_port());
-    let env = [("HTTP_ADDR", addr.as_str()), ("RUN_LEASE", "1")];
+    let env = [("HTTP_ADDR", addr.as_str()), ("RUN_LEASE", "2")];
     let mut first = Agentd::spawn_on(db.url(), &env).await;
     let chat_id = new_chat();
     let mut child = chat(

@@ -7,6 +7,7 @@ mod common;
 mod auth;
 mod cli;
 mod grpc;
+mod handoff;
 mod layout;
 mod providers;
 mod runlog;

@@ -1,0 +1,361 @@
+//! A deploy neither waits for nor cuts an answer: the handoff drain, takeover of a run whose producer is gone (drained,
+//! killed, or paused past its lease), fencing, and cut tool calls. Through the real binary and real signals.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use agentd::store::{RunStatus, SessionStore};
+use axum::Router;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::common::db::TestDb;
+use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
+
+/// A run of `n` deltas, one every `ms` milliseconds.
+fn paced(n: u32, ms: u32) -> Value {
+    json!({"question": "q", "model": format!("test:deltas={n},delay_ms={ms}")})
+}
+
+/// The test model's answer of `n` deltas.
+fn answer(n: u32) -> String {
+    (0..n).map(agentd::model::delta_text).collect()
+}
+
+/// Reads `n` events.
+async fn take(stream: &mut Events, n: usize) -> Vec<(String, Value)> {
+    let mut events = Vec::new();
+    for _ in 0..n {
+        events.push(stream.next().await.expect("the stream goes on"));
+    }
+    events
+}
+
+fn run_id_of(events: &[(String, Value)]) -> String {
+    events[0].1["run_id"].as_str().unwrap().to_owned()
+}
+
+/// Ids `<run>:1`, `<run>:2`, ... with no gap and no repeat, ending with the one `done`, after `run_completed`.
+fn assert_whole_and_completed(run: &str, events: &[(String, Value)]) {
+    for (i, (id, _)) in events.iter().enumerate() {
+        assert_eq!(id, &format!("{run}:{}", i + 1), "event {i} of {events:?}");
+    }
+    let kinds = types(events);
+    assert_eq!(kinds.iter().filter(|k| *k == "done").count(), 1);
+    assert_eq!(&kinds[kinds.len() - 2..], ["run_completed", "done"]);
+    let output = events
+        .iter()
+        .find(|(_, e)| e["type"] == "final_answer")
+        .expect("a final answer")
+        .1["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(deltas(events), output, "the text on screen is the answer");
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until the stored run has left `running`.
+async fn ended(store: &SessionStore, run: &str) -> agentd::store::Run {
+    let run: Uuid = run.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let stored = store.get_run(run).await.unwrap().unwrap();
+        if stored.status != RunStatus::Running {
+            return stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Follows the advertised `resume` path on `server` with `Last-Event-ID`, to the end.
+async fn resume(server: &Agentd, reconnect: &Value) -> Vec<(String, Value)> {
+    let response = server
+        .http
+        .get(server.url(reconnect["resume"].as_str().unwrap()))
+        .header(
+            "last-event-id",
+            reconnect["last_event_id"].as_str().unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    Events::new(response).rest().await
+}
+
+/// Reads on until the `reconnect` event; returns the events before it, and it. The stream must end right after.
+async fn until_reconnect(stream: &mut Events) -> (Vec<(String, Value)>, Value) {
+    let mut events = Vec::new();
+    loop {
+        let (id, event) = stream.next().await.expect("a reconnect before the end");
+        if event["type"] == "reconnect" {
+            assert!(
+                stream.next().await.is_none(),
+                "the stream ends after reconnect"
+            );
+            return (events, event);
+        }
+        events.push((id, event));
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+const HANDOFF: [(&str, &str); 4] = [
+    ("SHUTDOWN_MODE", "handoff"),
+    ("DRAIN_TIMEOUT", "1"),
+    ("SHUTDOWN_TIMEOUT", "10"),
+    ("RUN_LEASE", "2"),
+];
+
+#[tokio::test]
+async fn a_handoff_drain_sends_reconnect_and_a_restarted_process_continues_the_run() {
+    let db = TestDb::sqlite();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = HANDOFF.to_vec();
+    env.push(("HTTP_ADDR", &addr));
+    let mut first = Agentd::spawn_on(db.url(), &env).await;
+    let chat = new_chat();
+    let mut stream = first.stream(&chat, paced(150, 20)).await;
+    let mut seen = take(&mut stream, 10).await;
+    let run = run_id_of(&seen);
+
+    first.signal("TERM");
+    let (before, reconnect) = until_reconnect(&mut stream).await;
+    seen.extend(before);
+    assert_eq!(reconnect["last_event_id"], seen.last().unwrap().0.as_str());
+    assert_eq!(
+        reconnect["resume"],
+        format!("/agents/chats/{chat}/runs/{run}/stream")
+    );
+    assert_eq!(reconnect["retry_ms"], 250);
+    // The process releases the run at DRAIN_TIMEOUT instead of interrupting it, and exits cleanly.
+    assert!(first.exit_status().await.success());
+    let store = db.open().await;
+    let released = store.get_run(run.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(released.status, RunStatus::Running);
+    assert_eq!(released.owner_instance, "", "released, not interrupted");
+
+    // The next process on the same store continues it for the client that re-attaches, at the next delta.
+    let second = Agentd::spawn_on(db.url(), &env).await;
+    seen.extend(resume(&second, &reconnect).await);
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(150));
+    let stored = ended(&store, &run).await;
+    assert_eq!(stored.status, RunStatus::Completed);
+    assert_eq!(stored.output, answer(150));
+    let metrics = second.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
+}
+
+#[tokio::test]
+async fn a_handoff_moves_the_followers_to_a_peer_which_continues_the_run_at_the_drain_deadline() {
+    let db = TestDb::postgres().await;
+    let mut a = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let b = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let chat = new_chat();
+    let mut stream = a.stream(&chat, paced(200, 20)).await;
+    let mut seen = take(&mut stream, 5).await;
+    let run = run_id_of(&seen);
+
+    a.signal("TERM");
+    let (before, reconnect) = until_reconnect(&mut stream).await;
+    seen.extend(before);
+    // The client is on B at once, while A still produces the run into the log; at A's DRAIN_TIMEOUT, B takes it over.
+    seen.extend(resume(&b, &reconnect).await);
+    assert!(a.exit_status().await.success());
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(200));
+    let store = db.open().await;
+    assert_eq!(ended(&store, &run).await.status, RunStatus::Completed);
+    let released = a
+        .wait_for_log_where(|l| l["run_id"] == run.as_str() && l["message"] == "run ended")
+        .await
+        .unwrap();
+    assert_eq!(released["outcome"], "handed_off");
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
+}
+
+#[tokio::test]
+async fn a_follower_on_a_peer_gets_the_rest_of_the_answer_when_the_producer_is_killed() {
+    let db = TestDb::postgres().await;
+    let mut a = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let b = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let chat = new_chat();
+    let mut own = a.stream(&chat, paced(150, 20)).await;
+    let run = run_id_of(&take(&mut own, 1).await);
+    let mut on_b = b.follow(&chat, &run, None).await;
+    let mut seen = take(&mut on_b, 20).await;
+
+    a.kill().await;
+    drop(own);
+    seen.extend(on_b.rest().await);
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(150));
+    let store = db.open().await;
+    let stored = ended(&store, &run).await;
+    assert_eq!(stored.status, RunStatus::Completed);
+    assert_eq!(stored.epoch, 2, "claimed once");
+}
+
+#[tokio::test]
+async fn a_producer_paused_past_its_lease_appends_nothing_when_it_wakes() {
+    let db = TestDb::postgres().await;
+    let mut a = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let b = Agentd::spawn_on(db.url(), &HANDOFF).await;
+    let chat = new_chat();
+    let mut own = a.stream(&chat, paced(150, 20)).await;
+    let run = run_id_of(&take(&mut own, 1).await);
+    let mut on_b = b.follow(&chat, &run, None).await;
+    let mut seen = take(&mut on_b, 20).await;
+
+    // A stops for longer than its lease: B takes the run over; then A wakes and goes on where it was.
+    a.signal("STOP");
+    let store = db.open().await;
+    let run_id: Uuid = run.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while store.get_run(run_id).await.unwrap().unwrap().epoch < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never claimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.signal("CONT");
+    seen.extend(on_b.rest().await);
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(150));
+    assert_eq!(ended(&store, &run).await.status, RunStatus::Completed);
+    // The log holds each seq once, and exactly what the follower saw.
+    let logged = store.events_after(run_id, 0).await.unwrap();
+    let seqs: Vec<u64> = logged.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (1..=seen.len() as u64).collect::<Vec<_>>());
+    // A learnt it had lost the run, and stopped producing it.
+    let fenced = a
+        .wait_for_log_where(|l| l["run_id"] == run.as_str() && l["message"] == "run ended")
+        .await
+        .unwrap();
+    assert_eq!(fenced["outcome"], "fenced");
+    drop(own);
+}
+
+/// A tool server whose calls take a while, counting them.
+struct SlowTools {
+    base: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl SlowTools {
+    async fn start() -> Self {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = |calls: Arc<AtomicUsize>| {
+            move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    axum::Json(json!({"call": n}))
+                }
+            }
+        };
+        let router = Router::new()
+            .route("/look", get(counted(Arc::clone(&calls))))
+            .route("/order", post(counted(Arc::clone(&calls))));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self { base, calls }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// Kills the producer while `tool` is being called, restarts on the same store and re-attaches; returns what the
+/// tool calls counted, and the tool result the model was given.
+async fn cut_tool_call(tool: &str) -> (usize, String) {
+    let tools = SlowTools::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tools.yaml");
+    let yaml = format!(
+        "tools:\n  - name: look\n    description: Looks something up.\n    url: {base}/look\n  \
+         - name: order\n    description: Places an order.\n    method: POST\n    url: {base}/order\n",
+        base = tools.base
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let db = TestDb::sqlite();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("HTTP_ADDR", addr.as_str()),
+        ("RUN_LEASE", "2"),
+        ("TOOLS_FILE", file.to_str().unwrap()),
+    ];
+    let mut first = Agentd::spawn_on(db.url(), &env).await;
+    let chat = new_chat();
+    let body = json!({"question": "q", "model": format!("test:deltas=3,tool={tool}")});
+    let mut stream = first.stream(&chat, body).await;
+    let mut seen = take(&mut stream, 2).await;
+    assert_eq!(seen[1].1["type"], "tool_started");
+    let run = run_id_of(&seen);
+    while tools.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill().await;
+    drop(stream);
+
+    let second = Agentd::spawn_on(db.url(), &env).await;
+    let last = seen.last().unwrap().0.clone();
+    seen.extend(second.follow(&chat, &run, Some(&last)).await.rest().await);
+    assert_whole_and_completed(&run, &seen);
+    let finished: Vec<&Value> = seen
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["type"] == "tool_finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "{seen:?}");
+    assert!(
+        finished[0].get("result").is_none(),
+        "clients never see tool results"
+    );
+    let store = db.open().await;
+    let messages = store.messages(chat.parse().unwrap()).await.unwrap();
+    let result = messages
+        .iter()
+        .find_map(|m| match &m.message {
+            agentd::model::Message::ToolResult { content, .. } => Some(content.clone()),
+            _ => None,
+        })
+        .expect("the tool result is in the history");
+    (tools.calls(), result)
+}
+
+#[tokio::test]
+async fn an_idempotent_tool_cut_by_a_takeover_is_run_again_once() {
+    let (calls, result) = cut_tool_call("look").await;
+    assert_eq!(calls, 2, "once before the kill, once after the takeover");
+    assert_eq!(result, r#"{"call":2}"#);
+}
+
+#[tokio::test]
+async fn a_non_idempotent_tool_cut_by_a_takeover_is_reported_to_the_model_not_run_again() {
+    let (calls, result) = cut_tool_call("order").await;
+    assert_eq!(calls, 1);
+    assert!(result.contains("interrupted"), "{result}");
+}
