@@ -8,7 +8,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::common::db::TestDb;
-use crate::common::{Agentd, PATIENCE, new_chat};
+use crate::common::{Agentd, PATIENCE, free_port, new_chat};
 
 /// `agentd chat` against `url`, in chat `chat`, its output piped.
 fn chat(url: &str, chat: &str, model: &str) -> Child {
@@ -66,15 +66,6 @@ async fn finish(mut child: Child, mut out: Vec<u8>) -> (Option<i32>, String, Str
         String::from_utf8(out).unwrap(),
         String::from_utf8_lossy(&err).into_owned(),
     )
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

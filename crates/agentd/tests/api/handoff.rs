@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::db::TestDb;
-use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
+use crate::common::{Agentd, Events, PATIENCE, deltas, free_port, new_chat, types};
 
 /// A run of `n` deltas, one every `ms` milliseconds.
 fn paced(n: u32, ms: u32) -> Value {
@@ -54,15 +54,6 @@ fn assert_whole_and_completed(run: &str, events: &[(String, Value)]) {
         .unwrap()
         .to_owned();
     assert_eq!(deltas(events), output, "the text on screen is the answer");
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits until the stored run has left `running`.

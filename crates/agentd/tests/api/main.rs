@@ -10,6 +10,7 @@ mod grpc;
 mod handoff;
 mod layout;
 mod providers;
+mod rolling;
 mod runlog;
 mod runs;
 mod shutdown;

@@ -5,6 +5,7 @@
 //! `postgres` user when running as root) on a free port, shared by the tests of this test binary, and a watcher
 //! process stops it and removes its files when the test binary exits. A missing PostgreSQL fails the test.
 
+use super::free_port;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -170,7 +171,7 @@ impl PgServer {
     /// Starts the server (again), on the same port and data.
     pub fn start_again(&self) {
         as_postgres(&format!(
-            "{} -D {} -l {} -w -o \"-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off\" start >/dev/null",
+            "{} -D {} -l {} -w -o \"-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=500\" start >/dev/null",
             self.bin.join("pg_ctl").display(),
             self.data().display(),
             self.dir.path().join("log").display(),
@@ -259,9 +260,4 @@ fn as_postgres(command: &str) {
 fn run_ok(command: &mut Command) {
     let status = command.status().expect("the command runs");
     assert!(status.success(), "{command:?} failed: {status}");
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }

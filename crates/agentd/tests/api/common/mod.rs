@@ -26,6 +26,7 @@ macro_rules! on_both_backends {
 }
 
 pub mod db;
+pub mod haproxy;
 pub mod upstream;
 
 use std::process::{ExitStatus, Stdio};
@@ -321,6 +322,12 @@ impl Events {
         }
         events
     }
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
 }
 
 /// A new chat id.

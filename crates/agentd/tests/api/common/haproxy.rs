@@ -1,0 +1,110 @@
+//! haproxy from Debian in front of agentd replicas, as a deployment has it: `/readyz` health checks every 200 ms, and
+//! timeouts long enough for streams. Installed by the harness when missing, so a fresh machine runs the tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::PATIENCE;
+
+pub struct Haproxy {
+    _child: Child,
+    _dir: tempfile::TempDir,
+    /// `http://<addr>` of the frontend.
+    pub base: String,
+}
+
+impl Haproxy {
+    /// Starts haproxy balancing over `backends` (`host:port`), and waits until it serves through one of them.
+    pub async fn start(backends: &[SocketAddr]) -> Self {
+        let bin = installed();
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("    server agentd{i} {addr} check\n"))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 8192\n\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n    \
+             timeout http-request 10s\n    retries 3\n    option redispatch\n\n\
+             frontend agents\n    bind 127.0.0.1:{port}\n    default_backend agentd\n\n\
+             backend agentd\n    balance roundrobin\n    option httpchk GET /readyz\n    \
+             http-check expect status 200\n    default-server inter 200ms fall 1 rise 1\n{servers}"
+        );
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, config).unwrap();
+        let child = Command::new(bin)
+            .args(["-db", "-f"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy starts");
+        let lb = Self {
+            _child: child,
+            _dir: dir,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let http = reqwest::Client::new();
+        loop {
+            let ready = http.get(format!("{}/readyz", lb.base)).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return lb;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "haproxy never served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The haproxy binary; installs Debian's package first when there is none.
+fn installed() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = find() {
+            return bin;
+        }
+        let install = || {
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "haproxy"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !install() {
+            // The package lists of a fresh machine may be missing or stale.
+            let _ = std::process::Command::new("apt-get")
+                .args(["update", "-qq"])
+                .status();
+            assert!(
+                install(),
+                "haproxy is not installed and `apt-get install haproxy` failed"
+            );
+        }
+        find().expect("haproxy is installed")
+    })
+}
+
+fn find() -> Option<PathBuf> {
+    [
+        "/usr/sbin/haproxy",
+        "/usr/bin/haproxy",
+        "/usr/local/sbin/haproxy",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
