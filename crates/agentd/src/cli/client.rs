@@ -190,8 +190,8 @@ const REATTACH_ATTEMPTS: u32 = 10;
 /// How long it waits before re-attaching.
 const REATTACH_AFTER: Duration = Duration::from_secs(1);
 
-/// Prints the run as it streams. A stream that ends without `done` (a lost connection) is re-attached with the last
-/// event id, so no text is printed twice. The first Ctrl-C cancels the run (its end is still printed); a second one
+/// Prints the run as it streams. A stream that ends without `done` (a lost connection, or a `reconnect` from a replica
+/// handing off) is re-attached with the last event id, so no text is printed twice. The first Ctrl-C cancels the run (its end is still printed); a second one
 /// leaves at once, and the run goes on without this client.
 async fn follow(
     client: &reqwest::Client,
@@ -234,7 +234,9 @@ async fn follow(
                 match event {
                     Some(Ok(event)) => {
                         attempts = 0;
-                        printer.last_id = Some(event.id.clone());
+                        if !event.id.is_empty() {
+                            printer.last_id = Some(event.id.clone());
+                        }
                         if let Some(code) = printer.print(&event.data)? {
                             return Ok(code);
                         }
@@ -247,11 +249,17 @@ async fn follow(
         let Some(run_id) = printer.run_id else {
             return Err("the stream ended before the run started".to_owned());
         };
-        attempts += 1;
-        if attempts > REATTACH_ATTEMPTS {
-            return Err(format!("lost the run {run_id}; gave up re-attaching"));
+        match printer.reconnect.take() {
+            // Told to: the replica is handing its streams over; another one takes this client.
+            Some(after) => tokio::time::sleep(after).await,
+            None => {
+                attempts += 1;
+                if attempts > REATTACH_ATTEMPTS {
+                    return Err(format!("lost the run {run_id}; gave up re-attaching"));
+                }
+                tokio::time::sleep(REATTACH_AFTER).await;
+            }
         }
-        tokio::time::sleep(REATTACH_AFTER).await;
         let url = format!("{base}/agents/chats/{chat_id}/runs/{run_id}/stream");
         let mut request = authorized(client.get(&url), token);
         if let Some(last) = &printer.last_id {
@@ -273,6 +281,8 @@ struct Printer {
     run_id: Option<Uuid>,
     last_id: Option<String>,
     mid_line: bool,
+    /// The stream said to re-attach elsewhere after this long.
+    reconnect: Option<Duration>,
 }
 
 impl Printer {
@@ -326,6 +336,15 @@ impl Printer {
             "done" => {
                 self.newline();
                 return Ok(Some(0));
+            }
+            "reconnect" => {
+                let last = text(&event["last_event_id"]);
+                if let Some((run, _)) = last.rsplit_once(':') {
+                    self.run_id = run.parse().ok().or(self.run_id);
+                    self.last_id = Some(last.to_owned());
+                }
+                let retry = event["retry_ms"].as_u64().unwrap_or(1_000);
+                self.reconnect = Some(Duration::from_millis(retry));
             }
             _ => {}
         }

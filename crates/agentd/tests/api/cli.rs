@@ -104,6 +104,36 @@ async fn agentd_chat_follows_its_run_to_the_end_when_the_producer_is_killed_and_
 }
 
 #[tokio::test]
+async fn agentd_chat_follows_a_handoff_to_the_next_process_and_prints_no_text_twice() {
+    let db = TestDb::sqlite();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("HTTP_ADDR", addr.as_str()),
+        ("SHUTDOWN_MODE", "handoff"),
+        ("DRAIN_TIMEOUT", "1"),
+        ("RUN_LEASE", "5"),
+    ];
+    let mut first = Agentd::spawn_on(db.url(), &env).await;
+    let chat_id = new_chat();
+    let mut child = chat(
+        &format!("http://{addr}"),
+        &chat_id,
+        "test:deltas=150,delay_ms=20",
+    );
+    let mut out = Vec::new();
+    read_at_least(&mut child, 40, &mut out).await;
+
+    // The replica hands the stream over (reconnect) and releases the run; the next process continues it.
+    first.signal("TERM");
+    assert!(first.exit_status().await.success());
+    let _second = Agentd::spawn_on(db.url(), &env).await;
+    let (code, stdout, stderr) = finish(child, out).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let expected: String = (0..150).map(agentd::model::delta_text).collect();
+    assert_eq!(stdout.trim_end(), expected);
+}
+
+#[tokio::test]
 async fn ctrl_c_in_agentd_chat_cancels_the_run_and_prints_its_end() {
     let db = TestDb::sqlite();
     let server = Agentd::spawn_on(db.url(), &[]).await;
