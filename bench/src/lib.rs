@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod fleet;
 mod parse;
 mod stream;
 
@@ -59,6 +60,9 @@ pub struct Plan {
     /// With `follow_at`: close the run's own stream once the follower is set up (the client moved), rather than
     /// keep reading it (a second client).
     pub leave_producer: bool,
+    /// Each stream is a client that follows `reconnect` and lost connections to its run's `done`, retrying 503s, and
+    /// checks it saw every event once (rolling restarts).
+    pub follow_reconnect: bool,
 }
 
 /// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).
@@ -133,6 +137,14 @@ pub struct Report {
     pub last_done_unix_ns: u64,
     /// What ended the ramp: `target reached`, or the limit or error that stopped it.
     pub stopped_by: String,
+    /// With `follow_reconnect`: `reconnect` events followed, 503s retried, connections cut without a `reconnect`,
+    /// events missed (gaps in the ids) and received twice, and runs whose text differs from their final answer.
+    pub reconnects: u64,
+    pub retried_503: u64,
+    pub cut: u64,
+    pub lost_events: u64,
+    pub duplicated_events: u64,
+    pub text_mismatches: u64,
 }
 
 struct Stats {
@@ -156,6 +168,12 @@ struct Stats {
     delivery: Mutex<Vec<Duration>>,
     /// The plan's outside counter of streams started or failed.
     settled: Option<Arc<AtomicUsize>>,
+    reconnects: AtomicU64,
+    retried: AtomicU64,
+    cut: AtomicU64,
+    lost: AtomicU64,
+    duplicated: AtomicU64,
+    mismatched: AtomicU64,
 }
 
 impl Default for Stats {
@@ -178,6 +196,12 @@ impl Default for Stats {
             to_first_delta: Mutex::default(),
             delivery: Mutex::default(),
             settled: None,
+            reconnects: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            cut: AtomicU64::default(),
+            lost: AtomicU64::default(),
+            duplicated: AtomicU64::default(),
+            mismatched: AtomicU64::default(),
         }
     }
 }
@@ -240,7 +264,11 @@ pub async fn run(plan: Plan) -> Report {
             .expect("the semaphore stays open");
         let (plan_, stats_, stop_) = (Arc::clone(&plan), Arc::clone(&stats), stop.clone());
         tasks.spawn(async move {
-            one_stream(i, &plan_, &stats_, &stop_).await;
+            if plan_.follow_reconnect {
+                fleet::one_followed(i, &plan_, &stats_, &stop_).await;
+            } else {
+                one_stream(i, &plan_, &stats_, &stop_).await;
+            }
             drop(permit);
         });
         if checkpoints.first() == Some(&(i + 1)) {
@@ -312,6 +340,12 @@ pub async fn run(plan: Plan) -> Report {
         rss_per_stream_kib,
         last_done_unix_ns: stats.last_done_unix_ns.load(Ordering::Relaxed),
         stopped_by,
+        reconnects: stats.reconnects.load(Ordering::Relaxed),
+        retried_503: stats.retried.load(Ordering::Relaxed),
+        cut: stats.cut.load(Ordering::Relaxed),
+        lost_events: stats.lost.load(Ordering::Relaxed),
+        duplicated_events: stats.duplicated.load(Ordering::Relaxed),
+        text_mismatches: stats.mismatched.load(Ordering::Relaxed),
     }
 }
 

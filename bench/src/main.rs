@@ -68,6 +68,10 @@ struct Args {
     /// With --follow-at: close the run's own stream (the client moved to the other replica) instead of draining it.
     #[arg(long)]
     leave_producer: bool,
+    /// Each stream is a client that follows `reconnect` (and a lost connection) to its run's `done`, retrying 503s,
+    /// and checks it saw every event once and the text equals the final answer (rolling restarts).
+    #[arg(long)]
+    follow_reconnect: bool,
 }
 
 #[tokio::main]
@@ -93,6 +97,7 @@ async fn main() {
         path: None,
         follow_at: None,
         leave_producer: false,
+        follow_reconnect: false,
     };
     let background = if args.background > 0 {
         let settled = Arc::new(AtomicUsize::new(0));
@@ -126,6 +131,7 @@ async fn main() {
         path: args.path.clone(),
         follow_at: args.follow_at,
         leave_producer: args.leave_producer,
+        follow_reconnect: args.follow_reconnect,
         ..plan(
             args.streams,
             &args.model,

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use super::{EventKind, EventParser, Plan, Stats, connect_error, unix_ns};
 use std::sync::atomic::Ordering;
 
-type Response = hyper::Response<hyper::body::Incoming>;
+pub(super) type Response = hyper::Response<hyper::body::Incoming>;
 
 /// Connects from `source` to `target`, sends `request`, and returns the response (status 200) and its connection task.
-async fn open(
+pub(super) async fn open(
     source: IpAddr,
     target: SocketAddr,
     request: Request<Full<Bytes>>,
@@ -61,7 +61,7 @@ async fn open(
 }
 
 /// A request to `target`: the plan's GET path, or a POST of its question to a new chat.
-fn request(
+pub(super) fn request(
     plan: &Plan,
     target: SocketAddr,
     chat: uuid::Uuid,

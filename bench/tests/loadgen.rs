@@ -63,6 +63,7 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         path: None,
         follow_at: None,
         leave_producer: false,
+        follow_reconnect: false,
     })
     .await
 }
@@ -132,6 +133,7 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         path: None,
         follow_at: None,
         leave_producer: false,
+        follow_reconnect: false,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));
