@@ -6,6 +6,7 @@ mod common;
 
 mod auth;
 mod cli;
+mod deploy;
 mod grpc;
 mod handoff;
 mod layout;
