@@ -4,3 +4,6 @@
 -- has no owner: the first replica with a follower claims it.
 
 ALTER TABLE agent_chat_runs ADD COLUMN epoch BIGINT NOT NULL DEFAULT 1;
+
+-- What the client said about its context (`agent_context`, JSON): a continuation acts in the same context.
+ALTER TABLE agent_chat_runs ADD COLUMN agent_context TEXT;

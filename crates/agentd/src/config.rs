@@ -51,6 +51,8 @@ pub struct Config {
     /// `RUN_LOG_RETENTION`: how long the events of finished runs stay replayable.
     pub run_log_retention: Duration,
     pub auth: AuthConfig,
+    /// `CLIENT_COMPAT`: which clients the streams are shaped for.
+    pub client_compat: ClientCompat,
 }
 
 /// Where the model providers are; the HTTP client is built from this at start.
@@ -80,6 +82,17 @@ pub struct ShutdownBudget {
     /// The orchestrator's own deadline, if known; it kills the process at that point.
     pub grace_period: Option<Duration>,
     pub mode: ShutdownMode,
+}
+
+/// Which clients the streams are shaped for (`CLIENT_COMPAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ClientCompat {
+    /// Clients that know every event type of the protocol.
+    #[default]
+    Agentd,
+    /// The seed's web client, which drops event types it does not know: an interrupted run also sends `run_failed`
+    /// (a short plain message) before `done`, so it never looks complete.
+    Seed,
 }
 
 /// What a draining replica does with its open streams (`SHUTDOWN_MODE`).
@@ -138,6 +151,11 @@ pub enum ConfigError {
     SslMode(String),
     #[error("RUN_LEASE must be at least 1 second")]
     ShortLease,
+    #[error(
+        "CLIENT_COMPAT=seed with SHUTDOWN_MODE=handoff: the seed's clients cannot follow `reconnect`, so a handoff \
+         would leave their answers cut without a word; run them with SHUTDOWN_MODE=drain"
+    )]
+    SeedClientsNeedDrain,
     #[error("AI_MODELS: {0}")]
     AllowedModels(String),
     #[error("AGENT_MAX_STEPS must be at least 1")]

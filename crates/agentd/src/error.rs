@@ -35,6 +35,8 @@ pub enum ErrorCode {
     ModelFailed,
     MaxStepsReached,
     StoreFailed,
+    /// Only for clients that know no `run_interrupted` (`CLIENT_COMPAT=seed`): the run was stopped before its end.
+    RunInterrupted,
 }
 
 /// What the table says of one [`ErrorCode`].
@@ -49,7 +51,7 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -75,6 +77,7 @@ impl ErrorCode {
         Self::ModelFailed,
         Self::MaxStepsReached,
         Self::StoreFailed,
+        Self::RunInterrupted,
     ];
 
     /// The table.
@@ -110,6 +113,7 @@ impl ErrorCode {
             Self::ModelFailed => ("model_failed", 500, G::Internal, false),
             Self::MaxStepsReached => ("max_steps_reached", 500, G::Internal, false),
             Self::StoreFailed => ("store_failed", 503, G::Unavailable, true),
+            Self::RunInterrupted => ("run_interrupted", 503, G::Aborted, true),
         };
         let http = match StatusCode::from_u16(http) {
             Ok(status) => status,

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use uuid::Uuid;
 
-use crate::config::{Config, EXIT_CONFIG, ShutdownMode};
+use crate::config::{ClientCompat, Config, EXIT_CONFIG, ShutdownMode};
 use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -152,6 +152,7 @@ impl Application {
                 detach_grace: config.detach_grace,
                 lease: config.run_lease,
                 handoff: config.budget.mode == ShutdownMode::Handoff,
+                seed_clients: config.client_compat == ClientCompat::Seed,
             },
             stages.register(Stage::Runs, "runs", None),
         );

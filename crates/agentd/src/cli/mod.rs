@@ -19,7 +19,7 @@ pub use client::{ChatArgs, EXIT_INTERRUPTED, TokenArgs, chat, parse_ttl, token};
 
 use crate::auth::AuthConfig;
 use crate::config::{
-    Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
+    ClientCompat, Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
     ProviderSettings, ShutdownBudget, ShutdownMode, parse_duration, parse_seconds,
 };
 use crate::model::{Endpoint, ModelPolicy, ModelSpec};
@@ -228,6 +228,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RUN_LOG_RETENTION", value_parser = parse_duration, default_value = "24h")]
     pub run_log_retention: Duration,
 
+    /// Which clients the streams are shaped for: `agentd`, or `seed` (the seed's web client, which drops event types
+    /// it does not know: an interrupted run also sends `run_failed` before `done`). `seed` needs SHUTDOWN_MODE=drain.
+    #[arg(long, env = "CLIENT_COMPAT", value_enum, default_value_t = ClientCompat::Agentd)]
+    pub client_compat: ClientCompat,
+
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -257,6 +262,9 @@ impl ServeArgs {
             mode: args.shutdown_mode,
         };
         budget.check()?;
+        if args.client_compat == ClientCompat::Seed && budget.mode == ShutdownMode::Handoff {
+            return Err(ConfigError::SeedClientsNeedDrain);
+        }
         if args.max_streams == Some(0) {
             return Err(ConfigError::ZeroMaxStreams);
         }
@@ -305,6 +313,7 @@ impl ServeArgs {
             run_lease: args.run_lease,
             detach_grace: args.detach_grace,
             run_log_retention: args.run_log_retention,
+            client_compat: args.client_compat,
             auth: args.jwt.auth_config(),
         })
     }

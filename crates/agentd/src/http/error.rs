@@ -3,6 +3,8 @@
 //! events. A client's mistake gets its real status and a clear message; an internal error gets a generic body and is
 //! logged once, with its cause, where it happens.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -62,7 +64,7 @@ pub enum ApiError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
     /// Where the problem is, e.g. `["body", "question"]`.
-    pub loc: Vec<&'static str>,
+    pub loc: Vec<Cow<'static, str>>,
     pub msg: String,
     /// A stable machine-readable kind, e.g. `missing`, `string_too_long`.
     #[serde(rename = "type")]
@@ -73,10 +75,27 @@ impl FieldError {
     pub fn body(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
         Self {
             loc: if field.is_empty() {
-                vec!["body"]
+                vec!["body".into()]
             } else {
-                vec!["body", field]
+                vec!["body".into(), field.into()]
             },
+            msg: msg.into(),
+            kind,
+        }
+    }
+
+    /// A field nested in the body, e.g. `["body", "agent_context", "mode"]`.
+    pub fn nested(
+        path: &[&'static str],
+        key: Option<String>,
+        kind: &'static str,
+        msg: impl Into<String>,
+    ) -> Self {
+        let mut loc: Vec<Cow<'static, str>> = vec!["body".into()];
+        loc.extend(path.iter().map(|p| Cow::Borrowed(*p)));
+        loc.extend(key.map(Cow::Owned));
+        Self {
+            loc,
             msg: msg.into(),
             kind,
         }
@@ -86,9 +105,9 @@ impl FieldError {
     pub fn resume(field: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
         Self {
             loc: if field == "after" {
-                vec!["query", "after"]
+                vec!["query".into(), "after".into()]
             } else {
-                vec!["header", field]
+                vec!["header".into(), field.into()]
             },
             msg: msg.into(),
             kind,
@@ -97,7 +116,7 @@ impl FieldError {
 
     pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
         Self {
-            loc: vec!["path", param],
+            loc: vec!["path".into(), param.into()],
             msg: msg.into(),
             kind,
         }

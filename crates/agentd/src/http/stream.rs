@@ -26,18 +26,20 @@ use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
 use crate::runs::events::{RunEvent, event_id, resume_path};
-use crate::runs::{RunHandle, RunRequest};
+use crate::runs::{AgentContext, ContextMode, RunHandle, RunRequest};
 use crate::stream_tracker::StreamGuard;
 
 const QUESTION_MAX_CHARS: usize = 2000;
 const MODEL_MAX_CHARS: usize = 200;
+const CANVAS_VERSION_MAX_CHARS: usize = 200;
 
-/// The request body, checked: `question` 1–2000 characters, `model` 1–200 characters and known. Unknown keys are
-/// ignored.
+/// The request body, checked: `question` 1–2000 characters, `model` 1–200 characters and known, `agent_context` as
+/// the seed checked it (below). Unknown keys at the top are ignored.
 #[derive(Debug)]
 pub struct StreamRequest {
     pub question: String,
     pub model: Option<ModelSpec>,
+    pub context: AgentContext,
 }
 
 impl<S: Send + Sync> FromRequest<S> for StreamRequest {
@@ -94,11 +96,105 @@ impl StreamRequest {
                 })
             }
         };
-        match question {
-            Some(question) if errors.is_empty() => Ok(Self { question, model }),
+        let context = match body.remove("agent_context") {
+            None | Some(Value::Null) => Some(AgentContext::default()),
+            Some(value) => agent_context(value, &mut errors),
+        };
+        match (question, context) {
+            (Some(question), Some(context)) if errors.is_empty() => Ok(Self {
+                question,
+                model,
+                context,
+            }),
             _ => Err(errors),
         }
     }
+}
+
+/// `agent_context`, as the seed checked it: `enabled` a boolean (default false), `mode` `inspect` (default) or
+/// `build`, `canvas_version` a string of at most 200 characters or null; no other key. In `inspect` mode
+/// `canvas_version` must be null or blank; `enabled` in `build` mode needs it.
+fn agent_context(value: Value, errors: &mut Vec<FieldError>) -> Option<AgentContext> {
+    const AT: &[&str] = &["agent_context"];
+    let Value::Object(fields) = value else {
+        errors.push(FieldError::nested(
+            AT,
+            None,
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+        ));
+        return None;
+    };
+    let before = errors.len();
+    let mut context = AgentContext::default();
+    for (key, value) in fields {
+        match (key.as_str(), value) {
+            ("enabled", Value::Bool(enabled)) => context.enabled = enabled,
+            ("enabled", _) => errors.push(FieldError::nested(
+                AT,
+                Some(key),
+                "bool_type",
+                "Input should be a valid boolean",
+            )),
+            ("mode", Value::String(mode)) if mode == "inspect" => {
+                context.mode = ContextMode::Inspect
+            }
+            ("mode", Value::String(mode)) if mode == "build" => context.mode = ContextMode::Build,
+            ("mode", _) => errors.push(FieldError::nested(
+                AT,
+                Some(key),
+                "literal_error",
+                "Input should be 'inspect' or 'build'",
+            )),
+            ("canvas_version", Value::Null) => {}
+            ("canvas_version", Value::String(version)) => {
+                if version.chars().count() > CANVAS_VERSION_MAX_CHARS {
+                    errors.push(FieldError::nested(
+                        AT,
+                        Some(key),
+                        "string_too_long",
+                        format!("String should have at most {CANVAS_VERSION_MAX_CHARS} characters"),
+                    ));
+                } else if !version.trim().is_empty() {
+                    context.canvas_version = Some(version);
+                }
+            }
+            ("canvas_version", _) => errors.push(FieldError::nested(
+                AT,
+                Some(key),
+                "string_type",
+                "Input should be a valid string",
+            )),
+            _ => errors.push(FieldError::nested(
+                AT,
+                Some(key),
+                "extra_forbidden",
+                "Extra inputs are not permitted",
+            )),
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    let problem = match (context.mode, context.enabled, &context.canvas_version) {
+        (ContextMode::Inspect, _, Some(_)) => {
+            Some("canvas_version must be null or blank in inspect mode")
+        }
+        (ContextMode::Build, true, None) => {
+            Some("canvas_version is required when enabled in build mode")
+        }
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        errors.push(FieldError::nested(
+            AT,
+            None,
+            "value_error",
+            format!("Value error, {problem}"),
+        ));
+        return None;
+    }
+    Some(context)
 }
 
 /// A string field of 1 to `max` characters (Unicode scalar values, not bytes).
@@ -157,6 +253,7 @@ pub async fn stream(
     let run = RunRequest {
         question: request.question,
         model: request.model,
+        context: request.context,
     };
     let handle = state.runs.start(identity, chat_id, run).await?;
     Ok(sse(handle, state.lifecycle.handoff.clone()))
@@ -243,10 +340,17 @@ mod tests {
     use super::*;
 
     fn kinds(body: Value) -> Vec<(Vec<&'static str>, &'static str)> {
+        // A key named in a location is owned; a test may leak it to compare with literals.
+        let leak = |part: std::borrow::Cow<'static, str>| -> &'static str {
+            match part {
+                std::borrow::Cow::Borrowed(part) => part,
+                std::borrow::Cow::Owned(part) => Box::leak(part.into_boxed_str()),
+            }
+        };
         StreamRequest::parse(body)
             .unwrap_err()
             .into_iter()
-            .map(|e| (e.loc, e.kind))
+            .map(|e| (e.loc.into_iter().map(leak).collect(), e.kind))
             .collect()
     }
 
@@ -298,6 +402,66 @@ mod tests {
         assert_eq!(
             kinds(json!({"question": "q", "model": "gpt-9"})),
             vec![(vec!["body", "model"], "unknown_model")]
+        );
+    }
+
+    #[test]
+    fn agent_context_is_checked_as_the_seed_checked_it() {
+        let with = |context: Value| json!({"question": "q", "agent_context": context});
+        let ok = |context: Value| StreamRequest::parse(with(context)).unwrap().context;
+        assert_eq!(ok(json!({})), AgentContext::default());
+        assert_eq!(
+            ok(json!({"enabled": true, "mode": "build", "canvas_version": "v7"})),
+            AgentContext {
+                enabled: true,
+                mode: ContextMode::Build,
+                canvas_version: Some("v7".into())
+            }
+        );
+        assert_eq!(
+            ok(json!({"mode": "inspect", "canvas_version": "  "})).canvas_version,
+            None
+        );
+        assert_eq!(
+            ok(json!({"mode": "build", "enabled": false})).mode,
+            ContextMode::Build
+        );
+        let at = |field: &'static str| {
+            let mut loc = vec!["body", "agent_context"];
+            if !field.is_empty() {
+                loc.push(field);
+            }
+            loc
+        };
+        let refused = |context: Value| kinds(with(context));
+        assert_eq!(refused(json!("build")), [(at(""), "model_attributes_type")]);
+        assert_eq!(
+            refused(json!({"mode": "edit"})),
+            [(at("mode"), "literal_error")]
+        );
+        assert_eq!(
+            refused(json!({"enabled": "yes"})),
+            [(at("enabled"), "bool_type")]
+        );
+        assert_eq!(
+            refused(json!({"canvas_version": 7})),
+            [(at("canvas_version"), "string_type")]
+        );
+        assert_eq!(
+            refused(json!({"mode": "build", "canvas_version": "v".repeat(201)})),
+            [(at("canvas_version"), "string_too_long")]
+        );
+        assert_eq!(
+            refused(json!({"extra": 1})),
+            [(at("extra"), "extra_forbidden")]
+        );
+        assert_eq!(
+            refused(json!({"mode": "inspect", "canvas_version": "v1"})),
+            [(at(""), "value_error")]
+        );
+        assert_eq!(
+            refused(json!({"enabled": true, "mode": "build", "canvas_version": " "})),
+            [(at(""), "value_error")]
         );
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{self, Failure, Resumed, RunContext, Stop, millis};
-use super::events::{RunEvent, resume_path};
+use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
 use super::log::{LiveLog, RunWriter};
 use super::recorder::Recorder;
 use crate::metrics::RunOutcome;
@@ -159,7 +159,16 @@ async fn finish(
         }
         (None, None, None) => unreachable!("a completed run that could not be stored has failed"),
     };
+    let interrupted = match &last {
+        RunEvent::RunInterrupted { reason, .. } if ctx.seed_clients => {
+            Some(interrupted_for_seed_clients(reason))
+        }
+        _ => None,
+    };
     out.emit(&last).await;
+    if let Some(failed) = interrupted {
+        out.emit(&failed).await;
+    }
     out.emit(&RunEvent::Done).await;
     (outcome, failure)
 }

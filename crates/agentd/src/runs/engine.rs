@@ -30,6 +30,8 @@ pub(super) struct RunContext {
     /// Whether the shutdown deadline releases the run for another replica (`SHUTDOWN_MODE=handoff`) rather than
     /// interrupting it.
     pub handoff: bool,
+    /// `CLIENT_COMPAT=seed`: an interrupted run also sends `run_failed` before `done`.
+    pub seed_clients: bool,
     /// When the run started, wherever that was (a continued run started before this process took it over).
     pub started: Instant,
     /// The model id as the client will see it in `run_started`.

@@ -69,6 +69,23 @@ pub enum RunEvent {
 /// channel to the response body allocates its slots 32 at a time per stream: 16 bytes a slot instead of ~100.
 pub type Numbered = (u64, Box<RunEvent>);
 
+/// What a client that knows no `run_interrupted` (`CLIENT_COMPAT=seed`) is told in the `run_failed` that follows it:
+/// short and plain (no JSON), by the interruption's reason.
+pub fn interrupted_for_seed_clients(reason: &str) -> RunEvent {
+    let error = match reason {
+        "cancelled" => "The answer was stopped before it was finished.",
+        "detached" => "The answer was stopped because nobody was reading it. Please ask again.",
+        "stopped" => {
+            "The answer was cut off because the service stopped unexpectedly. Please ask again."
+        }
+        _ => "The answer was cut off because the service restarted. Please ask again.",
+    };
+    RunEvent::RunFailed {
+        error: error.to_owned(),
+        code: crate::error::ErrorCode::RunInterrupted.as_str(),
+    }
+}
+
 /// The SSE id of the `seq`th event of a run.
 pub fn event_id(run_id: Uuid, seq: u64) -> String {
     format!("{run_id}:{seq}")

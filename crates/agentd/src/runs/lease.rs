@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::RunService;
 use super::engine::Resumed;
-use super::events::{RunEvent, resume_path};
+use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
 use super::takeover::read_log;
 use crate::store::{LogRow, SessionStore, StoreError};
 
@@ -127,7 +127,7 @@ pub async fn maintain(
         match store.interrupt_stale(lease).await {
             Ok(stopped) if !stopped.is_empty() => {
                 for &(run_id, epoch) in &stopped {
-                    match end_log(store, run_id, epoch).await {
+                    match end_log(store, run_id, epoch, runs.seed_clients()).await {
                         // Followers here of the dead run read its end at once.
                         Ok(last) => log.committed_elsewhere(run_id, last),
                         Err(error) => {
@@ -158,7 +158,12 @@ pub async fn maintain(
 /// Ends the log of a run whose process stopped: stores the answer so far, read back from its log, and appends
 /// `run_interrupted` (reason `stopped`) and `done` after its last event, under the `epoch` the stop raised it to.
 /// Returns the seq of the new last event.
-async fn end_log(store: &SessionStore, run_id: Uuid, epoch: u64) -> Result<u64, StoreError> {
+async fn end_log(
+    store: &SessionStore,
+    run_id: Uuid,
+    epoch: u64,
+    seed_clients: bool,
+) -> Result<u64, StoreError> {
     let Some(run) = store.get_run(run_id).await? else {
         return Ok(0);
     };
@@ -171,7 +176,13 @@ async fn end_log(store: &SessionStore, run_id: Uuid, epoch: u64) -> Result<u64, 
         reason: "stopped",
         resume: resume_path(run.chat_id, run_id),
     };
-    let events = [interrupted, RunEvent::Done]
+    let mut ending = vec![interrupted];
+    if seed_clients {
+        ending.push(interrupted_for_seed_clients("stopped"));
+    }
+    ending.push(RunEvent::Done);
+    let count = ending.len() as u64;
+    let events = ending
         .iter()
         .map(|event| serde_json::to_string(event).expect("run events always serialize"))
         .collect::<Vec<_>>()
@@ -181,11 +192,11 @@ async fn end_log(store: &SessionStore, run_id: Uuid, epoch: u64) -> Result<u64, 
             run_id,
             epoch,
             seq: last + 1,
-            last_seq: last + 2,
+            last_seq: last + count,
             events,
         }])
         .await?;
-    Ok(last + 2)
+    Ok(last + count)
 }
 
 #[cfg(test)]

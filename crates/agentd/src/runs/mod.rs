@@ -64,6 +64,8 @@ pub struct RunServiceParts {
     pub lease: Duration,
     /// `SHUTDOWN_MODE=handoff`: at the drain deadline runs are released for another replica, not interrupted.
     pub handoff: bool,
+    /// `CLIENT_COMPAT=seed`: an interrupted run also sends `run_failed` before `done`.
+    pub seed_clients: bool,
 }
 
 /// Starts runs and keeps track of the ones this process drives; cheap to clone.
@@ -81,11 +83,31 @@ struct Inner {
     component: Component,
 }
 
-/// What a client asks for: a question, and the model if not the default.
+/// What a client asks for: a question, the model if not the default, and its context.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     pub question: String,
     pub model: Option<ModelSpec>,
+    pub context: AgentContext,
+}
+
+/// What the client says about where it is asking from (`agent_context`, as the seed's web client sends it): whether
+/// the agent may change the canvas (`build`) or only look at it (`inspect`), and which version of the canvas it shows.
+/// Checked at the edge (`http/stream.rs`); tools read `canvas_version` as `{context.canvas_version}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentContext {
+    pub enabled: bool,
+    pub mode: ContextMode,
+    /// Non-blank when given.
+    pub canvas_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextMode {
+    #[default]
+    Inspect,
+    Build,
 }
 
 /// Why a request about a run was refused; each is an HTTP error before any event.
@@ -195,6 +217,11 @@ impl RunService {
         &self.inner.parts.metrics
     }
 
+    /// Whether an interrupted run also sends `run_failed` (`CLIENT_COMPAT=seed`).
+    pub fn seed_clients(&self) -> bool {
+        self.inner.parts.seed_clients
+    }
+
     /// This process, as the owner of the runs it drives.
     pub fn instance_id(&self) -> &str {
         &self.inner.parts.instance_id
@@ -264,6 +291,9 @@ impl RunService {
                 owner_instance: parts.instance_id.to_string(),
                 prompt: request.question.clone(),
                 first_event: Some(run_started.clone()),
+                agent_context: Some(
+                    serde_json::to_string(&request.context).expect("a context serializes"),
+                ),
             })
             .await?;
         parts.metrics.stream_admitted();
@@ -278,7 +308,10 @@ impl RunService {
             &model,
             history,
             request.question,
-            tool_context(&caller),
+            ToolContext {
+                canvas_version: request.context.canvas_version,
+                ..tool_context(&caller)
+            },
             std::time::Instant::now(),
         );
         tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
@@ -312,6 +345,7 @@ impl RunService {
             run_id,
             epoch,
             handoff: parts.handoff,
+            seed_clients: parts.seed_clients,
             started,
             model_id: model.to_string(),
             model: model.build(&parts.providers),
@@ -449,10 +483,12 @@ fn tool_context(caller: &Identity) -> ToolContext {
         Identity::Token(caller) => ToolContext {
             bearer: Some(caller.token.clone()),
             org_id: caller.org_id.clone(),
+            canvas_version: None,
         },
         Identity::Dev => ToolContext {
             bearer: None,
             org_id: dev_owner().org_id,
+            canvas_version: None,
         },
     }
 }

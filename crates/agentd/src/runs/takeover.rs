@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::RunService;
 use super::drive::drive;
 use super::engine::Resumed;
+use super::{AgentContext, RunService};
 use crate::model::{Message, ModelSpec, ToolCall};
 use crate::store::{SessionStore, StoreError};
 use crate::stream_tracker::Rejection;
@@ -80,6 +80,16 @@ impl RunService {
             .iter()
             .map(|m| m.message.clone())
             .collect();
+        // The continuation acts in the context the run was asked in.
+        let context: AgentContext = run
+            .agent_context
+            .as_deref()
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default();
+        let caller = ToolContext {
+            canvas_version: context.canvas_version,
+            ..caller
+        };
         let model = ModelSpec::parse(&run.model)
             .map_err(|e| StoreError::Corrupt(format!("run {run_id}: {e}")))?;
         let events = read_log(store, run_id).await?;

@@ -221,6 +221,8 @@ pub struct Run {
     /// The fencing epoch of its lease: raised by every claim, release and stop by another process; writes under an
     /// older one are refused.
     pub epoch: u64,
+    /// The client's `agent_context`, as JSON.
+    pub agent_context: Option<String>,
     pub created_at: OffsetDateTime,
     pub finished_at: Option<OffsetDateTime>,
 }
@@ -236,6 +238,8 @@ pub struct NewRun {
     /// The run's first event (`run_started`) as its JSON, stored as seq 1 of its log in the same transaction, so the
     /// run start costs one commit; `None` leaves the log empty.
     pub first_event: Option<String>,
+    /// The client's `agent_context`, as JSON, kept for a continuation of the run elsewhere.
+    pub agent_context: Option<String>,
 }
 
 /// How a run ended, and what it leaves behind.

@@ -25,6 +25,7 @@ fn run_from(row: &Row) -> Result<Run, StoreError> {
         output: row.get("partial_output")?,
         owner_instance: row.get("owner_instance")?,
         epoch: u64::try_from(row.get::<i64>("epoch")?).unwrap_or(0),
+        agent_context: row.get("agent_context")?,
         created_at: row.time("created_at")?,
         finished_at: row.opt_time("finished_at")?,
     })
@@ -63,13 +64,14 @@ impl SessionStore {
             return Err(StoreError::ChatBusy(going.uuid("id")?));
         }
         tx.execute(
-            "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, heartbeat_at, created_at) \
-             VALUES ($1, $2, $3, 'running', $4, {now}, {now})",
+            "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, heartbeat_at, \
+             created_at) VALUES ($1, $2, $3, 'running', $4, $5, {now}, {now})",
             &[
                 Arg::Id(run.id),
                 Arg::Id(run.chat_id),
                 Arg::Text(&run.model),
                 Arg::Text(&run.owner_instance),
+                Arg::OptText(run.agent_context.as_deref()),
             ],
         )
         .await?;
@@ -149,7 +151,8 @@ impl SessionStore {
             .await?
             .fetch_optional(
                 "SELECT id, chat_id, model, status, error, input_tokens, output_tokens, total_tokens, \
-                 partial_output, owner_instance, epoch, created_at, finished_at FROM agent_chat_runs WHERE id = $1",
+                 partial_output, owner_instance, epoch, agent_context, created_at, finished_at FROM agent_chat_runs \
+                 WHERE id = $1",
                 &[Arg::Id(id)],
             )
             .await?;

@@ -132,7 +132,8 @@ impl HttpTool {
             .map_err(|e| ToolError::BadUrl(format!("is not valid: {e}")))?;
         for name in &self.spec.query {
             if let Some(value) = args.get(name) {
-                url.query_pairs_mut().append_pair(name, &plain(value));
+                url.query_pairs_mut()
+                    .append_pair(sent_as(name), &plain(value));
             }
         }
         Ok(url)
@@ -161,7 +162,12 @@ impl Tool for HttpTool {
         ctx: &'a ToolContext,
     ) -> Pin<Box<dyn Future<Output = ToolResult> + Send + 'a>> {
         Box::pin(async move {
-            let args = args.as_object().cloned().unwrap_or_default();
+            let mut args = args.as_object().cloned().unwrap_or_default();
+            // What the client's context gives, never what the model made up.
+            args.retain(|name, _| !name.starts_with(CONTEXT_PREFIX));
+            if let Some(version) = &ctx.canvas_version {
+                args.insert(CANVAS_VERSION.to_owned(), Value::String(version.clone()));
+            }
             let mut request = self
                 .client
                 .request(self.method.clone(), self.url(&args)?)
@@ -174,7 +180,7 @@ impl Tool for HttpTool {
                 let body: Map<String, Value> = args
                     .iter()
                     .filter(|(name, _)| self.spec.body.contains(name))
-                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .map(|(name, value)| (sent_as(name).to_owned(), value.clone()))
                     .collect();
                 request = request.json(&body);
             }
@@ -200,6 +206,15 @@ impl Tool for HttpTool {
             Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
         })
     }
+}
+
+/// Names of what the client's context gives a tool, beside the model's args: `{context.canvas_version}`.
+const CONTEXT_PREFIX: &str = "context.";
+const CANVAS_VERSION: &str = "context.canvas_version";
+
+/// The name a query parameter or body field is sent under: a context value without its `context.` prefix.
+fn sent_as(name: &str) -> &str {
+    name.strip_prefix(CONTEXT_PREFIX).unwrap_or(name)
 }
 
 /// A value as it goes into a URL: strings without quotes, everything else as JSON.

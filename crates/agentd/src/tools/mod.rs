@@ -65,6 +65,9 @@ pub struct ToolContext {
     /// The caller's bearer token, forwarded by HTTP tools; `None` in dev mode.
     pub bearer: Option<Secret>,
     pub org_id: String,
+    /// The canvas version the client shows (`agent_context.canvas_version`): `{context.canvas_version}` in a tool's
+    /// URL, query or body.
+    pub canvas_version: Option<String>,
 }
 
 pub trait Tool: Send + Sync + std::fmt::Debug {

@@ -6,6 +6,7 @@ mod common;
 
 mod auth;
 mod cli;
+mod compat;
 mod deploy;
 mod grpc;
 mod handoff;

@@ -38,6 +38,7 @@ fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
         owner_instance: "instance-a".into(),
         prompt: prompt.into(),
         first_event: None,
+        agent_context: None,
     }
 }
 
