@@ -106,6 +106,9 @@ pub enum ShutdownMode {
     Handoff,
 }
 
+/// The shortest HS256 secret accepted: 256 bits, as the algorithm's key size.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// What a handoff drain needs after `DRAIN_TIMEOUT`, before the hard deadline: to commit what its runs produced and
 /// release them.
 pub const HANDOFF_RELEASE: Duration = Duration::from_secs(1);
@@ -151,6 +154,13 @@ pub enum ConfigError {
     SslMode(String),
     #[error("RUN_LEASE must be at least 1 second")]
     ShortLease,
+    #[error(
+        "JWT_SECRET is set but empty: refusing to start in dev mode by accident (a broken secret mount?); set the \
+         secret, or unset it, or ask for dev mode with AGENTD_DEV=1"
+    )]
+    EmptySecret,
+    #[error("JWT_SECRET is {0} bytes; it must be at least {MIN_SECRET_BYTES} bytes")]
+    ShortSecret(usize),
     #[error(
         "CLIENT_COMPAT=seed with SHUTDOWN_MODE=handoff: the seed's clients cannot follow `reconnect`, so a handoff \
          would leave their answers cut without a word; run them with SHUTDOWN_MODE=drain"

@@ -14,6 +14,7 @@ pub enum ErrorCode {
     MalformedJson,
     UnsupportedMediaType,
     PayloadTooLarge,
+    RequestTimeout,
     BadBody,
     Unauthenticated,
     RouteNotFound,
@@ -51,11 +52,12 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 27] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
         Self::PayloadTooLarge,
+        Self::RequestTimeout,
         Self::BadBody,
         Self::Unauthenticated,
         Self::RouteNotFound,
@@ -90,6 +92,7 @@ impl ErrorCode {
                 ("unsupported_media_type", 415, G::InvalidArgument, false)
             }
             Self::PayloadTooLarge => ("payload_too_large", 413, G::InvalidArgument, false),
+            Self::RequestTimeout => ("request_timeout", 408, G::DeadlineExceeded, true),
             Self::BadBody => ("bad_body", 400, G::InvalidArgument, false),
             Self::Unauthenticated => ("unauthenticated", 401, G::Unauthenticated, false),
             Self::RouteNotFound => ("route_not_found", 404, G::Unimplemented, false),

@@ -20,7 +20,8 @@ pub use client::{ChatArgs, EXIT_INTERRUPTED, TokenArgs, chat, parse_ttl, token};
 use crate::auth::AuthConfig;
 use crate::config::{
     ClientCompat, Config, ConfigError, CorsOrigins, DEFAULT_DRAIN, DEFAULT_HTTP_ADDR, LogFormat,
-    ProviderSettings, ShutdownBudget, ShutdownMode, parse_duration, parse_seconds,
+    MIN_SECRET_BYTES, ProviderSettings, ShutdownBudget, ShutdownMode, parse_duration,
+    parse_seconds,
 };
 use crate::model::{Endpoint, ModelPolicy, ModelSpec};
 use crate::secret::Secret;
@@ -148,6 +149,11 @@ pub struct MigrateArgs {
 /// Raw `agentd serve` settings, as the user typed them.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Dev mode asked for explicitly: lets JWT_SECRET be empty (a set, non-empty secret still wins).
+    #[arg(long = "dev", env = "AGENTD_DEV", action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new())]
+    pub dev: bool,
+
     /// HTTP listener address [default: 127.0.0.1:8090].
     #[arg(long, env = "HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
@@ -262,6 +268,16 @@ impl ServeArgs {
             mode: args.shutdown_mode,
         };
         budget.check()?;
+        match args.jwt.jwt_secret.as_deref() {
+            // A secret mount that came out empty must not open the service to everyone.
+            Some(secret) if secret.trim().is_empty() && !args.dev => {
+                return Err(ConfigError::EmptySecret);
+            }
+            Some(secret) if !secret.trim().is_empty() && secret.len() < MIN_SECRET_BYTES => {
+                return Err(ConfigError::ShortSecret(secret.len()));
+            }
+            _ => {}
+        }
         if args.client_compat == ClientCompat::Seed && budget.mode == ShutdownMode::Handoff {
             return Err(ConfigError::SeedClientsNeedDrain);
         }

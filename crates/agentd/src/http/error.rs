@@ -31,6 +31,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive within {seconds} s")]
+    RequestTimeout { seconds: u64 },
     #[error("could not read the request body")]
     BadBody,
     #[error("Not authenticated: {0}")]
@@ -131,6 +133,7 @@ impl ApiError {
             Self::BadBody => ErrorCode::BadBody,
             Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::RequestTimeout { .. } => ErrorCode::RequestTimeout,
             Self::Unauthorized(_) => ErrorCode::Unauthenticated,
             Self::RouteNotFound => ErrorCode::RouteNotFound,
             Self::ChatNotFound => ErrorCode::ChatNotFound,

@@ -16,8 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A client must send its request head within this time, or its connection is closed.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client must send its request head within this time, or its connection is closed (a request body has its own
+/// bound, `http/stream.rs`).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// After a failed `accept`, wait this long before trying again rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

@@ -32,6 +32,8 @@ use crate::stream_tracker::StreamGuard;
 const QUESTION_MAX_CHARS: usize = 2000;
 const MODEL_MAX_CHARS: usize = 200;
 const CANVAS_VERSION_MAX_CHARS: usize = 200;
+/// How long a request body may take to arrive, whole.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The request body, checked: `question` 1–2000 characters, `model` 1–200 characters and known, `agent_context` as
 /// the seed checked it (below). Unknown keys at the top are ignored.
@@ -49,8 +51,24 @@ impl<S: Send + Sync> FromRequest<S> for StreamRequest {
         if !is_json(req.headers().get(header::CONTENT_TYPE)) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state)
+        // A body announced larger than the limit is refused before any of it is read.
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            });
+        }
+        // A body that trickles in (or stops) holds a connection, and the shutdown with it: it gets a bounded time.
+        let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state));
+        let bytes = read
             .await
+            .map_err(|_| ApiError::RequestTimeout {
+                seconds: BODY_TIMEOUT.as_secs(),
+            })?
             .map_err(|rejection| match rejection {
                 BytesRejection::FailedToBufferBody(e)
                     if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>

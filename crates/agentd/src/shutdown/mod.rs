@@ -133,9 +133,9 @@ impl Shutdown {
             Arc::clone(&stages),
         );
 
-        // 1. Keep serving while load balancers notice the failing readiness.
-        let mut hurry = false;
-        if !budget.delay.is_zero() {
+        // 1. Keep serving while load balancers notice the failing readiness (SIGQUIT: no delay, no drain).
+        let mut hurry = first == Signal::Quit;
+        if !budget.delay.is_zero() && !hurry {
             tokio::select! {
                 () = tokio::time::sleep(budget.delay) => {}
                 Some(again) = signals.recv() => {

@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-const SECRET: &str = "a-shared-secret-for-tests";
+const SECRET: &str = "a-shared-secret-for-tests-32-bytes-long";
 const AUDIENCE: &str = "superplane_api";
 
 fn now() -> i64 {

@@ -10,6 +10,7 @@ mod compat;
 mod deploy;
 mod grpc;
 mod handoff;
+mod hardening;
 mod layout;
 mod providers;
 mod rolling;

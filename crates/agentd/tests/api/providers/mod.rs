@@ -12,7 +12,7 @@ use agentd::grpc::proto::{
 use agentd::secret::Secret;
 use serde_json::{Value, json};
 
-const SECRET: &str = "provider-tests-secret";
+const SECRET: &str = "provider-tests-secret-of-at-least-32-bytes";
 const ORG: &str = "acme";
 const USER: &str = "alice";
 const CANVAS: &str = "canvas-1";

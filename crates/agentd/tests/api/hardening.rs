@@ -1,0 +1,139 @@
+//! Hostile clients and unlucky operators: stalled bodies, oversized announcements, stray signals.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{Agentd, PATIENCE, new_chat};
+
+/// Sends `head` (and `body`) on a raw connection; returns the status line and the JSON body of the answer.
+async fn exchange(server: &Agentd, head: String, body: &[u8]) -> (String, Value) {
+    let addr = server.base.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let (head, json) = text.split_once("\r\n\r\n").expect("a whole response");
+    let status = head.lines().next().unwrap().to_owned();
+    (status, serde_json::from_str(json).expect("a JSON body"))
+}
+
+fn post_head(chat: &str, length: u64) -> String {
+    format!(
+        "POST /agents/chats/{chat}/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\nconnection: close\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn an_oversized_content_length_is_refused_from_the_header_alone() {
+    let server = Agentd::spawn(&[]).await;
+    let (status, body) = exchange(&server, post_head(&new_chat(), 100_000_000), b"").await;
+    assert!(status.contains(" 413 "), "{status}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("larger than"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_and_does_not_hold_the_shutdown() {
+    let mut server = Agentd::spawn(&[("SHUTDOWN_TIMEOUT", "120"), ("DRAIN_TIMEOUT", "100")]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let stalled = tokio::spawn(async move {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(post_head(&new_chat(), 100).as_bytes())
+            .await
+            .unwrap();
+        socket.write_all(b"{\"q").await.unwrap();
+        let mut answer = Vec::new();
+        socket.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = tokio::time::Instant::now();
+    server.signal("TERM");
+    let answer = tokio::time::timeout(PATIENCE, stalled)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"detail\""), "{answer}");
+    assert!(server.exit_status().await.success());
+    // Bounded by the body timeout (10 s), not by SHUTDOWN_TIMEOUT (120 s).
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn hup_and_usr_signals_are_logged_and_ignored_and_quit_stops_at_once_visibly() {
+    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "100"), ("SHUTDOWN_TIMEOUT", "120")]).await;
+    let chat = new_chat();
+    let body = serde_json::json!({"question": "q", "model": "test:deltas=60,delay_ms=20"});
+    let mut stream = server.stream(&chat, body).await;
+    stream.next().await.unwrap();
+    for name in ["HUP", "USR1", "USR2"] {
+        server.signal(name);
+    }
+    // The run goes on to its end: none of them killed the process or stopped the stream.
+    let events = stream.rest().await;
+    assert_eq!(events.last().unwrap().1["type"], "done");
+    assert!(events.iter().any(|(_, e)| e["type"] == "run_completed"));
+    for name in ["SIGHUP", "SIGUSR1", "SIGUSR2"] {
+        let line = server
+            .wait_for_log_where(|l| l["signal"] == name)
+            .await
+            .unwrap();
+        assert!(
+            line["message"].as_str().unwrap().contains("ignored"),
+            "{line}"
+        );
+    }
+
+    // SIGQUIT: no drain, the open stream is ended visibly, and the process exits cleanly.
+    let body = serde_json::json!({"question": "q", "model": "test:deltas=10000,delay_ms=20"});
+    let mut stream = server.stream(&chat, body).await;
+    stream.next().await.unwrap();
+    server.signal("QUIT");
+    let events = stream.rest().await;
+    let interrupted = events
+        .iter()
+        .find(|(_, e)| e["type"] == "run_interrupted")
+        .expect("ended visibly");
+    assert_eq!(interrupted.1["reason"], "shutdown");
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn an_empty_or_short_jwt_secret_refuses_to_start_and_dev_mode_must_be_asked_for() {
+    for (secret, says) in [
+        ("", "set but empty"),
+        ("   ", "set but empty"),
+        ("short-secret", "12 bytes; it must be at least 32"),
+    ] {
+        let (status, stderr) = Agentd::run_to_exit(&[("JWT_SECRET", secret)]).await;
+        assert_eq!(status.code(), Some(64), "{secret:?}: {stderr}");
+        assert!(stderr.contains(says), "{secret:?}: {stderr}");
+        assert!(
+            !stderr.contains(secret) || secret.trim().is_empty(),
+            "the secret is never printed"
+        );
+    }
+    // Asked for explicitly, an empty secret is dev mode.
+    let dev = Agentd::spawn(&[("JWT_SECRET", ""), ("AGENTD_DEV", "1")]).await;
+    assert!(dev.log_text().contains("dev mode"));
+    let chat = new_chat();
+    let body = serde_json::json!({"question": "q", "model": "test:deltas=1"});
+    assert_eq!(dev.ask(&chat, body).await.status(), 200);
+}
