@@ -32,6 +32,10 @@ pub struct Config {
     pub providers: ProviderSettings,
     /// HTTP tools to load at start (`TOOLS_FILE`).
     pub tools_file: Option<PathBuf>,
+    /// The agent's instructions template (`AGENT_INSTRUCTIONS`), read at start.
+    pub instructions_file: Option<PathBuf>,
+    /// The final answer's JSON Schema (`OUTPUT_SCHEMA`), read at start.
+    pub output_schema_file: Option<PathBuf>,
     pub max_steps: usize,
     pub grpc_addr: SocketAddr,
     /// Required bearer token of gRPC calls.

@@ -35,6 +35,7 @@ pub enum ErrorCode {
     ProviderFailed,
     ModelFailed,
     MaxStepsReached,
+    InvalidOutput,
     StoreFailed,
     /// Only for clients that know no `run_interrupted` (`CLIENT_COMPAT=seed`): the run was stopped before its end.
     RunInterrupted,
@@ -52,7 +53,7 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 27] = [
+    pub const ALL: [Self; 28] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -78,6 +79,7 @@ impl ErrorCode {
         Self::ProviderFailed,
         Self::ModelFailed,
         Self::MaxStepsReached,
+        Self::InvalidOutput,
         Self::StoreFailed,
         Self::RunInterrupted,
     ];
@@ -115,6 +117,7 @@ impl ErrorCode {
             Self::ProviderFailed => ("provider_failed", 502, G::Unavailable, true),
             Self::ModelFailed => ("model_failed", 500, G::Internal, false),
             Self::MaxStepsReached => ("max_steps_reached", 500, G::Internal, false),
+            Self::InvalidOutput => ("invalid_output", 502, G::Internal, true),
             Self::StoreFailed => ("store_failed", 503, G::Unavailable, true),
             Self::RunInterrupted => ("run_interrupted", 503, G::Aborted, true),
         };

@@ -18,6 +18,7 @@
 //! | [`stream_tracker`] | admission and counting of open streams, and the guard each response body owns |
 //! | [`model`] | the model trait and providers (the built-in `test` model, OpenAI-compatible, Anthropic) |
 //! | [`tools`] | the tool registry, the built-in tool, HTTP tools, JSON Schema checks of arguments |
+//! | [`instructions`] | the agent's instructions template (`AGENT_INSTRUCTIONS`) and output schema (`OUTPUT_SCHEMA`) |
 //! | [`auth`] | scoped JWTs: `verify()` and minting, free of HTTP |
 //! | [`store`] | the session store: chats, messages, runs; SQLite and PostgreSQL |
 //! | [`metrics`] | Prometheus metrics |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod instructions;
 pub mod metrics;
 pub mod model;
 pub mod runs;

@@ -11,7 +11,9 @@ use uuid::Uuid;
 use crate::config::{ClientCompat, Config, EXIT_CONFIG, ShutdownMode};
 use crate::grpc;
 use crate::http::{self, AppState};
+use crate::instructions::{Instructions, OutputSchema};
 use crate::metrics::Metrics;
+use crate::model::FINAL_ANSWER_TOOL;
 use crate::model::Providers;
 use crate::runs::log::{self as run_log, RunLog};
 use crate::runs::{RunService, RunServiceParts, lease};
@@ -41,13 +43,17 @@ pub enum StartupError {
     },
     #[error("TOOLS_FILE: {0}")]
     Tools(String),
+    #[error("AGENT_INSTRUCTIONS: {0}")]
+    Instructions(String),
+    #[error("OUTPUT_SCHEMA: {0}")]
+    OutputSchema(String),
 }
 
 impl StartupError {
     /// The process exit code: a configuration that cannot work is [`EXIT_CONFIG`]; the rest may pass on a retry.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Tools(_) => EXIT_CONFIG,
+            Self::Tools(_) | Self::Instructions(_) | Self::OutputSchema(_) => EXIT_CONFIG,
             _ => 1,
         }
     }
@@ -89,6 +95,23 @@ impl Application {
             Some(path) => ToolRegistry::load(path).map_err(StartupError::Tools)?,
             None => ToolRegistry::default(),
         };
+        let instructions = config
+            .instructions_file
+            .as_deref()
+            .map(Instructions::load)
+            .transpose()
+            .map_err(StartupError::Instructions)?;
+        let output_schema = config
+            .output_schema_file
+            .as_deref()
+            .map(OutputSchema::load)
+            .transpose()
+            .map_err(StartupError::OutputSchema)?;
+        if output_schema.is_some() && tools.get(FINAL_ANSWER_TOOL).is_some() {
+            return Err(StartupError::Tools(format!(
+                "the tool name {FINAL_ANSWER_TOOL:?} is reserved when OUTPUT_SCHEMA is set"
+            )));
+        }
         let addr = config.http_addr;
         let listener = TcpListener::bind(addr)
             .await
@@ -153,6 +176,8 @@ impl Application {
                 lease: config.run_lease,
                 handoff: config.budget.mode == ShutdownMode::Handoff,
                 seed_clients: config.client_compat == ClientCompat::Seed,
+                instructions,
+                output_schema,
             },
             stages.register(Stage::Runs, "runs", None),
         );

@@ -107,6 +107,13 @@ pub struct ModelArgs {
     /// YAML or JSON file declaring HTTP tools.
     #[arg(long, env = "TOOLS_FILE")]
     pub tools_file: Option<PathBuf>,
+    /// The agent's instructions (the system prompt): Markdown or text, or YAML/JSON with an `instructions` string;
+    /// `{org_id}`, `{canvas_id}`, `{context.mode}` … are filled per run. Read at start.
+    #[arg(long, env = "AGENT_INSTRUCTIONS")]
+    pub agent_instructions: Option<PathBuf>,
+    /// A JSON Schema the final answer must match (an object with a string `answer`, which streams). Read at start.
+    #[arg(long, env = "OUTPUT_SCHEMA")]
+    pub output_schema: Option<PathBuf>,
 }
 
 /// How scoped tokens are checked (and minted by `agentd token`).
@@ -316,6 +323,8 @@ impl ServeArgs {
             models,
             providers,
             tools_file: args.models.tools_file.clone(),
+            instructions_file: args.models.agent_instructions.clone(),
+            output_schema_file: args.models.output_schema.clone(),
             max_steps: args.models.agent_max_steps,
             grpc_addr: SocketAddr::new(args.internal_grpc_host, args.internal_grpc_port),
             grpc_token,

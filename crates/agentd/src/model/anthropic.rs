@@ -11,7 +11,10 @@ use eventsource_stream::Event;
 use serde_json::{Value, json};
 
 use super::upstream::{self, Providers, WireParser};
-use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
+use super::{
+    FINAL_ANSWER_TOOL, Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall,
+    Usage,
+};
 
 const PROVIDER: &str = "the Anthropic model provider";
 pub const API_VERSION: &str = "2023-06-01";
@@ -84,12 +87,27 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
         "messages": messages,
         "stream": true,
     });
-    if !request.tools.is_empty() {
-        body["tools"] = request
-            .tools
-            .iter()
-            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
-            .collect();
+    if let Some(system) = &request.system {
+        body["system"] = json!(system);
+    }
+    let mut tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(
+            |t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}),
+        )
+        .collect();
+    if let Some(schema) = &request.output_schema {
+        // The answer is given by calling this tool, whose arguments are the answer object; a tool must be called.
+        tools.push(json!({
+            "name": FINAL_ANSWER_TOOL,
+            "description": "Give your final answer to the user.",
+            "input_schema": schema.as_ref(),
+        }));
+        body["tool_choice"] = json!({"type": "any"});
+    }
+    if !tools.is_empty() {
+        body["tools"] = Value::Array(tools);
     }
     body
 }
@@ -164,15 +182,26 @@ impl WireParser for Parser {
                     Some("input_json_delta") => {
                         if let Some(call) = self.calls.get_mut(&data["index"].as_u64().unwrap_or(0))
                         {
-                            call.input
-                                .push_str(delta["partial_json"].as_str().unwrap_or_default());
+                            let piece = delta["partial_json"].as_str().unwrap_or_default();
+                            if call.name == FINAL_ANSWER_TOOL {
+                                // The structured answer, as the JSON text it is being written in.
+                                if !piece.is_empty() {
+                                    events.push(ModelEvent::TextDelta(piece.to_owned()));
+                                }
+                            } else {
+                                call.input.push_str(piece);
+                            }
                         }
                     }
                     _ => {}
                 }
             }
             "content_block_stop" => {
-                if let Some(call) = self.calls.remove(&data["index"].as_u64().unwrap_or(0)) {
+                if let Some(call) = self
+                    .calls
+                    .remove(&data["index"].as_u64().unwrap_or(0))
+                    .filter(|call| call.name != FINAL_ANSWER_TOOL)
+                {
                     let args = if call.input.trim().is_empty() {
                         json!({})
                     } else {
@@ -315,6 +344,8 @@ mod tests {
             args: json!({}),
         };
         let request = ModelRequest {
+            system: None,
+            output_schema: None,
             messages: vec![
                 Message::User {
                     content: "time?".into(),

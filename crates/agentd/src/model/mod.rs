@@ -32,11 +32,19 @@ pub trait Model: Send + Sync + fmt::Debug {
 /// What a model is asked.
 #[derive(Debug, Clone)]
 pub struct ModelRequest {
+    /// The agent's instructions (the system prompt), sent in each provider's own way.
+    pub system: Option<String>,
     /// The conversation, oldest first, ending with the user's prompt or with tool results.
     pub messages: Vec<Message>,
     /// Tools the model may call.
     pub tools: Vec<ToolDefinition>,
+    /// The final answer must be a JSON object of this schema: through the provider's structured output (OpenAI) or a
+    /// [`FINAL_ANSWER_TOOL`] call (Anthropic); either way its JSON text arrives as [`ModelEvent::TextDelta`]s.
+    pub output_schema: Option<Arc<serde_json::Value>>,
 }
+
+/// The tool an Anthropic model answers through when the answer has a schema: its arguments are the answer.
+pub const FINAL_ANSWER_TOOL: &str = "final_answer";
 
 /// One message of a conversation, as stored in the chat (JSON, tagged by `role`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

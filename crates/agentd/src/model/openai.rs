@@ -63,6 +63,9 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
         })
         .collect();
     let mut messages = messages;
+    if let Some(system) = &request.system {
+        messages.insert(0, json!({"role": "system", "content": system}));
+    }
     if let Some(Message::Assistant {
         content,
         tool_calls,
@@ -90,6 +93,13 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
                 })
             })
             .collect();
+    }
+    if let Some(schema) = &request.output_schema {
+        // Structured output: the answer is a JSON object of the schema, streamed as the message's content.
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": "final_answer", "schema": schema.as_ref()},
+        });
     }
     body
 }
@@ -255,6 +265,8 @@ mod tests {
     #[test]
     fn history_and_tools_are_sent_in_the_openai_format() {
         let request = ModelRequest {
+            system: None,
+            output_schema: None,
             messages: vec![
                 Message::User {
                     content: "time?".into(),

@@ -31,6 +31,8 @@ pub struct TestOptions {
     pub tool: Option<String>,
     /// Fail the run after this many deltas.
     pub fail_after: Option<u32>,
+    /// The answer is the instructions (the system prompt) the model was given, a word per delta.
+    pub echo: bool,
     /// Each delta's text is the wall-clock time it was produced (`@<unix nanoseconds> `), so a benchmark can tell how
     /// long a delta took to reach a client.
     pub clock: bool,
@@ -44,6 +46,7 @@ impl Default for TestOptions {
             tool: None,
             fail_after: None,
             clock: false,
+            echo: false,
         }
     }
 }
@@ -82,6 +85,7 @@ impl TestOptions {
                     options.fail_after = Some(number()?.min(u64::from(MAX_DELTAS)) as u32)
                 }
                 "clock" => options.clock = number()? != 0,
+                "echo" => options.echo = number()? != 0,
                 _ => return Err(format!("unknown option {key:?}")),
             }
         }
@@ -108,6 +112,9 @@ impl fmt::Display for TestOptions {
         }
         if self.clock {
             parts.push("clock=1".to_owned());
+        }
+        if self.echo {
+            parts.push("echo=1".to_owned());
         }
         if !parts.is_empty() {
             write!(f, ":{}", parts.join(","))?;
@@ -190,35 +197,77 @@ impl Model for TestModel {
             ]));
         }
         let TestOptions {
-            deltas,
+            mut deltas,
             delay,
             fail_after,
             clock,
+            echo,
             ..
         } = self.options.clone();
-        let first = deltas_in(partial, clock).min(deltas);
-        Box::pin(stream::unfold(first, move |i| async move {
-            if i > deltas {
-                return None;
+        // `echo=1`: the answer is the instructions it was given, word by word.
+        let echoed: Vec<String> = if echo {
+            let system = request.system.as_deref().unwrap_or("(no instructions)");
+            let words: Vec<&str> = system.split_whitespace().collect();
+            deltas = u32::try_from(words.len()).unwrap_or(u32::MAX);
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    if i == 0 {
+                        (*w).to_owned()
+                    } else {
+                        format!(" {w}")
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // With an output schema, the answer is written as the JSON object `{"answer": "..."}`, piece by piece.
+        let structured = request.output_schema.is_some();
+        let first = if structured {
+            0
+        } else {
+            deltas_in(partial, clock).min(deltas)
+        };
+        // States: 0..deltas a delta each; then (structured) the object's end; then the usage; then the end.
+        let closing = deltas.saturating_add(1);
+        Box::pin(stream::unfold(first, move |i| {
+            let echoed = echoed.clone();
+            async move {
+                if i == deltas && structured {
+                    return Some((Ok(ModelEvent::TextDelta("\"}".to_owned())), closing));
+                }
+                if i == deltas || i == closing {
+                    let usage = Usage::new(input_tokens, u64::from(deltas - first));
+                    return Some((Ok(ModelEvent::Usage(usage)), u32::MAX));
+                }
+                if i > deltas {
+                    return None;
+                }
+                if fail_after == Some(i) {
+                    let error = ModelError::TestFailure(i);
+                    return Some((Err(error), u32::MAX));
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let mut text = if echo {
+                    echoed[i as usize].clone()
+                } else if clock {
+                    clock_text()
+                } else {
+                    delta_text(i)
+                };
+                if structured {
+                    let quoted = serde_json::to_string(&text).expect("a string serializes");
+                    text = quoted[1..quoted.len() - 1].to_owned();
+                    if i == 0 {
+                        text = format!("{{\"answer\":\"{text}");
+                    }
+                }
+                Some((Ok(ModelEvent::TextDelta(text)), i + 1))
             }
-            if i == deltas {
-                return Some((
-                    Ok(ModelEvent::Usage(Usage::new(
-                        input_tokens,
-                        u64::from(deltas - first),
-                    ))),
-                    i + 1,
-                ));
-            }
-            if fail_after == Some(i) {
-                let error = ModelError::TestFailure(i);
-                return Some((Err(error), u32::MAX));
-            }
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let text = if clock { clock_text() } else { delta_text(i) };
-            Some((Ok(ModelEvent::TextDelta(text)), i + 1))
         }))
     }
 }
@@ -254,6 +303,8 @@ mod tests {
 
     fn ask(question: &str) -> ModelRequest {
         ModelRequest {
+            system: None,
+            output_schema: None,
             messages: vec![Message::User {
                 content: question.to_owned(),
             }],

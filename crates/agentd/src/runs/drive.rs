@@ -121,6 +121,7 @@ async fn finish(
         (None, Some((_, why))) => Some(why.to_owned()),
         (None, None) => None,
     };
+    let structured = recorder.structured.take();
     let end = match recorder.finish(status, error).await {
         Ok(end) => Some(end),
         Err(StoreError::Fenced(_)) => {
@@ -149,7 +150,7 @@ async fn finish(
         },
         (Some(end), None, None) => {
             out.emit(&RunEvent::FinalAnswer {
-                output: end.output,
+                output: structured.unwrap_or(serde_json::Value::String(end.output)),
                 usage: end.usage,
             })
             .await;

@@ -15,6 +15,7 @@ use super::lease::LiveRuns;
 use super::log::RunWriter;
 use super::recorder::Recorder;
 use crate::error::ErrorCode;
+use crate::instructions::{OutputSchema, answer_so_far};
 use crate::metrics::Metrics;
 use crate::model::{Message, Model, ModelError, ModelEvent, ModelRequest, ToolCall};
 use crate::store::SessionStore;
@@ -32,6 +33,10 @@ pub(super) struct RunContext {
     pub handoff: bool,
     /// `CLIENT_COMPAT=seed`: an interrupted run also sends `run_failed` before `done`.
     pub seed_clients: bool,
+    /// The agent's instructions for this run (the system prompt), rendered.
+    pub system: Option<String>,
+    /// The final answer's schema (`OUTPUT_SCHEMA`): its `answer` streams, the whole object is the result.
+    pub output_schema: Option<OutputSchema>,
     /// When the run started, wherever that was (a continued run started before this process took it over).
     pub started: Instant,
     /// The model id as the client will see it in `run_started`.
@@ -143,12 +148,22 @@ pub(super) async fn agent_loop(
         messages.extend(results.iter().cloned());
         recorder.messages.extend(results);
     }
+    let schema = ctx.output_schema.as_ref();
+    // With an output schema, the answer text sent so far (a continued or repaired step only adds to it).
+    let mut shown = String::new();
+    let mut repaired = false;
+    if schema.is_some() {
+        shown = std::mem::take(&mut partial);
+    }
     for _ in steps_done..ctx.max_steps {
-        // A step cut mid-answer is continued: the model gets its answer so far as its own turn.
+        // A step cut mid-answer is continued: the model gets its answer so far as its own turn. (With an output
+        // schema the step is asked again, and only what extends the text already sent is sent.)
         let mut text = std::mem::take(&mut partial);
         let mut request = ModelRequest {
+            system: ctx.system.clone(),
             messages: messages.clone(),
             tools: definitions.clone(),
+            output_schema: schema.map(|s| Arc::clone(&s.schema)),
         };
         if !text.is_empty() {
             request.messages.push(Message::Assistant {
@@ -157,6 +172,7 @@ pub(super) async fn agent_loop(
             });
         }
         let continued = !text.is_empty();
+        let quiet = schema.is_some() && (repaired || !shown.is_empty());
         let mut stream = ctx.model.stream(request);
         let mut calls = Vec::new();
         loop {
@@ -164,6 +180,13 @@ pub(super) async fn agent_loop(
             let Some(event) = event else { break };
             match event.map_err(|e| Stop::Failed(e.into()))? {
                 ModelEvent::TextDelta(content) if content.is_empty() => {}
+                ModelEvent::TextDelta(content) if schema.is_some() => {
+                    // The model writes a JSON object; its `answer` streams as it grows.
+                    text.push_str(&content);
+                    if !quiet && let Some(answer) = answer_so_far(&text) {
+                        show(out, recorder, &mut shown, &answer).await;
+                    }
+                }
                 ModelEvent::TextDelta(mut content) => {
                     if continued && text.ends_with(char::is_whitespace) {
                         // A continuation may open with the space the cut answer already ends with.
@@ -183,10 +206,46 @@ pub(super) async fn agent_loop(
             }
         }
         let answer = Message::Assistant {
-            content: text,
+            content: text.clone(),
             tool_calls: calls.clone(),
         };
         messages.push(answer.clone());
+        if calls.is_empty()
+            && let Some(schema) = schema
+        {
+            match schema.check(&text) {
+                Ok(object) => {
+                    let answer = object["answer"].as_str().unwrap_or_default().to_owned();
+                    show(out, recorder, &mut shown, &answer).await;
+                    recorder.messages.push(Message::Assistant {
+                        content: text,
+                        tool_calls: Vec::new(),
+                    });
+                    recorder.structured = Some(object);
+                    return Ok(());
+                }
+                Err(why) if !repaired => {
+                    // One repair round: the model is told what is wrong and answers again.
+                    tracing::info!(run_id = %ctx.run_id, %why, "the answer does not match the output schema; asking again");
+                    repaired = true;
+                    messages.push(Message::User {
+                        content: format!(
+                            "Your answer does not match the required JSON Schema: {why}. Answer again with only a \
+                             JSON object that matches it."
+                        ),
+                    });
+                    continue;
+                }
+                Err(why) => {
+                    return Err(Stop::Failed(Failure {
+                        code: ErrorCode::InvalidOutput,
+                        message: format!(
+                            "the agent's answer did not match the required form: {why}"
+                        ),
+                    }));
+                }
+            }
+        }
         recorder.messages.push(answer);
         if calls.is_empty() {
             return Ok(());
@@ -211,6 +270,17 @@ pub(super) async fn agent_loop(
             ctx.max_steps
         ),
     }))
+}
+
+/// Sends what `answer` (the answer so far of a structured step) adds to the text already `shown`; nothing when it
+/// does not extend it (a repaired answer that says something else is in `final_answer` only).
+async fn show(out: &mut RunWriter, recorder: &mut Recorder, shown: &mut String, answer: &str) {
+    if answer.len() > shown.len() && answer.starts_with(shown.as_str()) {
+        let content = answer[shown.len()..].to_owned();
+        shown.push_str(&content);
+        recorder.output.push_str(&content);
+        out.emit(&RunEvent::ModelDelta { content }).await;
+    }
 }
 
 /// Whether a tool call is run: always for a new call; for one cut by the loss of the run's producer, only when the

@@ -39,7 +39,8 @@ pub enum RunEvent {
         result: Option<String>,
     },
     FinalAnswer {
-        output: String,
+        /// The answer's text; with `OUTPUT_SCHEMA`, the whole validated object (its `answer` is the text).
+        output: serde_json::Value,
         usage: Usage,
     },
     RunCompleted {

@@ -28,6 +28,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
+use crate::instructions::{Fill, Instructions, OutputSchema};
 use crate::metrics::Metrics;
 use crate::model::{Message, ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
@@ -66,6 +67,10 @@ pub struct RunServiceParts {
     pub handoff: bool,
     /// `CLIENT_COMPAT=seed`: an interrupted run also sends `run_failed` before `done`.
     pub seed_clients: bool,
+    /// `AGENT_INSTRUCTIONS`: the system prompt's template.
+    pub instructions: Option<Instructions>,
+    /// `OUTPUT_SCHEMA`: what the final answer must be.
+    pub output_schema: Option<OutputSchema>,
 }
 
 /// Starts runs and keeps track of the ones this process drives; cheap to clone.
@@ -266,6 +271,7 @@ impl RunService {
             Some(chat) => chat,
             None => parts.store.ensure_chat(chat_id, &dev_owner()).await?,
         };
+        let system = self.instructions_for(chat_id, &chat.owner, &request.context);
         // The first prompt and `initial_message` are stored together: a chat without one has no history to load.
         let history = if chat.initial_message.is_none() {
             Vec::new()
@@ -308,6 +314,7 @@ impl RunService {
             &model,
             history,
             request.question,
+            system,
             ToolContext {
                 canvas_version: request.context.canvas_version,
                 ..tool_context(&caller)
@@ -336,11 +343,14 @@ impl RunService {
         model: &ModelSpec,
         history: Vec<Message>,
         question: String,
+        system: Option<String>,
         tool_context: ToolContext,
         started: std::time::Instant,
     ) -> RunContext {
         let parts = &self.inner.parts;
         RunContext {
+            system,
+            output_schema: parts.output_schema.clone(),
             chat_id,
             run_id,
             epoch,
@@ -361,6 +371,29 @@ impl RunService {
             detach_grace: parts.detach_grace,
             lease: parts.lease,
         }
+    }
+
+    /// The agent's instructions for a run in `chat_id` of `owner`, asked in `context`.
+    fn instructions_for(
+        &self,
+        chat_id: Uuid,
+        owner: &ChatOwner,
+        context: &AgentContext,
+    ) -> Option<String> {
+        let instructions = self.inner.parts.instructions.as_ref()?;
+        let chat_id = chat_id.to_string();
+        Some(instructions.render(&Fill {
+            org_id: &owner.org_id,
+            user_id: &owner.user_id,
+            canvas_id: &owner.canvas_id,
+            chat_id: &chat_id,
+            mode: match context.mode {
+                ContextMode::Inspect => "inspect",
+                ContextMode::Build => "build",
+            },
+            enabled: context.enabled,
+            canvas_version: context.canvas_version.as_deref(),
+        }))
     }
 
     /// Follows run `run_id` of `chat_id` for `caller`: its events after `resume`, then the live run to its `done`.

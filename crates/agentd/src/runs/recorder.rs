@@ -23,6 +23,8 @@ pub(super) struct Recorder {
     pub usage: Usage,
     /// Messages added after the prompt: the model's answers and the tool results.
     pub messages: Vec<Message>,
+    /// With an output schema, the validated answer object: what `final_answer` carries.
+    pub structured: Option<serde_json::Value>,
 }
 
 impl Recorder {
@@ -34,6 +36,7 @@ impl Recorder {
             output: String::new(),
             usage: Usage::default(),
             messages: Vec::new(),
+            structured: None,
         }
     }
 

@@ -86,6 +86,11 @@ impl RunService {
             .as_deref()
             .and_then(|json| serde_json::from_str(json).ok())
             .unwrap_or_default();
+        let chat = store
+            .get_chat(run.chat_id)
+            .await?
+            .ok_or(StoreError::ChatNotFound(run.chat_id))?;
+        let system = self.instructions_for(run.chat_id, &chat.owner, &context);
         let caller = ToolContext {
             canvas_version: context.canvas_version,
             ..caller
@@ -111,6 +116,7 @@ impl RunService {
             &model,
             history,
             question.clone(),
+            system,
             caller,
             started,
         );

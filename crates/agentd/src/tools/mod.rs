@@ -7,6 +7,8 @@
 mod http;
 mod schema;
 
+pub use schema::ArgsSchema;
+
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -16,7 +18,6 @@ use serde_json::{Value, json};
 
 use crate::model::ToolDefinition;
 use crate::secret::Secret;
-use schema::ArgsSchema;
 
 /// What a tool call gives back to the model: a JSON answer, or an error the model can read.
 pub type ToolResult = Result<Value, ToolError>;

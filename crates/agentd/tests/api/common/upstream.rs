@@ -26,6 +26,8 @@ pub enum Reply {
     FramesThenStall(Vec<String>),
     /// These frames, then one more text frame every 100 ms for as long as the client listens.
     FramesThenForever(Vec<String>, fn(&str) -> String),
+    /// These frames, one after another with this pause before each, then the stream ends.
+    Paced(Vec<String>, Duration),
 }
 
 /// One request the fake received.
@@ -134,6 +136,14 @@ async fn model(
             response
         }
         Reply::Frames(frames) => sse(Body::from(frames.concat())),
+        Reply::Paced(frames, pause) => {
+            let paced = stream::unfold(frames.into_iter(), move |mut frames| async move {
+                let frame = frames.next()?;
+                tokio::time::sleep(pause).await;
+                Some((Ok::<_, std::io::Error>(frame), frames))
+            });
+            sse(Body::from_stream(paced))
+        }
         Reply::FramesThenStall(frames) => {
             let head = stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>));
             sse(Body::from_stream(futures_util::StreamExt::chain(

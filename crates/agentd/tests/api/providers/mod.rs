@@ -59,22 +59,29 @@ fn tools_file(fake: &FakeUpstream) -> tempfile::TempDir {
 }
 
 async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+/// The setup, with more settings.
+async fn setup_with(extra: &[(&str, &str)]) -> Setup {
     let fake = FakeUpstream::start().await;
     let tools = tools_file(&fake);
     let tools_path = tools.path().join("tools.yaml");
-    let server = Agentd::spawn(&[
+    let openai_base = format!("{}/v1", fake.base);
+    let mut env = vec![
         ("JWT_SECRET", SECRET),
-        ("OPENAI_BASE_URL", &format!("{}/v1", fake.base)),
+        ("OPENAI_BASE_URL", openai_base.as_str()),
         ("OPENAI_API_KEY", "sk-test-key"),
-        ("ANTHROPIC_BASE_URL", &fake.base),
+        ("ANTHROPIC_BASE_URL", fake.base.as_str()),
         ("ANTHROPIC_API_KEY", "ak-test-key"),
         ("AI_MODELS", "openai:gpt-test,anthropic:claude-test"),
         ("MODEL_IDLE_TIMEOUT", "1"),
         // A client that leaves stops its run at once here; the run log's own tests cover the grace.
         ("DETACH_GRACE", "0"),
         ("TOOLS_FILE", tools_path.to_str().unwrap()),
-    ])
-    .await;
+    ];
+    env.extend_from_slice(extra);
+    let server = Agentd::spawn(&env).await;
     let secret = Secret::new(SECRET);
     let token = auth::mint(
         &secret,
@@ -191,3 +198,4 @@ fn answer_of(events: &[(String, Value)]) -> &Value {
 
 mod answers;
 mod failures;
+mod instructed;
