@@ -27,6 +27,8 @@ pub enum ErrorCode {
     ShuttingDown,
     AtCapacity,
     StoreUnavailable,
+    /// The store refused a request for a reason a retry cannot fix.
+    StoreRefused,
     ProviderRateLimited,
     ProviderUnavailable,
     ProviderRefused,
@@ -53,7 +55,7 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 28] = [
+    pub const ALL: [Self; 29] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -71,6 +73,7 @@ impl ErrorCode {
         Self::ShuttingDown,
         Self::AtCapacity,
         Self::StoreUnavailable,
+        Self::StoreRefused,
         Self::ProviderRateLimited,
         Self::ProviderUnavailable,
         Self::ProviderRefused,
@@ -107,6 +110,7 @@ impl ErrorCode {
             Self::ShuttingDown => ("shutting_down", 503, G::Unavailable, true),
             Self::AtCapacity => ("at_capacity", 503, G::ResourceExhausted, true),
             Self::StoreUnavailable => ("store_unavailable", 503, G::Unavailable, true),
+            Self::StoreRefused => ("store_refused", 500, G::Internal, false),
             Self::ProviderRateLimited => ("provider_rate_limited", 429, G::ResourceExhausted, true),
             Self::ProviderUnavailable => ("provider_unavailable", 503, G::Unavailable, true),
             Self::ProviderRefused => ("provider_refused", 502, G::FailedPrecondition, false),

@@ -117,9 +117,21 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// Longest id (org, user, canvas) accepted, in characters.
+const MAX_ID_CHARS: usize = 200;
+
 fn required(field: &'static str, value: String) -> Result<String, Status> {
     if value.trim().is_empty() {
         return Err(ErrorCode::InvalidRequest.status(format!("{field} is required")));
+    }
+    if value.contains('\0') {
+        return Err(
+            ErrorCode::InvalidRequest.status(format!("{field} must not contain NUL characters"))
+        );
+    }
+    if value.chars().count() > MAX_ID_CHARS {
+        return Err(ErrorCode::InvalidRequest
+            .status(format!("{field} is longer than {MAX_ID_CHARS} characters")));
     }
     Ok(value)
 }

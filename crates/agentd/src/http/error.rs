@@ -54,6 +54,9 @@ pub enum ApiError {
     /// The session store did not answer; the cause is logged where it happened.
     #[error("Session store is unavailable; retry shortly")]
     StoreUnavailable,
+    /// The store refused the request; a retry cannot help. The cause is logged where it happened.
+    #[error("The session store refused the request")]
+    StoreRefused,
     #[error("Method Not Allowed")]
     MethodNotAllowed,
     #[error("Service is shutting down")]
@@ -145,6 +148,7 @@ impl ApiError {
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::AtCapacity { .. } => ErrorCode::AtCapacity,
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
+            Self::StoreRefused => ErrorCode::StoreRefused,
         }
     }
 
@@ -168,9 +172,13 @@ impl From<StoreError> for ApiError {
         match error {
             // Deleted between the lookup and the write.
             StoreError::ChatNotFound(_) => Self::ChatNotFound,
-            error => {
-                tracing::error!(%error, "session store request failed");
+            error if error.is_unavailable() => {
+                tracing::error!(%error, "session store unavailable");
                 Self::StoreUnavailable
+            }
+            error => {
+                tracing::error!(%error, "session store refused a request");
+                Self::StoreRefused
             }
         }
     }
@@ -245,6 +253,16 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_that_refuses_a_request_is_not_reported_as_down() {
+        let refused = ApiError::from(StoreError::Corrupt("bad value".into()));
+        assert!(matches!(refused, ApiError::StoreRefused));
+        assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let down = ApiError::from(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert!(matches!(down, ApiError::StoreUnavailable));
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn http_errors_take_their_status_from_the_table() {

@@ -166,7 +166,14 @@ fn agent_context(value: Value, errors: &mut Vec<FieldError>) -> Option<AgentCont
             )),
             ("canvas_version", Value::Null) => {}
             ("canvas_version", Value::String(version)) => {
-                if version.chars().count() > CANVAS_VERSION_MAX_CHARS {
+                if version.contains('\0') {
+                    errors.push(FieldError::nested(
+                        AT,
+                        Some(key),
+                        "value_error",
+                        "Value error, NUL characters are not allowed",
+                    ));
+                } else if version.chars().count() > CANVAS_VERSION_MAX_CHARS {
                     errors.push(FieldError::nested(
                         AT,
                         Some(key),
@@ -230,6 +237,15 @@ fn text_field(
         ));
         return None;
     };
+    if text.contains('\0') {
+        // Neither store keeps NUL the same way (PostgreSQL refuses it): refused alike, before anything is stored.
+        errors.push(FieldError::body(
+            field,
+            "value_error",
+            "Value error, NUL characters are not allowed",
+        ));
+        return None;
+    }
     let chars = text.chars().count();
     if chars == 0 {
         errors.push(FieldError::body(

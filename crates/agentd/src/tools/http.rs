@@ -120,8 +120,19 @@ impl HttpTool {
     fn url(&self, args: &Map<String, Value>) -> Result<reqwest::Url, ToolError> {
         let mut url = self.spec.url.clone();
         for (name, value) in args {
-            let encoded = utf8_percent_encode(&plain(value), SEGMENT).to_string();
-            url = url.replace(&format!("{{{name}}}"), &encoded);
+            let placeholder = format!("{{{name}}}");
+            if !url.contains(&placeholder) {
+                continue;
+            }
+            let value = plain(value);
+            // `.` and `..` are not encoded, and would move the request out of its path segment.
+            if value == "." || value == ".." {
+                return Err(ToolError::BadUrl(format!(
+                    "argument {name} may not be {value:?}: it would leave its path segment"
+                )));
+            }
+            let encoded = utf8_percent_encode(&value, SEGMENT).to_string();
+            url = url.replace(&placeholder, &encoded);
         }
         if url.contains('{') {
             return Err(ToolError::BadUrl(
@@ -234,5 +245,30 @@ mod tests {
         let encode = |v: &str| utf8_percent_encode(v, SEGMENT).to_string();
         assert_eq!(encode("a b/c?d"), "a%20b%2Fc%3Fd");
         assert_eq!(encode("canvas-1_x.y~"), "canvas-1_x.y~");
+    }
+
+    #[tokio::test]
+    async fn dot_segments_never_leave_their_place_in_the_path() {
+        let tools = parse(
+            "tools:\n  - name: nodes\n    description: d\n    url: \"http://127.0.0.1:9/api/canvases/{canvas}/nodes\"\n",
+        )
+        .unwrap();
+        let ctx = ToolContext::default();
+        for bad in [".", ".."] {
+            let result = tools[0].call(json!({"canvas": bad}), &ctx).await;
+            assert!(
+                matches!(result, Err(ToolError::BadUrl(ref why)) if why.contains("path segment")),
+                "{bad}: {result:?}"
+            );
+        }
+        // Encoded dots stay encoded: `%2e%2e` is sent as `%252e%252e`, a name, not a step up.
+        let url = HttpTool::new(
+            serde_yaml::from_str("name: n\ndescription: d\nurl: \"http://h/a/{x}/b\"\n").unwrap(),
+            reqwest::Client::new(),
+        )
+        .unwrap()
+        .url(json!({"x": "%2e%2e"}).as_object().unwrap())
+        .unwrap();
+        assert_eq!(url.path(), "/a/%252e%252e/b");
     }
 }

@@ -6,6 +6,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use agentd::grpc::proto::CreateAgentChatRequest;
+use agentd::grpc::proto::agents_client::AgentsClient;
+
+use crate::common::db::TestDb;
 use crate::common::{Agentd, PATIENCE, new_chat};
 
 /// Sends `head` (and `body`) on a raw connection; returns the status line and the JSON body of the answer.
@@ -136,4 +140,50 @@ async fn an_empty_or_short_jwt_secret_refuses_to_start_and_dev_mode_must_be_aske
     let chat = new_chat();
     let body = serde_json::json!({"question": "q", "model": "test:deltas=1"});
     assert_eq!(dev.ask(&chat, body).await.status(), 200);
+}
+
+on_both_backends!(a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores);
+
+async fn a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let refused = server
+        .ask(
+            &chat,
+            serde_json::json!({"question": "a\u{0}b", "model": "test"}),
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["detail"][0]["loc"],
+        serde_json::json!(["body", "question"])
+    );
+    // Nothing was stored: the same chat id starts cleanly afterwards.
+    let events = server
+        .stream(
+            &chat,
+            serde_json::json!({"question": "ab", "model": "test:deltas=1"}),
+        )
+        .await
+        .rest()
+        .await;
+    assert_eq!(events.last().unwrap().1["type"], "done");
+
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    for (org, says) in [("a\u{0}b", "NUL"), (&*"o".repeat(201), "longer than 200")] {
+        let status = grpc
+            .create_agent_chat(CreateAgentChatRequest {
+                org_id: org.to_owned(),
+                canvas_id: "c".into(),
+                user_id: "u".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("org_id") && status.message().contains(says),
+            "{status:?}"
+        );
+    }
 }

@@ -218,3 +218,27 @@ async fn openai_history_includes_tool_calls_and_results_in_its_format() {
     assert!(history[2]["content"].as_str().unwrap().contains("utc"));
     assert_eq!(history[3]["content"], "Noon.");
 }
+
+#[tokio::test]
+async fn a_model_chosen_dot_segment_never_leaves_its_place_in_the_tool_url() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Frames(vec![
+            openai::tool(0, "call_up", "any_canvas_nodes", r#"{"canvas": ".."}"#),
+            openai::tool(1, "call_here", "any_canvas_nodes", r#"{"canvas": "."}"#),
+            openai::usage(5, 2),
+            openai::done(),
+        ]),
+        Reply::Frames(openai::answer(&["No."], 8, 1)),
+    ]);
+    let chat = s.chat().await;
+    s.run(&chat, "openai:gpt-test", "Look around").await;
+    assert!(
+        s.fake.seen("/api/").is_empty(),
+        "no request left for the tool"
+    );
+    for call in ["call_up", "call_here"] {
+        let told = s.tool_result(1, call);
+        assert!(told.contains("path segment"), "{call}: {told}");
+    }
+}

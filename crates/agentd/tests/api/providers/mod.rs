@@ -29,6 +29,14 @@ fn tools_file(fake: &FakeUpstream) -> tempfile::TempDir {
     let base = &fake.base;
     let yaml = format!(
         r#"tools:
+  - name: any_canvas_nodes
+    description: The nodes of any canvas, by a name the model chooses.
+    url: "{base}/api/canvases/{{canvas}}/nodes"
+    parameters:
+      type: object
+      required: [canvas]
+      properties:
+        canvas: {{type: string}}
   - name: list_nodes
     description: The nodes of a canvas.
     url: "{base}/api/canvases/{{canvas}}/nodes"
