@@ -46,6 +46,8 @@ pub enum RunOutcome {
     HandedOff,
     /// Another process claimed it (this one had lost its lease): it stopped here without a word.
     Fenced,
+    /// Its chat was deleted mid-run.
+    Deleted,
 }
 
 impl RunOutcome {
@@ -58,6 +60,7 @@ impl RunOutcome {
             Self::Detached => "detached",
             Self::HandedOff => "handed_off",
             Self::Fenced => "fenced",
+            Self::Deleted => "deleted",
         }
     }
 }

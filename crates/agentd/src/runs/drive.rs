@@ -43,6 +43,7 @@ async fn run(
         biased;
         _ = ctx.interrupt.cancelled() => Err(deadline),
         _ = live.moved.cancelled() => Err(Stop::Fenced),
+        _ = live.deleted.cancelled() => Err(Stop::Deleted),
         _ = live.cancel.cancelled() => Err(Stop::Cancelled),
         _ = live.unlogged.cancelled() => Err(Stop::StoreFailed),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
@@ -54,6 +55,20 @@ async fn run(
         Err(Stop::Fenced) => {
             tracing::warn!(run_id = %ctx.run_id, "another process holds the run now; stopped producing it here");
             return (RunOutcome::Fenced, None, tokens);
+        }
+        Err(Stop::Deleted) => {
+            // Nothing is left to store it in: the followers are told, and the run ends.
+            tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, "the run's chat was deleted; run stopped");
+            let interrupted = RunEvent::RunInterrupted {
+                reason: "deleted",
+                resume: resume_path(ctx.chat_id, ctx.run_id),
+            };
+            out.emit(&interrupted).await;
+            if ctx.seed_clients {
+                out.emit(&interrupted_for_seed_clients("deleted")).await;
+            }
+            out.emit(&RunEvent::Done).await;
+            return (RunOutcome::Deleted, None, tokens);
         }
         other => ended(ctx, other),
     };
@@ -101,7 +116,7 @@ fn ended(ctx: &RunContext, result: Result<(), Stop>) -> Ending {
             None,
             Some(("detached", "nobody followed the run for DETACH_GRACE")),
         ),
-        Err(Stop::Released | Stop::Fenced) => unreachable!("handled before"),
+        Err(Stop::Released | Stop::Fenced | Stop::Deleted) => unreachable!("handled before"),
     }
 }
 

@@ -100,6 +100,8 @@ pub(super) enum Stop {
     Released,
     /// Another process holds the run now.
     Fenced,
+    /// The run's chat was deleted.
+    Deleted,
     /// Nobody followed the run for `DETACH_GRACE`.
     Detached,
 }

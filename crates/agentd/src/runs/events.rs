@@ -76,6 +76,7 @@ pub fn interrupted_for_seed_clients(reason: &str) -> RunEvent {
     let error = match reason {
         "cancelled" => "The answer was stopped before it was finished.",
         "detached" => "The answer was stopped because nobody was reading it. Please ask again.",
+        "deleted" => "The answer was stopped because its chat was deleted.",
         "stopped" => {
             "The answer was cut off because the service stopped unexpectedly. Please ask again."
         }

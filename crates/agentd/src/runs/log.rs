@@ -59,6 +59,9 @@ pub struct LiveLog {
     pub cancel: CancellationToken,
     /// Cancelled when the run's events could not be stored: the run stops rather than go on unlogged.
     pub unlogged: CancellationToken,
+    /// Cancelled when the run's chat was deleted: the run stops, and its last events go to the followers here
+    /// without being logged (there is nothing left to log them in).
+    pub deleted: CancellationToken,
     /// Cancelled when the run left this process (released for another replica, or claimed by one because this
     /// process lost its lease): the producer stops without a word, and followers here read on from the store.
     pub moved: CancellationToken,
@@ -191,6 +194,7 @@ impl RunLog {
             committed: watch::Sender::new(seq),
             cancel: CancellationToken::new(),
             unlogged: CancellationToken::new(),
+            deleted: CancellationToken::new(),
             moved: CancellationToken::new(),
         });
         self.inner
@@ -490,8 +494,12 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
             }
         }
     }
+    // Runs whose chat was deleted: what they still emit goes to their followers here, unlogged.
+    let mut deleted = Vec::new();
     for &run_id in &refused {
-        fenced(log, run_id).await;
+        if fenced(log, run_id).await {
+            deleted.push(run_id);
+        }
     }
     for &run_id in &failed {
         if let Some(run) = log.live(run_id) {
@@ -500,7 +508,10 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     }
     {
         let mut live = log.inner.live.lock().expect("run log lock");
-        for row in rows.iter().filter(|row| !refused.contains(&row.run_id)) {
+        for row in rows
+            .iter()
+            .filter(|row| !refused.contains(&row.run_id) || deleted.contains(&row.run_id))
+        {
             if let Some(run) = live.get(&row.run_id) {
                 run.committed.send_replace(row.last_seq);
             }
@@ -523,18 +534,27 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
 }
 
 /// A run's append was refused: if it still exists, another process holds it now, and this one stops producing it
-/// (its followers here read on from the store); if it is gone (its chat was deleted), it cannot be logged.
-async fn fenced(log: &RunLog, run_id: Uuid) {
+/// (its followers here read on from the store); if it is gone, its chat was deleted: the run stops. Returns whether
+/// it is gone.
+async fn fenced(log: &RunLog, run_id: Uuid) -> bool {
     match log.inner.store.get_run(run_id).await {
         Ok(Some(_)) => {
             log.inner.metrics.fenced();
             tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
             log.moved(run_id);
+            false
         }
-        Ok(None) | Err(_) => {
+        Ok(None) => {
+            if let Some(run) = log.live(run_id) {
+                run.deleted.cancel();
+            }
+            true
+        }
+        Err(_) => {
             if let Some(run) = log.live(run_id) {
                 run.unlogged.cancel();
             }
+            false
         }
     }
 }

@@ -142,7 +142,10 @@ async fn an_empty_or_short_jwt_secret_refuses_to_start_and_dev_mode_must_be_aske
     assert_eq!(dev.ask(&chat, body).await.status(), 200);
 }
 
-on_both_backends!(a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores);
+on_both_backends!(
+    a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores,
+    deleting_a_chat_mid_run_ends_its_run_cleanly_with_reason_deleted,
+);
 
 async fn a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores(db: TestDb) {
     let server = Agentd::spawn_on(db.url(), &[]).await;
@@ -186,4 +189,46 @@ async fn a_nul_character_is_refused_alike_by_http_and_grpc_on_both_stores(db: Te
             "{status:?}"
         );
     }
+}
+
+async fn deleting_a_chat_mid_run_ends_its_run_cleanly_with_reason_deleted(db: TestDb) {
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let body = serde_json::json!({"question": "q", "model": "test:deltas=1000,delay_ms=20"});
+    let mut stream = server.stream(&chat, body).await;
+    for _ in 0..3 {
+        stream.next().await.unwrap();
+    }
+    // The chats of dev mode belong to the development owner.
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    grpc.delete_agent_chat(agentd::grpc::proto::DeleteAgentChatRequest {
+        org_id: "dev-org".into(),
+        canvas_id: "dev-canvas".into(),
+        user_id: "dev-user".into(),
+        chat_id: chat.clone(),
+    })
+    .await
+    .unwrap();
+    let rest = stream.rest().await;
+    let kinds: Vec<&str> = rest
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &kinds[kinds.len() - 2..],
+        ["run_interrupted", "done"],
+        "{kinds:?}"
+    );
+    assert_eq!(rest[rest.len() - 2].1["reason"], "deleted");
+    assert!(!kinds.contains(&"run_failed"));
+    let ended = server
+        .wait_for_log_where(|l| l["message"] == "run ended")
+        .await
+        .unwrap();
+    assert_eq!(ended["outcome"], "deleted");
+    assert!(
+        !server.log_text().contains("\"level\":\"ERROR\""),
+        "{}",
+        server.log_text()
+    );
 }
