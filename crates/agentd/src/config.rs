@@ -244,9 +244,20 @@ pub fn parse_seconds(raw: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| format!("{raw:?} is not a non-negative number of seconds"))
+    let duration = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{raw:?} is not a non-negative number of seconds"))?;
+    // Deadlines are added to the clock: a bound keeps every sum of them far from overflowing.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{raw:?} is longer than {} days",
+            MAX_DURATION.as_secs() / 86_400
+        ));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any setting takes: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 /// Parses a duration: seconds (`300`, `0.5`) or a number with a unit (`90s`, `15m`, `24h`, `7d`).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -261,7 +272,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let seconds = parse_seconds(number)
         .map_err(|_| format!("{raw:?} is not a duration like 300, 90s, 15m, 24h or 7d"))?;
     Duration::try_from_secs_f64(seconds.as_secs_f64() * scale)
-        .map_err(|_| format!("{raw:?} is too long"))
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{raw:?} is too long"))
 }
 
 #[cfg(test)]
@@ -275,6 +288,12 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("h").is_err());
+        assert!(
+            parse_seconds("1e19")
+                .unwrap_err()
+                .contains("longer than 365 days")
+        );
+        assert!(parse_duration("100000d").is_err());
         assert!(parse_duration("5w").is_err());
         assert!(parse_duration("-1h").is_err());
     }

@@ -16,6 +16,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RequestTimeout,
     BadBody,
+    BadRequest,
     Unauthenticated,
     RouteNotFound,
     ChatNotFound,
@@ -55,13 +56,14 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 29] = [
+    pub const ALL: [Self; 30] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
         Self::PayloadTooLarge,
         Self::RequestTimeout,
         Self::BadBody,
+        Self::BadRequest,
         Self::Unauthenticated,
         Self::RouteNotFound,
         Self::ChatNotFound,
@@ -99,6 +101,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => ("payload_too_large", 413, G::InvalidArgument, false),
             Self::RequestTimeout => ("request_timeout", 408, G::DeadlineExceeded, true),
             Self::BadBody => ("bad_body", 400, G::InvalidArgument, false),
+            Self::BadRequest => ("bad_request", 400, G::InvalidArgument, false),
             Self::Unauthenticated => ("unauthenticated", 401, G::Unauthenticated, false),
             Self::RouteNotFound => ("route_not_found", 404, G::Unimplemented, false),
             Self::ChatNotFound => ("chat_not_found", 404, G::NotFound, false),

@@ -9,7 +9,19 @@ use agentd::{cli, shutdown, store, telemetry};
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let command = match Cli::parse().command {
+    // A setting clap cannot read (a bad number, an unknown mode) is a configuration error like the others: exit 64.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let command = match cli.command {
         // Client commands print for a person; they set up no logging.
         Command::Token(args) => return exit(cli::token(args)),
         command => command,

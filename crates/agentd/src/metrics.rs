@@ -108,7 +108,11 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let open_streams = Gauge::default();
         let admitted = Counter::default();
-        let rejected = Family::default();
+        let rejected: Family<RejectLabels, Counter> = Family::default();
+        // Every series from the start, so a dashboard sees 0 rather than nothing before the first refusal.
+        for reason in ["shutdown", "limit"] {
+            let _ = rejected.get_or_create(&RejectLabels { reason });
+        }
         let runs = Family::default();
         let run_failures = Family::default();
         let tool_failures = Family::default();

@@ -176,11 +176,18 @@ fn expect_text(
 
 fn non_blank(claims: &Map<String, Value>, name: &'static str) -> Result<String, AuthError> {
     match claim(claims, name)? {
-        Value::String(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
-        Value::String(_) => Err(AuthError::BadClaim {
+        Value::String(value) if value.trim().is_empty() => Err(AuthError::BadClaim {
             claim: name,
             problem: "is blank",
         }),
+        // Compared exactly with the chat's owner: `" alice "` is not alice.
+        Value::String(value) if value.trim() != value || value.contains('\0') => {
+            Err(AuthError::BadClaim {
+                claim: name,
+                problem: "has surrounding whitespace or a NUL character",
+            })
+        }
+        Value::String(value) => Ok(value.clone()),
         _ => Err(AuthError::BadClaim {
             claim: name,
             problem: "must be a string",

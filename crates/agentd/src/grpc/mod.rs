@@ -109,7 +109,9 @@ impl Interceptor for BearerToken {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         match given {
             Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(request),
             _ => Err(ErrorCode::Unauthenticated.status("missing or invalid bearer token")),

@@ -28,10 +28,14 @@ impl FromRequestParts<AppState> for Identity {
 }
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
+    let mut given = parts.headers.get_all(header::AUTHORIZATION).iter();
+    let value = given
+        .next()
         .ok_or(ApiError::Unauthorized(AuthError::Missing))?;
+    if given.next().is_some() {
+        // Which one counts would depend on who reads the request: none does.
+        return Err(ApiError::DuplicateAuthorization);
+    }
     let value = value
         .to_str()
         .map_err(|_| ApiError::Unauthorized(AuthError::MalformedHeader))?;

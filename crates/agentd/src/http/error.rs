@@ -37,6 +37,8 @@ pub enum ApiError {
     BadBody,
     #[error("Not authenticated: {0}")]
     Unauthorized(AuthError),
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
     #[error("Not Found")]
     RouteNotFound,
     /// The chat does not exist or is not the caller's; the two are not told apart.
@@ -119,6 +121,15 @@ impl FieldError {
         }
     }
 
+    /// The path itself, when its parameters cannot be read (say, `%ff`: not UTF-8).
+    pub fn unreadable_path() -> Self {
+        Self {
+            loc: vec!["path".into()],
+            msg: "Path parameters should be valid UTF-8".to_owned(),
+            kind: "string_unicode",
+        }
+    }
+
     pub fn path(param: &'static str, kind: &'static str, msg: impl Into<String>) -> Self {
         Self {
             loc: vec!["path".into(), param.into()],
@@ -149,6 +160,7 @@ impl ApiError {
             Self::AtCapacity { .. } => ErrorCode::AtCapacity,
             Self::StoreUnavailable => ErrorCode::StoreUnavailable,
             Self::StoreRefused => ErrorCode::StoreRefused,
+            Self::DuplicateAuthorization => ErrorCode::BadRequest,
         }
     }
 

@@ -84,3 +84,25 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
         ])
         .max_age(Duration::from_secs(600))
 }
+
+/// Path parameters, read like axum's `Path`, but a path that cannot be read (a parameter that is not UTF-8) is the
+/// same 422 JSON error as a bad id, not a plain-text 400.
+pub(crate) struct PathIds<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for PathIds<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = error::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(ids)| Self(ids))
+            .map_err(|_| error::ApiError::Validation(vec![error::FieldError::unreadable_path()]))
+    }
+}

@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
+use super::PathIds;
 use super::error::{ApiError, FieldError};
 use super::stream::{parse_id, sse};
 use crate::auth::Identity;
@@ -26,7 +27,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
 pub async fn attach(
     State(state): State<AppState>,
     identity: Identity,
-    Path((chat_id, run_id)): Path<(String, String)>,
+    PathIds((chat_id, run_id)): PathIds<(String, String)>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
@@ -94,7 +95,7 @@ fn resume(
 pub async fn cancel(
     State(state): State<AppState>,
     identity: Identity,
-    Path((chat_id, run_id)): Path<(String, String)>,
+    PathIds((chat_id, run_id)): PathIds<(String, String)>,
 ) -> Result<Response, ApiError> {
     let chat_id = parse_id(&chat_id, "chat_id")?;
     let run_id = parse_id(&run_id, "run_id")?;
@@ -111,7 +112,7 @@ pub async fn cancel(
 pub async fn messages(
     State(state): State<AppState>,
     identity: Identity,
-    Path(chat_id): Path<String>,
+    PathIds(chat_id): PathIds<String>,
 ) -> Result<Response, ApiError> {
     let chat_id = parse_id(&chat_id, "chat_id")?;
     let found = state.runs.history(&identity, chat_id).await?;

@@ -53,6 +53,8 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A client that shuts its write side after the request still gets its answer.
+        .half_close(true)
         // Many small SSE frames per write: flattening them into one buffer beats vectored writes of 16 at a time.
         .writev(false);
     // One descriptor held in reserve, given up for a moment to refuse a connection when none is left.

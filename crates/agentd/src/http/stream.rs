@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
-use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES};
+use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES, PathIds};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
 use crate::runs::events::{RunEvent, event_id, resume_path};
@@ -280,7 +280,7 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
 pub async fn stream(
     State(state): State<AppState>,
     identity: Identity,
-    Path(chat_id): Path<String>,
+    PathIds(chat_id): PathIds<String>,
     request: StreamRequest,
 ) -> Result<Response, ApiError> {
     let chat_id = parse_id(&chat_id, "chat_id")?;

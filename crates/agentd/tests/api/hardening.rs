@@ -232,3 +232,143 @@ async fn deleting_a_chat_mid_run_ends_its_run_cleanly_with_reason_deleted(db: Te
         server.log_text()
     );
 }
+
+const SECRET: &str = "hardening-tests-secret-of-32-bytes-or-more";
+
+#[tokio::test]
+async fn small_protocol_abuses_get_clear_json_errors() {
+    let server = Agentd::spawn(&[("JWT_SECRET", SECRET)]).await;
+    let secret = agentd::secret::Secret::new(SECRET);
+    let mint = |user: &str| {
+        agentd::auth::mint(
+            &secret,
+            "superplane_api",
+            "acme",
+            user,
+            "canvas-1",
+            Duration::from_secs(60),
+        )
+    };
+    let url = server.url(&format!("/agents/chats/{}/stream", new_chat()));
+    let body = serde_json::json!({"question": "q"});
+
+    // Two Authorization headers: which one would count is not for the service to guess.
+    let two = server
+        .http
+        .post(&url)
+        .header("authorization", format!("Bearer {}", mint("alice")))
+        .header("authorization", format!("Bearer {}", mint("mallory")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two.status(), 400);
+    let detail: Value = two.json().await.unwrap();
+    assert!(
+        detail["detail"].as_str().unwrap().contains("more than one"),
+        "{detail}"
+    );
+
+    // A user id with surrounding whitespace is not the user without it.
+    let spaced = server
+        .http
+        .post(&url)
+        .bearer_auth(mint(" alice "))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spaced.status(), 401);
+    let detail: Value = spaced.json().await.unwrap();
+    assert!(
+        detail["detail"].as_str().unwrap().contains("whitespace"),
+        "{detail}"
+    );
+
+    // A path that is not UTF-8 is the same 422 JSON error as a bad id.
+    let unreadable = server
+        .http
+        .post(server.url("/agents/chats/%ff/stream"))
+        .bearer_auth(mint("alice"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unreadable.status(), 422);
+    let detail: Value = unreadable.json().await.unwrap();
+    assert_eq!(detail["detail"][0]["loc"], serde_json::json!(["path"]));
+
+    // Every series of refusals is there from the start.
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    for reason in ["shutdown", "limit"] {
+        let series = format!("agentd_streams_rejected_total{{reason=\"{reason}\"}} 0");
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} in {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let server = Agentd::spawn(&[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    socket.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn durations_too_long_to_add_to_the_clock_refuse_the_start() {
+    for setting in ["SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "DRAIN_TIMEOUT"] {
+        let (status, stderr) = Agentd::run_to_exit(&[(setting, "1e19")]).await;
+        assert_eq!(status.code(), Some(64), "{setting}: {stderr}");
+        assert!(
+            stderr.contains("longer than 365 days"),
+            "{setting}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_grpc_token_check_takes_the_scheme_in_any_case_as_http_does() {
+    let server = Agentd::spawn(&[("INTERNAL_GRPC_TOKEN", "grpc-token")]).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let value: tonic::metadata::MetadataValue<_> =
+            format!("{scheme} grpc-token").parse().unwrap();
+        let mut grpc = AgentsClient::with_interceptor(
+            channel.clone(),
+            move |mut request: tonic::Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+                Ok(request)
+            },
+        );
+        let created = grpc
+            .create_agent_chat(CreateAgentChatRequest {
+                org_id: "o".into(),
+                canvas_id: "c".into(),
+                user_id: "u".into(),
+            })
+            .await;
+        assert!(created.is_ok(), "{scheme}: {created:?}");
+    }
+}
