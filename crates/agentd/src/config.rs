@@ -159,6 +159,11 @@ pub enum ConfigError {
     #[error("RUN_LEASE must be at least 1 second")]
     ShortLease,
     #[error(
+        "AI_MODEL is the test model, which a service with JWT_SECRET set offers only when AI_MODELS names it: set \
+         AI_MODEL to a real model, or AI_MODELS to a list with test in it"
+    )]
+    TestModelUnnamed,
+    #[error(
         "JWT_SECRET is set but empty: refusing to start in dev mode by accident (a broken secret mount?); set the \
          secret, or unset it, or ask for dev mode with AGENTD_DEV=1"
     )]

@@ -75,9 +75,12 @@ pub struct StoreArgs {
 /// Model providers, the models requests may name, and the agent's tools.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Comma-separated model ids requests may name [default: AI_MODEL and test].
+    /// Comma-separated model ids requests may name [default: AI_MODEL, and test unless JWT_SECRET is set].
     #[arg(long, env = "AI_MODELS")]
     pub ai_models: Option<String>,
+    /// Most `model_delta`s a run of the test model may ask for.
+    #[arg(long, env = "TEST_MODEL_MAX_DELTAS", default_value_t = 100_000)]
+    pub test_model_max_deltas: u32,
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
     /// An OpenAI-compatible API (OpenAI, vLLM, Ollama, llama.cpp server, gateways).
@@ -296,8 +299,21 @@ impl ServeArgs {
         if args.run_lease < Duration::from_secs(1) {
             return Err(ConfigError::ShortLease);
         }
-        let models = ModelPolicy::new(default_model.clone(), args.models.ai_models.as_deref())
-            .map_err(|e| ConfigError::AllowedModels(e.to_string()))?;
+        let secured = args.jwt.auth_config().secret.is_some();
+        let test_named = args.models.ai_models.as_deref().is_some_and(|ids| {
+            ids.split(',')
+                .any(|id| matches!(ModelSpec::parse(id.trim()), Ok(ModelSpec::Test(_))))
+        });
+        if secured && default_model.is_test() && !test_named {
+            return Err(ConfigError::TestModelUnnamed);
+        }
+        let models = ModelPolicy::new(
+            default_model.clone(),
+            args.models.ai_models.as_deref(),
+            secured,
+            args.models.test_model_max_deltas,
+        )
+        .map_err(|e| ConfigError::AllowedModels(e.to_string()))?;
         if args.models.agent_max_steps == 0 {
             return Err(ConfigError::ZeroSteps);
         }

@@ -204,6 +204,7 @@ impl From<RunError> for ApiError {
             |kind, msg: String| Self::Validation(vec![FieldError::body("model", kind, msg)]);
         match error {
             RunError::ModelNotAllowed(_) => model_error("model_not_allowed", error.to_string()),
+            RunError::ModelOverLimit(_) => model_error("model_over_limit", error.to_string()),
             RunError::UnknownTool(_) => model_error("unknown_tool", error.to_string()),
             RunError::Unauthorized(reason) => Self::Unauthorized(reason),
             RunError::ChatNotFound => Self::ChatNotFound,

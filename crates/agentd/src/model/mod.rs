@@ -234,11 +234,19 @@ pub struct ModelPolicy {
     pub default: ModelSpec,
     /// Allowed ids; `test` allows the test model with any options.
     allowed: Vec<String>,
+    /// Most `model_delta`s a test-model run may ask for (`TEST_MODEL_MAX_DELTAS`).
+    pub test_max_deltas: u32,
 }
 
 impl ModelPolicy {
-    /// `allowed` as configured; `None` means the default and `test`.
-    pub fn new(default: ModelSpec, allowed: Option<&str>) -> Result<Self, ModelIdError> {
+    /// `allowed` as configured; `None` means the default and, unless the service is `secured` (it checks tokens),
+    /// `test`: a service open to real users offers the test model only when it is named.
+    pub fn new(
+        default: ModelSpec,
+        allowed: Option<&str>,
+        secured: bool,
+        test_max_deltas: u32,
+    ) -> Result<Self, ModelIdError> {
         let mut list: Vec<String> = match allowed {
             Some(raw) => raw
                 .split(',')
@@ -246,13 +254,26 @@ impl ModelPolicy {
                 .filter(|id| !id.is_empty())
                 .map(|id| ModelSpec::parse(id).map(|spec| spec.allow_key()))
                 .collect::<Result<_, _>>()?,
+            None if secured => Vec::new(),
             None => vec!["test".to_owned()],
         };
         list.push(default.allow_key());
         Ok(Self {
             default,
             allowed: list,
+            test_max_deltas,
         })
+    }
+
+    /// Whether the test model may run with these options: the number of deltas is bounded.
+    pub fn test_within_limit(&self, spec: &ModelSpec) -> Result<(), String> {
+        match spec {
+            ModelSpec::Test(options) if options.deltas > self.test_max_deltas => Err(format!(
+                "the test model may stream at most {} deltas here (TEST_MODEL_MAX_DELTAS)",
+                self.test_max_deltas
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn allows(&self, spec: &ModelSpec) -> bool {
@@ -290,18 +311,38 @@ mod tests {
 
     #[test]
     fn the_allow_list_holds_the_default_and_test_unless_told_otherwise() {
-        let policy = ModelPolicy::new(ModelSpec::parse("openai:gpt-4o").unwrap(), None).unwrap();
-        assert!(policy.allows(&ModelSpec::parse("openai:gpt-4o").unwrap()));
+        let gpt = || ModelSpec::parse("openai:gpt-4o").unwrap();
+        let policy = ModelPolicy::new(gpt(), None, false, 10).unwrap();
+        assert!(policy.allows(&gpt()));
         assert!(policy.allows(&ModelSpec::parse("test:deltas=2").unwrap()));
         assert!(!policy.allows(&ModelSpec::parse("openai:gpt-5").unwrap()));
+        // With tokens checked, the test model runs only when named.
+        let secured = ModelPolicy::new(gpt(), None, true, 10).unwrap();
+        assert!(!secured.allows(&ModelSpec::parse("test").unwrap()));
+        assert!(secured.allows(&gpt()));
+        // Its options are bounded in any mode.
+        assert!(
+            policy
+                .test_within_limit(&ModelSpec::parse("test:deltas=10").unwrap())
+                .is_ok()
+        );
+        assert!(
+            policy
+                .test_within_limit(&ModelSpec::parse("test:deltas=11").unwrap())
+                .is_err()
+        );
         let policy = ModelPolicy::new(
             ModelSpec::parse("test").unwrap(),
             Some("anthropic:claude-x, openai:gpt-5"),
+            false,
+            10,
         )
         .unwrap();
         assert!(policy.allows(&ModelSpec::parse("openai:gpt-5").unwrap()));
         assert!(policy.allows(&ModelSpec::parse("test:deltas=1").unwrap()));
         assert!(!policy.allows(&ModelSpec::parse("openai:gpt-4o").unwrap()));
-        assert!(ModelPolicy::new(ModelSpec::parse("test").unwrap(), Some("nope")).is_err());
+        assert!(
+            ModelPolicy::new(ModelSpec::parse("test").unwrap(), Some("nope"), false, 10).is_err()
+        );
     }
 }

@@ -211,8 +211,29 @@ pub fn post_and_stream<P: WireParser + Default>(
     let client = providers.client.clone();
     let idle = providers.idle_timeout;
     once_opened(async move {
-        let response = send(provider, || authorize(client.post(&url).json(&body))).await?;
-        Ok(parse_stream(provider, response, P::default(), idle))
+        let mut attempt = 1;
+        loop {
+            let response = send(provider, || authorize(client.post(&url).json(&body))).await?;
+            let mut events = parse_stream(provider, response, P::default(), idle);
+            // An overload told inside the stream before anything came (Anthropic's `event: error` right after
+            // `message_start`) is the streaming form of a 529: retried like the status, since nothing was shown yet.
+            let first = events.next().await;
+            if let Some(Err(error)) = &first
+                && matches!(
+                    error,
+                    ModelError::Overloaded(_)
+                        | ModelError::RateLimited(_)
+                        | ModelError::Unavailable(_)
+                )
+                && attempt < ATTEMPTS
+            {
+                tracing::warn!(provider, %error, attempt, "model provider failed before its answer began; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            return Ok(Box::pin(stream::iter(first).chain(events)) as ModelStream);
+        }
     })
 }
 

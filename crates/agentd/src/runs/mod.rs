@@ -120,6 +120,8 @@ pub enum ContextMode {
 pub enum RunError {
     #[error("model {0:?} is not one this service offers")]
     ModelNotAllowed(String),
+    #[error("{0}")]
+    ModelOverLimit(String),
     #[error("unknown tool {0:?}")]
     UnknownTool(String),
     #[error(transparent)]
@@ -249,6 +251,10 @@ impl RunService {
         if !parts.models.allows(&model) {
             return Err(RunError::ModelNotAllowed(model.to_string()));
         }
+        parts
+            .models
+            .test_within_limit(&model)
+            .map_err(RunError::ModelOverLimit)?;
         if let ModelSpec::Test(options) = &model
             && let Some(tool) = &options.tool
             && parts.tools.get(tool).is_none()

@@ -107,16 +107,25 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the store could not be reached at all (as opposed to refusing this request).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::Database(
                 sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::WorkerCrashed
-            )
-        )
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // The server itself is going away or out of room: PostgreSQL's connection exceptions (08), insufficient
+            // resources such as a full disk (53), operator intervention such as a shutdown (57), system errors (58);
+            // SQLite's busy, locked, I/O error and full disk (primary codes 5, 6, 10, 13).
+            Self::Database(sqlx::Error::Database(error)) => error.code().is_some_and(|code| {
+                ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+                    || code
+                        .parse::<i32>()
+                        .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))
+            }),
+            _ => false,
+        }
     }
 }
 

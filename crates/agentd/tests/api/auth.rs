@@ -74,7 +74,12 @@ async fn create_chat(server: &Agentd, org: &str, user: &str, canvas: &str) -> St
 }
 
 async fn spawn_secured() -> Agentd {
-    Agentd::spawn(&[("JWT_SECRET", SECRET), ("RUST_LOG", "debug")]).await
+    Agentd::spawn(&[
+        ("JWT_SECRET", SECRET),
+        ("AI_MODELS", "test"),
+        ("RUST_LOG", "debug"),
+    ])
+    .await
 }
 
 async fn ask_with(server: &Agentd, chat: &str, authorization: Option<&str>) -> reqwest::Response {

@@ -237,7 +237,7 @@ const SECRET: &str = "hardening-tests-secret-of-32-bytes-or-more";
 
 #[tokio::test]
 async fn small_protocol_abuses_get_clear_json_errors() {
-    let server = Agentd::spawn(&[("JWT_SECRET", SECRET)]).await;
+    let server = Agentd::spawn(&[("JWT_SECRET", SECRET), ("AI_MODELS", "test")]).await;
     let secret = agentd::secret::Secret::new(SECRET);
     let mint = |user: &str| {
         agentd::auth::mint(
@@ -371,4 +371,67 @@ async fn the_grpc_token_check_takes_the_scheme_in_any_case_as_http_does() {
             .await;
         assert!(created.is_ok(), "{scheme}: {created:?}");
     }
+}
+
+#[tokio::test]
+async fn the_test_model_is_offered_with_tokens_only_when_named_and_its_size_is_bounded() {
+    // With tokens checked, a default test model not named in AI_MODELS refuses the start.
+    let (status, stderr) = Agentd::run_to_exit(&[("JWT_SECRET", SECRET)]).await;
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("AI_MODELS"), "{stderr}");
+
+    // With a real default and no list, a request for the test model is refused.
+    let server = Agentd::spawn(&[("JWT_SECRET", SECRET), ("AI_MODEL", "openai:gpt-x")]).await;
+    let secret = agentd::secret::Secret::new(SECRET);
+    let token = agentd::auth::mint(
+        &secret,
+        "superplane_api",
+        "acme",
+        "alice",
+        "canvas-1",
+        Duration::from_secs(60),
+    );
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    let chat = grpc
+        .create_agent_chat(CreateAgentChatRequest {
+            org_id: "acme".into(),
+            canvas_id: "canvas-1".into(),
+            user_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .chat
+        .unwrap()
+        .id;
+    let refused = server
+        .http
+        .post(server.url(&format!("/agents/chats/{chat}/stream")))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"question": "q", "model": "test:deltas=10000000"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["detail"][0]["type"], "model_not_allowed", "{body}");
+
+    // In any mode, its size is bounded.
+    let dev = Agentd::spawn(&[("TEST_MODEL_MAX_DELTAS", "5")]).await;
+    let too_big = dev
+        .ask(
+            &new_chat(),
+            serde_json::json!({"question": "q", "model": "test:deltas=6"}),
+        )
+        .await;
+    assert_eq!(too_big.status(), 422);
+    let body: Value = too_big.json().await.unwrap();
+    assert_eq!(body["detail"][0]["type"], "model_over_limit", "{body}");
+    let within = dev
+        .ask(
+            &new_chat(),
+            serde_json::json!({"question": "q", "model": "test:deltas=5"}),
+        )
+        .await;
+    assert_eq!(within.status(), 200);
 }

@@ -186,7 +186,12 @@ async fn nothing_open_means_sigterm_exits_zero() {
 /// A client that stops reading keeps its response from ever finishing; the hard deadline still ends the process.
 #[tokio::test]
 async fn the_shutdown_timeout_ends_the_process_whatever_is_stuck() {
-    let mut server = Agentd::spawn(&[("DRAIN_TIMEOUT", "1"), ("SHUTDOWN_TIMEOUT", "3")]).await;
+    let mut server = Agentd::spawn(&[
+        ("DRAIN_TIMEOUT", "1"),
+        ("SHUTDOWN_TIMEOUT", "3"),
+        ("TEST_MODEL_MAX_DELTAS", "10000000"),
+    ])
+    .await;
     let addr = server.base.trim_start_matches("http://").to_owned();
     let body = json!({"question": "q", "model": "test:deltas=10000000"}).to_string();
     let mut socket = std::net::TcpStream::connect(&addr).unwrap();

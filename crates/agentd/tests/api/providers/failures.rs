@@ -304,3 +304,20 @@ async fn a_model_outside_the_allow_list_is_422_and_dev_mode_refuses_real_models(
         200
     );
 }
+
+#[tokio::test]
+async fn anthropic_an_overload_inside_the_stream_before_any_text_is_retried_like_a_529() {
+    let s = setup().await;
+    let mut answer = vec![anthropic::start(3)];
+    answer.extend(anthropic::text_block(0, "Fine."));
+    answer.extend(anthropic::stop(2, "end_turn"));
+    s.fake.script([
+        Reply::Frames(vec![anthropic::start(3), anthropic::overloaded()]),
+        Reply::Frames(answer),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "anthropic:claude-test", "q").await;
+    assert_eq!(crate::common::deltas(&events), "Fine.");
+    assert!(crate::common::types(&events).contains(&"run_completed".to_owned()));
+    assert_eq!(s.fake.seen("/v1/messages").len(), 2, "retried once");
+}

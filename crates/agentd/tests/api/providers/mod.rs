@@ -82,6 +82,7 @@ async fn setup_with(extra: &[(&str, &str)]) -> Setup {
         ("OPENAI_API_KEY", "sk-test-key"),
         ("ANTHROPIC_BASE_URL", fake.base.as_str()),
         ("ANTHROPIC_API_KEY", "ak-test-key"),
+        ("AI_MODEL", "openai:gpt-test"),
         ("AI_MODELS", "openai:gpt-test,anthropic:claude-test"),
         ("MODEL_IDLE_TIMEOUT", "1"),
         // A client that leaves stops its run at once here; the run log's own tests cover the grace.
