@@ -38,6 +38,7 @@ pub enum ErrorCode {
     ProviderFailed,
     ModelFailed,
     MaxStepsReached,
+    OutputTruncated,
     InvalidOutput,
     StoreFailed,
     /// Only for clients that know no `run_interrupted` (`CLIENT_COMPAT=seed`): the run was stopped before its end.
@@ -56,7 +57,7 @@ pub struct ErrorInfo {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 30] = [
+    pub const ALL: [Self; 31] = [
         Self::InvalidRequest,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -84,6 +85,7 @@ impl ErrorCode {
         Self::ProviderFailed,
         Self::ModelFailed,
         Self::MaxStepsReached,
+        Self::OutputTruncated,
         Self::InvalidOutput,
         Self::StoreFailed,
         Self::RunInterrupted,
@@ -125,6 +127,7 @@ impl ErrorCode {
             Self::ModelFailed => ("model_failed", 500, G::Internal, false),
             Self::MaxStepsReached => ("max_steps_reached", 500, G::Internal, false),
             Self::InvalidOutput => ("invalid_output", 502, G::Internal, true),
+            Self::OutputTruncated => ("model_output_truncated", 502, G::Internal, true),
             Self::StoreFailed => ("store_failed", 503, G::Unavailable, true),
             Self::RunInterrupted => ("run_interrupted", 503, G::Aborted, true),
         };

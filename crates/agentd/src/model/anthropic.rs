@@ -147,6 +147,11 @@ struct Parser {
     input_tokens: u64,
     output_tokens: u64,
     done: bool,
+    /// A tool call of this message was given to the run: if the output limit turns out to have cut the message, it
+    /// must not be run.
+    called: bool,
+    /// `stop_reason: max_tokens`: the output token limit cut the answer.
+    cut: bool,
 }
 
 impl WireParser for Parser {
@@ -207,11 +212,22 @@ impl WireParser for Parser {
                     } else {
                         serde_json::from_str(&call.input).unwrap_or(Value::String(call.input))
                     };
+                    self.called = true;
                     events.push(ModelEvent::ToolCall(ToolCall {
                         id: call.id,
                         name: call.name,
                         args,
                     }));
+                }
+            }
+            "message_delta" if data["delta"]["stop_reason"] == "max_tokens" => {
+                if self.called || !self.calls.is_empty() {
+                    tracing::warn!(provider = PROVIDER, "the output limit cut a tool call");
+                    return Err(ModelError::TruncatedToolCall(PROVIDER));
+                }
+                self.cut = true;
+                if let Some(output) = data["usage"]["output_tokens"].as_u64() {
+                    self.output_tokens = output;
                 }
             }
             "message_delta" => {
@@ -221,6 +237,9 @@ impl WireParser for Parser {
             }
             "message_stop" => {
                 self.done = true;
+                if self.cut {
+                    events.push(ModelEvent::Truncated);
+                }
                 events.push(ModelEvent::Usage(Usage::new(
                     self.input_tokens,
                     self.output_tokens,

@@ -84,6 +84,8 @@ pub enum ModelEvent {
     TextDelta(String),
     ToolCall(ToolCall),
     Usage(Usage),
+    /// The answer stopped at the model's output token limit, not where the model meant to end it.
+    Truncated,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -129,6 +131,9 @@ pub enum ModelError {
     StoppedAnswering(&'static str),
     #[error("{0} failed while answering; please try again")]
     FailedMidStream(&'static str),
+    /// The model's output token limit cut a tool call: its arguments are incomplete, so it is neither run nor kept.
+    #[error("{0} reached its output limit in the middle of a tool call; please try again")]
+    TruncatedToolCall(&'static str),
     /// The built-in model's `fail_after` option.
     #[error("the test model failed after {0} deltas, as asked")]
     TestFailure(u32),
@@ -143,6 +148,7 @@ impl ModelError {
             Self::BrokenStream(_) => ErrorCode::ProviderBrokenStream,
             Self::StoppedAnswering(_) => ErrorCode::ProviderStoppedAnswering,
             Self::FailedMidStream(_) => ErrorCode::ProviderFailed,
+            Self::TruncatedToolCall(_) => ErrorCode::OutputTruncated,
             Self::TestFailure(_) => ErrorCode::ModelFailed,
         }
     }

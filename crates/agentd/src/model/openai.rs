@@ -137,12 +137,18 @@ struct Parser {
     calls: BTreeMap<u64, PartialCall>,
     usage: Option<Usage>,
     done: bool,
+    /// `finish_reason: length`: the output token limit cut the answer.
+    cut: bool,
 }
 
 impl WireParser for Parser {
     fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
         if event.data.trim() == "[DONE]" {
             self.done = true;
+            if self.cut && !self.calls.is_empty() {
+                tracing::warn!(provider = PROVIDER, "the output limit cut a tool call");
+                return Err(ModelError::TruncatedToolCall(PROVIDER));
+            }
             let mut events: Vec<ModelEvent> = std::mem::take(&mut self.calls)
                 .into_values()
                 .map(|call| {
@@ -160,6 +166,9 @@ impl WireParser for Parser {
                     })
                 })
                 .collect();
+            if self.cut {
+                events.push(ModelEvent::Truncated);
+            }
             events.extend(self.usage.take().map(ModelEvent::Usage));
             return Ok(events);
         }
@@ -173,9 +182,13 @@ impl WireParser for Parser {
             self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
         }
         let mut events = Vec::new();
-        let Some(delta) = chunk["choices"].get(0).map(|choice| &choice["delta"]) else {
+        let Some(choice) = chunk["choices"].get(0) else {
             return Ok(events);
         };
+        if choice["finish_reason"] == "length" {
+            self.cut = true;
+        }
+        let delta = &choice["delta"];
         if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
             events.push(ModelEvent::TextDelta(text.to_owned()));
         }

@@ -137,6 +137,7 @@ async fn finish(
         (None, None) => None,
     };
     let structured = recorder.structured.take();
+    let truncated = recorder.truncated;
     let end = match recorder.finish(status, error).await {
         Ok(end) => Some(end),
         Err(StoreError::Fenced(_)) => {
@@ -167,6 +168,7 @@ async fn finish(
             out.emit(&RunEvent::FinalAnswer {
                 output: structured.unwrap_or(serde_json::Value::String(end.output)),
                 usage: end.usage,
+                truncated,
             })
             .await;
             RunEvent::RunCompleted {

@@ -205,6 +205,7 @@ pub(super) async fn agent_loop(
                 }
                 ModelEvent::ToolCall(call) => calls.push(call),
                 ModelEvent::Usage(usage) => recorder.usage += usage,
+                ModelEvent::Truncated => recorder.truncated = true,
             }
         }
         let answer = Message::Assistant {

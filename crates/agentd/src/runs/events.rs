@@ -42,6 +42,9 @@ pub enum RunEvent {
         /// The answer's text; with `OUTPUT_SCHEMA`, the whole validated object (its `answer` is the text).
         output: serde_json::Value,
         usage: Usage,
+        /// Present (true) when the model's output token limit cut the answer.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     RunCompleted {
         elapsed_ms: u64,

@@ -11,6 +11,9 @@ use uuid::Uuid;
 use crate::model::{Message, Usage};
 use crate::store::{RunEnd, RunStatus, SessionStore, StoreError};
 
+/// What a completed run whose answer the model's output limit cut keeps as its `error`.
+pub(super) const TRUNCATED: &str = "the answer was cut by the model's output token limit";
+
 /// What the run has produced so far; kept outside the cancellable loop so an interrupted run still has it.
 #[derive(Debug)]
 pub(super) struct Recorder {
@@ -25,6 +28,8 @@ pub(super) struct Recorder {
     pub messages: Vec<Message>,
     /// With an output schema, the validated answer object: what `final_answer` carries.
     pub structured: Option<serde_json::Value>,
+    /// The model's output limit cut the answer: said on `final_answer` and kept with the run.
+    pub truncated: bool,
 }
 
 impl Recorder {
@@ -37,6 +42,7 @@ impl Recorder {
             usage: Usage::default(),
             messages: Vec::new(),
             structured: None,
+            truncated: false,
         }
     }
 
@@ -46,6 +52,10 @@ impl Recorder {
         status: RunStatus,
         error: Option<String>,
     ) -> Result<RunEnd, StoreError> {
+        let error = match (status, self.truncated) {
+            (RunStatus::Completed, true) => Some(TRUNCATED.to_owned()),
+            _ => error,
+        };
         let end = RunEnd {
             status,
             error,

@@ -119,7 +119,9 @@ impl StoreError {
             // resources such as a full disk (53), operator intervention such as a shutdown (57), system errors (58);
             // SQLite's busy, locked, I/O error and full disk (primary codes 5, 6, 10, 13).
             Self::Database(sqlx::Error::Database(error)) => error.code().is_some_and(|code| {
-                ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+                ["08", "53", "57", "58"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
                     || code
                         .parse::<i32>()
                         .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))

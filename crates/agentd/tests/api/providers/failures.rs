@@ -321,3 +321,70 @@ async fn anthropic_an_overload_inside_the_stream_before_any_text_is_retried_like
     assert!(crate::common::types(&events).contains(&"run_completed".to_owned()));
     assert_eq!(s.fake.seen("/v1/messages").len(), 2, "retried once");
 }
+
+/// The run's `run_failed`: its code.
+fn failed_code(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .find(|(_, e)| e["type"] == "run_failed")
+        .map(|(_, e)| e["code"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no run_failed in {events:?}"))
+}
+
+/// An OpenAI chunk that ends the choice with `reason`.
+fn openai_finish(reason: &str) -> String {
+    format!(
+        "data: {}\n\n",
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+    )
+}
+
+#[tokio::test]
+async fn anthropic_a_tool_call_cut_by_the_output_limit_is_never_run_nor_kept() {
+    let s = setup().await;
+    // The arguments stop mid-way, then the token limit.
+    let mut frames = vec![anthropic::start(3)];
+    let mut block = anthropic::tool_block(0, "toolu_1", "list_nodes", r#"{"canvas": "canv"#);
+    block.pop(); // no content_block_stop: the stream stops inside the arguments
+    frames.extend(block);
+    frames.extend(anthropic::stop(4096, "max_tokens"));
+    s.fake.script([Reply::Frames(frames)]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "anthropic:claude-test", "q").await;
+    assert_eq!(failed_code(&events), "model_output_truncated");
+    assert!(!types(&events).contains(&"tool_started".to_owned()));
+    assert!(s.fake.seen("/api/").is_empty(), "the tool was not called");
+    assert_eq!(
+        s.fake.seen("/v1/messages").len(),
+        1,
+        "and nothing was sent back with it"
+    );
+}
+
+#[tokio::test]
+async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text_answer_says_so() {
+    let s = setup().await;
+    s.fake.script([
+        Reply::Frames(vec![
+            openai::tool(0, "call_1", "list_nodes", r#"{"canvas": "can"#),
+            openai_finish("length"),
+            openai::done(),
+        ]),
+        Reply::Frames(vec![
+            openai::text("A long answer that"),
+            openai_finish("length"),
+            openai::usage(5, 4096),
+            openai::done(),
+        ]),
+    ]);
+    let chat = s.chat().await;
+    let events = s.run(&chat, "openai:gpt-test", "q").await;
+    assert_eq!(failed_code(&events), "model_output_truncated");
+    assert!(s.fake.seen("/api/").is_empty());
+
+    let events = s.run(&chat, "openai:gpt-test", "q").await;
+    let answer = answer_of(&events);
+    assert_eq!(answer["output"], "A long answer that");
+    assert_eq!(answer["truncated"], true);
+    assert_eq!(s.latest_status(&chat).await, "completed");
+}
