@@ -131,15 +131,16 @@ impl Application {
         let instance_id: Arc<str> = Uuid::new_v4().to_string().into();
         tracing::info!(backend, %instance_id, "session store ready");
         let fd_limit = raise_open_file_limit();
-        let fd_streams =
+        let descriptors =
             usize::try_from(fd_limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
         let max_streams = config
             .max_streams
-            .map_or(fd_streams, |limit| limit.min(fd_streams));
+            .map_or(descriptors, |limit| limit.min(descriptors));
         tracing::info!(
             open_file_limit = fd_limit,
             max_streams,
-            "stream admission limit set"
+            stream_descriptors = descriptors,
+            "stream admission limit set (a stream from a provider holds two descriptors)"
         );
         let mut stages = Stages::default();
         let closing = stages.register(Stage::Store, "store", None);
@@ -149,7 +150,7 @@ impl Application {
             to_close.close().await;
         });
         let metrics = Arc::new(Metrics::default());
-        let tracker = StreamTracker::new(Some(max_streams));
+        let tracker = StreamTracker::with_descriptors(Some(max_streams), Some(descriptors));
         let (log, queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
         // The writer stops after the runs and the servers: followers still waiting for a `done` get it.
         let writer = stages.register(Stage::Background, "run log writer", None);

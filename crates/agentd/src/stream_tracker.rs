@@ -36,6 +36,8 @@ pub enum DrainOutcome {
 struct State {
     /// Streams admitted and not yet released.
     open: usize,
+    /// File descriptors those streams hold: the client's socket, and the provider's when the run streams from one.
+    held: usize,
     /// Set once by `begin_shutdown`; from then on nothing is admitted.
     shutting_down: bool,
 }
@@ -48,49 +50,70 @@ pub struct StreamTracker {
     state: Arc<watch::Sender<State>>,
     /// Admission limit (`MAX_STREAMS`); `None` = unlimited.
     limit: Option<usize>,
+    /// File descriptors streams may hold in all (the open-file limit less a reserve); `None` = unlimited.
+    descriptors: Option<usize>,
 }
 
 impl StreamTracker {
     pub fn new(limit: Option<usize>) -> Self {
+        Self::with_descriptors(limit, None)
+    }
+
+    /// A tracker that also keeps the descriptors its streams hold within `descriptors`.
+    pub fn with_descriptors(limit: Option<usize>, descriptors: Option<usize>) -> Self {
         Self {
             state: Arc::new(watch::Sender::new(State::default())),
             limit,
+            descriptors,
         }
     }
 
-    /// Admits one stream and counts it, or says why not, in one step.
+    /// Admits one stream holding one descriptor (its client's socket) and counts it, or says why not, in one step.
     pub fn try_admit(&self) -> Result<StreamGuard, Rejection> {
+        self.try_admit_holding(1)
+    }
+
+    /// Admits one stream that will hold `descriptors` file descriptors (2 for a run streaming from a provider: the
+    /// client's socket and the provider's), or says why not, in one step: a stream is refused before it starts
+    /// rather than fail later for want of a descriptor.
+    pub fn try_admit_holding(&self, descriptors: usize) -> Result<StreamGuard, Rejection> {
         let mut verdict = Ok(());
         self.state.send_if_modified(|state| {
-            if state.shutting_down {
-                verdict = Err(Rejection::ShuttingDown);
-                return false;
-            }
-            if let Some(limit) = self.limit
-                && state.open >= limit
-            {
-                verdict = Err(Rejection::AtCapacity { limit });
+            verdict = self.verdict(state, descriptors);
+            if verdict.is_err() {
                 return false;
             }
             state.open += 1;
+            state.held += descriptors;
             true
         });
         verdict.map(|()| StreamGuard {
             state: Arc::clone(&self.state),
+            descriptors,
         })
     }
 
-    /// Whether a stream would be admitted now, without counting one: a cheap check that comes before any work a
-    /// refused stream would waste. [`Self::try_admit`] still decides, atomically.
-    pub fn admitting(&self) -> Result<(), Rejection> {
-        let state = self.state.borrow();
+    fn verdict(&self, state: &State, descriptors: usize) -> Result<(), Rejection> {
         if state.shutting_down {
             return Err(Rejection::ShuttingDown);
         }
-        match self.limit {
-            Some(limit) if state.open >= limit => Err(Rejection::AtCapacity { limit }),
-            _ => Ok(()),
+        if let Some(limit) = self.limit
+            && state.open >= limit
+        {
+            return Err(Rejection::AtCapacity { limit });
         }
+        if let Some(budget) = self.descriptors
+            && state.held + descriptors > budget
+        {
+            return Err(Rejection::AtCapacity { limit: state.open });
+        }
+        Ok(())
+    }
+
+    /// Whether a stream holding `descriptors` would be admitted now, without counting one: a cheap check that comes
+    /// before any work a refused stream would waste. [`Self::try_admit_holding`] still decides, atomically.
+    pub fn admitting(&self, descriptors: usize) -> Result<(), Rejection> {
+        self.verdict(&self.state.borrow(), descriptors)
     }
 
     /// Stops admitting streams. Streams already admitted run on.
@@ -117,11 +140,15 @@ impl StreamTracker {
 #[derive(Debug)]
 pub struct StreamGuard {
     state: Arc<watch::Sender<State>>,
+    descriptors: usize,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.state.send_modify(|state| state.open -= 1);
+        self.state.send_modify(|state| {
+            state.open -= 1;
+            state.held -= self.descriptors;
+        });
     }
 }
 
@@ -161,6 +188,22 @@ mod tests {
         assert_eq!(tracker.open(), 2, "a rejected stream is not counted");
         drop(a);
         assert!(tracker.try_admit().is_ok());
+    }
+
+    #[test]
+    fn streams_that_hold_a_provider_socket_count_it_against_the_descriptors() {
+        let tracker = StreamTracker::with_descriptors(None, Some(5));
+        let a = tracker.try_admit_holding(2).unwrap();
+        let _b = tracker.try_admit_holding(2).unwrap();
+        assert!(tracker.admitting(2).is_err());
+        assert!(
+            tracker.try_admit_holding(2).is_err(),
+            "4 held, 2 more would pass 5"
+        );
+        let _c = tracker.try_admit_holding(1).unwrap();
+        assert_eq!(tracker.open(), 3);
+        drop(a);
+        assert!(tracker.try_admit_holding(2).is_ok());
     }
 
     #[test]

@@ -244,10 +244,15 @@ impl RunService {
         request: RunRequest,
     ) -> Result<RunHandle, RunError> {
         let parts = &self.inner.parts;
-        parts.tracker.admitting().map_err(|r| self.rejected(r))?;
         let model = request
             .model
             .unwrap_or_else(|| parts.models.default.clone());
+        // A run streaming from a provider holds its socket too, beside the client's.
+        let descriptors = if model.is_test() { 1 } else { 2 };
+        parts
+            .tracker
+            .admitting(descriptors)
+            .map_err(|r| self.rejected(r))?;
         if !parts.models.allows(&model) {
             return Err(RunError::ModelNotAllowed(model.to_string()));
         }
@@ -272,7 +277,10 @@ impl RunService {
             (caller, found) => Some(owned(caller, found)?),
         };
         // Counted before anything is written, so a refused stream leaves nothing behind.
-        let guard = parts.tracker.try_admit().map_err(|r| self.rejected(r))?;
+        let guard = parts
+            .tracker
+            .try_admit_holding(descriptors)
+            .map_err(|r| self.rejected(r))?;
         let chat = match chat {
             Some(chat) => chat,
             None => parts.store.ensure_chat(chat_id, &dev_owner()).await?,
@@ -411,7 +419,7 @@ impl RunService {
         resume: Resume,
     ) -> Result<RunHandle, RunError> {
         let parts = &self.inner.parts;
-        parts.tracker.admitting().map_err(|r| self.rejected(r))?;
+        parts.tracker.admitting(1).map_err(|r| self.rejected(r))?;
         let run = self.find_run(caller, chat_id, run_id).await?;
         let last = self.last_seq(run_id).await?;
         if resume.after > last {

@@ -25,7 +25,7 @@ impl RunService {
     pub(super) async fn take_over_followed(&self) {
         let parts = &self.inner.parts;
         // A replica that is shutting down leaves the runs to the others.
-        if matches!(parts.tracker.admitting(), Err(Rejection::ShuttingDown)) {
+        if matches!(parts.tracker.admitting(0), Err(Rejection::ShuttingDown)) {
             return;
         }
         let followed = self.log().followed_with_callers();

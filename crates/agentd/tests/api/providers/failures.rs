@@ -388,3 +388,69 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
     assert_eq!(answer["truncated"], true);
     assert_eq!(s.latest_status(&chat).await, "completed");
 }
+
+#[tokio::test]
+async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
+    let fake = crate::common::upstream::FakeUpstream::start().await;
+    let stalls = (0..120).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
+    fake.script(stalls);
+    let openai_base = format!("{}/v1", fake.base);
+    // 300 descriptors, 128 kept in reserve: 172 for streams, two each for a stream from a provider.
+    let server = Agentd::spawn_with_open_file_limit(
+        300,
+        &[
+            ("JWT_SECRET", super::SECRET),
+            ("AI_MODEL", "openai:gpt-test"),
+            ("OPENAI_BASE_URL", openai_base.as_str()),
+            ("OPENAI_API_KEY", "sk-test-key"),
+        ],
+    )
+    .await;
+    let secret = agentd::secret::Secret::new(super::SECRET);
+    let token = agentd::auth::mint(
+        &secret,
+        "superplane_api",
+        ORG,
+        USER,
+        CANVAS,
+        std::time::Duration::from_secs(600),
+    );
+    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let chat = grpc
+            .create_agent_chat(agentd::grpc::proto::CreateAgentChatRequest {
+                org_id: ORG.into(),
+                canvas_id: CANVAS.into(),
+                user_id: USER.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .chat
+            .unwrap()
+            .id;
+        let response = server
+            .http
+            .post(server.url(&format!("/agents/chats/{chat}/stream")))
+            .bearer_auth(&token)
+            .json(&json!({"question": "q"}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            refused += 1;
+            continue;
+        }
+        assert_eq!(response.status(), 200);
+        let mut events = Events::new(response);
+        // Every admitted stream reached its provider: run_started, then the provider's first text.
+        assert_eq!(events.next_data().await["type"], "run_started");
+        let first = events.next_data().await;
+        assert_eq!(first["type"], "model_delta", "{first}");
+        open.push(events);
+    }
+    assert_eq!(open.len(), 86, "172 descriptors, two per stream");
+    assert_eq!(refused, 14);
+}
