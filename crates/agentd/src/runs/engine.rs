@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::events::RunEvent;
 use super::history::tool_label;
-use super::lease::LiveRuns;
+use super::live::LiveRuns;
 use super::log::RunWriter;
 use super::recorder::Recorder;
 use crate::error::ErrorCode;

@@ -1,8 +1,6 @@
-//! Leases: the runs this process drives keep a fresh heartbeat in the store, and runs whose process is gone are marked
-//! `interrupted` by any replica (see [`crate::store`] for the rule).
+//! Leases: the runs this process drives keep a fresh heartbeat in the store; runs whose producer is gone are taken over
+//! by a replica that follows them, or marked `interrupted` by any replica when nobody does (see [`crate::store`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -12,75 +10,7 @@ use uuid::Uuid;
 use super::RunService;
 use super::engine::Resumed;
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
-use super::takeover::read_log;
 use crate::store::{LogRow, SessionStore, StoreError};
-
-/// The runs this process is driving now, with when each started; their leases are the ones it keeps fresh.
-#[derive(Debug, Clone, Default)]
-pub struct LiveRuns(Arc<Mutex<HashMap<Uuid, Instant>>>);
-
-impl LiveRuns {
-    pub fn ids(&self) -> Vec<Uuid> {
-        self.0
-            .lock()
-            .expect("live runs lock")
-            .keys()
-            .copied()
-            .collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.lock().expect("live runs lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The `n` runs that have been going longest, oldest first, with their age: what a progress line names.
-    pub fn oldest(&self, n: usize) -> Vec<(Uuid, Duration)> {
-        let now = Instant::now();
-        let mut runs: Vec<(Uuid, Duration)> = self
-            .0
-            .lock()
-            .expect("live runs lock")
-            .iter()
-            .map(|(id, started)| (*id, now.saturating_duration_since(*started)))
-            .collect();
-        runs.sort_by_key(|run| std::cmp::Reverse(run.1));
-        runs.truncate(n);
-        runs
-    }
-
-    /// Counts the run as live until the returned guard is dropped.
-    pub(super) fn enter(&self, run_id: Uuid) -> LiveRun {
-        self.0
-            .lock()
-            .expect("live runs lock")
-            .insert(run_id, Instant::now());
-        LiveRun {
-            runs: self.clone(),
-            run_id,
-        }
-    }
-}
-
-/// Removes its run from [`LiveRuns`] when dropped.
-#[derive(Debug)]
-pub(super) struct LiveRun {
-    runs: LiveRuns,
-    run_id: Uuid,
-}
-
-impl Drop for LiveRun {
-    fn drop(&mut self) {
-        self.runs
-            .0
-            .lock()
-            .expect("live runs lock")
-            .remove(&self.run_id);
-    }
-}
 
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -167,7 +97,7 @@ async fn end_log(
     let Some(run) = store.get_run(run_id).await? else {
         return Ok(0);
     };
-    let events = read_log(store, run_id).await?;
+    let events = store.events_of(run_id).await?;
     let last = events.last().map_or(0, |(seq, _)| *seq);
     store
         .save_partial(run_id, &Resumed::from_log(&events).output)
@@ -197,25 +127,4 @@ async fn end_log(
         }])
         .await?;
     Ok(last + count)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_oldest_runs_come_first_and_leave_when_done() {
-        let live = LiveRuns::default();
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let first = live.enter(a);
-        tokio::time::advance(Duration::from_secs(3)).await;
-        let _second = live.enter(b);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(
-            live.oldest(5),
-            vec![(a, Duration::from_secs(4)), (b, Duration::from_secs(1))]
-        );
-        drop(first);
-        assert_eq!(live.ids(), vec![b]);
-    }
 }

@@ -18,6 +18,7 @@ pub mod events;
 pub mod follow;
 pub mod history;
 pub mod lease;
+mod live;
 pub mod log;
 mod recorder;
 mod takeover;
@@ -42,7 +43,7 @@ pub use engine::Failure;
 use engine::{Resumed, RunContext};
 use events::RunEvent;
 use follow::Follower;
-pub use lease::LiveRuns;
+pub use live::LiveRuns;
 use log::RunLog;
 
 /// What a run needs from the process, given once at start.

@@ -16,7 +16,7 @@ use super::drive::drive;
 use super::engine::Resumed;
 use super::{AgentContext, RunService};
 use crate::model::{Message, ModelSpec, ToolCall};
-use crate::store::{SessionStore, StoreError};
+use crate::store::StoreError;
 use crate::stream_tracker::Rejection;
 use crate::tools::ToolContext;
 
@@ -97,7 +97,7 @@ impl RunService {
         };
         let model = ModelSpec::parse(&run.model)
             .map_err(|e| StoreError::Corrupt(format!("run {run_id}: {e}")))?;
-        let events = read_log(store, run_id).await?;
+        let events = store.events_of(run_id).await?;
         let resumed = Resumed::from_log(&events);
         let after = events.last().map_or(0, |(seq, _)| *seq);
         let writer = parts.log.produce(
@@ -128,22 +128,6 @@ impl RunService {
             .tasks
             .spawn(drive(ctx, writer, resumed));
         Ok(())
-    }
-}
-
-/// Every event of the run's log, in order.
-pub(super) async fn read_log(
-    store: &SessionStore,
-    run_id: Uuid,
-) -> Result<Vec<(u64, String)>, StoreError> {
-    let mut events: Vec<(u64, String)> = Vec::new();
-    loop {
-        let after = events.last().map_or(0, |(seq, _)| *seq);
-        let page = store.events_after(run_id, after).await?;
-        if page.is_empty() {
-            return Ok(events);
-        }
-        events.extend(page);
     }
 }
 

@@ -178,6 +178,19 @@ impl SessionStore {
         Ok(events)
     }
 
+    /// Every event of the run's log, in order, page by page.
+    pub async fn events_of(&self, run_id: Uuid) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut events: Vec<(u64, String)> = Vec::new();
+        loop {
+            let after = events.last().map_or(0, |(seq, _)| *seq);
+            let page = self.events_after(run_id, after).await?;
+            if page.is_empty() {
+                return Ok(events);
+            }
+            events.extend(page);
+        }
+    }
+
     /// The seq of the run's last stored event (0 when it has none).
     pub async fn last_seq(&self, run_id: Uuid) -> Result<u64, StoreError> {
         let row = self
