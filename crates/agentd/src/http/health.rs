@@ -18,7 +18,8 @@ pub async fn live() -> impl IntoResponse {
 /// How long readiness waits for the store to answer before calling it unreachable.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// 200 while serving; 503 from the moment a shutdown signal arrives, and while the store is unreachable.
+/// 200 while serving; 503 from the moment a shutdown signal arrives, and while the store is unreachable or does not
+/// take writes (say, another process holds SQLite's write lock).
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let unavailable = |detail: &str| {
         (
@@ -29,7 +30,11 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if !state.lifecycle.is_serving() {
         return unavailable("Service is shutting down");
     }
-    match tokio::time::timeout(STORE_PING_TIMEOUT, state.store.ping()).await {
+    let probe = async {
+        state.store.ping().await?;
+        state.store.ping_write().await
+    };
+    match tokio::time::timeout(STORE_PING_TIMEOUT, probe).await {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness: the session store is unreachable");

@@ -78,6 +78,15 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Succeeds when the store takes a write: a write transaction that changes nothing, rolled back (with SQLite it
+    /// needs the write lock, which another process may hold).
+    pub async fn ping_write(&self) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        tx.execute("UPDATE agent_chats SET id = id WHERE 1 = 0", &[])
+            .await?;
+        Ok(())
+    }
+
     /// Closes every connection; waits for those in use to be returned.
     pub async fn close(&self) {
         self.db.close().await;

@@ -435,3 +435,26 @@ async fn the_test_model_is_offered_with_tokens_only_when_named_and_its_size_is_b
         .await;
     assert_eq!(within.status(), 200);
 }
+
+#[tokio::test]
+async fn readiness_sees_a_store_that_does_not_take_writes() {
+    use sqlx::Connection;
+    let db = TestDb::sqlite();
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    assert_eq!(server.get("/readyz").await.status(), 200);
+    // Another process takes SQLite's write lock and keeps it.
+    let mut other = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let held = server.get("/readyz").await;
+    assert_eq!(held.status(), 503);
+    let body: Value = held.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("unavailable"),
+        "{body}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    assert_eq!(server.get("/readyz").await.status(), 200);
+}
