@@ -7,10 +7,11 @@
 //!
 //! A run is driven by its own task (`drive.rs`), which appends its numbered events ([`events`]) to the run log
 //! ([`log`]); clients are followers of the log ([`follow`]), never of the task. A client that leaves does not stop
-//! the run: it goes on for `DETACH_GRACE` waiting for someone to attach. The shutdown deadline, the stop button and
-//! nobody following end a run with `run_interrupted` + `done`. What is stored when is the recorder's business; the
-//! model ↔ tools loop is the engine's; the leases that let another replica tell a dead run from a live one are
-//! [`lease`]'s.
+//! the run: it goes on for `DETACH_GRACE` waiting for someone to attach. The shutdown deadline (in `drain` mode), the
+//! stop button and nobody following end a run with `run_interrupted` + `done`; in `handoff` mode the deadline releases
+//! it instead, and a replica that follows it takes it over (`takeover.rs`). What is stored when is the recorder's
+//! business; the model ↔ tools loop is the engine's; the leases that let another replica tell a dead run from a live
+//! one are [`lease`]'s.
 
 mod drive;
 mod engine;

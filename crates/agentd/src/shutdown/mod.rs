@@ -12,6 +12,10 @@
 //!    server stops (idle keep-alive connections close) and the gRPC server stops (in-flight calls get
 //!    `GRPC_SHUTDOWN_GRACE`, then are cut); run leases stop being refreshed; the store closes last; the process exits 0.
 //!
+//! With `SHUTDOWN_MODE=handoff`, step 2 begins by telling every open stream to `reconnect` elsewhere (and closing idle
+//! connections); it then waits for the runs still producing here, not for streams, and step 3 releases the runs still
+//! going for another replica to continue instead of interrupting them.
+//!
 //! gRPC answers all through 1 and 2 (the main application may still list chats), while its health service says
 //! NOT_SERVING from the first signal.
 //!
