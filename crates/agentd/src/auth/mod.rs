@@ -98,6 +98,14 @@ pub enum AuthError {
     TokenRequired(String),
 }
 
+/// The token of an `Authorization` value `Bearer <token>`: the scheme in any case, the token non-blank. HTTP and gRPC
+/// read their headers with it alike.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Checks `token` against every rule above.
 pub fn verify(
     token: &str,

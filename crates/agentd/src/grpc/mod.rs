@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use subtle::ConstantTimeEq;
 
+use crate::auth::bearer_token;
 use crate::error::ErrorCode;
 use crate::runs::history;
 use crate::store::{Chat, ChatOwner, SessionStore, StoredMessage};
@@ -109,9 +110,7 @@ impl Interceptor for BearerToken {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
+            .and_then(bearer_token);
         match given {
             Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(request),
             _ => Err(ErrorCode::Unauthenticated.status("missing or invalid bearer token")),

@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::auth::{AuthError, Identity, verify};
+use crate::auth::{AuthError, Identity, bearer_token, verify};
 
 impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;
@@ -39,12 +39,5 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let value = value
         .to_str()
         .map_err(|_| ApiError::Unauthorized(AuthError::MalformedHeader))?;
-    match value.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(token.trim())
-        }
-        _ => Err(ApiError::Unauthorized(AuthError::MalformedHeader)),
-    }
+    bearer_token(value).ok_or(ApiError::Unauthorized(AuthError::MalformedHeader))
 }

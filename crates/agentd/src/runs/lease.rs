@@ -42,9 +42,7 @@ pub async fn maintain(
                 let still = live.ids();
                 for run_id in driving {
                     if !held.contains(&run_id) && still.contains(&run_id) {
-                        tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
-                        runs.metrics().fenced();
-                        log.moved(run_id);
+                        log.lost_lease(run_id);
                     }
                 }
             }

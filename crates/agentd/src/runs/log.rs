@@ -226,6 +226,14 @@ impl RunLog {
         }
     }
 
+    /// Another process holds the run now (its append was refused, or its heartbeat found the lease gone): this one
+    /// stops producing it.
+    pub fn lost_lease(&self, run_id: Uuid) {
+        self.inner.metrics.fenced();
+        tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
+        self.moved(run_id);
+    }
+
     /// The run, if this process produces it.
     pub fn live(&self, run_id: Uuid) -> Option<Arc<LiveLog>> {
         self.inner
@@ -539,9 +547,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
 async fn fenced(log: &RunLog, run_id: Uuid) -> bool {
     match log.inner.store.get_run(run_id).await {
         Ok(Some(_)) => {
-            log.inner.metrics.fenced();
-            tracing::warn!(%run_id, "this process lost the run's lease; another one continues it");
-            log.moved(run_id);
+            log.lost_lease(run_id);
             false
         }
         Ok(None) => {

@@ -222,10 +222,6 @@ impl RunService {
         &self.inner.parts.store
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.parts.metrics
-    }
-
     /// Whether an interrupted run also sends `run_failed` (`CLIENT_COMPAT=seed`).
     pub fn seed_clients(&self) -> bool {
         self.inner.parts.seed_clients

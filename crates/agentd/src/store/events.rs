@@ -10,7 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::db::Arg;
-use super::{SessionStore, StoreError, to_i64};
+use super::{SessionStore, StoreError, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
 /// `<run_id> <seq> <last_seq>` followed, when they fit, by a newline and the events' JSON, one per line. Followers on
@@ -207,7 +207,7 @@ impl SessionStore {
 
     /// Deletes the events of runs that finished more than `retention` ago; how many rows went.
     pub async fn sweep_events(&self, retention: Duration) -> Result<u64, StoreError> {
-        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let ms = to_ms(retention);
         self.db
             .write()
             .await?
@@ -221,18 +221,19 @@ impl SessionStore {
 
     /// Tells the replicas that the run was released, so one that follows it takes it over at once (PostgreSQL).
     pub async fn notify_released(&self, run_id: Uuid) -> Result<(), StoreError> {
-        if self.db.is_postgres() {
-            let mut conn = self.db.write().await?;
-            notify(&mut conn, RELEASED_CHANNEL, &run_id.to_string()).await?;
-        }
-        Ok(())
+        self.notify_run(RELEASED_CHANNEL, run_id).await
     }
 
     /// Asks the replica producing the run to cancel it (PostgreSQL; one process has nobody else to ask).
     pub async fn notify_cancel(&self, run_id: Uuid) -> Result<(), StoreError> {
+        self.notify_run(CANCEL_CHANNEL, run_id).await
+    }
+
+    /// Sends the run id on `channel` to every replica (PostgreSQL; one process has nobody else to tell).
+    async fn notify_run(&self, channel: &str, run_id: Uuid) -> Result<(), StoreError> {
         if self.db.is_postgres() {
             let mut conn = self.db.write().await?;
-            notify(&mut conn, CANCEL_CHANNEL, &run_id.to_string()).await?;
+            notify(&mut conn, channel, &run_id.to_string()).await?;
         }
         Ok(())
     }

@@ -281,6 +281,11 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A duration in whole milliseconds, as the queries bind it.
+fn to_ms(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn usage_from(input: i64, output: i64, total: i64) -> Usage {
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     Usage {

@@ -6,7 +6,9 @@ use uuid::Uuid;
 
 use super::chats::append_messages;
 use super::db::{Arg, Row};
-use super::{NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, usage_from};
+use super::{
+    NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms, usage_from,
+};
 use crate::model::Message;
 
 fn run_from(row: &Row) -> Result<Run, StoreError> {
@@ -190,7 +192,7 @@ impl SessionStore {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = to_ms(lease);
         // The row lock waits for any append in flight under the old epoch, which the raised epoch then refuses.
         let rows = self
             .db
@@ -226,7 +228,7 @@ impl SessionStore {
     /// long ago) and that no replica has followed within `lease`, keeping its partial answer; raises its epoch.
     /// Returns the runs, with their new epoch.
     pub async fn interrupt_stale(&self, lease: Duration) -> Result<Vec<(Uuid, u64)>, StoreError> {
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = to_ms(lease);
         let rows = self
             .db
             .write()
@@ -278,7 +280,7 @@ impl SessionStore {
         run_id: Uuid,
         within: Duration,
     ) -> Result<bool, StoreError> {
-        let ms = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        let ms = to_ms(within);
         let row = self
             .db
             .read()
