@@ -3,9 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::common::{Agentd, types};
-use agentd::grpc::proto::CreateAgentChatRequest;
-use agentd::grpc::proto::agents_client::AgentsClient;
+use crate::common::{Agentd, create_chat, types};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -55,22 +53,6 @@ fn claims(org: &str, user: &str, canvas: &str) -> Value {
 
 fn good_token(org: &str, user: &str, canvas: &str) -> String {
     sign(&hs256(), &claims(org, user, canvas), SECRET)
-}
-
-async fn create_chat(server: &Agentd, org: &str, user: &str, canvas: &str) -> String {
-    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
-    let request = CreateAgentChatRequest {
-        org_id: org.into(),
-        canvas_id: canvas.into(),
-        user_id: user.into(),
-    };
-    grpc.create_agent_chat(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .chat
-        .unwrap()
-        .id
 }
 
 async fn spawn_secured() -> Agentd {

@@ -5,72 +5,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use agentd::store::{RunStatus, SessionStore};
+use agentd::store::RunStatus;
 use axum::Router;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::db::TestDb;
+use crate::common::runs::{assert_whole, ended, final_output, paced, run_id_of, take};
 use crate::common::{Agentd, Events, PATIENCE, deltas, free_port, new_chat, types};
-
-/// A run of `n` deltas, one every `ms` milliseconds.
-fn paced(n: u32, ms: u32) -> Value {
-    json!({"question": "q", "model": format!("test:deltas={n},delay_ms={ms}")})
-}
 
 /// The test model's answer of `n` deltas.
 fn answer(n: u32) -> String {
     (0..n).map(agentd::model::delta_text).collect()
 }
 
-/// Reads `n` events.
-async fn take(stream: &mut Events, n: usize) -> Vec<(String, Value)> {
-    let mut events = Vec::new();
-    for _ in 0..n {
-        events.push(stream.next().await.expect("the stream goes on"));
-    }
-    events
-}
-
-fn run_id_of(events: &[(String, Value)]) -> String {
-    events[0].1["run_id"].as_str().unwrap().to_owned()
-}
-
-/// Ids `<run>:1`, `<run>:2`, ... with no gap and no repeat, ending with the one `done`, after `run_completed`.
+/// Ids `<run>:1`, `<run>:2`, ... with no gap and no repeat, ending with the one `done`, after `run_completed`; the text
+/// on screen is the answer.
 fn assert_whole_and_completed(run: &str, events: &[(String, Value)]) {
-    for (i, (id, _)) in events.iter().enumerate() {
-        assert_eq!(id, &format!("{run}:{}", i + 1), "event {i} of {events:?}");
-    }
+    assert_whole(run, events);
     let kinds = types(events);
-    assert_eq!(kinds.iter().filter(|k| *k == "done").count(), 1);
     assert_eq!(&kinds[kinds.len() - 2..], ["run_completed", "done"]);
-    let output = events
-        .iter()
-        .find(|(_, e)| e["type"] == "final_answer")
-        .expect("a final answer")
-        .1["output"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(deltas(events), output, "the text on screen is the answer");
-}
-
-/// Waits until the stored run has left `running`.
-async fn ended(store: &SessionStore, run: &str) -> agentd::store::Run {
-    let run: Uuid = run.parse().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let stored = store.get_run(run).await.unwrap().unwrap();
-        if stored.status != RunStatus::Running {
-            return stored;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(
+        deltas(events),
+        final_output(events),
+        "the text on screen is the answer"
+    );
 }
 
 /// Follows the advertised `resume` path on `server` with `Last-Event-ID`, to the end.

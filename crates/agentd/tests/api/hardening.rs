@@ -10,7 +10,7 @@ use agentd::grpc::proto::CreateAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 
 use crate::common::db::TestDb;
-use crate::common::{Agentd, PATIENCE, new_chat};
+use crate::common::{Agentd, PATIENCE, create_chat, new_chat};
 
 /// Sends `head` (and `body`) on a raw connection; returns the status line and the JSON body of the answer.
 async fn exchange(server: &Agentd, head: String, body: &[u8]) -> (String, Value) {
@@ -391,19 +391,7 @@ async fn the_test_model_is_offered_with_tokens_only_when_named_and_its_size_is_b
         "canvas-1",
         Duration::from_secs(60),
     );
-    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
-    let chat = grpc
-        .create_agent_chat(CreateAgentChatRequest {
-            org_id: "acme".into(),
-            canvas_id: "canvas-1".into(),
-            user_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .chat
-        .unwrap()
-        .id;
+    let chat = create_chat(&server, "acme", "alice", "canvas-1").await;
     let refused = server
         .http
         .post(server.url(&format!("/agents/chats/{chat}/stream")))

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::db::TestDb;
-use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
+use crate::common::runs::{assert_whole, ended, final_output, paced, run_id_of, take};
+use crate::common::{Agentd, Events, deltas, new_chat, types};
 
 on_both_backends!(
     a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones,
@@ -19,63 +20,6 @@ on_both_backends!(
     cancel_busy_chats_and_bad_resume_inputs_get_their_statuses,
     the_history_names_the_run_going_so_a_page_can_re_attach,
 );
-
-/// A run of `n` deltas, one every `ms` milliseconds.
-fn paced(n: u32, ms: u32) -> Value {
-    json!({"question": "q", "model": format!("test:deltas={n},delay_ms={ms}")})
-}
-
-/// Reads `n` events; returns them.
-async fn take(stream: &mut Events, n: usize) -> Vec<(String, Value)> {
-    let mut events = Vec::new();
-    for _ in 0..n {
-        events.push(stream.next().await.expect("the stream goes on"));
-    }
-    events
-}
-
-fn run_id_of(events: &[(String, Value)]) -> String {
-    events[0].1["run_id"].as_str().unwrap().to_owned()
-}
-
-/// Checks the ids are `<run>:1`, `<run>:2`, ... with no gap and no repeat, and the stream ends with one `done`.
-fn assert_whole(run: &str, events: &[(String, Value)]) {
-    for (i, (id, _)) in events.iter().enumerate() {
-        assert_eq!(id, &format!("{run}:{}", i + 1), "event {i} of {events:?}");
-    }
-    let kinds = types(events);
-    assert_eq!(kinds.iter().filter(|k| *k == "done").count(), 1);
-    assert_eq!(kinds.last().unwrap(), "done");
-}
-
-fn final_output(events: &[(String, Value)]) -> String {
-    events
-        .iter()
-        .find(|(_, e)| e["type"] == "final_answer")
-        .expect("a final answer")
-        .1["output"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// Waits until the stored run has left `running`.
-async fn ended(db: &TestDb, run: &str) -> agentd::store::Run {
-    let store = db.open().await;
-    let run: Uuid = run.parse().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let stored = store.get_run(run).await.unwrap().unwrap();
-        if stored.status != RunStatus::Running {
-            return stored;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones(db: TestDb) {
     let server = Agentd::spawn_on(db.url(), &[]).await;
@@ -140,7 +84,7 @@ async fn a_run_nobody_follows_stops_after_the_detach_grace(db: TestDb) {
     let mut stream = server.stream(&new_chat(), paced(1000, 20)).await;
     let run = run_id_of(&take(&mut stream, 3).await);
     drop(stream);
-    let stored = ended(&db, &run).await;
+    let stored = ended(&db.open().await, &run).await;
     assert_eq!(stored.status, RunStatus::Interrupted);
     assert!(stored.error.unwrap().contains("nobody followed"));
     assert!(!stored.output.is_empty(), "the partial answer is kept");
@@ -162,7 +106,10 @@ async fn a_run_re_attached_within_the_grace_completes(db: TestDb) {
     seen.extend(server.follow(&chat, &run, Some(&last)).await.rest().await);
     assert_whole(&run, &seen);
     assert_eq!(types(&seen)[seen.len() - 2], "run_completed");
-    assert_eq!(ended(&db, &run).await.status, RunStatus::Completed);
+    assert_eq!(
+        ended(&db.open().await, &run).await.status,
+        RunStatus::Completed
+    );
 }
 
 async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) {
@@ -240,7 +187,10 @@ async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) 
         assert_eq!(kinds[kinds.len() - 2..], ["run_interrupted", "done"]);
         assert_eq!(events[events.len() - 2].1["reason"], "cancelled");
     }
-    assert_eq!(ended(&db, &run).await.status, RunStatus::Interrupted);
+    assert_eq!(
+        ended(&db.open().await, &run).await.status,
+        RunStatus::Interrupted
+    );
     let again = server.cancel(&chat, &run).await;
     assert_eq!(again.status(), 409);
     let body: Value = again.json().await.unwrap();
@@ -348,7 +298,10 @@ async fn a_run_produced_on_one_replica_is_followed_and_cancelled_on_another() {
     assert_eq!(b.cancel(&other, &run).await.status(), 202);
     let rest = long.rest().await;
     assert_eq!(rest[rest.len() - 2].1["reason"], "cancelled");
-    assert_eq!(ended(&db, &run).await.status, RunStatus::Interrupted);
+    assert_eq!(
+        ended(&db.open().await, &run).await.status,
+        RunStatus::Interrupted
+    );
 }
 
 /// The events of a run that ended longer than `RUN_LOG_RETENTION` ago are swept; attaching says so, and the answer

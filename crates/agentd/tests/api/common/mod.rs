@@ -27,6 +27,7 @@ macro_rules! on_both_backends {
 
 pub mod db;
 pub mod haproxy;
+pub mod runs;
 pub mod upstream;
 
 use std::process::{ExitStatus, Stdio};
@@ -322,6 +323,25 @@ impl Events {
         }
         events
     }
+}
+
+/// A chat created over gRPC for `org`, `user` and `canvas`; its id.
+pub async fn create_chat(server: &Agentd, org: &str, user: &str, canvas: &str) -> String {
+    let mut grpc = agentd::grpc::proto::agents_client::AgentsClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let request = agentd::grpc::proto::CreateAgentChatRequest {
+        org_id: org.into(),
+        canvas_id: canvas.into(),
+        user_id: user.into(),
+    };
+    grpc.create_agent_chat(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .chat
+        .unwrap()
+        .id
 }
 
 /// A port nobody listens on now.

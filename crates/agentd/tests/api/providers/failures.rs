@@ -415,22 +415,10 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
         CANVAS,
         std::time::Duration::from_secs(600),
     );
-    let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..100 {
-        let chat = grpc
-            .create_agent_chat(agentd::grpc::proto::CreateAgentChatRequest {
-                org_id: ORG.into(),
-                canvas_id: CANVAS.into(),
-                user_id: USER.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .chat
-            .unwrap()
-            .id;
+        let chat = crate::common::create_chat(&server, ORG, USER, CANVAS).await;
         let response = server
             .http
             .post(server.url(&format!("/agents/chats/{chat}/stream")))
