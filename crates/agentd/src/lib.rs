@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → runs → {model, tools, auth,
+//! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → {runs, web} → {model, tools, auth,
 //! store} → {error, secret, stages}. Nothing lower imports anything higher.
 //!
 //! | module | what it holds |
@@ -25,6 +25,7 @@
 //! | [`error`] | the table of error codes: HTTP status, gRPC code, retryable |
 //! | [`secret`] | the one type that holds secrets; its `Debug` hides them |
 //! | [`telemetry`] | log setup |
+//! | [`web`] | the web chat page served at `/`: its HTML, CSS and JavaScript, embedded, and the settings rendered into it |
 
 pub mod auth;
 pub mod cli;
@@ -44,3 +45,4 @@ pub mod store;
 pub mod stream_tracker;
 pub mod telemetry;
 pub mod tools;
+pub mod web;

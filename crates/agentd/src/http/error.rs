@@ -230,7 +230,7 @@ impl IntoResponse for ApiError {
             Self::Validation(errors) => json!(errors),
             other => json!(other.to_string()),
         };
-        let mut body = json!({ "detail": detail });
+        let mut body = json!({ "detail": detail, "code": self.code().as_str() });
         match &self {
             Self::ChatBusy { run_id } => body["run_id"] = json!(run_id),
             Self::RunEnded { status } => body["status"] = json!(status.as_str()),

@@ -3,6 +3,7 @@
 mod auth;
 pub mod error;
 mod health;
+mod page;
 mod runs;
 pub mod server;
 mod stream;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Method, header};
+use axum::http::{HeaderMap, HeaderName, Method, header};
 use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -23,6 +24,7 @@ use crate::runs::RunService;
 use crate::shutdown::Lifecycle;
 use crate::store::SessionStore;
 use crate::stream_tracker::StreamTracker;
+use crate::web::{Page, PageSettings};
 use error::ApiError;
 
 /// Largest request body accepted; a question is at most 2,000 characters, so this is generous.
@@ -47,7 +49,29 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState, cors: &CorsOrigins) -> Router {
+    let html = Arc::new(Page::new(&PageSettings {
+        needs_token: state.auth.secret.is_some(),
+        models: state.runs.models().offered(),
+        embed_origins: match cors {
+            CorsOrigins::Any => Vec::new(),
+            CorsOrigins::List(list) => list.clone(),
+        },
+    }));
+    let assets = html.clone();
     Router::new()
+        .route(
+            "/",
+            get(move |headers: HeaderMap| async move { page::index(&html, &headers) }),
+        )
+        .route(
+            "/assets/{file}",
+            get(
+                move |axum::extract::Path(file): axum::extract::Path<String>,
+                      headers: HeaderMap| async move {
+                    page::asset(&assets, &file, &headers)
+                },
+            ),
+        )
         .route("/agents/chats/{chat_id}/stream", post(stream::stream))
         .route(
             "/agents/chats/{chat_id}/runs/{run_id}/stream",

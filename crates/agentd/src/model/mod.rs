@@ -282,6 +282,19 @@ impl ModelPolicy {
         }
     }
 
+    /// The model ids a client may offer its user: the default (as configured, options and all) first, then the
+    /// others allowed.
+    pub fn offered(&self) -> Vec<String> {
+        let default_key = self.default.allow_key();
+        let mut offered = vec![self.default.to_string()];
+        for key in &self.allowed {
+            if *key != default_key && !offered.contains(key) {
+                offered.push(key.clone());
+            }
+        }
+        offered
+    }
+
     pub fn allows(&self, spec: &ModelSpec) -> bool {
         self.allowed.contains(&spec.allow_key())
     }
@@ -349,6 +362,21 @@ mod tests {
         assert!(!policy.allows(&ModelSpec::parse("openai:gpt-4o").unwrap()));
         assert!(
             ModelPolicy::new(ModelSpec::parse("test").unwrap(), Some("nope"), false, 10).is_err()
+        );
+    }
+
+    #[test]
+    fn a_client_is_offered_the_default_first_and_each_allowed_model_once() {
+        let policy = ModelPolicy::new(
+            ModelSpec::parse("test:deltas=3").unwrap(),
+            Some("openai:gpt-5, test, anthropic:claude-x"),
+            true,
+            10,
+        )
+        .unwrap();
+        assert_eq!(
+            policy.offered(),
+            ["test:deltas=3", "openai:gpt-5", "anthropic:claude-x"]
         );
     }
 }

@@ -469,6 +469,11 @@ impl RunService {
         Ok(())
     }
 
+    /// Which models requests may name, and the default.
+    pub fn models(&self) -> &ModelPolicy {
+        &self.inner.parts.models
+    }
+
     /// The chat's messages and its run still going, for `caller`.
     pub async fn history(&self, caller: &Identity, chat_id: Uuid) -> Result<History, RunError> {
         let parts = &self.inner.parts;

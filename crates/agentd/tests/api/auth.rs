@@ -236,7 +236,10 @@ async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404() {
             (response.status().as_u16(), response.text().await.unwrap())
         }
     };
-    let expected = (404, r#"{"detail":"Chat not found"}"#.to_owned());
+    let expected = (
+        404,
+        r#"{"code":"chat_not_found","detail":"Chat not found"}"#.to_owned(),
+    );
     assert_eq!(
         answer(good_token("other-org", "alice", "canvas-1"), chat.clone()).await,
         expected

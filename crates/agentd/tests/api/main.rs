@@ -12,6 +12,7 @@ mod grpc;
 mod handoff;
 mod hardening;
 mod layout;
+mod page;
 mod providers;
 mod rolling;
 mod runlog;

@@ -259,7 +259,7 @@ async fn another_owners_chat_is_not_found_and_a_bad_chat_id_is_422() {
     assert_eq!(response.status(), 404);
     assert_eq!(
         response.json::<Value>().await.unwrap(),
-        json!({"detail": "Chat not found"})
+        json!({"detail": "Chat not found", "code": "chat_not_found"})
     );
     assert!(runs_of(&store, theirs.id).await.is_empty());
 

@@ -73,38 +73,13 @@ impl Haproxy {
 fn installed() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(bin) = find() {
-            return bin;
-        }
-        let install = || {
-            std::process::Command::new("apt-get")
-                .args(["install", "-y", "-qq", "haproxy"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            // The package lists of a fresh machine may be missing or stale.
-            let _ = std::process::Command::new("apt-get")
-                .args(["update", "-qq"])
-                .status();
-            assert!(
-                install(),
-                "haproxy is not installed and `apt-get install haproxy` failed"
-            );
-        }
-        find().expect("haproxy is installed")
+        super::apt::installed(
+            &["haproxy"],
+            &[
+                "/usr/sbin/haproxy",
+                "/usr/bin/haproxy",
+                "/usr/local/sbin/haproxy",
+            ],
+        )
     })
-}
-
-fn find() -> Option<PathBuf> {
-    [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
 }

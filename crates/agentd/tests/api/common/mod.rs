@@ -25,6 +25,8 @@ macro_rules! on_both_backends {
     };
 }
 
+pub mod apt;
+pub mod browser;
 pub mod db;
 pub mod haproxy;
 pub mod runs;
