@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::common::db::TestDb;
 use crate::common::runs::{assert_whole, ended, final_output, paced, run_id_of, take};
-use crate::common::{Agentd, Events, PATIENCE, deltas, free_port, new_chat, types};
+use crate::common::{Agentd, Events, PATIENCE, deltas, free_port, metric, new_chat, types};
 
 /// The test model's answer of `n` deltas.
 fn answer(n: u32) -> String {
@@ -63,12 +63,6 @@ async fn until_reconnect(stream: &mut Events) -> (Vec<(String, Value)>, Value) {
         }
         events.push((id, event));
     }
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 const HANDOFF: [(&str, &str); 4] = [

@@ -2,6 +2,7 @@
 //! loses or repeats text across a reload or a restart, stops a run, renders model output inert, and says clearly when
 //! its token has expired. Each test saves screenshots under `target/screenshots/`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentd::auth;
@@ -11,9 +12,10 @@ use serde_json::{Value, json};
 
 use crate::common::browser::{Browser, ENTER};
 use crate::common::db::TestDb;
+use crate::common::haproxy::Haproxy;
 use crate::common::runs::ended;
 use crate::common::upstream::{FakeUpstream, Reply, openai};
-use crate::common::{Agentd, PATIENCE, create_chat, free_port};
+use crate::common::{Agentd, PATIENCE, create_chat, free_port, metric};
 
 const SECRET: &str = "page-tests-secret-of-at-least-32-bytes!";
 const ORG: &str = "acme";
@@ -300,6 +302,71 @@ async fn a_server_restart_mid_answer_shows_reconnecting_then_the_whole_answer_on
             .await,
         ""
     );
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repeats_nothing() {
+    let db = TestDb::postgres().await;
+    let addrs: Vec<SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let mut replicas = Vec::new();
+    for addr in &addrs {
+        let addr = addr.to_string();
+        let env = [
+            ("HTTP_ADDR", addr.as_str()),
+            ("AI_MODEL", "test:deltas=60,delay_ms=100"),
+            ("SHUTDOWN_MODE", "handoff"),
+            // Longer than haproxy takes to see /readyz fail (200 ms checks).
+            ("SHUTDOWN_DELAY", "0.6"),
+            ("DRAIN_TIMEOUT", "1"),
+            ("SHUTDOWN_TIMEOUT", "10"),
+            ("RUN_LEASE", "2"),
+        ];
+        replicas.push(Agentd::spawn_on(db.url(), &env).await);
+    }
+    let lb = Haproxy::start(&addrs).await;
+    let browser = Browser::start("handoff", 1024, 800).await;
+    browser.open(&lb.base).await;
+    until_chat_shown(&browser).await;
+    browser
+        .type_into("#question", &format!("Tell me a long story{ENTER}"))
+        .await;
+    browser
+        .wait_for(
+            "a partial answer",
+            &format!("const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > 20;"),
+        )
+        .await;
+
+    // Stop the replica that streams the answer; the other takes the page and, at the drain deadline, the run.
+    let mut producer = None;
+    for (i, replica) in replicas.iter().enumerate() {
+        let metrics = replica.get("/metrics").await.text().await.unwrap();
+        if metric(&metrics, "agentd_open_streams") == 1 {
+            producer = Some(i);
+        }
+    }
+    let mut stopping = replicas.remove(producer.expect("one replica streams the answer"));
+    let peer = replicas.pop().unwrap();
+    stopping.signal("TERM");
+    browser
+        .wait_for(
+            "reconnecting…",
+            "return document.getElementById('status').textContent.includes('reconnecting…')",
+        )
+        .await;
+    let finished = until_answered(&browser).await;
+    browser.screenshot("continued").await;
+    assert!(stopping.exit_status().await.success());
+    assert_eq!(finished["text"], answer(60).as_str());
+    assert_eq!(count(&browser, "#messages .assistant").await, 1);
+    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
+    assert_eq!(stored.status, RunStatus::Completed);
+    assert_eq!(finished["text"], stored.output.as_str());
+    let metrics = peer.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
     browser.close().await;
 }
 

@@ -346,6 +346,13 @@ pub async fn create_chat(server: &Agentd, org: &str, user: &str, canvas: &str) -
         .id
 }
 
+/// The value of the unlabelled metric `name` in a `/metrics` text; 0 when it is absent.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A port nobody listens on now.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
