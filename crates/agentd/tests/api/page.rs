@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use crate::common::browser::{Browser, ENTER};
 use crate::common::db::TestDb;
 use crate::common::haproxy::Haproxy;
-use crate::common::runs::ended;
+use crate::common::runs::{ended, paced};
 use crate::common::upstream::{FakeUpstream, Reply, openai};
-use crate::common::{Agentd, PATIENCE, create_chat, free_port, metric};
+use crate::common::{Agentd, PATIENCE, create_chat, free_port, metric, new_chat};
 
 const SECRET: &str = "page-tests-secret-of-at-least-32-bytes!";
 const ORG: &str = "acme";
@@ -306,6 +306,53 @@ async fn a_server_restart_mid_answer_shows_reconnecting_then_the_whole_answer_on
 }
 
 #[tokio::test]
+async fn a_question_asked_while_the_service_drains_says_so_and_is_sent_once_it_is_back() {
+    let db = TestDb::sqlite();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("HTTP_ADDR", addr.as_str()),
+        ("AI_MODEL", "test:deltas=5,delay_ms=50"),
+        ("DRAIN_TIMEOUT", "30"),
+        ("SHUTDOWN_TIMEOUT", "40"),
+        // The other client's run stops as soon as it leaves.
+        ("DETACH_GRACE", "0"),
+    ];
+    let mut first = Agentd::spawn_on(db.url(), &env).await;
+    let browser = Browser::start("draining", 1024, 800).await;
+    browser.open(&first.url("/")).await;
+    until_chat_shown(&browser).await;
+
+    // Another client's long answer keeps the service draining.
+    let mut other = first.stream(&new_chat(), paced(1000, 100)).await;
+    other.next().await.expect("run_started");
+    first.signal("TERM");
+    first.wait_for_log("draining").await;
+    browser
+        .type_into("#question", &format!("Are you there?{ENTER}"))
+        .await;
+    browser
+        .wait_for(
+            "the draining notice",
+            "return document.getElementById('status').textContent.includes('restarting')",
+        )
+        .await;
+    browser.screenshot("draining").await;
+
+    // The other client leaves, the drain ends, a new process comes up; the page sends the question there.
+    drop(other);
+    assert!(first.exit_status().await.success());
+    let _second = Agentd::spawn_on(db.url(), &env).await;
+    let finished = until_answered(&browser).await;
+    browser.screenshot("answered").await;
+    assert_eq!(finished["text"], answer(5).as_str());
+    assert_eq!(count(&browser, "#messages .user").await, 1);
+    assert_eq!(count(&browser, "#messages .assistant").await, 1);
+    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
+    assert_eq!(stored.status, RunStatus::Completed);
+    browser.close().await;
+}
+
+#[tokio::test]
 async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repeats_nothing() {
     let db = TestDb::postgres().await;
     let addrs: Vec<SocketAddr> = (0..2)
@@ -512,6 +559,54 @@ async fn model_output_with_markup_and_script_links_renders_inert() {
     );
     let request = &fake.seen("/v1/chat/completions")[0];
     assert_eq!(request.body["model"], "gpt-test");
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn an_embedding_application_hands_the_token_over_with_post_message() {
+    // The application's own page, on another origin, frames agentd's page and posts the token when asked.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_origin = format!("http://{}", listener.local_addr().unwrap());
+    let (server, chat) = secured(&[
+        ("AI_MODEL", "test:deltas=4"),
+        ("AI_MODELS", "test"),
+        ("AGENT_HTTP_CORS_ORIGINS", app_origin.as_str()),
+    ])
+    .await;
+    let agentd_origin = server.base.clone();
+    let parent = format!(
+        r#"<!doctype html><title>The application</title>
+<iframe id="agent" src="{agentd_origin}/#chat={chat}" width="600" height="500"></iframe>
+<script>
+window.addEventListener("message", (event) => {{
+  if (event.origin === "{agentd_origin}" && event.data && event.data.type === "agentd:ready") {{
+    document.getElementById("agent").contentWindow.postMessage(
+      {{type: "agentd:token", token: "{token}"}}, "{agentd_origin}");
+  }}
+}});
+</script>"#,
+        token = token(Duration::from_secs(600)),
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(parent) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let browser = Browser::start("embedded", 800, 700).await;
+    browser.open(&app_origin).await;
+    browser.enter_frame("#agent").await;
+    until_chat_shown(&browser).await;
+    assert_eq!(
+        browser.eval("return location.hash").await,
+        format!("#chat={chat}")
+    );
+    browser
+        .type_into("#question", &format!("Hello from the app{ENTER}"))
+        .await;
+    let finished = until_answered(&browser).await;
+    assert_eq!(finished["text"], answer(4).as_str());
+    browser.screenshot("answered").await;
     browser.close().await;
 }
 

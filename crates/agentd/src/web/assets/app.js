@@ -550,6 +550,8 @@ async function follow(view) {
 
 async function ask(question, model) {
   const generation = state.generation;
+  // The service's history has this many questions until this one arrives.
+  const asked = ui.messages.querySelectorAll(".user").length;
   const user = addUser(question);
   ui.send.disabled = true;
   const putBack = () => {
@@ -569,12 +571,20 @@ async function ask(question, model) {
         cache: "no-store",
       });
     } catch {
-      // Whether the question arrived is unknown: the chat's history says.
-      putBack();
+      // Whether the question arrived is unknown; once the service answers, the chat's history says.
       reconnecting();
-      await sleep(backoff(0));
-      await openChat();
-      return;
+      await sleep(backoff(attempt++));
+      const chat = await fetchHistory(generation);
+      if (!chat) {
+        putBack();
+        return;
+      }
+      if (chat.run || chat.messages.filter((m) => m.role === "user").length > asked) {
+        user.remove();
+        await openChat();
+        return;
+      }
+      continue;
     }
     if (generation !== state.generation) {
       return;
@@ -632,11 +642,9 @@ async function ask(question, model) {
   await follow(view);
 }
 
-async function openChat() {
-  const generation = ++state.generation;
-  setActive(null);
-  // No question until the history is on screen: it would be drawn over.
-  ui.send.disabled = true;
+// The chat's history, once the service answers: `{messages, run}`, or null when there is none to show (signed out, a
+// newer load started, or an error the page says).
+async function fetchHistory(generation) {
   let response;
   for (let attempt = 0; ; ) {
     try {
@@ -645,7 +653,7 @@ async function openChat() {
       reconnecting();
       await sleep(backoff(attempt++));
       if (generation !== state.generation) {
-        return;
+        return null;
       }
       continue;
     }
@@ -655,26 +663,32 @@ async function openChat() {
     reconnecting(await bodyOf(response));
     await sleep(retryAfter(response, attempt++));
     if (generation !== state.generation) {
-      return;
+      return null;
     }
   }
   if (response.status === 401) {
     needSignIn(await bodyOf(response));
-    return;
+    return null;
   }
   if (response.status === 404 && !settings.needs_token) {
     // Dev mode: the chat is made on its first question.
-    ui.messages.replaceChildren();
-    ui.send.disabled = false;
-    say("");
-    return;
+    return { messages: [], run: null };
   }
   if (!response.ok) {
     say(describe(await bodyOf(response), `The chat cannot be shown (${response.status}).`), true);
-    return;
+    return null;
   }
   const chat = await response.json();
-  if (generation !== state.generation) {
+  return generation === state.generation ? chat : null;
+}
+
+async function openChat() {
+  const generation = ++state.generation;
+  setActive(null);
+  // No question until the history is on screen: it would be drawn over.
+  ui.send.disabled = true;
+  const chat = await fetchHistory(generation);
+  if (!chat) {
     return;
   }
   renderHistory(chat.messages);

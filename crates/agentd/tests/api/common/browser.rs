@@ -80,6 +80,7 @@ impl Browser {
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": chromium, "args": args},
+            "goog:loggingPrefs": {"browser": "ALL"},
         }}});
         let created: Value = http
             .post(format!("{base}/session"))
@@ -155,9 +156,26 @@ impl Browser {
             if tokio::time::Instant::now() >= deadline {
                 self.screenshot(&format!("timeout-{}", what.replace(' ', "-")))
                     .await;
-                panic!("the page never showed {what}");
+                panic!(
+                    "the page never showed {what}; its console: {}",
+                    self.console().await
+                );
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+
+    /// What the page wrote to its console (errors included), for a failing test's message.
+    async fn console(&self) -> Value {
+        let answer = self
+            .http
+            .post(format!("{}/se/log", self.session))
+            .json(&json!({"type": "browser"}))
+            .send()
+            .await;
+        match answer {
+            Ok(answer) => answer.json::<Value>().await.unwrap_or_default()["value"].clone(),
+            Err(error) => json!(error.to_string()),
         }
     }
 
@@ -179,6 +197,17 @@ impl Browser {
             reqwest::Method::POST,
             &format!("/element/{element}/value"),
             Some(json!({"text": keys})),
+        )
+        .await;
+    }
+
+    /// Makes the frame `css` selects the one later commands act in.
+    pub async fn enter_frame(&self, css: &str) {
+        let element = self.element(css).await;
+        self.command(
+            reqwest::Method::POST,
+            "/frame",
+            Some(json!({"id": {ELEMENT: element}})),
         )
         .await;
     }
@@ -205,8 +234,23 @@ impl Browser {
         std::fs::write(dir.join(format!("{}-{label}.png", self.name)), bytes).unwrap();
     }
 
-    /// Ends the session, which closes Chromium.
+    /// Checks the page threw no error and broke no rule of its Content-Security-Policy, then ends the session, which
+    /// closes Chromium.
     pub async fn close(self) {
+        let console = self.console().await;
+        let faults: Vec<&Value> = console
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| {
+                entry["source"] == "javascript"
+                    || entry["source"] == "security"
+                    || entry["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("Content Security Policy"))
+            })
+            .collect();
+        assert!(faults.is_empty(), "the page's console: {faults:?}");
         self.command(reqwest::Method::DELETE, "", None).await;
     }
 }
