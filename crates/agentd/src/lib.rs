@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → {runs, web} → {model, tools, auth,
-//! store} → {error, secret, stages}. Nothing lower imports anything higher.
+//! store} → {error, secret, stages, sse}. Nothing lower imports anything higher.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -23,6 +23,7 @@
 //! | [`store`] | the session store: chats, messages, runs; SQLite and PostgreSQL |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`error`] | the table of error codes: HTTP status, gRPC code, retryable |
+//! | [`sse`] | reading a Server-Sent Events stream in linear time (provider answers, `agentd chat`) |
 //! | [`secret`] | the one type that holds secrets; its `Debug` hides them |
 //! | [`telemetry`] | log setup |
 //! | [`web`] | the web chat page served at `/`: its HTML, CSS and JavaScript, embedded, and the settings rendered into it |
@@ -39,6 +40,7 @@ pub mod model;
 pub mod runs;
 pub mod secret;
 pub mod shutdown;
+pub mod sse;
 pub mod stages;
 pub mod startup;
 pub mod store;

@@ -200,7 +200,6 @@ async fn follow(
     token: &Option<String>,
     response: reqwest::Response,
 ) -> Result<i32, String> {
-    use eventsource_stream::Eventsource;
     use tokio::signal::unix::{SignalKind, signal};
 
     let mut interrupts =
@@ -211,7 +210,7 @@ async fn follow(
     let mut response = Some(response);
     loop {
         if let Some(current) = response.take() {
-            let mut events = current.bytes_stream().eventsource();
+            let mut events = crate::sse::events(current.bytes_stream());
             loop {
                 let event = tokio::select! {
                     event = events.next() => event,

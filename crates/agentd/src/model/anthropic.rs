@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use eventsource_stream::Event;
+use crate::sse::Event;
 use serde_json::{Value, json};
 
 use super::upstream::{self, Providers, WireParser};

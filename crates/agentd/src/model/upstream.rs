@@ -10,12 +10,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use eventsource_stream::{Event, Eventsource};
 use futures_util::StreamExt;
 use futures_util::stream;
 
 use super::{ModelError, ModelEvent, ModelStream};
 use crate::secret::Secret;
+use crate::sse::{self, Event};
 
 /// Tries per request, the first included.
 pub const ATTEMPTS: u32 = 3;
@@ -139,10 +139,7 @@ pub fn parse_stream<P: WireParser>(
         ready: VecDeque<ModelEvent>,
         ended: bool,
     }
-    let events = response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.map_err(|e| e.to_string()));
+    let events = sse::events(response.bytes_stream());
     let state = State {
         events: Box::pin(events),
         parser,
