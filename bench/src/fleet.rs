@@ -98,7 +98,7 @@ impl Seen {
 /// One client's question, to its `done`.
 pub(super) async fn one_followed(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationToken) {
     let source = plan.sources[i % plan.sources.len()];
-    let chat = uuid::Uuid::new_v4();
+    let chat = crate::chat_for(plan);
     let requested = Instant::now();
     let mut seen = Seen {
         next: 1,

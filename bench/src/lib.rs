@@ -63,6 +63,37 @@ pub struct Plan {
     /// Each stream is a client that follows `reconnect` and lost connections to its run's `done`, retrying 503s, and
     /// checks it saw every event once (rolling restarts).
     pub follow_reconnect: bool,
+    /// Chats made beforehand (over gRPC, for a token's caller); `None`: a new id per stream (dev mode makes it).
+    pub chats: Option<Arc<ChatPool>>,
+}
+
+/// Chats handed to streams in turn; a chat has one run at a time, so there are as many as streams in flight.
+#[derive(Debug)]
+pub struct ChatPool {
+    ids: Vec<uuid::Uuid>,
+    next: AtomicUsize,
+}
+
+impl ChatPool {
+    pub fn new(ids: Vec<uuid::Uuid>) -> Self {
+        assert!(!ids.is_empty(), "a chat pool needs a chat");
+        Self {
+            ids,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The chat for the next stream.
+    pub fn take(&self) -> uuid::Uuid {
+        self.ids[self.next.fetch_add(1, Ordering::Relaxed) % self.ids.len()]
+    }
+}
+
+/// The chat a new stream asks in.
+pub(crate) fn chat_for(plan: &Plan) -> uuid::Uuid {
+    plan.chats
+        .as_ref()
+        .map_or_else(uuid::Uuid::new_v4, |pool| pool.take())
 }
 
 /// Loopback source addresses 127.0.0.2 .. 127.0.0.(1+n).

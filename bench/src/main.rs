@@ -72,6 +72,41 @@ struct Args {
     /// and checks it saw every event once and the text equals the final answer (rolling restarts).
     #[arg(long)]
     follow_reconnect: bool,
+    /// The server's gRPC address: make the chats there first (one per stream in flight) for a token's caller, as the
+    /// product's main application does. Needs --jwt-secret.
+    #[arg(long, requires = "jwt_secret")]
+    grpc: Option<SocketAddr>,
+    /// The server's JWT_SECRET, to mint the streams' token (with --grpc).
+    #[arg(long, env = "BENCH_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+}
+
+/// The caller the benchmark's token speaks for, and the owner of its chats.
+const CALLER: &str = "bench";
+
+/// `n` chats made over gRPC at `grpc`, for [`CALLER`].
+async fn make_chats(grpc: SocketAddr, n: usize) -> Arc<bench::ChatPool> {
+    use agentd::grpc::proto::CreateAgentChatRequest;
+    use agentd::grpc::proto::agents_client::AgentsClient;
+    let mut client = AgentsClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("the gRPC API answers");
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let chat = client
+            .create_agent_chat(CreateAgentChatRequest {
+                org_id: CALLER.into(),
+                canvas_id: CALLER.into(),
+                user_id: CALLER.into(),
+            })
+            .await
+            .expect("a chat is made")
+            .into_inner()
+            .chat
+            .expect("the answer holds the chat");
+        ids.push(chat.id.parse().expect("a chat id is a UUID"));
+    }
+    Arc::new(bench::ChatPool::new(ids))
 }
 
 #[tokio::main]
@@ -79,6 +114,22 @@ async fn main() {
     let args = Args::parse();
     let fd_limit = raise_open_file_limit();
     eprintln!("bench: open-file limit {fd_limit}");
+    let token = args.jwt_secret.as_deref().map(|secret| {
+        agentd::auth::mint(
+            &agentd::secret::Secret::new(secret),
+            "superplane_api",
+            CALLER,
+            CALLER,
+            CALLER,
+            Duration::from_secs(3600),
+        )
+    });
+    let chats = |n: usize| async move {
+        match args.grpc {
+            Some(grpc) => Some(make_chats(grpc, n).await),
+            None => None,
+        }
+    };
     let plan = |streams, model: &str, hold, concurrency: Option<usize>| Plan {
         target: args.target,
         streams,
@@ -87,7 +138,7 @@ async fn main() {
         model: model.to_owned(),
         question: args.question.clone(),
         sources: loopback_sources(args.sources),
-        bearer: args.token.clone(),
+        bearer: token.clone().or_else(|| args.token.clone()),
         hold,
         stop_after_errors: args.stop_after_errors,
         server_pid: args.pid,
@@ -98,6 +149,7 @@ async fn main() {
         follow_at: None,
         leave_producer: false,
         follow_reconnect: false,
+        chats: None,
     };
     let background = if args.background > 0 {
         let settled = Arc::new(AtomicUsize::new(0));
@@ -107,6 +159,7 @@ async fn main() {
         background.settled = Some(Arc::clone(&settled));
         let handle = tokio::spawn(run(Plan {
             hold: Some(Duration::from_secs(3600)),
+            chats: chats(args.background).await,
             ..background
         }));
         eprintln!("bench: opening {} background streams", args.background);
@@ -132,6 +185,7 @@ async fn main() {
         follow_at: args.follow_at,
         leave_producer: args.leave_producer,
         follow_reconnect: args.follow_reconnect,
+        chats: chats(args.concurrency.unwrap_or(args.streams).max(1)).await,
         ..plan(
             args.streams,
             &args.model,

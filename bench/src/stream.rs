@@ -110,7 +110,7 @@ async fn run_id_of(response: &mut Response) -> Option<String> {
 pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &CancellationToken) {
     let source = plan.sources[i % plan.sources.len()];
     let requested = Instant::now();
-    let chat = uuid::Uuid::new_v4();
+    let chat = super::chat_for(plan);
     let first = request(plan, plan.target, chat, plan.path.as_deref());
     let (mut response, mut connection) =
         match open(source, plan.target, first, plan.response_timeout, stop).await {

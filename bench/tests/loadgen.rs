@@ -64,6 +64,7 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         follow_at: None,
         leave_producer: false,
         follow_reconnect: false,
+        chats: None,
     })
     .await
 }
@@ -134,6 +135,7 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         follow_at: None,
         leave_producer: false,
         follow_reconnect: false,
+        chats: None,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));
