@@ -3,6 +3,7 @@
 //! then the finish reason, the usage and `[DONE]`): all at once, or one chunk every `--pace-ms`; a request for a model
 //! whose name has `hold` in it gets the first chunk and then nothing while the client stays (a stream parked at the
 //! provider). `GET /stats` tells how many connections are open and were opened, and how many answers were given.
+//! It speaks HTTP/1.1 and, to a client that starts with it, HTTP/2 without TLS (prior knowledge, h2c).
 //!
 //! Prints `upstream listening on <addr>` on stdout once it accepts connections.
 
@@ -19,7 +20,7 @@ use clap::Parser;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -201,8 +202,14 @@ async fn main() {
                 let counters = Arc::clone(&counters);
                 move |request| handle(request, Arc::clone(&script), Arc::clone(&counters))
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
+            builder
+                .http2()
                 .timer(TokioTimer::new())
+                // A provider's own limit would queue streams beyond it; this one is never the bottleneck.
+                .max_concurrent_streams(1_000_000);
+            let _ = builder
                 .serve_connection(TokioIo::new(socket), service)
                 .await;
             counters.open.fetch_sub(1, Ordering::Relaxed);

@@ -90,6 +90,11 @@ pub struct ModelArgs {
         default_value = "https://api.openai.com/v1"
     )]
     pub openai_base_url: String,
+    /// Speak HTTP/2 without TLS (prior knowledge) to OPENAI_BASE_URL, for a local server that supports it: many
+    /// streams then share one connection.
+    #[arg(long = "openai-h2c", env = "OPENAI_H2C", action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new())]
+    pub openai_h2c: bool,
     #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
     pub anthropic_api_key: Option<String>,
     #[arg(
@@ -322,10 +327,12 @@ impl ServeArgs {
             openai: Endpoint {
                 base_url: args.models.openai_base_url.clone(),
                 api_key: key(&args.models.openai_api_key),
+                h2c: args.models.openai_h2c,
             },
             anthropic: Endpoint {
                 base_url: args.models.anthropic_base_url.clone(),
                 api_key: key(&args.models.anthropic_api_key),
+                h2c: false,
             },
             connect_timeout: args.models.model_connect_timeout,
             idle_timeout: args.models.model_idle_timeout,

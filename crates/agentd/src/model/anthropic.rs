@@ -118,7 +118,8 @@ impl Model for Anthropic {
         let url = format!("{}/v1/messages", endpoint.base_url.trim_end_matches('/'));
         upstream::post_and_stream::<Parser>(
             PROVIDER,
-            &self.providers,
+            &self.providers.anthropic_lane,
+            self.providers.idle_timeout,
             url,
             body(&self.model, &request),
             move |post| {

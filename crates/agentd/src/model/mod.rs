@@ -209,6 +209,17 @@ impl ModelSpec {
         matches!(self, Self::Test(_))
     }
 
+    /// The file descriptors a stream of this model holds: its client's socket, and its own connection to the
+    /// provider unless the provider's streams share one (HTTP/2).
+    pub fn descriptors(&self, providers: &Providers) -> usize {
+        let shared = match self {
+            Self::Test(_) => true,
+            Self::OpenAi(_) => providers.openai_lane.multiplexed(),
+            Self::Anthropic(_) => providers.anthropic_lane.multiplexed(),
+        };
+        if shared { 1 } else { 2 }
+    }
+
     pub fn build(&self, providers: &Providers) -> Arc<dyn Model> {
         match self {
             Self::Test(options) => Arc::new(test::TestModel::new(options.clone())),

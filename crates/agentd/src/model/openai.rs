@@ -113,7 +113,8 @@ impl Model for OpenAi {
         );
         upstream::post_and_stream::<Parser>(
             PROVIDER,
-            &self.providers,
+            &self.providers.openai_lane,
+            self.providers.idle_timeout,
             url,
             body(&self.model, &request),
             move |post| match &endpoint.api_key {

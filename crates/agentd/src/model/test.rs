@@ -292,6 +292,7 @@ mod tests {
         let endpoint = crate::model::Endpoint {
             base_url: "http://127.0.0.1:9".into(),
             api_key: None,
+            h2c: false,
         };
         crate::model::Providers::new(
             endpoint.clone(),

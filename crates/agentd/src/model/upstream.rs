@@ -8,6 +8,8 @@
 //! unavailable, configuration, broken stream); the log keeps the provider's status and body.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -31,14 +33,40 @@ const LOGGED_BODY: usize = 2000;
 pub struct Endpoint {
     pub base_url: String,
     pub api_key: Option<Secret>,
+    /// Speak HTTP/2 without TLS, by prior knowledge (`OPENAI_H2C`): for a local server that supports it, so that
+    /// many streams share one connection. Over TLS, HTTP/2 is offered anyway (ALPN) and used when the provider takes it.
+    pub h2c: bool,
 }
 
-/// The HTTP client and the settings every provider request uses.
+/// How requests reach one provider: its HTTP client, and whether its answers share a connection (HTTP/2), so that a
+/// stream to it holds no descriptor of its own.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub client: reqwest::Client,
+    multiplexed: Arc<AtomicBool>,
+}
+
+impl Lane {
+    fn new(client: reqwest::Client, multiplexed: bool) -> Self {
+        Self {
+            client,
+            multiplexed: Arc::new(AtomicBool::new(multiplexed)),
+        }
+    }
+
+    /// Whether this provider's streams share connections: configured (h2c), or seen (it answered over HTTP/2).
+    pub fn multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
+    }
+}
+
+/// The HTTP clients and the settings every provider request uses.
 #[derive(Debug, Clone)]
 pub struct Providers {
-    pub client: reqwest::Client,
     pub openai: Endpoint,
     pub anthropic: Endpoint,
+    pub openai_lane: Lane,
+    pub anthropic_lane: Lane,
     /// Longest silence allowed inside an upstream stream.
     pub idle_timeout: Duration,
 }
@@ -50,12 +78,28 @@ impl Providers {
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .build()
-            .expect("the HTTP client builds with its defaults");
+        let client = |h2c: bool| {
+            let builder = reqwest::Client::builder().connect_timeout(connect_timeout);
+            let builder = if h2c {
+                builder.http2_prior_knowledge()
+            } else {
+                builder
+            };
+            builder
+                .build()
+                .expect("the HTTP client builds with its defaults")
+        };
+        let shared = client(false);
+        let lane = |endpoint: &Endpoint| {
+            if endpoint.h2c {
+                Lane::new(client(true), true)
+            } else {
+                Lane::new(shared.clone(), false)
+            }
+        };
         Self {
-            client,
+            openai_lane: lane(&openai),
+            anthropic_lane: lane(&anthropic),
             openai,
             anthropic,
             idle_timeout,
@@ -196,21 +240,24 @@ pub fn parse_stream<P: WireParser>(
     }))
 }
 
-/// POSTs `body` to `url` (with retries, `authorize` adding the provider's credentials) and reads the answer stream
-/// with the provider's parser.
+/// POSTs `body` to `url` through `lane` (with retries, `authorize` adding the provider's credentials) and reads the
+/// answer stream with the provider's parser.
 pub fn post_and_stream<P: WireParser + Default>(
     provider: &'static str,
-    providers: &Providers,
+    lane: &Lane,
+    idle: Duration,
     url: String,
     body: serde_json::Value,
     authorize: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder + Send + Sync + 'static,
 ) -> ModelStream {
-    let client = providers.client.clone();
-    let idle = providers.idle_timeout;
+    let lane = lane.clone();
     once_opened(async move {
         let mut attempt = 1;
         loop {
-            let response = send(provider, || authorize(client.post(&url).json(&body))).await?;
+            let response = send(provider, || authorize(lane.client.post(&url).json(&body))).await?;
+            if response.version() == reqwest::Version::HTTP_2 {
+                lane.multiplexed.store(true, Ordering::Relaxed);
+            }
             let mut events = parse_stream(provider, response, P::default(), idle);
             // An overload told inside the stream before anything came (Anthropic's `event: error` right after
             // `message_start`) is the streaming form of a 529: retried like the status, since nothing was shown yet.

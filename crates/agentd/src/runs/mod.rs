@@ -245,8 +245,9 @@ impl RunService {
         let model = request
             .model
             .unwrap_or_else(|| parts.models.default.clone());
-        // A run streaming from a provider holds its socket too, beside the client's.
-        let descriptors = if model.is_test() { 1 } else { 2 };
+        // A run streaming from a provider holds its socket too, beside the client's, unless the provider's streams share
+        // a connection (HTTP/2).
+        let descriptors = model.descriptors(&parts.providers);
         parts
             .tracker
             .admitting(descriptors)

@@ -1,6 +1,7 @@
 //! A fake model provider on a local port that speaks the real streaming wire formats: the OpenAI Chat Completions
 //! stream at `/v1/chat/completions` and the Anthropic Messages stream at `/v1/messages`. Each request takes the next
-//! scripted reply and is recorded. `/api/...` routes play the product's API for HTTP tools.
+//! scripted reply and is recorded. `/api/...` routes play the product's API for HTTP tools. It speaks HTTP/1.1, and
+//! HTTP/2 without TLS to a client that starts with it (prior knowledge).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream;
@@ -36,6 +37,8 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// HTTP/1.1, or HTTP/2 when the client spoke it (h2c).
+    pub version: Version,
 }
 
 #[derive(Clone, Default)]
@@ -93,22 +96,24 @@ impl FakeUpstream {
     }
 }
 
-fn record(shared: &Shared, path: String, headers: HeaderMap, body: Value) {
+fn record(shared: &Shared, version: Version, path: String, headers: HeaderMap, body: Value) {
     shared.seen.lock().unwrap().push(Seen {
         path,
         headers,
         body,
+        version,
     });
 }
 
 async fn model(
     State(shared): State<Shared>,
     uri: axum::http::Uri,
+    version: Version,
     headers: HeaderMap,
     body: String,
 ) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-    record(&shared, uri.path().to_owned(), headers, body);
+    record(&shared, version, uri.path().to_owned(), headers, body);
     let reply = shared
         .replies
         .lock()
@@ -177,10 +182,12 @@ impl Drop for ClosedGuard {
 async fn nodes(
     State(shared): State<Shared>,
     Path(canvas): Path<String>,
+    version: Version,
     headers: HeaderMap,
 ) -> impl IntoResponse {
     record(
         &shared,
+        version,
         format!("/api/canvases/{canvas}/nodes"),
         headers,
         Value::Null,
@@ -192,10 +199,12 @@ async fn nodes(
 async fn together(
     State(shared): State<Shared>,
     Path(name): Path<String>,
+    version: Version,
     headers: HeaderMap,
 ) -> impl IntoResponse {
     record(
         &shared,
+        version,
         format!("/api/together/{name}"),
         headers,
         Value::Null,

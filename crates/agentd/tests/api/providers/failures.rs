@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::{CANVAS, ORG, USER, answer_of, setup};
-use crate::common::upstream::{Reply, anthropic, openai};
+use crate::common::upstream::{FakeUpstream, Reply, anthropic, openai};
 use crate::common::{Agentd, Events, deltas, types};
 use agentd::grpc::proto::DescribeAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
@@ -389,23 +389,24 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
     assert_eq!(s.latest_status(&chat).await, "completed");
 }
 
-#[tokio::test]
-async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
-    let fake = crate::common::upstream::FakeUpstream::start().await;
-    let stalls = (0..120).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
+/// Asks `asks` times for a provider stream that stalls after its first text, on a server with 300 descriptors
+/// (128 kept in reserve: 172 for streams); how many were admitted (each reached its provider) and how many refused.
+async fn parked_past_the_file_limit(
+    asks: usize,
+    extra: &[(&str, &str)],
+) -> (usize, usize, FakeUpstream) {
+    let fake = FakeUpstream::start().await;
+    let stalls = (0..asks).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
     fake.script(stalls);
     let openai_base = format!("{}/v1", fake.base);
-    // 300 descriptors, 128 kept in reserve: 172 for streams, two each for a stream from a provider.
-    let server = Agentd::spawn_with_open_file_limit(
-        300,
-        &[
-            ("JWT_SECRET", super::SECRET),
-            ("AI_MODEL", "openai:gpt-test"),
-            ("OPENAI_BASE_URL", openai_base.as_str()),
-            ("OPENAI_API_KEY", "sk-test-key"),
-        ],
-    )
-    .await;
+    let mut env = vec![
+        ("JWT_SECRET", super::SECRET),
+        ("AI_MODEL", "openai:gpt-test"),
+        ("OPENAI_BASE_URL", openai_base.as_str()),
+        ("OPENAI_API_KEY", "sk-test-key"),
+    ];
+    env.extend_from_slice(extra);
+    let server = Agentd::spawn_with_open_file_limit(300, &env).await;
     let secret = agentd::secret::Secret::new(super::SECRET);
     let token = agentd::auth::mint(
         &secret,
@@ -417,7 +418,7 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
     );
     let mut open = Vec::new();
     let mut refused = 0;
-    for _ in 0..100 {
+    for _ in 0..asks {
         let chat = crate::common::create_chat(&server, ORG, USER, CANVAS).await;
         let response = server
             .http
@@ -439,6 +440,31 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
         assert_eq!(first["type"], "model_delta", "{first}");
         open.push(events);
     }
-    assert_eq!(open.len(), 86, "172 descriptors, two per stream");
+    (open.len(), refused, fake)
+}
+
+#[tokio::test]
+async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
+    let (open, refused, fake) = parked_past_the_file_limit(100, &[]).await;
+    assert_eq!(open, 86, "172 descriptors, two per stream");
     assert_eq!(refused, 14);
+    assert!(
+        fake.seen("/v1/")
+            .iter()
+            .all(|s| s.version == axum::http::Version::HTTP_11)
+    );
+}
+
+#[tokio::test]
+async fn streams_to_a_provider_over_h2c_share_its_connection_and_are_admitted_as_one_descriptor() {
+    let (open, refused, fake) = parked_past_the_file_limit(190, &[("OPENAI_H2C", "1")]).await;
+    assert_eq!(open, 172, "172 descriptors, one per stream");
+    assert_eq!(refused, 18);
+    let seen = fake.seen("/v1/");
+    assert_eq!(seen.len(), 172);
+    assert!(
+        seen.iter()
+            .all(|s| s.version == axum::http::Version::HTTP_2),
+        "every answer came over HTTP/2"
+    );
 }
