@@ -55,6 +55,27 @@ async fn until_chat_shown(browser: &Browser) {
         .await;
 }
 
+/// Records every text the page's status line shows from now on, so a short-lived one is not missed between polls.
+async fn watch_status(browser: &Browser) {
+    browser
+        .eval(
+            "const status = document.getElementById('status'); window.__said = [status.textContent]; \
+             new MutationObserver(() => window.__said.push(status.textContent)) \
+               .observe(status, {childList: true, characterData: true, subtree: true});",
+        )
+        .await;
+}
+
+/// Waits until the status line has shown `needle` since [`watch_status`].
+async fn until_status_said(browser: &Browser, needle: &str) {
+    browser
+        .wait_for(
+            needle,
+            &format!("return window.__said.some(s => s.includes({needle:?}))"),
+        )
+        .await;
+}
+
 /// The chat id the page keeps in its address.
 async fn chat_of(browser: &Browser) -> String {
     let hash = browser.eval("return location.hash").await;
@@ -215,7 +236,7 @@ async fn an_answer_streams_in_growing_steps_with_its_tool_call_and_usage() {
 #[tokio::test]
 async fn a_reload_mid_answer_completes_the_same_answer_once() {
     let db = TestDb::sqlite();
-    let server = Agentd::spawn_on(db.url(), &[("AI_MODEL", "test:deltas=40,delay_ms=100")]).await;
+    let server = Agentd::spawn_on(db.url(), &[("AI_MODEL", "test:deltas=80,delay_ms=100")]).await;
     let browser = Browser::start("reload", 1024, 800).await;
     browser.open(&server.url("/")).await;
     until_chat_shown(&browser).await;
@@ -243,7 +264,7 @@ async fn a_reload_mid_answer_completes_the_same_answer_once() {
     );
     let finished = until_answered(&browser).await;
     browser.screenshot("after-reload").await;
-    assert_eq!(finished["text"], answer(40).as_str());
+    assert_eq!(finished["text"], answer(80).as_str());
     assert_eq!(count(&browser, "#messages .user").await, 1);
     assert_eq!(count(&browser, "#messages .assistant").await, 1);
     let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
@@ -278,13 +299,9 @@ async fn a_server_restart_mid_answer_shows_reconnecting_then_the_whole_answer_on
         )
         .await;
 
+    watch_status(&browser).await;
     first.signal("TERM");
-    browser
-        .wait_for(
-            "reconnecting…",
-            "return document.getElementById('status').textContent.includes('reconnecting…')",
-        )
-        .await;
+    until_status_said(&browser, "reconnecting…").await;
     browser.screenshot("reconnecting").await;
     assert!(first.exit_status().await.success());
     let _second = Agentd::spawn_on(db.url(), &env).await;
@@ -325,17 +342,13 @@ async fn a_question_asked_while_the_service_drains_says_so_and_is_sent_once_it_i
     // Another client's long answer keeps the service draining.
     let mut other = first.stream(&new_chat(), paced(1000, 100)).await;
     other.next().await.expect("run_started");
+    watch_status(&browser).await;
     first.signal("TERM");
     first.wait_for_log("draining").await;
     browser
         .type_into("#question", &format!("Are you there?{ENTER}"))
         .await;
-    browser
-        .wait_for(
-            "the draining notice",
-            "return document.getElementById('status').textContent.includes('restarting')",
-        )
-        .await;
+    until_status_said(&browser, "restarting").await;
     browser.screenshot("draining").await;
 
     // The other client leaves, the drain ends, a new process comes up; the page sends the question there.
@@ -397,13 +410,9 @@ async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repe
     }
     let mut stopping = replicas.remove(producer.expect("one replica streams the answer"));
     let peer = replicas.pop().unwrap();
+    watch_status(&browser).await;
     stopping.signal("TERM");
-    browser
-        .wait_for(
-            "reconnecting…",
-            "return document.getElementById('status').textContent.includes('reconnecting…')",
-        )
-        .await;
+    until_status_said(&browser, "reconnecting…").await;
     let finished = until_answered(&browser).await;
     browser.screenshot("continued").await;
     assert!(stopping.exit_status().await.success());
@@ -614,7 +623,8 @@ window.addEventListener("message", (event) => {{
 async fn an_expired_token_asks_to_sign_in_again_and_a_pasted_one_goes_on() {
     let (server, chat) = secured(&[("AI_MODEL", "test:deltas=3"), ("AI_MODELS", "test")]).await;
     let minted = tokio::time::Instant::now();
-    let short = token(Duration::from_secs(2));
+    // Long enough for the first question even on a busy machine; then it expires.
+    let short = token(Duration::from_secs(8));
     let browser = Browser::start("expired", 1024, 800).await;
     browser
         .open(&server.url(&format!("/#chat={chat}&token={short}")))
@@ -626,7 +636,7 @@ async fn an_expired_token_asks_to_sign_in_again_and_a_pasted_one_goes_on() {
     until_answered(&browser).await;
 
     // `exp` is in whole seconds: past it for sure.
-    tokio::time::sleep_until(minted + Duration::from_secs(4)).await;
+    tokio::time::sleep_until(minted + Duration::from_secs(10)).await;
     browser
         .type_into("#question", &format!("second{ENTER}"))
         .await;
