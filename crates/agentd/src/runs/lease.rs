@@ -20,20 +20,30 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// here but produced elsewhere, takes over those whose producer is gone, and marks `interrupted` the runs of stopped
 /// processes that nobody follows (ending their logs with `run_interrupted` + `done`, so late followers end too).
 /// Once a minute, sweeps the events of runs that finished more than `retention` ago.
+///
+/// The heartbeat has a loop of its own, beside the rest: taking over or ending many runs at once (a peer's deploy) must
+/// not delay this process's own heartbeats past the lease, or its peers would think it gone.
 pub async fn maintain(
     runs: RunService,
     lease: Duration,
     retention: Duration,
     stop: CancellationToken,
 ) {
+    tokio::join!(
+        keep_leases(&runs, lease, &stop),
+        look_after_others(&runs, lease, retention, &stop)
+    );
+}
+
+/// Refreshes the heartbeat of the runs this process drives, every third of the lease; a run whose lease another
+/// process took stops here.
+async fn keep_leases(runs: &RunService, lease: Duration, stop: &CancellationToken) {
     let (store, live, log) = (runs.store(), runs.live(), runs.log());
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sweep: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = log.claimable() => {}
             () = stop.cancelled() => return,
         }
         let driving = live.ids();
@@ -47,6 +57,27 @@ pub async fn maintain(
                 }
             }
             Err(error) => tracing::warn!(%error, "could not refresh the leases of running runs"),
+        }
+    }
+}
+
+/// Notes the runs followed here, takes over those whose producer is gone, ends the runs of stopped processes that
+/// nobody follows, and sweeps old logs.
+async fn look_after_others(
+    runs: &RunService,
+    lease: Duration,
+    retention: Duration,
+    stop: &CancellationToken,
+) {
+    let (store, log) = (runs.store(), runs.log());
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = log.claimable() => {}
+            () = stop.cancelled() => return,
         }
         if let Err(error) = store.touch_followed(&log.followed_remotely()).await {
             tracing::warn!(%error, "could not note the runs followed here");
