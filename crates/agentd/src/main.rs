@@ -8,6 +8,11 @@ use agentd::startup::Application;
 use agentd::{cli, shutdown, store, telemetry};
 use clap::Parser;
 
+/// jemalloc, not glibc's malloc: after a burst of streams ends, it gives most of the memory back to the system (glibc
+/// kept all of a 10,000-stream burst; see BENCHMARKS.md, "Allocators").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // A setting clap cannot read (a bad number, an unknown mode) is a configuration error like the others: exit 64.
     let cli = match Cli::try_parse() {
