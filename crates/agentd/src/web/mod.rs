@@ -58,10 +58,17 @@ impl Page {
             .replace("{{style}}", &style_path)
             .replace("{{settings}}", &settings_json);
         let index = asset(html, "text/html; charset=utf-8", false);
-        let ancestors = if settings.embed_origins.is_empty() {
+        // An origin that could end a directive or the header is left out, never the whole policy.
+        let origins: Vec<&str> = settings
+            .embed_origins
+            .iter()
+            .map(String::as_str)
+            .filter(|origin| plain_origin(origin))
+            .collect();
+        let ancestors = if origins.is_empty() {
             "'self'".to_owned()
         } else {
-            format!("'self' {}", settings.embed_origins.join(" "))
+            format!("'self' {}", origins.join(" "))
         };
         let csp = format!(
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
@@ -81,6 +88,20 @@ impl Page {
             .find(|(at, _)| at == path)
             .map(|(_, asset)| asset)
     }
+}
+
+/// `scheme://host[:port]` and nothing that a Content-Security-Policy or a header would read as more.
+fn plain_origin(origin: &str) -> bool {
+    origin.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            && !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b";,'\"".contains(&b))
+    })
 }
 
 fn asset(body: String, content_type: &'static str, immutable: bool) -> Asset {
@@ -145,5 +166,18 @@ mod tests {
         let mut alone = settings();
         alone.embed_origins.clear();
         assert!(Page::new(&alone).csp.ends_with("frame-ancestors 'self'"));
+        let mut hostile = settings();
+        hostile.embed_origins = vec![
+            "https://ok.example".into(),
+            "https://x; script-src *".into(),
+            "https://a\r\nx: y".into(),
+            "null".into(),
+        ];
+        let csp = Page::new(&hostile).csp;
+        assert!(
+            csp.ends_with("frame-ancestors 'self' https://ok.example"),
+            "{csp}"
+        );
+        assert!(axum::http::HeaderValue::from_str(&csp).is_ok());
     }
 }
