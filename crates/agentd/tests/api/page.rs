@@ -55,6 +55,28 @@ async fn until_chat_shown(browser: &Browser) {
         .await;
 }
 
+/// Asks `question` (typed, then Enter) and waits until the answer on the page is longer than `chars`; the answer.
+async fn ask_until_partial(browser: &Browser, question: &str, chars: usize) -> Value {
+    browser
+        .type_into("#question", &format!("{question}{ENTER}"))
+        .await;
+    browser
+        .wait_for(
+            "a partial answer",
+            &format!("const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > {chars} ? r : null;"),
+        )
+        .await
+}
+
+/// The stored run of the answer `shown` on the page, once it ended: its status is `status` and its output is the
+/// text the page shows.
+async fn stored_as_shown(db: &TestDb, shown: &Value, status: RunStatus) -> agentd::store::Run {
+    let stored = ended(&db.open().await, shown["run"].as_str().unwrap()).await;
+    assert_eq!(stored.status, status);
+    assert_eq!(shown["text"], stored.output.as_str());
+    stored
+}
+
 /// Records every text the page's status line shows from now on, so a short-lived one is not missed between polls.
 async fn watch_status(browser: &Browser) {
     browser
@@ -227,9 +249,7 @@ async fn an_answer_streams_in_growing_steps_with_its_tool_call_and_usage() {
             .await,
         "What time is it?"
     );
-    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
-    assert_eq!(stored.status, RunStatus::Completed);
-    assert_eq!(finished["text"], stored.output.as_str());
+    stored_as_shown(&db, &finished, RunStatus::Completed).await;
     browser.close().await;
 }
 
@@ -240,17 +260,7 @@ async fn a_reload_mid_answer_completes_the_same_answer_once() {
     let browser = Browser::start("reload", 1024, 800).await;
     browser.open(&server.url("/")).await;
     until_chat_shown(&browser).await;
-    browser
-        .type_into("#question", &format!("Tell me a story{ENTER}"))
-        .await;
-    let partial = browser
-        .wait_for(
-            "a partial answer",
-            &format!(
-                "const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > 20 ? r : null;"
-            ),
-        )
-        .await;
+    let partial = ask_until_partial(&browser, "Tell me a story", 20).await;
     assert_eq!(partial["usage"], "", "still streaming");
     let chat = chat_of(&browser).await;
     browser.screenshot("before-reload").await;
@@ -267,9 +277,7 @@ async fn a_reload_mid_answer_completes_the_same_answer_once() {
     assert_eq!(finished["text"], answer(80).as_str());
     assert_eq!(count(&browser, "#messages .user").await, 1);
     assert_eq!(count(&browser, "#messages .assistant").await, 1);
-    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
-    assert_eq!(stored.status, RunStatus::Completed);
-    assert_eq!(finished["text"], stored.output.as_str());
+    stored_as_shown(&db, &finished, RunStatus::Completed).await;
     browser.close().await;
 }
 
@@ -289,15 +297,7 @@ async fn a_server_restart_mid_answer_shows_reconnecting_then_the_whole_answer_on
     let browser = Browser::start("restart", 1024, 800).await;
     browser.open(&first.url("/")).await;
     until_chat_shown(&browser).await;
-    browser
-        .type_into("#question", &format!("Tell me a long story{ENTER}"))
-        .await;
-    browser
-        .wait_for(
-            "a partial answer",
-            &format!("const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > 20;"),
-        )
-        .await;
+    ask_until_partial(&browser, "Tell me a long story", 20).await;
 
     watch_status(&browser).await;
     first.signal("TERM");
@@ -310,9 +310,7 @@ async fn a_server_restart_mid_answer_shows_reconnecting_then_the_whole_answer_on
     browser.screenshot("continued").await;
     assert_eq!(finished["text"], answer(60).as_str());
     assert_eq!(count(&browser, "#messages .assistant").await, 1);
-    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
-    assert_eq!(stored.status, RunStatus::Completed);
-    assert_eq!(finished["text"], stored.output.as_str());
+    stored_as_shown(&db, &finished, RunStatus::Completed).await;
     assert_eq!(
         browser
             .eval("return document.getElementById('status').textContent")
@@ -390,15 +388,7 @@ async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repe
     let browser = Browser::start("handoff", 1024, 800).await;
     browser.open(&lb.base).await;
     until_chat_shown(&browser).await;
-    browser
-        .type_into("#question", &format!("Tell me a long story{ENTER}"))
-        .await;
-    browser
-        .wait_for(
-            "a partial answer",
-            &format!("const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > 20;"),
-        )
-        .await;
+    ask_until_partial(&browser, "Tell me a long story", 20).await;
 
     // Stop the replica that streams the answer; the other takes the page and, at the drain deadline, the run.
     let mut producer = None;
@@ -418,9 +408,7 @@ async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repe
     assert!(stopping.exit_status().await.success());
     assert_eq!(finished["text"], answer(60).as_str());
     assert_eq!(count(&browser, "#messages .assistant").await, 1);
-    let stored = ended(&db.open().await, finished["run"].as_str().unwrap()).await;
-    assert_eq!(stored.status, RunStatus::Completed);
-    assert_eq!(finished["text"], stored.output.as_str());
+    stored_as_shown(&db, &finished, RunStatus::Completed).await;
     let metrics = peer.get("/metrics").await.text().await.unwrap();
     assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
     browser.close().await;
@@ -433,15 +421,7 @@ async fn stop_cancels_the_run_and_the_page_says_so() {
     let browser = Browser::start("stop", 1024, 800).await;
     browser.open(&server.url("/")).await;
     until_chat_shown(&browser).await;
-    browser
-        .type_into("#question", &format!("Go on and on{ENTER}"))
-        .await;
-    browser
-        .wait_for(
-            "a partial answer",
-            &format!("const r = (() => {{ {LAST_ANSWER} }})(); return r.text.length > 10;"),
-        )
-        .await;
+    ask_until_partial(&browser, "Go on and on", 10).await;
     browser.click("#stop").await;
     let stopped = browser
         .wait_for(
@@ -454,9 +434,7 @@ async fn stop_cancels_the_run_and_the_page_says_so() {
         stopped["notice"].as_str().unwrap().starts_with("Stopped."),
         "{stopped}"
     );
-    let stored = ended(&db.open().await, stopped["run"].as_str().unwrap()).await;
-    assert_eq!(stored.status, RunStatus::Interrupted);
-    assert_eq!(stopped["text"], stored.output.as_str());
+    let stored = stored_as_shown(&db, &stopped, RunStatus::Interrupted).await;
     assert!(
         stored.output.len() < answer(300).len(),
         "stopped before the end"
