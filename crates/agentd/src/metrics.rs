@@ -16,6 +16,8 @@
 //! | `agentd_run_failures_total{code}` | counter | runs failed, by error code (see [`crate::error::ErrorCode`]) |
 //! | `agentd_tool_failures_total{kind}` | counter | tool calls that gave the model an error, by kind |
 //! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
+//! | `agentd_store_acquire_seconds` | histogram | how long a request waited for a pooled store connection |
+//! | `agentd_store_acquire_timeouts_total` | counter | requests that gave up waiting for one (answered "store unavailable") |
 
 use std::sync::atomic::AtomicU64;
 
@@ -27,6 +29,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::ErrorCode;
+use crate::store::PoolWaits;
 use crate::stream_tracker::Rejection;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -228,6 +231,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// These metrics, and how long requests waited for a connection of the store's pool.
+    pub fn with_store(mut self, waits: &PoolWaits) -> Self {
+        self.registry.register(
+            "agentd_store_acquire_seconds",
+            "Time waited for a pooled store connection",
+            waits.seconds.clone(),
+        );
+        self.registry.register(
+            "agentd_store_acquire_timeouts",
+            "Requests that gave up waiting for a store connection",
+            waits.timeouts.clone(),
+        );
+        self
+    }
+
     pub fn stream_admitted(&self) {
         self.admitted.inc();
     }

@@ -149,7 +149,7 @@ impl Application {
             stop.cancelled().await;
             to_close.close().await;
         });
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::default().with_store(store.pool_waits()));
         let tracker = StreamTracker::with_descriptors(Some(max_streams), Some(descriptors));
         let (log, queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
         // The writer stops after the runs and the servers: followers still waiting for a `done` get it.

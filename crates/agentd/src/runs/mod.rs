@@ -285,13 +285,6 @@ impl RunService {
             None => parts.store.ensure_chat(chat_id, &dev_owner()).await?,
         };
         let system = self.instructions_for(chat_id, &chat.owner, &request.context);
-        // The first prompt and `initial_message` are stored together: a chat without one has no history to load.
-        let history = if chat.initial_message.is_none() {
-            Vec::new()
-        } else {
-            let messages = parts.store.messages(chat.id).await?;
-            messages.into_iter().map(|m| m.message).collect()
-        };
         let run_id = Uuid::new_v4();
         let model_id = model.to_string();
         let run_started = serde_json::to_string(&RunEvent::RunStarted {
@@ -301,7 +294,7 @@ impl RunService {
             canvas_id: Some(chat.owner.canvas_id),
         })
         .expect("run events always serialize");
-        parts
+        let history = parts
             .store
             .start_run(&NewRun {
                 id: run_id,

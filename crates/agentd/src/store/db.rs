@@ -7,6 +7,8 @@
 //! replicas with skewed clocks still agree on which heartbeats are stale.
 
 use futures_util::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgRow, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteRow};
@@ -19,9 +21,15 @@ use super::StoreError;
 use super::sqlite::SqliteDb;
 use crate::model::Message;
 
-/// The configured backend's connections.
+/// The configured backend's connections, and how long taking one made requests wait.
 #[derive(Debug, Clone)]
-pub(super) enum Db {
+pub(super) struct Db {
+    pub pools: Pools,
+    waits: PoolWaits,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Pools {
     Sqlite(SqliteDb),
     Postgres(PgPool),
 }
@@ -59,41 +67,84 @@ pub(super) enum Row {
 }
 
 impl Db {
+    pub fn new(pools: Pools) -> Self {
+        Self {
+            pools,
+            waits: PoolWaits::default(),
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Self::Postgres(_))
+        matches!(self.pools, Pools::Postgres(_))
+    }
+
+    pub fn waits(&self) -> &PoolWaits {
+        &self.waits
     }
 
     /// A connection for reads (in SQLite, one of the read-only pool, beside the writer).
     pub async fn read(&self) -> Result<Conn, StoreError> {
-        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
-            Self::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.readers.acquire().await?)) }),
-            Self::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.readers.acquire().await?)) }),
+            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
         };
-        Ok(acquiring.await?)
+        self.waited(acquiring).await
     }
 
     /// The connection for a write outside a transaction (in SQLite, the one writer).
     pub async fn write(&self) -> Result<Conn, StoreError> {
-        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
-            Self::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
-            Self::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
+            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
         };
-        Ok(acquiring.await?)
+        self.waited(acquiring).await
     }
 
     /// A write transaction; it rolls back unless [`Conn::commit`] is called.
     pub async fn begin(&self) -> Result<Conn, StoreError> {
-        let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match self {
-            Self::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
-            Self::Postgres(pool) => Box::pin(async { Ok(Conn::PostgresTx(pool.begin().await?)) }),
+        let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
+            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::PostgresTx(pool.begin().await?)) }),
         };
-        Ok(beginning.await?)
+        self.waited(beginning).await
+    }
+
+    /// Takes a connection, counting the wait (a transaction's `BEGIN` included).
+    async fn waited(
+        &self,
+        acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>>,
+    ) -> Result<Conn, StoreError> {
+        let started = std::time::Instant::now();
+        let taken = acquiring.await;
+        self.waits.seconds.observe(started.elapsed().as_secs_f64());
+        if matches!(taken, Err(sqlx::Error::PoolTimedOut)) {
+            self.waits.timeouts.inc();
+        }
+        Ok(taken?)
     }
 
     pub async fn close(&self) {
-        match self {
-            Self::Sqlite(db) => db.close().await,
-            Self::Postgres(pool) => pool.close().await,
+        match &self.pools {
+            Pools::Sqlite(db) => db.close().await,
+            Pools::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// How long requests waited to take a pooled connection, and how many gave up ([`super::StoreError::is_unavailable`]),
+/// for the metrics.
+#[derive(Debug, Clone)]
+pub struct PoolWaits {
+    pub seconds: Histogram,
+    pub timeouts: Counter,
+}
+
+impl Default for PoolWaits {
+    fn default() -> Self {
+        Self {
+            // 10 µs to about 5 s.
+            seconds: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
+            timeouts: Counter::default(),
         }
     }
 }
@@ -371,6 +422,18 @@ impl Row {
                 })
                 .transpose(),
             Self::Postgres(row) => Ok(row.try_get(column)?),
+        }
+    }
+
+    /// A JSON array of messages (PostgreSQL's `jsonb_agg`).
+    pub fn messages(&self, column: &str) -> Result<Vec<Message>, StoreError> {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("stored messages: {e}"));
+        match self {
+            Self::Sqlite(row) => serde_json::from_str(row.try_get(column)?).map_err(corrupt),
+            Self::Postgres(row) => {
+                let Json(messages) = row.try_get(column)?;
+                Ok(messages)
+            }
         }
     }
 

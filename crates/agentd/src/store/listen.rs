@@ -2,7 +2,7 @@
 
 use sqlx::postgres::PgListener;
 
-use super::db::Db;
+use super::db::Pools;
 use super::{SessionStore, StoreError};
 
 /// A connection listening on some channels.
@@ -12,7 +12,7 @@ pub struct Listener(PgListener);
 impl SessionStore {
     /// Listens on `channels`; `None` with SQLite, where one process has nobody to hear from.
     pub async fn listen(&self, channels: &[&str]) -> Result<Option<Listener>, StoreError> {
-        let Db::Postgres(pool) = &self.db else {
+        let Pools::Postgres(pool) = &self.db.pools else {
             return Ok(None);
         };
         let mut listener = PgListener::connect_with(pool).await?;

@@ -32,7 +32,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::model::{Message, Usage};
-use db::Db;
+pub use db::PoolWaits;
+use db::{Db, Pools};
 pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL};
 pub use listen::Listener;
 
@@ -55,10 +56,10 @@ impl StoreConfig {
 /// Connects and applies the migrations of the configured backend.
 pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
     let db = match config {
-        StoreConfig::Sqlite(options) => Db::Sqlite(sqlite::open(options.clone()).await?),
-        StoreConfig::Postgres(options) => Db::Postgres(postgres::open(options.clone()).await?),
+        StoreConfig::Sqlite(options) => Pools::Sqlite(sqlite::open(options.clone()).await?),
+        StoreConfig::Postgres(options) => Pools::Postgres(postgres::open(options.clone()).await?),
     };
-    Ok(SessionStore { db })
+    Ok(SessionStore { db: Db::new(db) })
 }
 
 /// The session store, on whichever backend was configured; cheap to clone (the pools are shared).
@@ -85,6 +86,11 @@ impl SessionStore {
         tx.execute("UPDATE agent_chats SET id = id WHERE 1 = 0", &[])
             .await?;
         Ok(())
+    }
+
+    /// How long requests wait for a pooled connection, for the metrics.
+    pub fn pool_waits(&self) -> &PoolWaits {
+        self.db.waits()
     }
 
     /// Closes every connection; waits for those in use to be returned.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::StoreError;
@@ -10,12 +11,26 @@ use super::StoreError;
 /// How long a request waits for a connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CONNECTIONS: u32 = 16;
+/// A pooled connection idle longer than this is pinged before use.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Connects and applies the PostgreSQL migrations.
 pub(super) async fn open(options: PgConnectOptions) -> Result<PgPool, StoreError> {
     let pool = PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // A connection is checked when it goes back to the pool anyway; one used a moment ago is not checked again on
+        // the way out (a round trip before every statement), only one that sat idle long enough for the server to
+        // have gone away.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > CHECK_IDLE_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await?;
     sqlx::migrate!("../../migrations/postgres")

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::chats::append_messages;
+use super::chats::{append_messages, message_list};
 use super::db::{Arg, Row};
 use super::{
     NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms, usage_from,
@@ -42,8 +42,42 @@ fn id_and_epoch(row: &Row) -> Result<(Uuid, u64), StoreError> {
 }
 
 impl SessionStore {
-    /// Stores the run as `running` and its prompt as the chat's next message, in one transaction.
-    pub async fn start_run(&self, run: &NewRun) -> Result<(), StoreError> {
+    /// Stores the run as `running` and its prompt as the chat's next message, in one transaction; returns the chat's
+    /// messages before the prompt (the history the run goes on from), read under the same lock.
+    ///
+    /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
+    /// migration); SQLite runs them in a transaction of its own process, where a statement costs no round trip.
+    pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
+        let prompt = Message::User {
+            content: run.prompt.clone(),
+        };
+        if self.db.is_postgres() {
+            let row = self
+                .db
+                .write()
+                .await?
+                .fetch_one(
+                    "SELECT found, busy_run, history FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        Arg::Id(run.id),
+                        Arg::Id(run.chat_id),
+                        Arg::Text(&run.model),
+                        Arg::Text(&run.owner_instance),
+                        Arg::Text(&run.prompt),
+                        Arg::Message(&prompt),
+                        Arg::OptText(run.agent_context.as_deref()),
+                        Arg::OptText(run.first_event.as_deref()),
+                    ],
+                )
+                .await?;
+            if !row.get::<bool>("found")? {
+                return Err(StoreError::ChatNotFound(run.chat_id));
+            }
+            if let Some(going) = row.opt_uuid("busy_run")? {
+                return Err(StoreError::ChatBusy(going));
+            }
+            return row.messages("history");
+        }
         let mut tx = self.db.begin().await?;
         let chat = tx
             .execute(
@@ -65,6 +99,7 @@ impl SessionStore {
         if let Some(going) = going {
             return Err(StoreError::ChatBusy(going.uuid("id")?));
         }
+        let history = message_list(&mut tx, run.chat_id).await?;
         tx.execute(
             "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, heartbeat_at, \
              created_at) VALUES ($1, $2, $3, 'running', $4, $5, {now}, {now})",
@@ -77,9 +112,6 @@ impl SessionStore {
             ],
         )
         .await?;
-        let prompt = Message::User {
-            content: run.prompt.clone(),
-        };
         append_messages(&mut tx, run.chat_id, run.id, &[prompt]).await?;
         if let Some(first) = &run.first_event {
             tx.execute(
@@ -88,7 +120,8 @@ impl SessionStore {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(history)
     }
 
     /// Saves the answer so far of a running run.

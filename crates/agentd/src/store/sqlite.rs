@@ -44,9 +44,11 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqliteDb, Stor
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true);
     // Checkpoints run beside the writer, not inside its commits, where they would stall a run's first write.
+    // A file on a local disk does not hang up: no check before each use (a trip to the connection's thread).
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
         .connect_with(
             options
                 .clone()
@@ -60,6 +62,7 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqliteDb, Stor
     let readers = SqlitePoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
         .connect_with(options.clone().read_only(true))
         .await?;
     let checkpointer = SqliteConnection::connect_with(&options).await?;

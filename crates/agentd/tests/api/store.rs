@@ -106,7 +106,8 @@ async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
     let store = db.open().await;
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
     let run = new_run(chat.id, "What time is it?");
-    store.start_run(&run).await.unwrap();
+    let history = store.start_run(&run).await.unwrap();
+    assert!(history.is_empty(), "a first run starts from nothing");
 
     let stored = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(stored.status, RunStatus::Running);
@@ -163,11 +164,13 @@ async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
     assert_eq!(rest, answer);
     assert!(messages.iter().all(|m| m.run_id == Some(run.id)));
 
-    // A second prompt does not replace the initial message.
-    store
+    // A second prompt does not replace the initial message, and its run goes on from everything before it.
+    let history = store
         .start_run(&new_run(chat.id, "And tomorrow?"))
         .await
         .unwrap();
+    let before: Vec<Message> = messages.iter().map(|m| m.message.clone()).collect();
+    assert_eq!(history, before);
     let chat_now = store.get_chat(chat.id).await.unwrap().unwrap();
     assert_eq!(
         chat_now.initial_message.as_deref(),
@@ -349,7 +352,7 @@ async fn concurrent_starts_on_one_chat_admit_exactly_one(db: TestDb) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let run = new_run(chat.id, &format!("question {i}"));
-            store.start_run(&run).await.map(|()| run.id)
+            store.start_run(&run).await.map(|_| run.id)
         }));
     }
     let mut started = Vec::new();

@@ -1,6 +1,6 @@
 //! The stream route and the other routes, through the real binary.
 
-use crate::common::{Agentd, deltas, new_chat, types};
+use crate::common::{Agentd, deltas, metric, new_chat, types};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -318,12 +318,18 @@ async fn health_readiness_and_metrics_answer() {
         "agentd_open_streams 0",
         "agentd_streams_admitted_total 1",
         "agentd_runs_total{outcome=\"completed\"} 1",
+        "agentd_store_acquire_timeouts_total 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
             "missing {line:?} in\n{text}"
         );
     }
+    // Every store connection the run took was counted as it waited for it.
+    assert!(
+        metric(&text, "agentd_store_acquire_seconds_count") >= 2,
+        "{text}"
+    );
 }
 
 #[tokio::test]
