@@ -5,6 +5,7 @@
 //! beside it and says NOT_SERVING from the moment a shutdown signal arrives. With `INTERNAL_GRPC_TOKEN` set, every
 //! call to the Agents service must carry `authorization: Bearer <token>`; the health service stays open for probes.
 
+pub mod codec;
 mod status;
 
 use std::net::SocketAddr;

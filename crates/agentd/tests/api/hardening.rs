@@ -373,6 +373,89 @@ async fn the_grpc_token_check_takes_the_scheme_in_any_case_as_http_does() {
     }
 }
 
+/// Sends its bytes as they are and hands back the answer's, so a test can send a message that does not parse.
+#[derive(Debug, Default, Clone, Copy)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn a_grpc_request_that_does_not_parse_is_an_invalid_argument() {
+    let server = Agentd::spawn(&[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = "/Superplane.Internal.Agents.Agents/CreateAgentChat";
+    let mut call = async |bytes: Vec<u8>| {
+        grpc.ready().await.unwrap();
+        grpc.unary(
+            tonic::Request::new(bytes),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawBytes,
+        )
+        .await
+    };
+    // The same route answers a well-formed message.
+    let valid = prost::Message::encode_to_vec(&CreateAgentChatRequest {
+        org_id: "o".into(),
+        canvas_id: "c".into(),
+        user_id: "u".into(),
+    });
+    assert!(call(valid).await.is_ok());
+    // Field 1, length-delimited, with a length that never ends; then a length past the message's end.
+    for broken in [vec![0x0a, 0xff], vec![0x0a, 0x05, b'o']] {
+        let status = call(broken).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("not a valid protobuf message"),
+            "{status:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_test_model_is_offered_with_tokens_only_when_named_and_its_size_is_bounded() {
     // With tokens checked, a default test model not named in AI_MODELS refuses the start.
