@@ -40,11 +40,16 @@ pub struct TokenArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
     /// The question.
-    pub question: String,
-    /// The chat to ask in; without it, a chat is created over gRPC for --org/--user/--canvas, or (dev mode) a new id
-    /// is used.
-    #[arg(long)]
+    #[arg(required_unless_present = "new")]
+    pub question: Option<String>,
+    /// The chat to ask in; without it, a chat is created over gRPC for --org/--user/--canvas (its id said on stderr),
+    /// or (dev mode) a new id is used.
+    #[arg(long, conflicts_with = "new")]
     pub chat: Option<Uuid>,
+    /// Only create a chat over gRPC for --org/--user/--canvas and print its id on stdout, for a script to ask in it
+    /// with --chat; no question.
+    #[arg(long, conflicts_with = "question")]
+    pub new: bool,
     /// A scoped token; without it one is minted with JWT_SECRET when --org/--user/--canvas are given.
     #[arg(long, env = "AGENTD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -142,9 +147,20 @@ async fn ask(args: ChatArgs) -> Result<i32, String> {
         }
         _ => None,
     };
+    if args.new {
+        let Some((org, user, canvas)) = &owner else {
+            return Err("--new creates a chat for --org, --user and --canvas".to_owned());
+        };
+        println!("{}", create_chat(&args, org, user, canvas).await?);
+        return Ok(0);
+    }
     let chat_id = match (args.chat, &owner) {
         (Some(id), _) => id,
-        (None, Some((org, user, canvas))) => create_chat(&args, org, user, canvas).await?,
+        (None, Some((org, user, canvas))) => {
+            let id = create_chat(&args, org, user, canvas).await?;
+            eprintln!("chat {id}");
+            id
+        }
         (None, None) => Uuid::new_v4(),
     };
 
@@ -392,10 +408,7 @@ async fn create_chat(args: &ChatArgs, org: &str, user: &str, canvas: &str) -> Re
         .chat
         .map(|chat| chat.id)
         .unwrap_or_default();
-    let id =
-        Uuid::parse_str(&id).map_err(|_| "the server answered without a chat id".to_owned())?;
-    eprintln!("chat {id}");
-    Ok(id)
+    Uuid::parse_str(&id).map_err(|_| "the server answered without a chat id".to_owned())
 }
 
 fn text(value: &Value) -> &str {

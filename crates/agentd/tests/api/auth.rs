@@ -405,4 +405,57 @@ async fn agentd_chat_creates_a_chat_over_grpc_and_signs_its_own_token() {
         "Agents answer"
     );
     assert!(String::from_utf8_lossy(&output.stderr).starts_with("chat "));
+
+    // A script creates the chat first, reads its id from stdout, and asks in it.
+    let owner = ["--org", "acme", "--user", "alice", "--canvas", "canvas-1"];
+    let created = chat_command(&server, &[&owner[..], &["--new"]].concat(), &[])
+        .output()
+        .await
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let chat = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&chat).is_ok(), "{created:?}");
+    let asked = chat_command(
+        &server,
+        &[
+            &owner[..],
+            &["--chat", &chat, "--model", "test:deltas=2", "again"],
+        ]
+        .concat(),
+        &[("JWT_SECRET", SECRET)],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(asked.status.success(), "{asked:?}");
+    assert!(asked.stderr.is_empty(), "no new chat: {asked:?}");
+    let mut grpc = agentd::grpc::proto::agents_client::AgentsClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let messages = grpc
+        .list_agent_chat_messages(agentd::grpc::proto::ListAgentChatMessagesRequest {
+            org_id: "acme".into(),
+            canvas_id: "canvas-1".into(),
+            user_id: "alice".into(),
+            chat_id: chat.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    let seen: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(seen, ["again", "Agents answer"]);
+
+    // --new needs the owner, and takes no question.
+    let alone = chat_command(&server, &["--new"], &[])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(alone.status.code(), Some(1), "{alone:?}");
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--new creates a chat for --org"));
+    let both = chat_command(&server, &[&owner[..], &["--new", "q"]].concat(), &[])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(both.status.code(), Some(64), "a usage error: {both:?}");
 }
