@@ -72,10 +72,14 @@ struct Args {
     /// and checks it saw every event once and the text equals the final answer (rolling restarts).
     #[arg(long)]
     follow_reconnect: bool,
-    /// The server's gRPC address: make the chats there first (one per stream in flight) for a token's caller, as the
+    /// The server's gRPC address: make the chats there first (see --turns) for a token's caller, as the
     /// product's main application does. Needs --jwt-secret.
     #[arg(long, requires = "jwt_secret")]
     grpc: Option<SocketAddr>,
+    /// With --grpc: how many questions each chat is asked, a conversation's length (at least one chat per stream in
+    /// flight). One chat asked every question would make each run send the whole benchmark's history to the model.
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
     /// The server's JWT_SECRET, to mint the streams' token (with --grpc).
     #[arg(long, env = "BENCH_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -185,7 +189,13 @@ async fn main() {
         follow_at: args.follow_at,
         leave_producer: args.leave_producer,
         follow_reconnect: args.follow_reconnect,
-        chats: chats(args.concurrency.unwrap_or(args.streams).max(1)).await,
+        chats: chats(
+            args.concurrency
+                .unwrap_or(args.streams)
+                .max(args.streams.div_ceil(args.turns.max(1)))
+                .max(1),
+        )
+        .await,
         ..plan(
             args.streams,
             &args.model,
