@@ -123,7 +123,7 @@ impl Stages {
                 .grace
                 .map_or(deadline, |grace| (Instant::now() + grace).min(deadline));
             let tasks = &member.component.tasks;
-            if tokio::time::timeout_at(limit, tasks.wait()).await.is_err() {
+            if !self.wait_saying(member.name, tasks, limit).await {
                 tracing::warn!(
                     component = member.name,
                     tasks = tasks.len(),
@@ -143,6 +143,32 @@ impl Stages {
         }
     }
 }
+
+impl Stages {
+    /// Waits for `tasks` until `limit`, saying every 5 s which component it waits for and what else is pending;
+    /// false when the limit came first.
+    async fn wait_saying(&self, name: &'static str, tasks: &TaskTracker, limit: Instant) -> bool {
+        let mut progress =
+            tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let waiting = tokio::time::timeout_at(limit, tasks.wait());
+        tokio::pin!(waiting);
+        loop {
+            tokio::select! {
+                waited = &mut waiting => return waited.is_ok(),
+                _ = progress.tick() => tracing::info!(
+                    component = name,
+                    tasks = tasks.len(),
+                    left_s = limit.saturating_duration_since(Instant::now()).as_secs(),
+                    pending = ?self.pending(),
+                    "stopping: still waiting for this component"
+                ),
+            }
+        }
+    }
+}
+
+/// How often a stage that is slow to stop says what it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -373,6 +373,45 @@ async fn the_grpc_token_check_takes_the_scheme_in_any_case_as_http_does() {
     }
 }
 
+#[tokio::test]
+async fn a_stage_slow_to_stop_is_named_while_the_shutdown_waits_for_it() {
+    let mut server = Agentd::spawn(&[("GRPC_SHUTDOWN_GRACE", "7")]).await;
+    // A gRPC client that opened its connection (preface and settings) and then says nothing more.
+    let grpc = server.grpc.trim_start_matches("http://").to_owned();
+    let mut held = TcpStream::connect(&grpc).await.unwrap();
+    held.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    server.signal("TERM");
+    server
+        .wait_for_log("stopping: still waiting for this component")
+        .await;
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopping: still waiting"))
+        .unwrap();
+    let line: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["component"], "grpc", "{line}");
+    assert!(
+        line["pending"]
+            .as_str()
+            .unwrap()
+            .starts_with("[(\"grpc\", 1), (\"run log writer\", 1)"),
+        "the pending list names it and what comes after it: {line}"
+    );
+    // Its grace still bounds it.
+    assert!(server.exit_status().await.success());
+    assert!(
+        server
+            .log_text()
+            .contains("still running when its time was up; cut")
+    );
+    drop(held);
+}
+
 /// Sends its bytes as they are and hands back the answer's, so a test can send a message that does not parse.
 #[derive(Debug, Default, Clone, Copy)]
 struct RawBytes;
