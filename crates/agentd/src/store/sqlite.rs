@@ -20,8 +20,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CONNECTIONS: u32 = 8;
 
-/// How often the WAL is checkpointed into the database file; bounds the WAL to what is written in this time.
+/// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL frames (pages written) past which a checkpoint empties the WAL, waiting for its readers and the writer: about
+/// 32 MiB of 4 KiB pages, as `journal_size_limit`.
+const TRUNCATE_AFTER_FRAMES: i64 = 8_192;
 
 #[derive(Debug, Clone)]
 pub(super) struct SqliteDb {
@@ -85,11 +88,31 @@ async fn checkpoint(mut connection: SqliteConnection, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut connection)
+        // (busy, frames in the WAL, frames copied back)
+        let frames = match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut connection)
             .await
         {
-            tracing::warn!(%error, "SQLite checkpoint failed");
+            Ok((_, frames, _)) => frames,
+            Err(error) => {
+                tracing::warn!(%error, "SQLite checkpoint failed");
+                continue;
+            }
+        };
+        // A writer that is never idle for a period never finds the WAL all copied back, so SQLite never starts it
+        // over: past a bound, wait for the writer and the readers in the WAL (a few milliseconds) and empty it.
+        if frames > TRUNCATE_AFTER_FRAMES {
+            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut connection)
+                .await
+            {
+                Ok((0, _, _)) => tracing::debug!(frames, "SQLite WAL emptied"),
+                Ok(_) => tracing::warn!(
+                    frames,
+                    "SQLite WAL not emptied: readers or the writer stayed busy"
+                ),
+                Err(error) => tracing::warn!(%error, "SQLite checkpoint failed"),
+            }
         }
     }
     if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -330,3 +330,52 @@ async fn attaching_to_a_swept_run_is_410_and_its_answer_stays_in_the_history() {
     let history = history_of(&second, &chat).await;
     assert_eq!(history["messages"][1]["role"], "assistant");
 }
+
+#[tokio::test]
+async fn the_sqlite_wal_stays_bounded_while_readers_never_stop() {
+    // Paced runs keep the one writer committing every few milliseconds, never idle as long as the checkpointer's
+    // period: the WAL is never all copied back when a write begins, so SQLite alone never starts it over, and it
+    // would grow by every page written (14 GB in a 10-minute soak).
+    let db = TestDb::sqlite();
+    let wal = std::path::PathBuf::from(format!("{}-wal", db.url().trim_start_matches("sqlite://")));
+    let server = std::sync::Arc::new(Agentd::spawn_on(db.url(), &[]).await);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let chats: Vec<String> = (0..40).map(|_| new_chat()).collect();
+    let mut load = tokio::task::JoinSet::new();
+    for chat in chats.clone() {
+        let server = std::sync::Arc::clone(&server);
+        load.spawn(async move {
+            while tokio::time::Instant::now() < until {
+                let events = server
+                    .stream(
+                        &chat,
+                        json!({"question": "q", "model": "test:deltas=300,delay_ms=10"}),
+                    )
+                    .await
+                    .rest()
+                    .await;
+                assert_eq!(types(&events).last().unwrap(), "done");
+            }
+        });
+    }
+    for chat in chats.iter().take(4) {
+        let (server, chat) = (std::sync::Arc::clone(&server), chat.clone());
+        load.spawn(async move {
+            while tokio::time::Instant::now() < until {
+                let history = server.get(&format!("/agents/chats/{chat}/messages")).await;
+                // 404 until the chat's first run made it.
+                assert!(matches!(history.status().as_u16(), 200 | 404));
+            }
+        });
+    }
+    let mut largest = 0;
+    while tokio::time::Instant::now() < until {
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    println!("largest WAL: {} MiB", largest >> 20);
+    assert!(largest < 96 << 20, "the WAL reached {} MiB", largest >> 20);
+}
