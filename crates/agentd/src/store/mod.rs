@@ -7,7 +7,8 @@
 //! the same behaviour on both.
 //!
 //! Writes that must agree happen in one transaction: starting a run stores the run row and the user's prompt (and
-//! sets the chat's `initial_message` from its first prompt); finishing a run stores its messages, its end state and
+//! sets the chat's `initial_message` from its first prompt; on PostgreSQL this one is a single call of a function
+//! doing the same statements, to save the round trips, see `runs.rs`); finishing a run stores its messages, its end state and
 //! usage, and adds the usage to the chat's totals. Each transaction first updates the chat row, which takes the write
 //! lock up front (so concurrent runs of one chat never race for a message index) and checks the chat still exists.
 //!
