@@ -6,13 +6,17 @@
 //! the listener closes, each connection finishes the response it is writing and closes, and idle keep-alive
 //! connections close at once.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -92,7 +96,7 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
         let connection = builder.serve_connection(
-            TokioIo::new(socket),
+            TokioIo::new(JsonParseErrors::new(socket)),
             TowerToHyperService::new(router.clone()),
         );
         let stop = stop.clone();
@@ -120,7 +124,7 @@ pub async fn serve(
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
 /// canned 503 and closes; bounded, since it holds the one spare descriptor.
-async fn refuse(mut socket: tokio::net::TcpStream) {
+async fn refuse(mut socket: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut head = Vec::with_capacity(1024);
@@ -137,4 +141,149 @@ async fn refuse(mut socket: tokio::net::TcpStream) {
         socket.shutdown().await
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, exchange).await;
+}
+
+/// A client's socket, as hyper reads and writes it. hyper answers a request head it cannot parse by itself (400, 414
+/// or 431), before the router sees anything, with no body; this gives that answer the JSON body every other error
+/// has. hyper writes such an answer in one write (the connection flattens its writes), which is all it sends.
+#[derive(Debug)]
+struct JsonParseErrors {
+    socket: TcpStream,
+    /// An answer rewritten with its body, and how much of it is written.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl JsonParseErrors {
+    fn new(socket: TcpStream) -> Self {
+        Self {
+            socket,
+            pending: None,
+        }
+    }
+
+    /// Writes what is left of a rewritten answer.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = &mut self.pending {
+            if *written == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.socket).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for JsonParseErrors {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for JsonParseErrors {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        if let Some(answer) = with_json_body(buf) {
+            this.pending = Some((answer, 0));
+            // Taken whole: what the socket does not take now is written by the flush that follows.
+            if let Poll::Ready(Err(error)) = this.poll_pending(cx) {
+                return Poll::Ready(Err(error));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.socket).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.socket).poll_shutdown(cx)
+    }
+}
+
+/// hyper's own answer to a head it could not parse (`HTTP/1.1 400|414|431 …` with `content-length: 0`, nothing
+/// after the head), with a JSON body instead; `None` for anything else.
+fn with_json_body(written: &[u8]) -> Option<Vec<u8>> {
+    let detail = match written.get(..12)? {
+        b"HTTP/1.1 400" => "The request could not be read as HTTP/1.1",
+        b"HTTP/1.1 414" => "The request's URI is too long",
+        b"HTTP/1.1 431" => "The request's header fields are too large",
+        _ => return None,
+    };
+    const EMPTY: &[u8] = b"\r\ncontent-length: 0\r\n";
+    if !written.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let at = memchr::memmem::find(written, EMPTY)?;
+    let body = serde_json::json!({
+        "detail": detail,
+        "code": crate::error::ErrorCode::BadRequest.as_str(),
+    })
+    .to_string();
+    let mut answer = Vec::with_capacity(written.len() + body.len() + 48);
+    answer.extend_from_slice(&written[..at]);
+    answer.extend_from_slice(
+        format!(
+            "\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    answer.extend_from_slice(&written[at + EMPTY.len()..]);
+    answer.extend_from_slice(body.as_bytes());
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypers_bare_answers_get_a_json_body_and_nothing_else_changes() {
+        let bare =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(with_json_body(bare).unwrap()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert!(head.ends_with("\r\ndate: x"), "{head}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "bad_request");
+        assert!(body["detail"].as_str().unwrap().contains("too large"));
+
+        for other in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            b"data: {\"type\":\"done\"}\n\n",
+        ] {
+            assert_eq!(with_json_body(other), None, "{}", String::from_utf8_lossy(other));
+        }
+    }
 }

@@ -412,6 +412,50 @@ async fn a_stage_slow_to_stop_is_named_while_the_shutdown_waits_for_it() {
     drop(held);
 }
 
+#[tokio::test]
+async fn the_answers_hyper_gives_to_an_unreadable_request_head_are_json_too() {
+    let server = Agentd::spawn(&[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    // More header fields than hyper reads (100).
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
+    );
+    for (request, status) in [
+        ("GARBAGE\r\n\r\n".to_owned(), 400),
+        (
+            "POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"
+                .to_owned(),
+            400,
+        ),
+        (long_uri, 414),
+        (big_header, 431),
+    ] {
+        let mut socket = TcpStream::connect(&addr).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{head}"
+        );
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "bad_request", "{body}");
+        assert!(body["detail"].is_string(), "{body}");
+    }
+    // The service answers as before afterwards.
+    assert_eq!(server.get("/healthz").await.status(), 200);
+}
+
 /// Sends its bytes as they are and hands back the answer's, so a test can send a message that does not parse.
 #[derive(Debug, Default, Clone, Copy)]
 struct RawBytes;
