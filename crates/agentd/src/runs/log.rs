@@ -436,6 +436,9 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
 }
 
 /// Commits one batch, then releases it to the followers.
+/// How many more times a group commit waits for a busy store before its runs fail.
+const BUSY_RETRIES: u32 = 3;
+
 async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     let mut rows: Vec<LogRow> = Vec::new();
     let mut row_of: HashMap<Uuid, usize> = HashMap::new();
@@ -464,7 +467,20 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
         }
     }
     let started = Instant::now();
-    let result = log.inner.store.append_events(&rows).await;
+    let mut result = log.inner.store.append_events(&rows).await;
+    // A store busy past the pool's wait (its one SQLite writer taken by a burst of run starts) is not down: the batch
+    // waits its turn again rather than fail runs that are going.
+    for attempt in 1..=BUSY_RETRIES {
+        if !matches!(&result, Err(error) if error.is_busy()) {
+            break;
+        }
+        tracing::warn!(
+            attempt,
+            events = batch.len(),
+            "the store was busy for a group commit; waiting again"
+        );
+        result = log.inner.store.append_events(&rows).await;
+    }
     let metrics = &log.inner.metrics;
     // Runs whose rows were not stored: the ones that moved on (claimed elsewhere, or gone) and, when the commit
     // failed, the ones the store would not take.

@@ -121,6 +121,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether every connection stayed taken for longer than a request may wait for one: the store is busy, and may
+    /// well answer a moment later.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Database(sqlx::Error::PoolTimedOut))
+    }
+
     /// Whether the store could not be reached at all (as opposed to refusing this request).
     pub fn is_unavailable(&self) -> bool {
         match self {

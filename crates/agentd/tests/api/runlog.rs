@@ -379,3 +379,57 @@ async fn the_sqlite_wal_stays_bounded_while_readers_never_stop() {
     println!("largest WAL: {} MiB", largest >> 20);
     assert!(largest < 96 << 20, "the WAL reached {} MiB", largest >> 20);
 }
+
+#[tokio::test]
+async fn a_run_goes_on_when_the_store_is_busy_longer_than_a_pool_wait() {
+    use sqlx::Connection;
+    let db = TestDb::sqlite();
+    let server = std::sync::Arc::new(Agentd::spawn_on(db.url(), &[]).await);
+    let mut slow = server
+        .stream(
+            &new_chat(),
+            json!({"question": "q", "model": "test:deltas=8,delay_ms=1000"}),
+        )
+        .await;
+    assert_eq!(slow.next_data().await["type"], "run_started");
+    assert_eq!(slow.next_data().await["type"], "model_delta");
+
+    // Another process takes SQLite's write lock for 4.5 s. A run start (or a lease refresh) then waits for it holding
+    // agentd's one writer connection, and the slow run's next group commits wait for that connection longer than
+    // the pool's 3 s.
+    let mut other = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let starting = tokio::spawn({
+        let server = std::sync::Arc::clone(&server);
+        async move {
+            server
+                .ask(
+                    &new_chat(),
+                    json!({"question": "q", "model": "test:deltas=1"}),
+                )
+                .await
+                .status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+
+    let rest = slow.rest().await;
+    assert_eq!(
+        types(&rest)[types(&rest).len() - 3..],
+        ["final_answer", "run_completed", "done"],
+        "{rest:?}"
+    );
+    // The start that waited behind the lock either got through or was refused cleanly.
+    let started = starting.await.unwrap();
+    assert!(matches!(started.as_u16(), 200 | 503), "{started}");
+    assert!(
+        server
+            .log_text()
+            .contains("the store was busy for a group commit"),
+        "the commit did wait past the pool's timeout"
+    );
+}
