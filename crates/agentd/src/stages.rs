@@ -142,9 +142,7 @@ impl Stages {
             }
         }
     }
-}
 
-impl Stages {
     /// Waits for `tasks` until `limit`, saying every 5 s which component it waits for and what else is pending;
     /// false when the limit came first.
     async fn wait_saying(&self, name: &'static str, tasks: &TaskTracker, limit: Instant) -> bool {
@@ -167,8 +165,8 @@ impl Stages {
     }
 }
 
-/// How often a stage that is slow to stop says what it waits for.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often a wait that may be long (the drain, a stage slow to stop) says what it is waiting for.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -435,10 +435,10 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
     }
 }
 
-/// Commits one batch, then releases it to the followers.
 /// How many more times a group commit waits for a busy store before its runs fail.
 const BUSY_RETRIES: u32 = 3;
 
+/// Commits one batch, then releases it to the followers.
 async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     let mut rows: Vec<LogRow> = Vec::new();
     let mut row_of: HashMap<Uuid, usize> = HashMap::new();

@@ -40,7 +40,7 @@ use crate::config::{ShutdownBudget, ShutdownMode};
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::runs::LiveRuns;
-use crate::stages::{Stage, Stages};
+use crate::stages::{PROGRESS_EVERY, Stage, Stages};
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
 pub use signals::{Signal, os_signals};
 
@@ -98,9 +98,6 @@ pub struct Shutdown {
     pub grpc_health: HealthReporter,
     pub stages: Arc<Stages>,
 }
-
-/// How often the drain logs what is still open.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long the sequence leaves the watchdog to end the process once the hard deadline is reached.
 const WATCHDOG_MARGIN: Duration = Duration::from_secs(1);

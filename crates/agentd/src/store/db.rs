@@ -427,23 +427,24 @@ impl Row {
 
     /// A JSON array of messages (PostgreSQL's `jsonb_agg`).
     pub fn messages(&self, column: &str) -> Result<Vec<Message>, StoreError> {
-        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("stored messages: {e}"));
-        match self {
-            Self::Sqlite(row) => serde_json::from_str(row.try_get(column)?).map_err(corrupt),
-            Self::Postgres(row) => {
-                let Json(messages) = row.try_get(column)?;
-                Ok(messages)
-            }
-        }
+        self.json(column, "stored messages")
     }
 
     pub fn message(&self, column: &str) -> Result<Message, StoreError> {
-        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("stored message: {e}"));
+        self.json(column, "stored message")
+    }
+
+    /// A JSON column: text in SQLite, `jsonb` in PostgreSQL; `what` names it when it does not read.
+    fn json<T>(&self, column: &str, what: &str) -> Result<T, StoreError>
+    where
+        T: serde::de::DeserializeOwned,
+    {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("{what}: {e}"));
         match self {
             Self::Sqlite(row) => serde_json::from_str(row.try_get(column)?).map_err(corrupt),
             Self::Postgres(row) => {
-                let Json(message) = row.try_get(column)?;
-                Ok(message)
+                let Json(value) = row.try_get(column)?;
+                Ok(value)
             }
         }
     }
