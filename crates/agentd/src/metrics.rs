@@ -13,6 +13,7 @@
 //! | `agentd_run_log_batch_events` | histogram | events per group commit |
 //! | `agentd_run_log_commit_seconds` | histogram | how long a group commit took |
 //! | `agentd_run_log_commit_failures_total` | counter | group commits that failed (their events were released unlogged) |
+//! | `agentd_run_log_reads_total` | counter | pages of the run log read from the store by followers (replays, and runs produced elsewhere whose events the notifications did not carry) |
 //! | `agentd_run_failures_total{code}` | counter | runs failed, by error code (see [`crate::error::ErrorCode`]) |
 //! | `agentd_tool_failures_total{kind}` | counter | tool calls that gave the model an error, by kind |
 //! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
@@ -101,6 +102,7 @@ pub struct Metrics {
     log_batch: Histogram,
     log_commit: Histogram,
     log_failures: Counter,
+    log_reads: Counter,
     taken_over: Counter,
     continued_tokens: Counter,
     fencing_rejections: Counter,
@@ -127,6 +129,7 @@ impl Default for Metrics {
         let log_batch = Histogram::new(exponential_buckets(1.0, 4.0, 9));
         let log_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let log_failures = Counter::default();
+        let log_reads = Counter::default();
         let taken_over = Counter::default();
         let continued_tokens = Counter::default();
         let fencing_rejections = Counter::default();
@@ -177,6 +180,11 @@ impl Default for Metrics {
             log_failures.clone(),
         );
         registry.register(
+            "agentd_run_log_reads",
+            "Pages of the run log read from the store by followers",
+            log_reads.clone(),
+        );
+        registry.register(
             "agentd_open_streams",
             "Streams admitted and not yet released",
             open_streams.clone(),
@@ -223,6 +231,7 @@ impl Default for Metrics {
             log_batch,
             log_commit,
             log_failures,
+            log_reads,
             taken_over,
             continued_tokens,
             fencing_rejections,
@@ -300,6 +309,11 @@ impl Metrics {
 
     pub fn log_commit_failed(&self) {
         self.log_failures.inc();
+    }
+
+    /// A follower read a page of the run log from the store.
+    pub fn log_read(&self) {
+        self.log_reads.inc();
     }
 
     pub fn run_taken_over(&self) {

@@ -33,8 +33,11 @@ pub struct Follower {
     /// The next seq to send.
     next: u64,
     pending: VecDeque<(u64, Arc<str>)>,
+    /// Whether to read the store before waiting again: at the start, after a page (there may be more), and when a
+    /// wake-up or the poll did not come with newer events than this follower has.
+    look: bool,
     ended: bool,
-    _attached: Attached,
+    attached: Attached,
 }
 
 /// Counts the follower in the metrics while it exists.
@@ -64,8 +67,9 @@ impl Follower {
             store,
             next: after + 1,
             pending: VecDeque::new(),
+            look: true,
             ended: false,
-            _attached: Attached(metrics),
+            attached: Attached(metrics),
         }
     }
 
@@ -110,25 +114,38 @@ impl Follower {
                     }
                 }
                 Source::Stored(run, wake) => {
-                    wake.borrow_and_update();
-                    if let Some(events) = run.recent_from(self.next) {
-                        self.pending.extend(events);
-                        continue;
-                    }
-                    match self.store.events_after(self.run_id, self.next - 1).await {
-                        Ok(events) if !events.is_empty() => {
-                            self.pending
-                                .extend(events.into_iter().map(|(seq, json)| (seq, json.into())));
+                    // Once caught up, a follower reads what the notifications carried, and the store only for
+                    // what they did not carry: not once per commit of the run.
+                    let committed = *wake.borrow_and_update();
+                    if committed >= self.next {
+                        if let Some(events) = run.recent_from(self.next) {
+                            self.pending.extend(events);
                             continue;
                         }
-                        Ok(_) => {}
-                        Err(error) => {
-                            tracing::warn!(run_id = %self.run_id, %error, "could not read the run log; trying again")
+                        self.look = true;
+                    }
+                    if self.look {
+                        self.attached.0.log_read();
+                        match self.store.events_after(self.run_id, self.next - 1).await {
+                            Ok(events) if !events.is_empty() => {
+                                self.pending.extend(
+                                    events.into_iter().map(|(seq, json)| (seq, json.into())),
+                                );
+                                continue;
+                            }
+                            Ok(_) => self.look = false,
+                            Err(error) => {
+                                tracing::warn!(run_id = %self.run_id, %error, "could not read the run log; trying again")
+                            }
                         }
                     }
                     tokio::select! {
-                        _ = wake.changed() => {}
-                        () = tokio::time::sleep(POLL_EVERY) => {}
+                        // Woken with nothing newer than this follower has (a catch-up after the listener
+                        // reconnected): the store knows.
+                        _ = wake.changed() => if *wake.borrow() < self.next {
+                            self.look = true;
+                        },
+                        () = tokio::time::sleep(POLL_EVERY) => self.look = true,
                     }
                 }
             }

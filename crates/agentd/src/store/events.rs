@@ -2,14 +2,14 @@
 //!
 //! A row holds consecutive events of one run, `seq` to `last_seq`, as their compact JSON joined by newlines (JSON
 //! never holds a raw newline, so splitting gives back each event exactly). A group commit writes one row per run
-//! per batch, all in one transaction; with PostgreSQL the same transaction notifies every replica of each run's new
-//! last seq (`agentd_run_events`, delivered on commit).
+//! per batch, all in one transaction; with PostgreSQL the same statement notifies every replica of each run's new
+//! last seq (`agentd_run_events`, delivered on commit), so a group commit is one round trip.
 
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::Arg;
+use super::db::{Arg, Row};
 use super::{SessionStore, StoreError, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
@@ -25,8 +25,6 @@ pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
 /// The channel a released run is announced on (its producer drained in handoff mode): the run id.
 pub const RELEASED_CHANNEL: &str = "agentd_run_released";
 
-/// Largest notification payload (PostgreSQL refuses 8,000 bytes and more).
-const NOTIFY_BYTES: usize = 7_000;
 /// Events read per query when replaying.
 const REPLAY_PAGE: i64 = 1_000;
 
@@ -49,99 +47,87 @@ impl SessionStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        if self.db.is_postgres() {
+            return self.append_events_postgres(rows).await;
+        }
+        // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite unpacks
+        // itself (binding thousands of values, in a statement whose text changes with every batch size, costs more
+        // than the insert).
+        let batch: Vec<(String, u64, u64, &str, u64)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.run_id.to_string(),
+                    row.seq,
+                    row.last_seq,
+                    row.events.as_str(),
+                    row.epoch,
+                )
+            })
+            .collect();
+        let batch = serde_json::to_string(&batch)
+            .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
         let mut tx = self.db.begin().await?;
-        let inserted = if self.db.is_postgres() {
-            // One statement of four arrays, prepared once, whatever the batch's size.
-            let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
-            let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
-            let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
-            let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
-            let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
-            // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
-            // commit and then raises the epoch: nothing under the old one can land after it.
-            tx.fetch_all(
-                "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
-                 $5::bigint[]) AS b (run_id, seq, last_seq, events, epoch)), \
-                 held AS (SELECT r.id FROM agent_chat_runs r JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch \
-                 FOR KEY SHARE OF r) \
-                 INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
-                 SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
-                 RETURNING run_id",
-                &[
-                    Arg::Ids(&run_ids),
-                    Arg::Ints(&seqs),
-                    Arg::Ints(&last_seqs),
-                    Arg::Texts(&events),
-                    Arg::Ints(&epochs),
-                ],
-            )
-            .await?
-        } else {
-            // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite
-            // unpacks itself (binding thousands of values, in a statement whose text changes with every batch
-            // size, costs more than the insert).
-            let batch: Vec<(String, u64, u64, &str, u64)> = rows
-                .iter()
-                .map(|row| {
-                    (
-                        row.run_id.to_string(),
-                        row.seq,
-                        row.last_seq,
-                        row.events.as_str(),
-                        row.epoch,
-                    )
-                })
-                .collect();
-            let batch = serde_json::to_string(&batch)
-                .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
-            tx.fetch_all(
+        let inserted = tx
+            .fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) \
                  WHERE EXISTS (SELECT 1 FROM agent_chat_runs r WHERE r.id = value ->> 0 AND r.epoch = value ->> 4) \
                  RETURNING run_id",
                 &[Arg::Text(&batch)],
             )
+            .await?;
+        tx.commit().await?;
+        refused_of(rows, &inserted)
+    }
+
+    /// The PostgreSQL append: one statement in its own transaction (one round trip, under load each one counts), of
+    /// five arrays, prepared once whatever the batch's size. It stores the rows whose run is held under their epoch
+    /// and notifies their records, packed into payloads PostgreSQL takes: a chunk of records ends within 4,000 bytes
+    /// of where it starts, plus at most one record (3,079 bytes at most), so a payload stays under 7,100 bytes.
+    async fn append_events_postgres(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {
+        let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
+        let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
+        let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
+        let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
+        let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
+        // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
+        // commit and then raises the epoch: nothing under the old one can land after it. The notifications go out
+        // when the statement commits, and only for the rows stored.
+        let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
+        let separator = RECORD_SEPARATOR.to_string();
+        let inserted = self
+            .db
+            .write()
             .await?
-        };
-        let mut stored = std::collections::HashSet::with_capacity(inserted.len());
-        for row in &inserted {
-            stored.insert(row.uuid("run_id")?);
-        }
-        let refused: Vec<Uuid> = rows
-            .iter()
-            .map(|row| row.run_id)
-            .filter(|run_id| !stored.contains(run_id))
-            .collect();
-        if self.db.is_postgres() && !stored.is_empty() {
-            let mut payloads = Vec::new();
-            let mut payload = String::new();
-            for row in rows.iter().filter(|row| stored.contains(&row.run_id)) {
-                let mut record = format!("{} {} {}", row.run_id, row.seq, row.last_seq);
-                if row.events.len() <= CARRIED_BYTES {
-                    record.push('\n');
-                    record.push_str(&row.events);
-                }
-                if !payload.is_empty() && payload.len() + record.len() > NOTIFY_BYTES {
-                    payloads.push(std::mem::take(&mut payload));
-                }
-                if !payload.is_empty() {
-                    payload.push(RECORD_SEPARATOR);
-                }
-                payload.push_str(&record);
-            }
-            if !payload.is_empty() {
-                payloads.push(payload);
-            }
-            // Every notification of the batch in one statement; they are delivered when the transaction commits.
-            let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
-            tx.execute(
-                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-                &[Arg::Text(EVENTS_CHANNEL), Arg::Texts(&payloads)],
+            .fetch_all(
+                "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
+                 $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
+                 held AS (SELECT r.id FROM agent_chat_runs r JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch \
+                 FOR KEY SHARE OF r), \
+                 stored AS (INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+                 SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
+                 RETURNING run_id), \
+                 records AS (SELECT n, b.run_id || ' ' || b.seq || ' ' || b.last_seq \
+                 || CASE WHEN octet_length(b.events) <= $6 THEN E'\\n' || b.events ELSE '' END AS record \
+                 FROM batch b WHERE b.run_id IN (SELECT run_id FROM stored)), \
+                 chunked AS (SELECT n, record, sum(octet_length(record) + 1) OVER (ORDER BY n) / 4000 AS chunk \
+                 FROM records), \
+                 notified AS (SELECT pg_notify($7, string_agg(record, $8 ORDER BY n)) FROM chunked GROUP BY chunk) \
+                 SELECT run_id FROM stored WHERE (SELECT count(*) FROM notified) >= 0",
+                &[
+                    Arg::Ids(&run_ids),
+                    Arg::Ints(&seqs),
+                    Arg::Ints(&last_seqs),
+                    Arg::Texts(&events),
+                    Arg::Ints(&epochs),
+                    Arg::Int(carried),
+                    Arg::Text(EVENTS_CHANNEL),
+                    Arg::Text(&separator),
+                ],
             )
             .await?;
-        }
-        tx.commit().await?;
-        Ok(refused)
+        refused_of(rows, &inserted)
     }
 
     /// Up to 1,000 rows (a page) of the run's events after `after`: `(seq, json)` in order.
@@ -250,4 +236,17 @@ async fn notify(
     )
     .await?;
     Ok(())
+}
+
+/// The runs of `rows` the append did not store (`inserted` holds the `run_id` of each row it stored).
+fn refused_of(rows: &[LogRow], inserted: &[Row]) -> Result<Vec<Uuid>, StoreError> {
+    let mut stored = std::collections::HashSet::with_capacity(inserted.len());
+    for row in inserted {
+        stored.insert(row.uuid("run_id")?);
+    }
+    Ok(rows
+        .iter()
+        .map(|row| row.run_id)
+        .filter(|run_id| !stored.contains(run_id))
+        .collect())
 }

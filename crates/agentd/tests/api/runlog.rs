@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::common::db::TestDb;
 use crate::common::runs::{assert_whole, ended, final_output, paced, run_id_of, take};
-use crate::common::{Agentd, Events, deltas, new_chat, types};
+use crate::common::{Agentd, Events, deltas, metric, new_chat, types};
 
 on_both_backends!(
     a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones,
@@ -291,6 +291,13 @@ async fn a_run_produced_on_one_replica_is_followed_and_cancelled_on_another() {
     assert_whole(&run, &all);
     assert_eq!(from_start.await.unwrap(), all);
     assert_eq!(from_middle.await.unwrap(), all[5..]);
+    // Once caught up, the followers on B read what the notifications carried, not the store at each commit.
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    let reads = metric(&metrics, "agentd_run_log_reads_total");
+    assert!(
+        (1..=8).contains(&reads),
+        "{reads} reads of the store for two followers of a run of about 30 commits"
+    );
 
     let other = new_chat();
     let mut long = a.stream(&other, paced(1000, 20)).await;

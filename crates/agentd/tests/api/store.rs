@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use crate::common::db::{TestDb, runs_of};
 use agentd::model::{Message, ToolCall, Usage};
-use agentd::store::{ChatOwner, LogRow, NewRun, RunEnd, RunStatus, STALE_RUN_ERROR, StoreError};
+use agentd::store::{
+    ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
+    STALE_RUN_ERROR, StoreError,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -13,7 +16,7 @@ on_both_backends!(
     chats_are_created_found_listed_newest_first_and_deleted,
     a_run_stores_its_prompt_then_its_messages_in_order,
     runs_go_through_every_status_and_add_to_the_chat_totals,
-    deleting_a_chat_deletes_its_messages_and_runs,
+    deleting_a_chat_deletes_its_messages_runs_and_run_log,
     a_run_needs_an_existing_chat,
     ensure_chat_creates_once,
     stale_runs_are_interrupted_and_live_ones_are_not,
@@ -237,11 +240,20 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
     store.close().await;
 }
 
-async fn deleting_a_chat_deletes_its_messages_and_runs(db: TestDb) {
+async fn deleting_a_chat_deletes_its_messages_runs_and_run_log(db: TestDb) {
     let store = db.open().await;
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
     let run = new_run(chat.id, "q");
     store.start_run(&run).await.unwrap();
+    let events = LogRow {
+        run_id: run.id,
+        epoch: 1,
+        seq: 2,
+        last_seq: 3,
+        events: "{\"type\":\"a\"}\n{\"type\":\"done\"}".into(),
+    };
+    assert!(store.append_events(&[events]).await.unwrap().is_empty());
+    assert_eq!(store.last_seq(run.id).await.unwrap(), 3);
     store
         .finish_run(
             run.id,
@@ -259,6 +271,17 @@ async fn deleting_a_chat_deletes_its_messages_and_runs(db: TestDb) {
     assert_eq!(store.get_run(run.id).await.unwrap(), None);
     assert!(store.messages(chat.id).await.unwrap().is_empty());
     assert!(runs_of(&store, chat.id).await.is_empty());
+    assert!(store.events_after(run.id, 0).await.unwrap().is_empty());
+    // Nothing more lands for the run once it is gone.
+    let late = LogRow {
+        run_id: run.id,
+        epoch: 1,
+        seq: 4,
+        last_seq: 4,
+        events: "{\"type\":\"b\"}".into(),
+    };
+    assert_eq!(store.append_events(&[late]).await.unwrap(), [run.id]);
+    assert!(store.events_after(run.id, 0).await.unwrap().is_empty());
     store.close().await;
 }
 
@@ -582,5 +605,78 @@ async fn a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_a
         store.claim(&[run.id], lease, "c").await.unwrap(),
         [(run.id, 4)]
     );
+    store.close().await;
+}
+
+/// PostgreSQL: a group commit notifies every row it stored, and only those, in payloads PostgreSQL takes (under
+/// 8,000 bytes), carrying the events of each row that fits and only the range of one that does not.
+#[tokio::test]
+async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let mut listener = store.listen(&[EVENTS_CHANNEL]).await.unwrap().unwrap();
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let mut rows = Vec::new();
+    for i in 0..120_usize {
+        let other = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+        let run = new_run(if i == 0 { chat.id } else { other.id }, "q");
+        store.start_run(&run).await.unwrap();
+        // Small rows, rows just under the size carried and rows just over it, mixed.
+        let text = "x".repeat([10, 2_950, 3_100][i % 3]);
+        rows.push(LogRow {
+            run_id: run.id,
+            // The first run is held under another epoch: refused, and not notified.
+            epoch: if i == 0 { 7 } else { 1 },
+            seq: 1,
+            last_seq: 2,
+            events: format!("{{\"t\":\"{text}\"}}\n{{\"type\":\"done\"}}"),
+        });
+    }
+    assert_eq!(store.append_events(&rows).await.unwrap(), [rows[0].run_id]);
+
+    let mut notified = std::collections::HashMap::new();
+    let mut payloads = 0;
+    while notified.len() < rows.len() - 1 {
+        let Ok(got) = tokio::time::timeout(Duration::from_secs(3), listener.recv()).await else {
+            for (i, row) in rows.iter().enumerate() {
+                if !notified.contains_key(&row.run_id) {
+                    eprintln!("missing {i}");
+                }
+            }
+            panic!();
+        };
+        let (channel, payload) = got.unwrap().unwrap();
+        assert_eq!(channel, EVENTS_CHANNEL);
+        assert!(
+            payload.len() < 8_000,
+            "a payload of {} bytes",
+            payload.len()
+        );
+        payloads += 1;
+        for record in payload.split(RECORD_SEPARATOR) {
+            let (head, events) = match record.split_once('\n') {
+                Some((head, events)) => (head, Some(events.to_owned())),
+                None => (record, None),
+            };
+            let mut parts = head.split(' ');
+            let run_id: Uuid = parts.next().unwrap().parse().unwrap();
+            assert_eq!(parts.collect::<Vec<_>>(), ["1", "2"]);
+            assert!(notified.insert(run_id, events).is_none(), "notified once");
+        }
+    }
+    assert!(payloads > 1, "the records are spread over several payloads");
+    for row in &rows[1..] {
+        let carried = notified
+            .remove(&row.run_id)
+            .expect("a stored row is notified");
+        if row.events.len() <= 3_000 {
+            assert_eq!(carried.as_deref(), Some(row.events.as_str()));
+        } else {
+            assert_eq!(carried, None, "too large to carry: only its range");
+        }
+    }
+    assert!(notified.is_empty(), "the refused row is not notified");
+    // The listener's connection is the pool's: give it back before closing.
+    drop(listener);
     store.close().await;
 }
