@@ -159,6 +159,9 @@ pub struct Report {
     pub to_first_delta_ms: Percentiles,
     /// For deltas stamped with their production time (the test model's `clock=1`): how long each took to arrive.
     pub delta_delivery_ms: Percentiles,
+    /// The same, for the deltas received while every stream was open and none had ended (the steady load, without
+    /// the ramp).
+    pub delta_delivery_all_open_ms: Percentiles,
     pub rss_idle_kib: Option<u64>,
     /// Server RSS at each checkpoint (streams launched), and after the hold.
     pub rss_kib: BTreeMap<usize, u64>,
@@ -197,6 +200,7 @@ struct Stats {
     to_started: Mutex<Vec<Duration>>,
     to_first_delta: Mutex<Vec<Duration>>,
     delivery: Mutex<Vec<Duration>>,
+    delivery_all_open: Mutex<Vec<Duration>>,
     /// The plan's outside counter of streams started or failed.
     settled: Option<Arc<AtomicUsize>>,
     reconnects: AtomicU64,
@@ -226,6 +230,7 @@ impl Default for Stats {
             to_started: Mutex::default(),
             to_first_delta: Mutex::default(),
             delivery: Mutex::default(),
+            delivery_all_open: Mutex::default(),
             settled: None,
             reconnects: AtomicU64::default(),
             retried: AtomicU64::default(),
@@ -363,6 +368,9 @@ pub async fn run(plan: Plan) -> Report {
         deltas_per_sec: deltas as f64 / active_seconds,
         to_run_started_ms: Percentiles::of(std::mem::take(&mut stats.to_started.lock().unwrap())),
         delta_delivery_ms: Percentiles::of(std::mem::take(&mut stats.delivery.lock().unwrap())),
+        delta_delivery_all_open_ms: Percentiles::of(std::mem::take(
+            &mut stats.delivery_all_open.lock().unwrap(),
+        )),
         to_first_delta_ms: Percentiles::of(std::mem::take(
             &mut stats.to_first_delta.lock().unwrap(),
         )),

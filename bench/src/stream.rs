@@ -181,12 +181,14 @@ pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &Canc
                 EventKind::ModelDelta => {
                     stats.deltas.fetch_add(1, Ordering::Relaxed);
                     if let Some(made) = stamp_of(event) {
-                        let took = unix_ns().saturating_sub(made);
-                        stats
-                            .delivery
-                            .lock()
-                            .unwrap()
-                            .push(Duration::from_nanos(took));
+                        let took = Duration::from_nanos(unix_ns().saturating_sub(made));
+                        stats.delivery.lock().unwrap().push(took);
+                        // Every stream of the plan open, none ended yet: the steady load, without the ramp.
+                        if stats.started.load(Ordering::Relaxed) >= plan.streams
+                            && stats.done.load(Ordering::Relaxed) == 0
+                        {
+                            stats.delivery_all_open.lock().unwrap().push(took);
+                        }
                     }
                     if !seen_delta {
                         seen_delta = true;
