@@ -313,27 +313,27 @@ pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
         chat_id,
     } = handle;
     let run_id = follower.run_id();
-    let events = futures_util::stream::unfold(Some(follower), move |follower| {
-        let handoff = handoff.clone();
-        async move {
-            let mut follower = follower?;
-            tokio::select! {
-                biased;
-                () = handoff.cancelled() => {
-                    let reconnect = RunEvent::Reconnect {
-                        resume: resume_path(chat_id, run_id),
-                        last_event_id: event_id(run_id, follower.last_sent()),
-                        retry_ms: RECONNECT_RETRY.as_millis() as u64,
-                    };
-                    let json = serde_json::to_string(&reconnect).expect("run events always serialize");
-                    let event = Event::default().retry(RECONNECT_RETRY).data(json);
-                    Some((event, None))
-                }
-                next = follower.next_event() => {
-                    let (seq, json) = next?;
-                    let event = Event::default().id(event_id(run_id, seq)).data(&*json);
-                    Some((event, Some(follower)))
-                }
+    // One wait for the handoff per stream, registered once: not a new one, and a clone of the process's token, for
+    // every event.
+    let handoff = Box::pin(handoff.cancelled_owned());
+    let events = futures_util::stream::unfold(Some((follower, handoff)), move |state| async move {
+        let (mut follower, mut handoff) = state?;
+        tokio::select! {
+            biased;
+            () = handoff.as_mut() => {
+                let reconnect = RunEvent::Reconnect {
+                    resume: resume_path(chat_id, run_id),
+                    last_event_id: event_id(run_id, follower.last_sent()),
+                    retry_ms: RECONNECT_RETRY.as_millis() as u64,
+                };
+                let json = serde_json::to_string(&reconnect).expect("run events always serialize");
+                let event = Event::default().retry(RECONNECT_RETRY).data(json);
+                Some((event, None))
+            }
+            next = follower.next_event() => {
+                let (seq, json) = next?;
+                let event = Event::default().id(event_id(run_id, seq)).data(&*json);
+                Some((event, Some((follower, handoff))))
             }
         }
     });
