@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::PathIds;
 use super::error::{ApiError, FieldError};
+use super::server::Peer;
 use super::stream::{parse_id, sse};
 use crate::auth::Identity;
 use crate::runs::Resume;
@@ -30,6 +31,7 @@ pub async fn attach(
     PathIds((chat_id, run_id)): PathIds<(String, String)>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<Extension<Peer>>,
 ) -> Result<Response, ApiError> {
     let chat_id = parse_id(&chat_id, "chat_id")?;
     let run_id = parse_id(&run_id, "run_id")?;
@@ -38,7 +40,7 @@ pub async fn attach(
         .runs
         .attach(&identity, chat_id, run_id, resume)
         .await?;
-    Ok(sse(handle, state.lifecycle.handoff.clone()))
+    Ok(sse(handle, state.lifecycle.handoff.clone(), peer))
 }
 
 /// Where to start: the `Last-Event-ID` header, else `?after=`, else the start.

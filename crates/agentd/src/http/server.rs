@@ -8,17 +8,18 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 /// A client must send its request head within this time, or its connection is closed (a request body has its own
 /// bound, `http/stream.rs`).
@@ -95,10 +96,16 @@ pub async fn serve(
         if let Err(error) = socket.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let connection = builder.serve_connection(
-            TokioIo::new(JsonParseErrors::new(socket)),
-            TowerToHyperService::new(router.clone()),
-        );
+        let socket = Arc::new(socket);
+        let peer = Peer(Arc::clone(&socket));
+        let router = router.clone();
+        // Each request carries the client's end of the connection, for a stream to watch.
+        let service = hyper::service::service_fn(move |mut request| {
+            request.extensions_mut().insert(peer.clone());
+            router.clone().oneshot(request)
+        });
+        let connection =
+            builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
         let stop = stop.clone();
         let handoff = if handoff.is_cancelled() {
             CancellationToken::new()
@@ -143,18 +150,37 @@ async fn refuse(mut socket: TcpStream) {
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, exchange).await;
 }
 
+/// The client's end of a connection, shared by hyper and the responses on it: an SSE stream can wait many seconds
+/// between writes, and hyper does not read while it answers (it lets a client shut its write side after the request
+/// and still get the answer), so only a stream that watches the socket notices a client that went away before its
+/// next write (see `http/stream.rs`).
+#[derive(Debug, Clone)]
+pub struct Peer(Arc<TcpStream>);
+
+impl Peer {
+    /// Resolves once the client has shut its side of the connection (gone, or only done sending), or the connection
+    /// failed; never while the client sends more (a pipelined request, which hyper reads after this response).
+    pub async fn closed(&self) {
+        let mut byte = [0u8; 1];
+        if let Ok(1..) = self.0.peek(&mut byte).await {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A client's socket, as hyper reads and writes it. hyper answers a request head it cannot parse by itself (400, 414
 /// or 431), before the router sees anything, with no body; this gives that answer the JSON body every other error
 /// has. hyper writes such an answer in one write (the connection flattens its writes), which is all it sends.
 #[derive(Debug)]
 struct JsonParseErrors {
-    socket: TcpStream,
+    /// Shared with the connection's [`Peer`].
+    socket: Arc<TcpStream>,
     /// An answer rewritten with its body, and how much of it is written.
     pending: Option<(Vec<u8>, usize)>,
 }
 
 impl JsonParseErrors {
-    fn new(socket: TcpStream) -> Self {
+    fn new(socket: Arc<TcpStream>) -> Self {
         Self {
             socket,
             pending: None,
@@ -168,7 +194,7 @@ impl JsonParseErrors {
                 self.pending = None;
                 break;
             }
-            let n = ready!(Pin::new(&mut self.socket).poll_write(cx, &bytes[*written..]))?;
+            let n = ready!(write_now(&self.socket, cx, &bytes[*written..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -180,11 +206,19 @@ impl JsonParseErrors {
 
 impl AsyncRead for JsonParseErrors {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.socket).poll_read(cx, buf)
+        loop {
+            ready!(self.socket.poll_read_ready(cx))?;
+            // Into the buffer as it is: zeroing hyper's read buffer first would make its every page resident.
+            match self.socket.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
     }
 }
 
@@ -204,19 +238,29 @@ impl AsyncWrite for JsonParseErrors {
             }
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.socket).poll_write(cx, buf)
+        write_now(&this.socket, cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_pending(cx))?;
-        Pin::new(&mut this.socket).poll_flush(cx)
+        // A socket has nothing to flush: what is left is a rewritten answer.
+        self.get_mut().poll_pending(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_pending(cx))?;
-        Pin::new(&mut this.socket).poll_shutdown(cx)
+        Poll::Ready(socket2::SockRef::from(&*this.socket).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Writes what the shared socket takes now, or waits until it can take some.
+fn write_now(socket: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(socket.poll_write_ready(cx))?;
+        match socket.try_write(buf) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            written => return Poll::Ready(written),
+        }
     }
 }
 

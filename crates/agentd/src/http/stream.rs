@@ -10,18 +10,20 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Extension, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_core::Stream;
+use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
+use super::server::Peer;
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES, PathIds};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
@@ -281,6 +283,7 @@ pub async fn stream(
     State(state): State<AppState>,
     identity: Identity,
     PathIds(chat_id): PathIds<String>,
+    peer: Option<Extension<Peer>>,
     request: StreamRequest,
 ) -> Result<Response, ApiError> {
     let chat_id = parse_id(&chat_id, "chat_id")?;
@@ -290,7 +293,7 @@ pub async fn stream(
         context: request.context,
     };
     let handle = state.runs.start(identity, chat_id, run).await?;
-    Ok(sse(handle, state.lifecycle.handoff.clone()))
+    Ok(sse(handle, state.lifecycle.handoff.clone(), peer))
 }
 
 /// A path id, or the 422 naming it.
@@ -306,7 +309,18 @@ pub(super) fn parse_id(raw: &str, name: &'static str) -> Result<Uuid, ApiError> 
 
 /// The follower's events as an SSE response. When a handoff drain begins (`handoff`), the stream sends `reconnect`
 /// (with the SSE `retry:` field) after the last event it sent, and ends.
-pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
+///
+/// A client that goes away is noticed at the stream's next write, which can be a keep-alive 15 s later, and only the
+/// one after that fails; meanwhile the run would count it as a follower (its `DETACH_GRACE` not yet started, its
+/// provider request held). So the stream watches the client's end (`peer`, absent outside the server's own loop): once
+/// the client has shut it, the stream writes a keep-alive at once and another a second later. A client that left
+/// answers the first with a reset, so the second fails and the connection ends; one that only shut its sending side
+/// reads them as the comments they are, and gets the rest of its answer.
+pub(super) fn sse(
+    handle: RunHandle,
+    handoff: CancellationToken,
+    peer: Option<Extension<Peer>>,
+) -> Response {
     let RunHandle {
         follower,
         guard,
@@ -316,8 +330,19 @@ pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
     // One wait for the handoff per stream, registered once: not a new one, and a clone of the process's token, for
     // every event.
     let handoff = Box::pin(handoff.cancelled_owned());
-    let events = futures_util::stream::unfold(Some((follower, handoff)), move |state| async move {
-        let (mut follower, mut handoff) = state?;
+    let probes = match peer {
+        Some(Extension(peer)) => futures_util::stream::once(async move { peer.closed().await })
+            // The second wait starts when the first write is made, not before.
+            .chain(futures_util::stream::once(async {
+                tokio::time::sleep(PROBE_AGAIN).await;
+            }))
+            .chain(futures_util::stream::pending())
+            .boxed(),
+        None => futures_util::stream::pending().boxed(),
+    };
+    let state = (follower, handoff, probes);
+    let events = futures_util::stream::unfold(Some(state), move |state| async move {
+        let (mut follower, mut handoff, mut probes) = state?;
         tokio::select! {
             biased;
             () = handoff.as_mut() => {
@@ -333,7 +358,10 @@ pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
             next = follower.next_event() => {
                 let (seq, json) = next?;
                 let event = Event::default().id(event_id(run_id, seq)).data(&*json);
-                Some((event, Some((follower, handoff))))
+                Some((event, Some((follower, handoff, probes))))
+            }
+            Some(()) = probes.next() => {
+                Some((Event::default().comment(KEEP_ALIVE), Some((follower, handoff, probes))))
             }
         }
     });
@@ -341,13 +369,16 @@ pub(super) fn sse(handle: RunHandle, handoff: CancellationToken) -> Response {
         events: Box::pin(events),
         _guard: guard,
     };
-    let sse = Sse::new(body).keep_alive(
-        KeepAlive::new()
-            .interval(KEEP_ALIVE_EVERY)
-            .text("keep-alive"),
-    );
+    let sse =
+        Sse::new(body).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_EVERY).text(KEEP_ALIVE));
     ([("x-accel-buffering", "no")], sse).into_response()
 }
+
+/// The SSE comment a stream writes when it has nothing else to say.
+const KEEP_ALIVE: &str = "keep-alive";
+
+/// After the client shut its end and the stream wrote at once, how long until the write that fails if it left.
+const PROBE_AGAIN: Duration = Duration::from_secs(1);
 
 /// How long a client told to reconnect waits first (`retry_ms`, and the SSE `retry:` field).
 const RECONNECT_RETRY: Duration = Duration::from_millis(250);

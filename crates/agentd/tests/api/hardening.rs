@@ -331,6 +331,38 @@ async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run() {
+    // The server sees the client's end shut at once and writes keep-alives to find out whether it left: this one
+    // only stopped sending, reads them as comments, and gets every event.
+    let server = Agentd::spawn(&[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"question": "q", "model": "test:deltas=3,delay_ms=700"}"#;
+    let request = format!(
+        "POST /agents/chats/{}/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        uuid::Uuid::new_v4(),
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    socket.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+        .await
+        .expect("the whole run in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(": keep-alive"), "{answer}");
+    assert_eq!(
+        answer.matches(r#""type":"model_delta""#).count(),
+        3,
+        "{answer}"
+    );
+    assert!(answer.contains(r#""type":"done""#), "{answer}");
+}
+
+#[tokio::test]
 async fn durations_too_long_to_add_to_the_clock_refuse_the_start() {
     for setting in ["SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "DRAIN_TIMEOUT"] {
         let (status, stderr) = Agentd::run_to_exit(&[(setting, "1e19")]).await;

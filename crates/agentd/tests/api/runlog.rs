@@ -95,6 +95,22 @@ async fn a_run_nobody_follows_stops_after_the_detach_grace(db: TestDb) {
     assert_eq!(ended["outcome"], "detached");
 }
 
+#[tokio::test]
+async fn a_client_that_leaves_a_quiet_stream_is_noticed_at_once() {
+    // The run has nothing to write for a minute: without watching the client's end, the server would notice it gone
+    // only at a failed write, the second keep-alive (30 s) after it left.
+    let db = TestDb::sqlite();
+    let server = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "0")]).await;
+    let mut stream = server.stream(&new_chat(), paced(2, 60_000)).await;
+    let run = run_id_of(&take(&mut stream, 1).await);
+    drop(stream);
+    let stored = tokio::time::timeout(Duration::from_secs(5), ended(&db.open().await, &run))
+        .await
+        .expect("the run stopped within seconds of its only client leaving");
+    assert_eq!(stored.status, RunStatus::Interrupted);
+    assert!(stored.error.unwrap().contains("nobody followed"));
+}
+
 async fn a_run_re_attached_within_the_grace_completes(db: TestDb) {
     let server = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "5")]).await;
     let chat = new_chat();
