@@ -13,6 +13,13 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's settings, read once at its start (its `malloc_conf`; `_RJEM_MALLOC_CONF` in the environment still
+/// overrides them). By default it gives freed pages back only while the process allocates, so a process left idle
+/// after a burst kept what the burst took: a background thread gives them back, one second after they were freed.
+#[allow(unsafe_code)] // The symbol jemalloc reads its settings from: a C string, as jemalloc declares it.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
+
 fn main() -> ExitCode {
     // A setting clap cannot read (a bad number, an unknown mode) is a configuration error like the others: exit 64.
     let cli = match Cli::try_parse() {
