@@ -363,6 +363,60 @@ async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run()
 }
 
 #[tokio::test]
+async fn a_request_pipelined_behind_a_stream_is_answered_after_it_and_is_not_taken_for_a_close() {
+    // The stream watches the client's end for a close; bytes waiting there are the next request, not a close. Sent
+    // once the stream has begun, they wait in the socket (hyper reads them after the response).
+    let server = Agentd::spawn(&[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"question": "q", "model": "test:deltas=3,delay_ms=500"}"#;
+    let stream_request = format!(
+        "POST /agents/chats/{}/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        uuid::Uuid::new_v4(),
+        body.len()
+    );
+    socket.write_all(stream_request.as_bytes()).await.unwrap();
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = async |socket: &mut TcpStream, answers: &mut Vec<u8>, wanted: &str| {
+        while !String::from_utf8_lossy(answers).contains(wanted) {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(answers));
+            answers.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(
+        PATIENCE,
+        read_until(&mut socket, &mut answers, "run_started"),
+    )
+    .await
+    .expect("the stream begins in time");
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        read_until(&mut socket, &mut answers, r#"{"status":"ok"}"#),
+    )
+    .await
+    .expect("both answers in time");
+    let answers = String::from_utf8_lossy(&answers);
+    let (stream, health) = answers
+        .split_once("\r\n0\r\n\r\n")
+        .expect("the stream ends first");
+    assert_eq!(
+        stream.matches(r#""type":"model_delta""#).count(),
+        3,
+        "{stream}"
+    );
+    assert!(stream.contains(r#""type":"done""#), "{stream}");
+    assert!(!stream.contains(": keep-alive"), "{stream}");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
+#[tokio::test]
 async fn durations_too_long_to_add_to_the_clock_refuse_the_start() {
     for setting in ["SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "DRAIN_TIMEOUT"] {
         let (status, stderr) = Agentd::run_to_exit(&[(setting, "1e19")]).await;
