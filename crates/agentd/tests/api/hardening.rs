@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -330,14 +330,11 @@ async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
     );
 }
 
-#[tokio::test]
-async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run() {
-    // The server sees the client's end shut at once and writes keep-alives to find out whether it left: this one
-    // only stopped sending, reads them as comments, and gets every event.
-    let server = Agentd::spawn(&[]).await;
-    let addr = server.base.trim_start_matches("http://").to_owned();
+/// A connection that has sent a stream request for a new chat with `model`, over HTTP/1.1 by hand.
+async fn raw_stream(server: &Agentd, model: &str) -> TcpStream {
+    let addr = server.base.trim_start_matches("http://");
     let mut socket = TcpStream::connect(addr).await.unwrap();
-    let body = r#"{"question": "q", "model": "test:deltas=3,delay_ms=700"}"#;
+    let body = json!({"question": "q", "model": model}).to_string();
     let request = format!(
         "POST /agents/chats/{}/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n{body}",
@@ -345,6 +342,15 @@ async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run()
         body.len()
     );
     socket.write_all(request.as_bytes()).await.unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run() {
+    // The server sees the client's end shut at once and writes keep-alives to find out whether it left: this one
+    // only stopped sending, reads them as comments, and gets every event.
+    let server = Agentd::spawn(&[]).await;
+    let mut socket = raw_stream(&server, "test:deltas=3,delay_ms=700").await;
     socket.shutdown().await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
@@ -367,16 +373,7 @@ async fn a_request_pipelined_behind_a_stream_is_answered_after_it_and_is_not_tak
     // The stream watches the client's end for a close; bytes waiting there are the next request, not a close. Sent
     // once the stream has begun, they wait in the socket (hyper reads them after the response).
     let server = Agentd::spawn(&[]).await;
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let mut socket = TcpStream::connect(addr).await.unwrap();
-    let body = r#"{"question": "q", "model": "test:deltas=3,delay_ms=500"}"#;
-    let stream_request = format!(
-        "POST /agents/chats/{}/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n{body}",
-        uuid::Uuid::new_v4(),
-        body.len()
-    );
-    socket.write_all(stream_request.as_bytes()).await.unwrap();
+    let mut socket = raw_stream(&server, "test:deltas=3,delay_ms=500").await;
     let mut answers = Vec::new();
     let mut buf = [0u8; 4096];
     let mut read_until = async |socket: &mut TcpStream, answers: &mut Vec<u8>, wanted: &str| {
