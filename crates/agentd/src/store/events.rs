@@ -67,8 +67,12 @@ impl SessionStore {
             .collect();
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
-        let mut tx = self.db.begin().await?;
-        let inserted = tx
+        // One statement: atomic as it is, no transaction around it (a BEGIN and a COMMIT are two more trips to the
+        // connection's thread per group commit).
+        let inserted = self
+            .db
+            .write()
+            .await?
             .fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) \
@@ -77,7 +81,6 @@ impl SessionStore {
                 &[Arg::Text(&batch)],
             )
             .await?;
-        tx.commit().await?;
         refused_of(rows, &inserted)
     }
 
