@@ -124,15 +124,13 @@ async fn checkpoint(mut connection: SqliteConnection, writer: SqlitePool, stop: 
 
 /// Copies the rest of the WAL back and starts it over, holding the writer; waits for readers still in the WAL.
 async fn restart_wal(writer: &SqlitePool, frames: i64) {
-    let restarted = match writer.acquire().await {
-        Ok(mut connection) => {
-            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)")
-                .fetch_one(&mut *connection)
-                .await
-        }
-        Err(error) => Err(error),
+    let restarted = async {
+        let mut connection = writer.acquire().await?;
+        sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)")
+            .fetch_one(&mut *connection)
+            .await
     };
-    match restarted {
+    match restarted.await {
         Ok((0, _, _)) => tracing::debug!(frames, "SQLite WAL started over"),
         Ok(_) => tracing::warn!(frames, "SQLite WAL not started over: readers stayed busy"),
         // Closing: the final checkpoint empties it.
