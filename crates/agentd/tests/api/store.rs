@@ -680,3 +680,100 @@ async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
     drop(listener);
     store.close().await;
 }
+
+/// A SQLite database made before the run log's rows moved out of its key keeps its log: the rows are moved, read back
+/// in order, appended to and deleted with their chat, as in a new database.
+#[tokio::test]
+async fn a_sqlite_run_log_written_before_its_rows_moved_out_of_the_key_is_kept() {
+    use sqlx::Connection;
+
+    let db = TestDb::sqlite();
+    let (chat, run) = (Uuid::new_v4(), Uuid::new_v4());
+    {
+        let options: sqlx::sqlite::SqliteConnectOptions = db.url().parse().unwrap();
+        let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+            .await
+            .unwrap();
+        let all = sqlx::migrate!("../../migrations/sqlite");
+        let before = sqlx::migrate::Migrator {
+            migrations: all
+                .migrations
+                .iter()
+                .filter(|m| m.version < 20261203000003)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into(),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        assert!(before.migrations.len() < all.migrations.len());
+        before.run(&mut conn).await.unwrap();
+        sqlx::query(
+            "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
+             VALUES (?1, 'o', 'u', 'c', 0, 0)",
+        )
+        .bind(chat.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, heartbeat_at, created_at) \
+             VALUES (?1, ?2, 'test', 'running', 'instance-a', 0, 0)",
+        )
+        .bind(run.to_string())
+        .bind(chat.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        // A batch larger than a key entry keeps on its page, as a busy group commit writes.
+        let long: Vec<String> = (2..=60)
+            .map(|seq| format!(r#"{{"type":"model_delta","seq":{seq},"text":"word {seq}"}}"#))
+            .collect();
+        for (seq, last_seq, events) in [
+            (1, 1, r#"{"type":"run_started"}"#.to_owned()),
+            (2, 60, long.join("\n")),
+        ] {
+            sqlx::query(
+                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(run.to_string())
+            .bind(seq)
+            .bind(last_seq)
+            .bind(events)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        conn.close().await.unwrap();
+    }
+
+    let store = db.open().await;
+    let events = store.events_of(run).await.unwrap();
+    assert_eq!(events.len(), 60);
+    assert_eq!(events[0], (1, r#"{"type":"run_started"}"#.to_owned()));
+    assert_eq!(
+        events[59],
+        (
+            60,
+            r#"{"type":"model_delta","seq":60,"text":"word 60"}"#.to_owned()
+        )
+    );
+    assert!(events.windows(2).all(|pair| pair[1].0 == pair[0].0 + 1));
+    assert!(
+        store
+            .append_events(&[log_row(run, 1, 61, r#"{"type":"done"}"#)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.last_seq(run).await.unwrap(), 61);
+    // A seq is still written once.
+    assert!(
+        store
+            .append_events(&[log_row(run, 1, 61, r#"{"type":"again"}"#)])
+            .await
+            .is_err()
+    );
+    assert!(store.delete_chat(chat).await.unwrap());
+    assert!(store.events_after(run, 0).await.unwrap().is_empty());
+    store.close().await;
+}
