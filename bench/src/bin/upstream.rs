@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -181,9 +181,15 @@ async fn main() {
     bench::raise_open_file_limit();
     let script = Arc::new(Script::new(&args));
     let counters = Arc::new(Counters::default());
-    let listener = TcpListener::bind(args.addr)
-        .await
-        .expect("the address binds");
+    // A backlog as large as agentd's: a burst of new streams is not slowed by dropped connection requests here.
+    let socket = if args.addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .expect("a socket");
+    socket.bind(args.addr).expect("the address binds");
+    let listener = socket.listen(4096).expect("the socket listens");
     println!(
         "upstream listening on {}",
         listener.local_addr().expect("a bound address")

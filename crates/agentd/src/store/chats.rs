@@ -171,12 +171,6 @@ impl SessionStore {
 const MESSAGES: &str = "SELECT CAST(message_index AS BIGINT) AS message_index, message, run_id, created_at \
                         FROM agent_chat_messages WHERE chat_id = $1 ORDER BY message_index";
 
-/// The chat's messages in order, inside the caller's transaction.
-pub(super) async fn message_list(tx: &mut Conn, chat_id: Uuid) -> Result<Vec<Message>, StoreError> {
-    let rows = tx.fetch_all(MESSAGES, &[Arg::Id(chat_id)]).await?;
-    rows.iter().map(|row| row.message("message")).collect()
-}
-
 /// Appends `messages` to the chat after its last message, inside the caller's transaction (which already holds the
 /// chat row's write lock, so no other run of the chat takes the same index).
 pub(super) async fn append_messages(

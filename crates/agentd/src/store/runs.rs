@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::chats::{append_messages, message_list};
+use super::chats::append_messages;
 use super::db::{Arg, Row};
 use super::{
     NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms, usage_from,
@@ -46,7 +46,7 @@ impl SessionStore {
     /// messages before the prompt (the history the run goes on from), read under the same lock.
     ///
     /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
-    /// migration); SQLite runs them in a transaction of its own process, where a statement costs no round trip.
+    /// migration); SQLite runs them as one script in a transaction (three trips to its connection's thread).
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
         let prompt = Message::User {
             content: run.prompt.clone(),
@@ -78,47 +78,53 @@ impl SessionStore {
             }
             return row.messages("history");
         }
+        // SQLite: the same steps as statements of one script, sent to the connection's thread in one trip (each
+        // trip is a wake-up of that thread and of this task, and the writer is held through all of them), inside a
+        // transaction that commits only when the run starts. The reads come first, tagged by `kind`; the writes
+        // that follow happen only for a chat that exists and has no run going.
         let mut tx = self.db.begin().await?;
-        let chat = tx
-            .execute(
-                "UPDATE agent_chats SET updated_at = {now}, initial_message = COALESCE(initial_message, $1) \
-                 WHERE id = $2",
-                &[Arg::Text(&run.prompt), Arg::Id(run.chat_id)],
+        let rows = tx
+            .fetch_all(
+                "SELECT 'chat' AS kind, NULL AS value FROM agent_chats WHERE id = $2; \
+                 SELECT 'busy' AS kind, id AS value FROM agent_chat_runs \
+                 WHERE chat_id = $2 AND status = 'running' LIMIT 1; \
+                 SELECT 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
+                 ORDER BY message_index; \
+                 INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, \
+                 heartbeat_at, created_at) SELECT $3, $2, $4, 'running', $5, $6, {now}, {now} \
+                 WHERE EXISTS (SELECT 1 FROM agent_chats WHERE id = $2) AND NOT EXISTS \
+                 (SELECT 1 FROM agent_chat_runs WHERE chat_id = $2 AND status = 'running'); \
+                 UPDATE agent_chats SET updated_at = {now}, initial_message = COALESCE(initial_message, $1) \
+                 WHERE id = $2 AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
+                 INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
+                 SELECT $2, next, $7, $3, {now} FROM (SELECT COALESCE(MAX(message_index) + 1, 0) AS next \
+                 FROM agent_chat_messages WHERE chat_id = $2) WHERE EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
+                 INSERT INTO agent_run_events (run_id, seq, last_seq, events) SELECT $3, 1, 1, $8 \
+                 WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3)",
+                &[
+                    Arg::Text(&run.prompt),
+                    Arg::Id(run.chat_id),
+                    Arg::Id(run.id),
+                    Arg::Text(&run.model),
+                    Arg::Text(&run.owner_instance),
+                    Arg::OptText(run.agent_context.as_deref()),
+                    Arg::Message(&prompt),
+                    Arg::OptText(run.first_event.as_deref()),
+                ],
             )
             .await?;
-        if chat == 0 {
+        let mut found = false;
+        let mut history = Vec::new();
+        for row in &rows {
+            match row.get::<String>("kind")?.as_str() {
+                "chat" => found = true,
+                // Dropping the transaction rolls it back (nothing was written for a busy chat anyway).
+                "busy" => return Err(StoreError::ChatBusy(row.uuid("value")?)),
+                _ => history.push(row.message("value")?),
+            }
+        }
+        if !found {
             return Err(StoreError::ChatNotFound(run.chat_id));
-        }
-        // The chat row is locked by the update above, so two starts cannot both see the chat idle.
-        let going = tx
-            .fetch_optional(
-                "SELECT id FROM agent_chat_runs WHERE chat_id = $1 AND status = 'running' LIMIT 1",
-                &[Arg::Id(run.chat_id)],
-            )
-            .await?;
-        if let Some(going) = going {
-            return Err(StoreError::ChatBusy(going.uuid("id")?));
-        }
-        let history = message_list(&mut tx, run.chat_id).await?;
-        tx.execute(
-            "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, heartbeat_at, \
-             created_at) VALUES ($1, $2, $3, 'running', $4, $5, {now}, {now})",
-            &[
-                Arg::Id(run.id),
-                Arg::Id(run.chat_id),
-                Arg::Text(&run.model),
-                Arg::Text(&run.owner_instance),
-                Arg::OptText(run.agent_context.as_deref()),
-            ],
-        )
-        .await?;
-        append_messages(&mut tx, run.chat_id, run.id, &[prompt]).await?;
-        if let Some(first) = &run.first_event {
-            tx.execute(
-                "INSERT INTO agent_run_events (run_id, seq, last_seq, events) VALUES ($1, 1, 1, $2)",
-                &[Arg::Id(run.id), Arg::Text(first)],
-            )
-            .await?;
         }
         tx.commit().await?;
         Ok(history)
