@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
 use uuid::Uuid;
@@ -62,6 +62,25 @@ impl StartupError {
 /// File descriptors kept for everything but client connections: listeners, the store's pool, gRPC, logs.
 const RESERVED_FDS: u64 = 128;
 
+/// Connections a listener keeps waiting to be accepted (the kernel caps it at `net.core.somaxconn`). With the usual
+/// 128, a larger burst of new connections (clients coming back after a deploy, a crowd arriving at once) has its
+/// connection requests dropped, and each client whose request was dropped waits a second or more to send it again.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`BACKLOG`].
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As the standard listener does: a restarted server binds the port its predecessor's closed connections still
+    // name.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Raises the soft open-file limit to the hard one (each open stream holds a socket) and returns the limit in force.
 fn raise_open_file_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -113,17 +132,12 @@ impl Application {
             )));
         }
         let addr = config.http_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let listener = bind(addr).map_err(|source| StartupError::Bind { addr, source })?;
         let grpc_addr = config.grpc_addr;
-        let grpc_listener =
-            TcpListener::bind(grpc_addr)
-                .await
-                .map_err(|source| StartupError::BindGrpc {
-                    addr: grpc_addr,
-                    source,
-                })?;
+        let grpc_listener = bind(grpc_addr).map_err(|source| StartupError::BindGrpc {
+            addr: grpc_addr,
+            source,
+        })?;
         let backend = config.store.backend();
         let store = store::open(&config.store)
             .await

@@ -695,3 +695,51 @@ async fn readiness_sees_a_store_that_does_not_take_writes() {
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     assert_eq!(server.get("/readyz").await.status(), 200);
 }
+
+/// A burst of new connections larger than the usual listen backlog (128) waits to be accepted instead of having its
+/// connection requests dropped (each dropped one costs its client a second or more): here while the process is
+/// stopped and accepts nothing at all.
+#[tokio::test]
+async fn a_burst_of_connections_waits_for_a_busy_server_instead_of_being_dropped() {
+    const BURST: usize = 200;
+    let server = Agentd::spawn(&[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    server.signal("STOP");
+    let connecting = (0..BURST).map(|_| {
+        let addr = addr.clone();
+        // A dropped connection request is sent again only after a second: two seconds tell queued from dropped.
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+        })
+    });
+    let mut sockets = Vec::new();
+    for connecting in connecting.collect::<Vec<_>>() {
+        if let Ok(Ok(socket)) = connecting.await.unwrap() {
+            sockets.push(socket);
+        }
+    }
+    server.signal("CONT");
+    assert_eq!(
+        sockets.len(),
+        BURST,
+        "connections queued while not accepting"
+    );
+    // Each queued connection is served once the process goes on.
+    let (first, rest) = sockets.split_first_mut().unwrap();
+    for socket in [first, rest.last_mut().unwrap()] {
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
