@@ -5,9 +5,13 @@
 //! `index` (the arguments are a JSON string sent in pieces); usage in a last chunk (asked for with
 //! `stream_options.include_usage`); the stream ends with `data: [DONE]`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
 use crate::sse::Event;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{Value, json};
 
 use super::upstream::{self, Providers, WireParser};
@@ -142,6 +146,83 @@ struct Parser {
     cut: bool,
 }
 
+/// One chunk of the stream, read into the fields agentd uses (the rest is skipped, not built): a chunk arrives for
+/// every few characters of an answer, so reading it into a generic JSON tree cost more than everything else done with
+/// it. Text without escapes is borrowed from the event.
+#[derive(Debug, Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: FirstChoice<'a>,
+    /// In the last chunk when `stream_options.include_usage` asked for it; `null` in the others.
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Fragment>>,
+}
+
+/// A piece of a tool call: its `id` and `name` come first, its `arguments` in pieces after.
+#[derive(Debug, Deserialize)]
+struct Fragment {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FunctionFragment {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// The first of a chunk's `choices` (agentd asks for one), without collecting the array.
+#[derive(Debug, Default)]
+struct FirstChoice<'a>(Option<Choice<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct First<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for First<'a> {
+            type Value = FirstChoice<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(FirstChoice(None))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        deserializer.deserialize_any(First(PhantomData))
+    }
+}
+
 impl WireParser for Parser {
     fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
         if event.data.trim() == "[DONE]" {
@@ -173,41 +254,40 @@ impl WireParser for Parser {
             events.extend(self.usage.take().map(ModelEvent::Usage));
             return Ok(events);
         }
-        let chunk = upstream::json(PROVIDER, &event.data)?;
-        if let Some(error) = chunk.get("error") {
+        let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|error| {
+            tracing::warn!(provider = PROVIDER, %error, "model provider sent an event that is not a chunk");
+            ModelError::BrokenStream(PROVIDER)
+        })?;
+        if let Some(error) = chunk.error {
             tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
             return Err(ModelError::FailedMidStream(PROVIDER));
         }
-        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+        if let Some(usage) = chunk.usage {
             let n = |key: &str| usage[key].as_u64().unwrap_or(0);
             self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
         }
         let mut events = Vec::new();
-        let Some(choice) = chunk["choices"].get(0) else {
+        let Some(choice) = chunk.choices.0 else {
             return Ok(events);
         };
-        if choice["finish_reason"] == "length" {
+        if choice.finish_reason.as_deref() == Some("length") {
             self.cut = true;
         }
-        let delta = &choice["delta"];
-        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-            events.push(ModelEvent::TextDelta(text.to_owned()));
+        let delta = choice.delta.unwrap_or_default();
+        if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+            events.push(ModelEvent::TextDelta(text.into_owned()));
         }
-        if let Some(fragments) = delta["tool_calls"].as_array() {
-            for fragment in fragments {
-                let call = self
-                    .calls
-                    .entry(fragment["index"].as_u64().unwrap_or(0))
-                    .or_default();
-                if let Some(id) = fragment["id"].as_str() {
-                    call.id = id.to_owned();
-                }
-                if let Some(name) = fragment["function"]["name"].as_str() {
-                    call.name.push_str(name);
-                }
-                if let Some(arguments) = fragment["function"]["arguments"].as_str() {
-                    call.arguments.push_str(arguments);
-                }
+        for fragment in delta.tool_calls.unwrap_or_default() {
+            let call = self.calls.entry(fragment.index.unwrap_or(0)).or_default();
+            if let Some(id) = fragment.id {
+                call.id = id;
+            }
+            let function = fragment.function.unwrap_or_default();
+            if let Some(name) = function.name {
+                call.name.push_str(&name);
+            }
+            if let Some(arguments) = function.arguments {
+                call.arguments.push_str(&arguments);
             }
         }
         Ok(events)
@@ -274,6 +354,46 @@ mod tests {
                 .on_event(&event(r#"{"error":{"message":"boom"}}"#))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn chunks_as_providers_send_them_are_read_whatever_else_they_hold() {
+        let mut parser = Parser::default();
+        let mut events = Vec::new();
+        for data in [
+            // Fields agentd does not use, escapes in the text, a second choice (not asked for), `null`s.
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":null,
+               "choices":[{"index":0,"delta":{"role":"assistant","content":"say \"hi\"\n","refusal":null},
+               "logprobs":null,"finish_reason":null},{"index":1,"delta":{"content":"other"}}],"usage":null}"#,
+            r#"{"choices":null}"#,
+            r#"{"choices":[{"delta":null,"finish_reason":"length"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"error":null}"#,
+            "[DONE]",
+        ] {
+            events.extend(parser.on_event(&event(data)).unwrap());
+        }
+        assert_eq!(
+            events,
+            [
+                ModelEvent::TextDelta("say \"hi\"\n".into()),
+                ModelEvent::Truncated,
+                ModelEvent::Usage(Usage::new(3, 2)),
+            ]
+        );
+        // A chunk of another shape is a broken stream, not text made up from it.
+        for data in [
+            r#"{"choices":{"delta":{"content":"x"}}}"#,
+            r#"{"choices":[{"delta":{"content":["x"]}}]}"#,
+            r#"[1,2]"#,
+        ] {
+            assert!(
+                matches!(
+                    Parser::default().on_event(&event(data)),
+                    Err(ModelError::BrokenStream(_))
+                ),
+                "{data}"
+            );
+        }
     }
 
     #[test]
