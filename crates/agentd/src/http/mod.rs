@@ -6,6 +6,7 @@ mod health;
 mod page;
 mod runs;
 pub mod server;
+mod sse_out;
 mod stream;
 
 use std::sync::Arc;

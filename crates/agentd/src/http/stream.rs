@@ -9,12 +9,12 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -24,10 +24,11 @@ use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
 use super::server::Peer;
+use super::sse_out;
 use super::{AppState, KEEP_ALIVE_EVERY, MAX_BODY_BYTES, PathIds};
 use crate::auth::Identity;
 use crate::model::ModelSpec;
-use crate::runs::events::{RunEvent, event_id, resume_path};
+use crate::runs::events::{RunEvent, event_id, event_id_prefix, resume_path};
 use crate::runs::{AgentContext, ContextMode, RunHandle, RunRequest};
 use crate::stream_tracker::StreamGuard;
 
@@ -340,9 +341,10 @@ pub(super) fn sse(
             .boxed(),
         None => futures_util::stream::pending().boxed(),
     };
-    let state = (follower, handoff, probes);
-    let events = futures_util::stream::unfold(Some(state), move |state| async move {
-        let (mut follower, mut handoff, mut probes) = state?;
+    let id_prefix = event_id_prefix(run_id);
+    let state = (follower, handoff, probes, id_prefix);
+    let frames = futures_util::stream::unfold(Some(state), move |state| async move {
+        let (mut follower, mut handoff, mut probes, id_prefix) = state?;
         tokio::select! {
             biased;
             () = handoff.as_mut() => {
@@ -352,30 +354,44 @@ pub(super) fn sse(
                     retry_ms: RECONNECT_RETRY.as_millis() as u64,
                 };
                 let json = serde_json::to_string(&reconnect).expect("run events always serialize");
-                let event = Event::default().retry(RECONNECT_RETRY).data(json);
-                Some((event, None))
+                let mut frame = BytesMut::new();
+                sse_out::put_retry_event(&mut frame, RECONNECT_RETRY, &json);
+                Some((frame.freeze(), None))
             }
             next = follower.next_event() => {
+                // This event and every one the follower already holds after it, in one frame.
                 let (seq, json) = next?;
-                let event = Event::default().id(event_id(run_id, seq)).data(&*json);
-                Some((event, Some((follower, handoff, probes))))
+                let mut frame = BytesMut::with_capacity(sse_out::event_len(&id_prefix, &json));
+                sse_out::put_event(&mut frame, &id_prefix, seq, &json);
+                while frame.len() < FRAME_BYTES
+                    && let Some((seq, json)) = follower.next_ready()
+                {
+                    sse_out::put_event(&mut frame, &id_prefix, seq, &json);
+                }
+                Some((frame.freeze(), Some((follower, handoff, probes, id_prefix))))
             }
             Some(()) = probes.next() => {
-                Some((Event::default().comment(KEEP_ALIVE), Some((follower, handoff, probes))))
+                Some((Bytes::from_static(sse_out::KEEP_ALIVE), Some((follower, handoff, probes, id_prefix))))
             }
         }
     });
     let body = RunStream {
-        events: Box::pin(events),
+        frames: Box::pin(sse_out::KeepAlive::new(frames, KEEP_ALIVE_EVERY)),
         _guard: guard,
     };
-    let sse =
-        Sse::new(body).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_EVERY).text(KEEP_ALIVE));
-    ([("x-accel-buffering", "no")], sse).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
-/// The SSE comment a stream writes when it has nothing else to say.
-const KEEP_ALIVE: &str = "keep-alive";
+/// How large a frame of events grows before the rest wait for the next one.
+const FRAME_BYTES: usize = 16 * 1024;
 
 /// After the client shut its end and the stream wrote at once, how long until the write that fails if it left.
 const PROBE_AGAIN: Duration = Duration::from_secs(1);
@@ -385,16 +401,16 @@ const RECONNECT_RETRY: Duration = Duration::from_millis(250);
 
 /// The response body of a follower: the run's events, encoded as SSE, and the admission it holds.
 struct RunStream {
-    events: Pin<Box<dyn Stream<Item = Event> + Send>>,
+    frames: Pin<Box<dyn Stream<Item = Bytes> + Send>>,
     /// Keeps the stream counted for the drain until hyper drops the body.
     _guard: StreamGuard,
 }
 
 impl Stream for RunStream {
-    type Item = Result<Event, Infallible>;
+    type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.as_mut().poll_next(cx).map(|next| next.map(Ok))
+        self.frames.as_mut().poll_next(cx).map(|next| next.map(Ok))
     }
 }
 

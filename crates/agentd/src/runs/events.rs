@@ -93,7 +93,12 @@ pub fn interrupted_for_seed_clients(reason: &str) -> RunEvent {
 
 /// The SSE id of the `seq`th event of a run.
 pub fn event_id(run_id: Uuid, seq: u64) -> String {
-    format!("{run_id}:{seq}")
+    format!("{}{seq}", event_id_prefix(run_id))
+}
+
+/// What every event id of the run starts with: the id is this and the event's seq.
+pub fn event_id_prefix(run_id: Uuid) -> String {
+    format!("{run_id}:")
 }
 
 /// The path where a client re-attaches to a run.

@@ -85,13 +85,8 @@ impl Follower {
     /// The next event, `(seq, json)`; `None` after `done`.
     pub async fn next_event(&mut self) -> Option<(u64, Arc<str>)> {
         loop {
-            if let Some((seq, json)) = self.pending.pop_front() {
-                self.next = seq + 1;
-                if &*json == DONE {
-                    self.ended = true;
-                    self.pending.clear();
-                }
-                return Some((seq, for_clients(json)));
+            if let Some(event) = self.next_ready() {
+                return Some(event);
             }
             if self.ended {
                 return None;
@@ -150,6 +145,17 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// The next event if this follower already holds it (read with the ones before it), without waiting.
+    pub fn next_ready(&mut self) -> Option<(u64, Arc<str>)> {
+        let (seq, json) = self.pending.pop_front()?;
+        self.next = seq + 1;
+        if &*json == DONE {
+            self.ended = true;
+            self.pending.clear();
+        }
+        Some((seq, for_clients(json)))
     }
 
     /// The seq of the last event sent (0 before the first).
