@@ -313,6 +313,27 @@ impl Conn {
         })
     }
 
+    /// Runs `template`, a script of statements that begins and commits its own transaction, in one trip to the
+    /// connection (SQLite: one wake-up of its thread and of this task, where a transaction of separate statements
+    /// holds the single writer idle between them); the rows of all its statements. A script that fails part-way
+    /// may leave its transaction open: the connection is then closed instead of going back to the pool (closing
+    /// rolls the transaction back), and the pool opens another.
+    pub async fn script(
+        &mut self,
+        template: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        let ran = self.fetch_all(template, args).await;
+        if ran.is_err() {
+            match self {
+                Self::Sqlite(conn) => conn.close_on_drop(),
+                Self::Postgres(conn) => conn.close_on_drop(),
+                Self::SqliteTx(_) | Self::PostgresTx(_) => {}
+            }
+        }
+        ran
+    }
+
     /// Commits a transaction; a plain connection has nothing to commit.
     pub async fn commit(self) -> Result<(), StoreError> {
         let committing: BoxFuture<'static, Result<(), sqlx::Error>> = match self {

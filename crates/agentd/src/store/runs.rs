@@ -46,7 +46,7 @@ impl SessionStore {
     /// messages before the prompt (the history the run goes on from), read under the same lock.
     ///
     /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
-    /// migration); SQLite runs them as one script in a transaction (three trips to its connection's thread).
+    /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread).
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
         let prompt = Message::User {
             content: run.prompt.clone(),
@@ -78,14 +78,17 @@ impl SessionStore {
             }
             return row.messages("history");
         }
-        // SQLite: the same steps as statements of one script, sent to the connection's thread in one trip (each
-        // trip is a wake-up of that thread and of this task, and the writer is held through all of them), inside a
-        // transaction that commits only when the run starts. The reads come first, tagged by `kind`; the writes
-        // that follow happen only for a chat that exists and has no run going.
-        let mut tx = self.db.begin().await?;
-        let rows = tx
-            .fetch_all(
-                "SELECT 'chat' AS kind, NULL AS value FROM agent_chats WHERE id = $2; \
+        // SQLite: the same steps as one script, its transaction included, sent to the connection's thread in one
+        // trip: the single writer is not held while this task waits to be scheduled between statements. The reads
+        // come first, tagged by `kind`; the writes that follow happen only for a chat that exists and has no run
+        // going (a refused start commits an empty transaction).
+        let rows = self
+            .db
+            .write()
+            .await?
+            .script(
+                "BEGIN IMMEDIATE; \
+                 SELECT 'chat' AS kind, NULL AS value FROM agent_chats WHERE id = $2; \
                  SELECT 'busy' AS kind, id AS value FROM agent_chat_runs \
                  WHERE chat_id = $2 AND status = 'running' LIMIT 1; \
                  SELECT 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
@@ -100,7 +103,8 @@ impl SessionStore {
                  SELECT $2, next, $7, $3, {now} FROM (SELECT COALESCE(MAX(message_index) + 1, 0) AS next \
                  FROM agent_chat_messages WHERE chat_id = $2) WHERE EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
                  INSERT INTO agent_run_events (run_id, seq, last_seq, events) SELECT $3, 1, 1, $8 \
-                 WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3)",
+                 WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
+                 COMMIT",
                 &[
                     Arg::Text(&run.prompt),
                     Arg::Id(run.chat_id),
@@ -118,7 +122,6 @@ impl SessionStore {
         for row in &rows {
             match row.get::<String>("kind")?.as_str() {
                 "chat" => found = true,
-                // Dropping the transaction rolls it back (nothing was written for a busy chat anyway).
                 "busy" => return Err(StoreError::ChatBusy(row.uuid("value")?)),
                 _ => history.push(row.message("value")?),
             }
@@ -126,7 +129,6 @@ impl SessionStore {
         if !found {
             return Err(StoreError::ChatNotFound(run.chat_id));
         }
-        tx.commit().await?;
         Ok(history)
     }
 

@@ -18,6 +18,7 @@ on_both_backends!(
     runs_go_through_every_status_and_add_to_the_chat_totals,
     deleting_a_chat_deletes_its_messages_runs_and_run_log,
     a_run_needs_an_existing_chat,
+    a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on,
     ensure_chat_creates_once,
     stale_runs_are_interrupted_and_live_ones_are_not,
     concurrent_starts_on_one_chat_admit_exactly_one,
@@ -292,6 +293,51 @@ async fn a_run_needs_an_existing_chat(db: TestDb) {
         store.start_run(&new_run(missing, "q")).await,
         Err(StoreError::ChatNotFound(id)) if id == missing
     ));
+    store.close().await;
+}
+
+async fn a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on(db: TestDb) {
+    let store = db.open().await;
+    let first = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let second = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(first.id, "q");
+    store.start_run(&run).await.unwrap();
+    // The same run id again, in another chat: the run's insert fails, after the chat was read and locked.
+    let again = NewRun {
+        chat_id: second.id,
+        ..run.clone()
+    };
+    assert!(store.start_run(&again).await.is_err());
+    assert!(store.messages(second.id).await.unwrap().is_empty());
+    let untouched = store.get_chat(second.id).await.unwrap().unwrap();
+    assert_eq!(untouched.initial_message, None);
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().unwrap().chat_id,
+        first.id
+    );
+    // No transaction was left open on the writer: what it writes next is committed, and readers see it.
+    for _ in 0..3 {
+        let next = new_run(second.id, "q2");
+        store.start_run(&next).await.unwrap();
+        assert_eq!(
+            store.get_run(next.id).await.unwrap().unwrap().status,
+            RunStatus::Running
+        );
+        store
+            .finish_run(
+                next.id,
+                1,
+                &end(
+                    RunStatus::Completed,
+                    "a",
+                    Usage::new(1, 1),
+                    vec![assistant("a")],
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.messages(second.id).await.unwrap().len(), 6);
     store.close().await;
 }
 
