@@ -81,6 +81,16 @@ impl Decoder {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
+        if self.buf.capacity() - self.buf.len() < chunk.len() {
+            // A new buffer for what is left and the chunk: growing this one would copy all of its old allocation,
+            // consumed bytes included, and a provider's reads can be hundreds of KiB.
+            let left = &self.buf[self.pos..];
+            let mut grown =
+                Vec::with_capacity((left.len() + chunk.len()).max(2 * self.buf.capacity()));
+            grown.extend_from_slice(left);
+            self.buf = grown;
+            self.pos = 0;
+        }
         self.buf.extend_from_slice(chunk);
     }
 
@@ -139,7 +149,10 @@ impl Pending {
         };
         match field {
             b"data" => {
-                self.data.push_str(&text(value));
+                let value = text(value);
+                // The line and its newline in one allocation.
+                self.data.reserve(value.len() + 1);
+                self.data.push_str(&value);
                 self.data.push('\n');
                 self.has_data = true;
             }
