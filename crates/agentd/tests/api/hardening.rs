@@ -12,18 +12,23 @@ use agentd::grpc::proto::agents_client::AgentsClient;
 use crate::common::db::TestDb;
 use crate::common::{Agentd, PATIENCE, create_chat, new_chat};
 
+/// Everything the server writes on `socket` until it closes the connection, as text.
+async fn read_answer(socket: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Sends `head` (and `body`) on a raw connection; returns the status line and the JSON body of the answer.
 async fn exchange(server: &Agentd, head: String, body: &[u8]) -> (String, Value) {
     let addr = server.base.trim_start_matches("http://");
     let mut socket = TcpStream::connect(addr).await.unwrap();
     socket.write_all(head.as_bytes()).await.unwrap();
     socket.write_all(body).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = read_answer(&mut socket).await;
     let (head, json) = text.split_once("\r\n\r\n").expect("a whole response");
     let status = head.lines().next().unwrap().to_owned();
     (status, serde_json::from_str(json).expect("a JSON body"))
@@ -319,15 +324,8 @@ async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
         .await
         .unwrap();
     socket.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
-        "{answer:?}"
-    );
+    let answer = read_answer(&mut socket).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
 
 /// A connection that has sent a stream request for a new chat with `model`, over HTTP/1.1 by hand.
@@ -352,12 +350,7 @@ async fn a_client_that_half_closes_after_its_stream_request_gets_the_whole_run()
     let server = Agentd::spawn(&[]).await;
     let mut socket = raw_stream(&server, "test:deltas=3,delay_ms=700").await;
     socket.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
-        .await
-        .expect("the whole run in time")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_answer(&mut socket).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(": keep-alive"), "{answer}");
     assert_eq!(
@@ -519,12 +512,7 @@ async fn the_answers_hyper_gives_to_an_unreadable_request_head_are_json_too() {
     ] {
         let mut socket = TcpStream::connect(&addr).await.unwrap();
         socket.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_answer(&mut socket).await;
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
         assert!(
@@ -731,15 +719,7 @@ async fn a_burst_of_connections_waits_for_a_busy_server_instead_of_being_dropped
             .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
-            .await
-            .expect("an answer in time")
-            .unwrap();
-        assert!(
-            answer.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&answer)
-        );
+        let answer = read_answer(socket).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }

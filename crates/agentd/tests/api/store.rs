@@ -56,6 +56,16 @@ fn end(status: RunStatus, output: &str, usage: Usage, messages: Vec<Message>) ->
     }
 }
 
+/// A completed run's end: `text` as its answer and its only message, one token each way.
+fn answered(text: &str) -> RunEnd {
+    end(
+        RunStatus::Completed,
+        text,
+        Usage::new(1, 1),
+        vec![assistant(text)],
+    )
+}
+
 fn assistant(text: &str) -> Message {
     Message::Assistant {
         content: text.into(),
@@ -255,19 +265,7 @@ async fn deleting_a_chat_deletes_its_messages_runs_and_run_log(db: TestDb) {
     };
     assert!(store.append_events(&[events]).await.unwrap().is_empty());
     assert_eq!(store.last_seq(run.id).await.unwrap(), 3);
-    store
-        .finish_run(
-            run.id,
-            1,
-            &end(
-                RunStatus::Completed,
-                "a",
-                Usage::new(1, 1),
-                vec![assistant("a")],
-            ),
-        )
-        .await
-        .unwrap();
+    store.finish_run(run.id, 1, &answered("a")).await.unwrap();
     assert!(store.delete_chat(chat.id).await.unwrap());
     assert_eq!(store.get_run(run.id).await.unwrap(), None);
     assert!(store.messages(chat.id).await.unwrap().is_empty());
@@ -323,19 +321,7 @@ async fn a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on(db: 
             store.get_run(next.id).await.unwrap().unwrap().status,
             RunStatus::Running
         );
-        store
-            .finish_run(
-                next.id,
-                1,
-                &end(
-                    RunStatus::Completed,
-                    "a",
-                    Usage::new(1, 1),
-                    vec![assistant("a")],
-                ),
-            )
-            .await
-            .unwrap();
+        store.finish_run(next.id, 1, &answered("a")).await.unwrap();
     }
     assert_eq!(store.messages(second.id).await.unwrap().len(), 6);
     store.close().await;
@@ -440,16 +426,7 @@ async fn concurrent_starts_on_one_chat_admit_exactly_one(db: TestDb) {
     );
     // Once it ended, the next run starts, after it in the history.
     store
-        .finish_run(
-            started[0],
-            1,
-            &end(
-                RunStatus::Completed,
-                "a",
-                Usage::new(1, 1),
-                vec![assistant("a")],
-            ),
-        )
+        .finish_run(started[0], 1, &answered("a"))
         .await
         .unwrap();
     store.start_run(&new_run(chat.id, "next")).await.unwrap();
