@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgRow, Postgres};
+use sqlx::postgres::{PgRow, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Decode, Row as _, Transaction, Type};
@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::postgres::PgDb;
 use super::sqlite::SqliteDb;
 use crate::model::Message;
 
@@ -31,7 +32,7 @@ pub(super) struct Db {
 #[derive(Debug, Clone)]
 pub(super) enum Pools {
     Sqlite(SqliteDb),
-    Postgres(PgPool),
+    Postgres(PgDb),
 }
 
 /// A value to bind, in the store's own terms.
@@ -86,7 +87,7 @@ impl Db {
     pub async fn read(&self) -> Result<Conn, StoreError> {
         let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.readers.acquire().await?)) }),
-            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.pool.acquire().await?)) }),
         };
         self.waited(acquiring).await
     }
@@ -95,7 +96,17 @@ impl Db {
     pub async fn write(&self) -> Result<Conn, StoreError> {
         let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
-            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::Postgres(pool.acquire().await?)) }),
+            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.pool.acquire().await?)) }),
+        };
+        self.waited(acquiring).await
+    }
+
+    /// The connection for the run log's group commits: in SQLite the one writer, in PostgreSQL a connection of their
+    /// own.
+    pub async fn log_write(&self) -> Result<Conn, StoreError> {
+        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
+            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.log.acquire().await?)) }),
         };
         self.waited(acquiring).await
     }
@@ -104,7 +115,7 @@ impl Db {
     pub async fn begin(&self) -> Result<Conn, StoreError> {
         let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
-            Pools::Postgres(pool) => Box::pin(async { Ok(Conn::PostgresTx(pool.begin().await?)) }),
+            Pools::Postgres(db) => Box::pin(async { Ok(Conn::PostgresTx(db.pool.begin().await?)) }),
         };
         self.waited(beginning).await
     }
@@ -126,7 +137,7 @@ impl Db {
     pub async fn close(&self) {
         match &self.pools {
             Pools::Sqlite(db) => db.close().await,
-            Pools::Postgres(pool) => pool.close().await,
+            Pools::Postgres(db) => db.close().await,
         }
     }
 }

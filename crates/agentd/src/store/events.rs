@@ -71,7 +71,7 @@ impl SessionStore {
         // connection's thread per group commit).
         let inserted = self
             .db
-            .write()
+            .log_write()
             .await?
             .fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
@@ -101,7 +101,7 @@ impl SessionStore {
         let separator = RECORD_SEPARATOR.to_string();
         let inserted = self
             .db
-            .write()
+            .log_write()
             .await?
             .fetch_all(
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \

@@ -12,10 +12,10 @@ pub struct Listener(PgListener);
 impl SessionStore {
     /// Listens on `channels`; `None` with SQLite, where one process has nobody to hear from.
     pub async fn listen(&self, channels: &[&str]) -> Result<Option<Listener>, StoreError> {
-        let Pools::Postgres(pool) = &self.db.pools else {
+        let Pools::Postgres(db) = &self.db.pools else {
             return Ok(None);
         };
-        let mut listener = PgListener::connect_with(pool).await?;
+        let mut listener = PgListener::connect_with(&db.pool).await?;
         listener.listen_all(channels.iter().copied()).await?;
         Ok(Some(Listener(listener)))
     }

@@ -11,13 +11,42 @@ use super::StoreError;
 /// How long a request waits for a connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CONNECTIONS: u32 = 16;
+/// The run log's group commits: one at a time per process, so one connection.
+const LOG_CONNECTIONS: u32 = 1;
 /// A pooled connection idle longer than this is pinged before use.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
+#[derive(Debug, Clone)]
+pub(super) struct PgDb {
+    /// Requests, runs and everything else.
+    pub pool: PgPool,
+    /// The run log's group commits, on a connection of their own: every run's events wait for the commit, which
+    /// would otherwise queue for a connection behind a burst of run starts.
+    pub log: PgPool,
+}
+
+impl PgDb {
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.log.close().await;
+    }
+}
+
 /// Connects and applies the PostgreSQL migrations.
-pub(super) async fn open(options: PgConnectOptions) -> Result<PgPool, StoreError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
+pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> {
+    let pool = pool_options(MAX_CONNECTIONS)
+        .connect_with(options.clone())
+        .await?;
+    sqlx::migrate!("../../migrations/postgres")
+        .run(&pool)
+        .await?;
+    let log = pool_options(LOG_CONNECTIONS).connect_with(options).await?;
+    Ok(PgDb { pool, log })
+}
+
+fn pool_options(connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         // A connection is checked when it goes back to the pool anyway; one used a moment ago is not checked again on
         // the way out (a round trip before every statement), only one that sat idle long enough for the server to
@@ -31,10 +60,4 @@ pub(super) async fn open(options: PgConnectOptions) -> Result<PgPool, StoreError
                 Ok(true)
             })
         })
-        .connect_with(options)
-        .await?;
-    sqlx::migrate!("../../migrations/postgres")
-        .run(&pool)
-        .await?;
-    Ok(pool)
 }

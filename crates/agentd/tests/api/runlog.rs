@@ -456,3 +456,55 @@ async fn a_run_goes_on_when_the_store_is_busy_longer_than_a_pool_wait() {
         "the commit did wait past the pool's timeout"
     );
 }
+
+#[tokio::test]
+async fn group_commits_go_on_while_run_starts_hold_every_pooled_connection_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let server = std::sync::Arc::new(Agentd::spawn_on(db.url(), &[]).await);
+    let busy_chat = new_chat();
+    server.stream(&busy_chat, paced(1, 0)).await.rest().await;
+    let mut slow = server.stream(&new_chat(), paced(8, 300)).await;
+    let mut seen = take(&mut slow, 2).await;
+    assert_eq!(types(&seen), ["run_started", "model_delta"]);
+
+    // Another session locks a chat; more starts on it than the pool has connections each wait for the lock holding
+    // one, so every pooled connection is taken and more requests queue for one.
+    let mut other = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM agent_chats WHERE id = $1::uuid FOR UPDATE")
+        .bind(&busy_chat)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut starting = tokio::task::JoinSet::new();
+    for _ in 0..24 {
+        let server = std::sync::Arc::clone(&server);
+        let chat = busy_chat.clone();
+        starting.spawn(async move { server.ask(&chat, paced(1, 0)).await.status() });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The slow run's deltas are committed to the log and delivered all the same, while the lock is held.
+    let deltas_left = tokio::time::timeout(Duration::from_secs(4), take(&mut slow, 7))
+        .await
+        .expect("the run's events arrive while run starts hold every pooled connection");
+    assert!(
+        types(&deltas_left).iter().all(|kind| kind == "model_delta"),
+        "{deltas_left:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+
+    // Then the run ends as any other (its end is stored through the pool), and the starts are answered.
+    seen.extend(deltas_left);
+    seen.extend(slow.rest().await);
+    assert_eq!(
+        types(&seen)[types(&seen).len() - 3..],
+        ["final_answer", "run_completed", "done"],
+        "{seen:?}"
+    );
+    while let Some(status) = starting.join_next().await {
+        let status = status.unwrap();
+        assert!(matches!(status.as_u16(), 200 | 409 | 503), "{status}");
+    }
+}
