@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
 use crate::secret::Secret;
-use crate::store::Chat;
+use crate::store::{Chat, ChatOwner};
 
 pub const TOKEN_TYPE: &str = "scoped";
 pub const PURPOSE: &str = "agent-builder";
@@ -65,6 +65,21 @@ impl Caller {
                     .strip_prefix(CANVAS_SCOPE_PREFIX)
                     .is_some_and(|canvas| canvas == chat.owner.canvas_id)
             })
+    }
+
+    /// The owner of every chat this caller may use, when the scopes name one canvas (the usual browser token): a
+    /// store that checks it can then start a run without the chat being looked up first.
+    pub fn sole_owner(&self) -> Option<ChatOwner> {
+        let mut canvases = self
+            .scopes
+            .iter()
+            .filter_map(|scope| scope.strip_prefix(CANVAS_SCOPE_PREFIX));
+        let canvas = canvases.next()?;
+        canvases.next().is_none().then(|| ChatOwner {
+            org_id: self.org_id.clone(),
+            user_id: self.user_id.clone(),
+            canvas_id: canvas.to_owned(),
+        })
     }
 }
 

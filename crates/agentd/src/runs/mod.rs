@@ -270,28 +270,35 @@ impl RunService {
                 model.to_string(),
             )));
         }
-        let found = parts.store.get_chat(chat_id).await?;
-        let chat = match (&caller, found) {
-            (Identity::Dev, None) => None,
-            (caller, found) => Some(owned(caller, found)?),
+        // Whose chat this must be. A token for one canvas says so itself, and the store checks it as it starts the run
+        // (a chat of another owner is missing there too); otherwise the chat is looked up first.
+        let sole_owner = match &caller {
+            Identity::Token(claims) => claims.sole_owner(),
+            Identity::Dev => None,
+        };
+        let (owner, missing) = match sole_owner {
+            Some(owner) => (owner, false),
+            None => match (&caller, parts.store.get_chat(chat_id).await?) {
+                (Identity::Dev, None) => (dev_owner(), true),
+                (caller, found) => (owned(caller, found)?.owner, false),
+            },
         };
         // Counted before anything is written, so a refused stream leaves nothing behind.
         let guard = parts
             .tracker
             .try_admit_holding(descriptors)
             .map_err(|r| self.rejected(r))?;
-        let chat = match chat {
-            Some(chat) => chat,
-            None => parts.store.ensure_chat(chat_id, &dev_owner()).await?,
-        };
-        let system = self.instructions_for(chat_id, &chat.owner, &request.context);
+        if missing {
+            parts.store.ensure_chat(chat_id, &owner).await?;
+        }
+        let system = self.instructions_for(chat_id, &owner, &request.context);
         let run_id = Uuid::new_v4();
         let model_id = model.to_string();
         let run_started = serde_json::to_string(&RunEvent::RunStarted {
             chat_id,
             run_id,
             model: model_id.clone(),
-            canvas_id: Some(chat.owner.canvas_id),
+            canvas_id: Some(owner.canvas_id.clone()),
         })
         .expect("run events always serialize");
         let history = parts
@@ -299,6 +306,7 @@ impl RunService {
             .start_run(&NewRun {
                 id: run_id,
                 chat_id,
+                owner,
                 model: model_id.clone(),
                 owner_instance: parts.instance_id.to_string(),
                 prompt: request.question.clone(),

@@ -265,6 +265,9 @@ pub struct Run {
 pub struct NewRun {
     pub id: Uuid,
     pub chat_id: Uuid,
+    /// Whose chat the caller may start a run in: a chat of another owner is [`StoreError::ChatNotFound`], as a missing
+    /// one is, and nothing about it is read or written.
+    pub owner: ChatOwner,
     pub model: String,
     pub owner_instance: String,
     pub prompt: String,

@@ -57,10 +57,14 @@ impl SessionStore {
                 .write()
                 .await?
                 .fetch_one(
-                    "SELECT found, busy_run, history FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "SELECT found, busy_run, history \
+                     FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     &[
                         Arg::Id(run.id),
                         Arg::Id(run.chat_id),
+                        Arg::Text(&run.owner.org_id),
+                        Arg::Text(&run.owner.user_id),
+                        Arg::Text(&run.owner.canvas_id),
                         Arg::Text(&run.model),
                         Arg::Text(&run.owner_instance),
                         Arg::Text(&run.prompt),
@@ -88,14 +92,18 @@ impl SessionStore {
             .await?
             .script(
                 "BEGIN IMMEDIATE; \
-                 SELECT 'chat' AS kind, NULL AS value FROM agent_chats WHERE id = $2; \
+                 SELECT 'chat' AS kind, NULL AS value FROM agent_chats \
+                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11; \
                  SELECT 'busy' AS kind, id AS value FROM agent_chat_runs \
-                 WHERE chat_id = $2 AND status = 'running' LIMIT 1; \
+                 WHERE chat_id = $2 AND status = 'running' AND EXISTS (SELECT 1 FROM agent_chats \
+                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) LIMIT 1; \
                  SELECT 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
-                 ORDER BY message_index; \
+                 AND EXISTS (SELECT 1 FROM agent_chats \
+                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) ORDER BY message_index; \
                  INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, \
                  heartbeat_at, created_at) SELECT $3, $2, $4, 'running', $5, $6, {now}, {now} \
-                 WHERE EXISTS (SELECT 1 FROM agent_chats WHERE id = $2) AND NOT EXISTS \
+                 WHERE EXISTS (SELECT 1 FROM agent_chats \
+                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) AND NOT EXISTS \
                  (SELECT 1 FROM agent_chat_runs WHERE chat_id = $2 AND status = 'running'); \
                  UPDATE agent_chats SET updated_at = {now}, initial_message = COALESCE(initial_message, $1) \
                  WHERE id = $2 AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
@@ -114,6 +122,9 @@ impl SessionStore {
                     Arg::OptText(run.agent_context.as_deref()),
                     Arg::Message(&prompt),
                     Arg::OptText(run.first_event.as_deref()),
+                    Arg::Text(&run.owner.org_id),
+                    Arg::Text(&run.owner.user_id),
+                    Arg::Text(&run.owner.canvas_id),
                 ],
             )
             .await?;

@@ -3,6 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::common::db::TestDb;
 use crate::common::{Agentd, create_chat, types};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -225,9 +226,20 @@ async fn a_valid_token_streams_and_every_broken_rule_is_a_401_with_its_reason() 
     }
 }
 
-#[tokio::test]
-async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404() {
-    let server = spawn_secured().await;
+on_both_backends!(another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404);
+
+/// A token whose scopes name exactly `canvases`.
+fn token_for(org: &str, user: &str, canvases: &[&str]) -> String {
+    let mut claims = claims(org, user, canvases[0]);
+    claims["scopes"] = canvases
+        .iter()
+        .map(|canvas| format!("canvases:read:{canvas}"))
+        .collect();
+    sign(&hs256(), &claims, SECRET)
+}
+
+async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[("JWT_SECRET", SECRET), ("AI_MODELS", "test")]).await;
     let chat = create_chat(&server, "acme", "alice", "canvas-1").await;
     let answer = |token: String, chat: String| {
         let server = &server;
@@ -240,32 +252,55 @@ async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404() {
         404,
         r#"{"code":"chat_not_found","detail":"Chat not found"}"#.to_owned(),
     );
-    assert_eq!(
-        answer(good_token("other-org", "alice", "canvas-1"), chat.clone()).await,
-        expected
-    );
-    assert_eq!(
-        answer(good_token("acme", "bob", "canvas-1"), chat.clone()).await,
-        expected
-    );
-    assert_eq!(
-        answer(good_token("acme", "alice", "canvas-2"), chat.clone()).await,
-        expected
-    );
-    assert_eq!(
-        answer(
-            good_token("acme", "alice", "canvas-1"),
-            crate::common::new_chat()
+    let strangers = [
+        ("other-org", "alice", "canvas-1"),
+        ("acme", "bob", "canvas-1"),
+        ("acme", "alice", "canvas-2"),
+    ];
+    // A token for one canvas has the store check the chat's owner as it starts the run (no lookup first); a token
+    // for several has the chat looked up first. Both answer alike.
+    for others in [&[][..], &["other"][..]] {
+        let token = |(org, user, canvas): (&str, &str, &str)| {
+            token_for(org, user, &[&[canvas][..], others].concat())
+        };
+        for stranger in strangers {
+            assert_eq!(answer(token(stranger), chat.clone()).await, expected);
+        }
+        let unknown = crate::common::new_chat();
+        assert_eq!(
+            answer(token(("acme", "alice", "canvas-1")), unknown).await,
+            expected
+        );
+        assert_eq!(
+            answer(token(("acme", "alice", "canvas-1")), chat.clone())
+                .await
+                .0,
+            200
+        );
+    }
+
+    // With a run going in the chat: still missing to others, busy to its owner.
+    let going = server
+        .http
+        .post(server.url(&format!("/agents/chats/{chat}/stream")))
+        .bearer_auth(token_for("acme", "alice", &["canvas-1"]))
+        .json(&json!({"question": "q", "model": "test:deltas=50,delay_ms=100"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(going.status(), 200);
+    for others in [&[][..], &["other"][..]] {
+        for (org, user, canvas) in strangers {
+            let token = token_for(org, user, &[&[canvas][..], others].concat());
+            assert_eq!(answer(token, chat.clone()).await, expected);
+        }
+        let (status, body) = answer(
+            token_for("acme", "alice", &[&["canvas-1"][..], others].concat()),
+            chat.clone(),
         )
-        .await,
-        expected
-    );
-    assert_eq!(
-        answer(good_token("acme", "alice", "canvas-1"), chat)
-            .await
-            .0,
-        200
-    );
+        .await;
+        assert_eq!(status, 409, "{body}");
+    }
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ on_both_backends!(
     runs_go_through_every_status_and_add_to_the_chat_totals,
     deleting_a_chat_deletes_its_messages_runs_and_run_log,
     a_run_needs_an_existing_chat,
+    a_run_starts_only_in_a_chat_of_the_owner_it_names,
     a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on,
     ensure_chat_creates_once,
     stale_runs_are_interrupted_and_live_ones_are_not,
@@ -34,10 +35,12 @@ fn owner(org: &str, user: &str, canvas: &str) -> ChatOwner {
     }
 }
 
+/// A run in a chat of o/u/c, whose chats the tests start runs in.
 fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
     NewRun {
         id: Uuid::new_v4(),
         chat_id,
+        owner: owner("o", "u", "c"),
         model: "test".into(),
         owner_instance: "instance-a".into(),
         prompt: prompt.into(),
@@ -290,6 +293,50 @@ async fn a_run_needs_an_existing_chat(db: TestDb) {
     assert!(matches!(
         store.start_run(&new_run(missing, "q")).await,
         Err(StoreError::ChatNotFound(id)) if id == missing
+    ));
+    store.close().await;
+}
+
+async fn a_run_starts_only_in_a_chat_of_the_owner_it_names(db: TestDb) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let strangers = [
+        owner("o2", "u", "c"),
+        owner("o", "u2", "c"),
+        owner("o", "u", "c2"),
+    ];
+    // Idle or with a run going, the chat is missing to another owner: not busy, and nothing is read or written.
+    for going in [false, true] {
+        for stranger in &strangers {
+            let foreign = NewRun {
+                owner: stranger.clone(),
+                ..new_run(chat.id, "not mine")
+            };
+            assert!(matches!(
+                store.start_run(&foreign).await,
+                Err(StoreError::ChatNotFound(id)) if id == chat.id
+            ));
+            assert_eq!(store.get_run(foreign.id).await.unwrap(), None);
+        }
+        if !going {
+            store.start_run(&new_run(chat.id, "mine")).await.unwrap();
+        }
+    }
+    let kept = store.messages(chat.id).await.unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        store
+            .get_chat(chat.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .initial_message
+            .as_deref(),
+        Some("mine")
+    );
+    assert!(matches!(
+        store.start_run(&new_run(chat.id, "again")).await,
+        Err(StoreError::ChatBusy(_))
     ));
     store.close().await;
 }
