@@ -169,6 +169,35 @@ impl SessionStore {
             to_i64(end.usage.output_tokens),
             to_i64(end.usage.total_tokens),
         );
+        if self.db.is_postgres() {
+            // One call of `agent_finish_run` (one round trip; the same statements as below: see its migration).
+            let messages = serde_json::to_string(&end.messages)
+                .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
+            let row = self
+                .db
+                .write()
+                .await?
+                .fetch_one(
+                    "SELECT agent_finish_run($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) AS ended",
+                    &[
+                        Arg::Id(run_id),
+                        Arg::Int(to_i64(epoch)),
+                        Arg::Text(end.status.as_str()),
+                        Arg::OptText(end.error.as_deref()),
+                        Arg::Text(&end.output),
+                        Arg::Int(input),
+                        Arg::Int(output),
+                        Arg::Int(total),
+                        Arg::Text(&messages),
+                    ],
+                )
+                .await?;
+            return if row.get::<bool>("ended")? {
+                Ok(())
+            } else {
+                Err(StoreError::Fenced(run_id))
+            };
+        }
         let mut tx = self.db.begin().await?;
         let row = tx
             .fetch_optional(
