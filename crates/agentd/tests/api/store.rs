@@ -341,6 +341,69 @@ async fn a_run_starts_only_in_a_chat_of_the_owner_it_names(db: TestDb) {
     store.close().await;
 }
 
+/// A start finds its chat by id, whichever plan the server picks: it never walks the owner's other chats (a generic
+/// plan on the owner's index read every chat of the canvas, thousands, for each start).
+#[tokio::test]
+async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres() {
+    use sqlx::Connection;
+    const CHATS: i64 = 3_000;
+    const STARTS: usize = 20;
+    let db = TestDb::postgres().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    // Every statement on the store's connections on a generic plan, as PL/pgSQL uses after a few calls.
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} SET plan_cache_mode = force_generic_plan"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let store = db.open().await;
+    sqlx::query(
+        "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
+         SELECT gen_random_uuid(), 'o', 'u', 'c' FROM generate_series(1, $1)",
+    )
+    .bind(CHATS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let chats: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agent_chats LIMIT $1")
+        .bind(STARTS as i64)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    for chat in chats {
+        store.start_run(&new_run(chat, "hello")).await.unwrap();
+    }
+    // A backend reports what it read when it exits: close the pool and wait for every start to be counted.
+    store.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        let (runs, read): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'agent_chat_runs'), \
+             (SELECT sum(idx_tup_read)::BIGINT FROM pg_stat_user_indexes WHERE relname = 'agent_chats')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if runs >= STARTS as i64 {
+            break read;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server counted {runs} of {STARTS} starts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        read < CHATS,
+        "{STARTS} starts read {read} index entries of agent_chats, an owner has {CHATS} chats"
+    );
+}
+
 async fn a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on(db: TestDb) {
     let store = db.open().await;
     let first = store.create_chat(&owner("o", "u", "c")).await.unwrap();
