@@ -404,6 +404,80 @@ async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres(
     );
 }
 
+/// Long values are not written through pglz (slow enough that a wave of runs ending held up every run's events): a run
+/// log row is stored as it is, read back whole; a run's answer is compressed with lz4 where the server has it.
+#[tokio::test]
+async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    // Text that compresses well, well over the 2 KB at which PostgreSQL compresses a value by default.
+    let answer = "the same words again and again ".repeat(400);
+    let events: Vec<String> = (0..100)
+        .map(|n| {
+            json!({"type": "model_delta", "delta": answer[..120].to_string(), "n": n}).to_string()
+        })
+        .collect();
+    let long_row = LogRow {
+        run_id: run.id,
+        epoch: 1,
+        seq: 2,
+        last_seq: 101,
+        events: events.join("\n"),
+    };
+    assert!(long_row.events.len() > 12_000);
+    store.append_events(&[long_row]).await.unwrap();
+    store
+        .finish_run(
+            run.id,
+            1,
+            &end(
+                RunStatus::Completed,
+                &answer,
+                Usage::new(1, 1),
+                vec![assistant(&answer)],
+            ),
+        )
+        .await
+        .unwrap();
+
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let (log, output): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT (SELECT pg_column_compression(events) FROM agent_run_events WHERE run_id = $1 AND seq = 2), \
+         (SELECT pg_column_compression(partial_output) FROM agent_chat_runs WHERE id = $1)",
+    )
+    .bind(run.id)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let message: Option<String> = sqlx::query_scalar(
+        "SELECT pg_column_compression(message) FROM agent_chat_messages WHERE run_id = $1 \
+         ORDER BY message_index DESC LIMIT 1",
+    )
+    .bind(run.id)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(log, None, "the run log row is stored uncompressed");
+    let expected = if lz4 { "lz4" } else { "pglz" };
+    assert_eq!(output.as_deref(), Some(expected));
+    assert_eq!(message.as_deref(), Some(expected));
+    // And read back as written.
+    let read = store.events_after(run.id, 1).await.unwrap();
+    assert_eq!(read.len(), 100);
+    assert!(read.iter().zip(&events).all(|((_, got), sent)| got == sent));
+    store.close().await;
+}
+
 async fn a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on(db: TestDb) {
     let store = db.open().await;
     let first = store.create_chat(&owner("o", "u", "c")).await.unwrap();
