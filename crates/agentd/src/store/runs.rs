@@ -169,27 +169,30 @@ impl SessionStore {
             to_i64(end.usage.output_tokens),
             to_i64(end.usage.total_tokens),
         );
+        // The run, its epoch and how it ended: $1 to $8 of both backends' statements.
+        let messages: String;
+        let mut args = vec![
+            Arg::Id(run_id),
+            Arg::Int(to_i64(epoch)),
+            Arg::Text(end.status.as_str()),
+            Arg::OptText(end.error.as_deref()),
+            Arg::Text(&end.output),
+            Arg::Int(input),
+            Arg::Int(output),
+            Arg::Int(total),
+        ];
         if self.db.is_postgres() {
             // One call of `agent_finish_run` (one round trip; the same statements as below: see its migration).
-            let messages = serde_json::to_string(&end.messages)
+            messages = serde_json::to_string(&end.messages)
                 .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
+            args.push(Arg::Text(&messages));
             let row = self
                 .db
                 .write()
                 .await?
                 .fetch_one(
                     "SELECT agent_finish_run($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) AS ended",
-                    &[
-                        Arg::Id(run_id),
-                        Arg::Int(to_i64(epoch)),
-                        Arg::Text(end.status.as_str()),
-                        Arg::OptText(end.error.as_deref()),
-                        Arg::Text(&end.output),
-                        Arg::Int(input),
-                        Arg::Int(output),
-                        Arg::Int(total),
-                        Arg::Text(&messages),
-                    ],
+                    &args,
                 )
                 .await?;
             return if row.get::<bool>("ended")? {
@@ -201,19 +204,10 @@ impl SessionStore {
         let mut tx = self.db.begin().await?;
         let row = tx
             .fetch_optional(
-                "UPDATE agent_chat_runs SET status = $1, error = $2, partial_output = $3, input_tokens = $4, \
-                 output_tokens = $5, total_tokens = $6, finished_at = {now} \
-                 WHERE id = $7 AND epoch = $8 AND status = 'running' RETURNING chat_id",
-                &[
-                    Arg::Text(end.status.as_str()),
-                    Arg::OptText(end.error.as_deref()),
-                    Arg::Text(&end.output),
-                    Arg::Int(input),
-                    Arg::Int(output),
-                    Arg::Int(total),
-                    Arg::Id(run_id),
-                    Arg::Int(to_i64(epoch)),
-                ],
+                "UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
+                 output_tokens = $7, total_tokens = $8, finished_at = {now} \
+                 WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING chat_id",
+                &args,
             )
             .await?;
         let chat_id = row.ok_or(StoreError::Fenced(run_id))?.uuid("chat_id")?;
