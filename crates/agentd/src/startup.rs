@@ -142,6 +142,10 @@ impl Application {
         let store = store::open(&config.store)
             .await
             .map_err(|source| StartupError::Store { backend, source })?;
+        if let Err(error) = store.warm_up().await {
+            // Only the first requests pay for it: each connection gets ready on its first use instead.
+            tracing::warn!(%error, "the store's connections could not all be readied before serving");
+        }
         let instance_id: Arc<str> = Uuid::new_v4().to_string().into();
         tracing::info!(backend, %instance_id, "session store ready");
         let fd_limit = raise_open_file_limit();

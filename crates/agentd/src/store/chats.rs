@@ -56,23 +56,7 @@ impl SessionStore {
 
     /// Inserts the chat unless its id exists; the new chat, or `None` when it existed.
     async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Option<Chat>, StoreError> {
-        let row = self
-            .db
-            .write()
-            .await?
-            .fetch_optional(
-                "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, {now}, {now}) ON CONFLICT (id) DO NOTHING RETURNING created_at",
-                &[
-                    Arg::Id(id),
-                    Arg::Text(&owner.org_id),
-                    Arg::Text(&owner.user_id),
-                    Arg::Text(&owner.canvas_id),
-                ],
-            )
-            .await?;
-        row.map(|row| Ok(Chat::new(id, owner.clone(), row.time("created_at")?)))
-            .transpose()
+        insert_chat_on(&mut self.db.write().await?, id, owner).await
     }
 
     pub async fn get_chat(&self, id: Uuid) -> Result<Option<Chat>, StoreError> {
@@ -189,4 +173,26 @@ pub(super) async fn append_messages(
         .await?;
     }
     Ok(())
+}
+
+/// Inserts the chat on `conn` unless its id exists; the new chat, or `None` when it existed.
+pub(super) async fn insert_chat_on(
+    conn: &mut Conn,
+    id: Uuid,
+    owner: &ChatOwner,
+) -> Result<Option<Chat>, StoreError> {
+    let row = conn
+        .fetch_optional(
+            "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, {now}, {now}) ON CONFLICT (id) DO NOTHING RETURNING created_at",
+            &[
+                Arg::Id(id),
+                Arg::Text(&owner.org_id),
+                Arg::Text(&owner.user_id),
+                Arg::Text(&owner.canvas_id),
+            ],
+        )
+        .await?;
+    row.map(|row| Ok(Chat::new(id, owner.clone(), row.time("created_at")?)))
+        .transpose()
 }

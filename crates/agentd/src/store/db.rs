@@ -354,6 +354,17 @@ impl Conn {
         };
         Ok(committing.await?)
     }
+
+    /// Rolls a transaction back now (dropped, it would roll back only when its connection is next used); a plain
+    /// connection has nothing to roll back.
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        let rolling_back: BoxFuture<'static, Result<(), sqlx::Error>> = match self {
+            Self::SqliteTx(tx) => Box::pin(tx.rollback()),
+            Self::PostgresTx(tx) => Box::pin(tx.rollback()),
+            Self::Sqlite(_) | Self::Postgres(_) => return Ok(()),
+        };
+        Ok(rolling_back.await?)
+    }
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;

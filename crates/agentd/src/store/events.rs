@@ -88,7 +88,10 @@ impl SessionStore {
     /// five arrays, prepared once whatever the batch's size. It stores the rows whose run is held under their epoch
     /// and notifies their records, packed into payloads PostgreSQL takes: a chunk of records ends within 4,000 bytes
     /// of where it starts, plus at most one record (3,079 bytes at most), so a payload stays under 7,100 bytes.
-    async fn append_events_postgres(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {
+    pub(super) async fn append_events_postgres(
+        &self,
+        rows: &[LogRow],
+    ) -> Result<Vec<Uuid>, StoreError> {
         let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
         let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
         let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();

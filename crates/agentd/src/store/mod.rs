@@ -89,6 +89,36 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Opens every pooled PostgreSQL connection and readies it for a burst of runs: on each, a chat is made, a run
+    /// started in it and ended, and all of it rolled back, so nothing is left behind; the run log's connection
+    /// plans its group commit. A new PostgreSQL connection is a new server process: its first run start reads the
+    /// catalog and compiles `agent_start_run` and `agent_finish_run` (tens of milliseconds under load), and a process
+    /// that just started (a deploy) would otherwise make the first burst of requests pay that on every connection at
+    /// once. A connection the pool opens later (after one was lost, or closed after 10 idle minutes) gets ready on
+    /// its first use.
+    ///
+    /// SQLite has nothing to ready (its connections are in this process).
+    pub async fn warm_up(&self) -> Result<(), StoreError> {
+        if !self.db.is_postgres() {
+            return Ok(());
+        }
+        // Every connection is held at once, so each transaction is on a connection of its own.
+        let transactions =
+            futures_util::future::join_all((0..postgres::MAX_CONNECTIONS).map(|_| self.db.begin()))
+                .await;
+        let warmed =
+            futures_util::future::join_all(transactions.into_iter().map(|tx| async move {
+                let mut tx = tx?;
+                let warmed = rehearse_run(&mut tx).await;
+                tx.rollback().await?;
+                warmed
+            }));
+        // The run log's connection: a group commit of nothing (its statement planned, nothing stored or notified).
+        let (warmed, logged) = tokio::join!(warmed, self.append_events_postgres(&[]));
+        logged?;
+        warmed.into_iter().collect()
+    }
+
     /// How long requests wait for a pooled connection, for the metrics.
     pub fn pool_waits(&self) -> &PoolWaits {
         self.db.waits()
@@ -98,6 +128,41 @@ impl SessionStore {
     pub async fn close(&self) {
         self.db.close().await;
     }
+}
+
+/// A run's whole course in the store on `conn` (a transaction the caller rolls back): a chat, a run started in it with
+/// its first event, and ended with an answer.
+async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
+    let owner = ChatOwner {
+        org_id: "warm-up".to_owned(),
+        user_id: "warm-up".to_owned(),
+        canvas_id: "warm-up".to_owned(),
+    };
+    let chat = chats::insert_chat_on(conn, Uuid::new_v4(), &owner)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("a new chat id was taken".to_owned()))?;
+    let run = NewRun {
+        id: Uuid::new_v4(),
+        chat_id: chat.id,
+        owner,
+        model: "warm-up".to_owned(),
+        owner_instance: "warm-up".to_owned(),
+        prompt: "warm-up".to_owned(),
+        first_event: Some("{}".to_owned()),
+        agent_context: None,
+    };
+    runs::start_run_postgres(conn, &run).await?;
+    let end = RunEnd {
+        status: RunStatus::Completed,
+        error: None,
+        output: "warm-up".to_owned(),
+        usage: Usage::default(),
+        messages: vec![Message::Assistant {
+            content: "warm-up".to_owned(),
+            tool_calls: Vec::new(),
+        }],
+    };
+    runs::finish_run_postgres(conn, run.id, 1, &end).await
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use super::StoreError;
 
 /// How long a request waits for a connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
-const MAX_CONNECTIONS: u32 = 16;
+pub(super) const MAX_CONNECTIONS: u32 = 16;
 /// The run log's group commits: one at a time per process, so one connection.
 const LOG_CONNECTIONS: u32 = 1;
 /// A pooled connection idle longer than this is pinged before use.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::chats::append_messages;
-use super::db::{Arg, Row};
+use super::db::{Arg, Conn, Row};
 use super::{
     NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms, usage_from,
 };
@@ -41,6 +41,82 @@ fn id_and_epoch(row: &Row) -> Result<(Uuid, u64), StoreError> {
     ))
 }
 
+/// The PostgreSQL run start on `conn`: one call of `agent_start_run` (one round trip, the same statements as SQLite's
+/// script: see its migration).
+pub(super) async fn start_run_postgres(
+    conn: &mut Conn,
+    run: &NewRun,
+) -> Result<Vec<Message>, StoreError> {
+    let prompt = Message::User {
+        content: run.prompt.clone(),
+    };
+    let row = conn
+        .fetch_one(
+            "SELECT found, busy_run, history \
+             FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                Arg::Id(run.id),
+                Arg::Id(run.chat_id),
+                Arg::Text(&run.owner.org_id),
+                Arg::Text(&run.owner.user_id),
+                Arg::Text(&run.owner.canvas_id),
+                Arg::Text(&run.model),
+                Arg::Text(&run.owner_instance),
+                Arg::Text(&run.prompt),
+                Arg::Message(&prompt),
+                Arg::OptText(run.agent_context.as_deref()),
+                Arg::OptText(run.first_event.as_deref()),
+            ],
+        )
+        .await?;
+    if !row.get::<bool>("found")? {
+        return Err(StoreError::ChatNotFound(run.chat_id));
+    }
+    if let Some(going) = row.opt_uuid("busy_run")? {
+        return Err(StoreError::ChatBusy(going));
+    }
+    row.messages("history")
+}
+
+/// The run, its epoch and how it ended: `$1` to `$8` of both backends' statements that end a run.
+fn end_args(run_id: Uuid, epoch: u64, end: &RunEnd) -> Vec<Arg<'_>> {
+    vec![
+        Arg::Id(run_id),
+        Arg::Int(to_i64(epoch)),
+        Arg::Text(end.status.as_str()),
+        Arg::OptText(end.error.as_deref()),
+        Arg::Text(&end.output),
+        Arg::Int(to_i64(end.usage.input_tokens)),
+        Arg::Int(to_i64(end.usage.output_tokens)),
+        Arg::Int(to_i64(end.usage.total_tokens)),
+    ]
+}
+
+/// The PostgreSQL run end on `conn`: one call of `agent_finish_run` (one round trip; the same statements as SQLite's:
+/// see its migration).
+pub(super) async fn finish_run_postgres(
+    conn: &mut Conn,
+    run_id: Uuid,
+    epoch: u64,
+    end: &RunEnd,
+) -> Result<(), StoreError> {
+    let messages = serde_json::to_string(&end.messages)
+        .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
+    let mut args = end_args(run_id, epoch, end);
+    args.push(Arg::Text(&messages));
+    let row = conn
+        .fetch_one(
+            "SELECT agent_finish_run($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) AS ended",
+            &args,
+        )
+        .await?;
+    if row.get::<bool>("ended")? {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(run_id))
+    }
+}
+
 impl SessionStore {
     /// Stores the run as `running` and its prompt as the chat's next message, in one transaction; returns the chat's
     /// messages before the prompt (the history the run goes on from), read under the same lock.
@@ -48,40 +124,12 @@ impl SessionStore {
     /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
     /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread).
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
+        if self.db.is_postgres() {
+            return start_run_postgres(&mut self.db.write().await?, run).await;
+        }
         let prompt = Message::User {
             content: run.prompt.clone(),
         };
-        if self.db.is_postgres() {
-            let row = self
-                .db
-                .write()
-                .await?
-                .fetch_one(
-                    "SELECT found, busy_run, history \
-                     FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    &[
-                        Arg::Id(run.id),
-                        Arg::Id(run.chat_id),
-                        Arg::Text(&run.owner.org_id),
-                        Arg::Text(&run.owner.user_id),
-                        Arg::Text(&run.owner.canvas_id),
-                        Arg::Text(&run.model),
-                        Arg::Text(&run.owner_instance),
-                        Arg::Text(&run.prompt),
-                        Arg::Message(&prompt),
-                        Arg::OptText(run.agent_context.as_deref()),
-                        Arg::OptText(run.first_event.as_deref()),
-                    ],
-                )
-                .await?;
-            if !row.get::<bool>("found")? {
-                return Err(StoreError::ChatNotFound(run.chat_id));
-            }
-            if let Some(going) = row.opt_uuid("busy_run")? {
-                return Err(StoreError::ChatBusy(going));
-            }
-            return row.messages("history");
-        }
         // SQLite: the same steps as one script, its transaction included, sent to the connection's thread in one
         // trip: the single writer is not held while this task waits to be scheduled between statements. The reads
         // come first, tagged by `kind`; the writes that follow happen only for a chat that exists and has no run
@@ -164,43 +212,15 @@ impl SessionStore {
         epoch: u64,
         end: &RunEnd,
     ) -> Result<(), StoreError> {
+        if self.db.is_postgres() {
+            return finish_run_postgres(&mut self.db.write().await?, run_id, epoch, end).await;
+        }
+        let args = end_args(run_id, epoch, end);
         let (input, output, total) = (
             to_i64(end.usage.input_tokens),
             to_i64(end.usage.output_tokens),
             to_i64(end.usage.total_tokens),
         );
-        // The run, its epoch and how it ended: $1 to $8 of both backends' statements.
-        let messages: String;
-        let mut args = vec![
-            Arg::Id(run_id),
-            Arg::Int(to_i64(epoch)),
-            Arg::Text(end.status.as_str()),
-            Arg::OptText(end.error.as_deref()),
-            Arg::Text(&end.output),
-            Arg::Int(input),
-            Arg::Int(output),
-            Arg::Int(total),
-        ];
-        if self.db.is_postgres() {
-            // One call of `agent_finish_run` (one round trip; the same statements as below: see its migration).
-            messages = serde_json::to_string(&end.messages)
-                .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
-            args.push(Arg::Text(&messages));
-            let row = self
-                .db
-                .write()
-                .await?
-                .fetch_one(
-                    "SELECT agent_finish_run($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) AS ended",
-                    &args,
-                )
-                .await?;
-            return if row.get::<bool>("ended")? {
-                Ok(())
-            } else {
-                Err(StoreError::Fenced(run_id))
-            };
-        }
         let mut tx = self.db.begin().await?;
         let row = tx
             .fetch_optional(

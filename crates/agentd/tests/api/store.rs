@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::common::Agentd;
 use crate::common::db::{TestDb, runs_of};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
@@ -378,12 +379,13 @@ async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres(
     for chat in chats {
         store.start_run(&new_run(chat, "hello")).await.unwrap();
     }
-    // A backend reports what it read when it exits: close the pool and wait for every start to be counted.
+    // A backend reports what it read when it exits: close the pool and wait for every start to be counted (the
+    // rows kept: the rolled-back runs with which the store readied its connections are not live).
     store.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let read = loop {
         let (runs, read): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'agent_chat_runs'), \
+            "SELECT (SELECT n_live_tup FROM pg_stat_user_tables WHERE relname = 'agent_chat_runs'), \
              (SELECT sum(idx_tup_read)::BIGINT FROM pg_stat_user_indexes WHERE relname = 'agent_chats')",
         )
         .fetch_one(&mut conn)
@@ -401,6 +403,125 @@ async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres(
     assert!(
         read < CHATS,
         "{STARTS} starts read {read} index entries of agent_chats, an owner has {CHATS} chats"
+    );
+}
+
+/// agentd on PostgreSQL serves with every pooled connection open and ready for a burst: each has started and ended a
+/// run once (compiling the functions a run start and end call, as its first request would), and nothing of it is
+/// left in the store.
+#[tokio::test]
+async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind_postgres() {
+    use sqlx::Connection;
+    const POOL: i64 = 16;
+    let db = TestDb::postgres().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} SET track_functions = 'pl'"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    // The pool's connections and the run log's (the listener's may still be connecting).
+    assert!(open > POOL, "{open} connections open once agentd serves");
+    let (chats, runs, messages, events): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM agent_chats), (SELECT count(*) FROM agent_chat_runs), \
+         (SELECT count(*) FROM agent_chat_messages), (SELECT count(*) FROM agent_run_events)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((chats, runs, messages, events), (0, 0, 0, 0));
+    // A backend reports its function calls when it exits: stop agentd and wait for all of them (each overload of
+    // agent_start_run is called once per start: the one taking the owner checks it, then calls the other).
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT DISTINCT funcname::TEXT, calls FROM pg_stat_user_functions \
+             WHERE funcname IN ('agent_start_run', 'agent_finish_run') ORDER BY funcname",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let expected = vec![
+            ("agent_finish_run".to_owned(), POOL),
+            ("agent_start_run".to_owned(), POOL),
+        ];
+        if calls == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "function calls counted: {calls:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A PostgreSQL server that takes fewer connections than agentd's pool: agentd waits for the others as a request
+/// would (the pool's acquire timeout), says it could not ready them all, serves anyway, and a run completes on the
+/// connections it has.
+#[tokio::test]
+async fn agentd_serves_when_the_store_takes_fewer_connections_than_its_pool_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    // A superuser is not held to connection limits: agentd connects as a role of its own that owns the database.
+    let role = format!("agentd_limited_{}", Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 6"),
+        format!("ALTER DATABASE {name} OWNER TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await.unwrap();
+    let url = db.url().replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(url, db.url(), "the test database's URL names its user");
+    let mut server = Agentd::spawn_on(&url, &[]).await;
+    let warning = server
+        .wait_for_log("could not all be readied before serving")
+        .await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{warning}"
+    );
+    let events = server
+        .stream(
+            &crate::common::new_chat(),
+            json!({"question": "q", "model": "test:deltas=5,delay_ms=0"}),
+        )
+        .await
+        .rest()
+        .await;
+    assert_eq!(
+        crate::common::types(&events).last().map(String::as_str),
+        Some("done")
+    );
+    assert!(
+        events.iter().any(|(_, e)| e["type"] == "run_completed"),
+        "{events:?}"
     );
 }
 
