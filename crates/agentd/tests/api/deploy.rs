@@ -12,8 +12,9 @@ use std::time::Duration;
 use agentd::config::{ShutdownBudget, ShutdownMode, parse_seconds};
 use clap::ValueEnum;
 use serde_yaml::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::common::{Agentd, PATIENCE, free_port};
+use crate::common::{Agentd, PATIENCE};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -246,19 +247,18 @@ async fn agentd_as_the_image_runs_it_is_pid_1_and_exits_0_on_sigterm() {
         ["agentd", "serve"],
         "exec form: agentd itself is PID 1"
     );
-    // The image's settings, with free ports and the /data volume in a temporary directory.
+    // The image's settings, with ports the system picks (read back from agentd's log, so no other test can take
+    // them in between) and the /data volume in a temporary directory.
     let data = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let address = |setting: &str, port: u16| {
-        setting
-            .rsplit_once(':')
-            .map(|(host, _)| format!("{host}:{port}"))
-    };
-    let http = address(&env["HTTP_ADDR"], port).unwrap();
+    let http = env["HTTP_ADDR"]
+        .rsplit_once(':')
+        .map(|(host, _)| format!("{host}:0"))
+        .unwrap();
     env.insert("HTTP_ADDR".into(), http);
-    env.insert("INTERNAL_GRPC_PORT".into(), free_port().to_string());
+    env.insert("INTERNAL_GRPC_PORT".into(), "0".into());
     let url = env["DATABASE_URL"].replace("/data", data.path().to_str().unwrap());
     env.insert("DATABASE_URL".into(), url);
+    assert_eq!(env["LOG_FORMAT"], "json", "the image logs JSON");
     let mut child = tokio::process::Command::new("unshare")
         .args(["--pid", "--fork"])
         .arg(env!("CARGO_BIN_EXE_agentd"))
@@ -266,10 +266,29 @@ async fn agentd_as_the_image_runs_it_is_pid_1_and_exits_0_on_sigterm() {
         .env_clear()
         .envs(&env)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("unshare runs");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let line: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if line["message"] == "agentd is serving" {
+                return line;
+            }
+        }
+        panic!("agentd exited before it served");
+    })
+    .await
+    .expect("serves");
+    // The rest of its log, read so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let port = serving["http_addr"]
+        .as_str()
+        .and_then(|addr| addr.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .expect("the address it serves on");
     let http = reqwest::Client::new();
     let ready = format!("http://127.0.0.1:{port}/readyz");
     let deadline = tokio::time::Instant::now() + PATIENCE;
