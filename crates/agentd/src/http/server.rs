@@ -64,6 +64,18 @@ pub async fn serve(
         .writev(false);
     // One descriptor held in reserve, given up for a moment to refuse a connection when none is left.
     let mut spare = std::fs::File::open("/dev/null").ok();
+    // Cancelled by the stop or the handoff, whichever comes first: a connection checks it every time it wakes (for
+    // every event it writes), so it watches this one token rather than both.
+    let closing = stop.child_token();
+    tokio::spawn({
+        let (handoff, closing) = (handoff.clone(), closing.clone());
+        async move {
+            tokio::select! {
+                () = handoff.cancelled() => closing.cancel(),
+                () = closing.cancelled() => {}
+            }
+        }
+    });
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -106,17 +118,17 @@ pub async fn serve(
         });
         let connection =
             builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
-        let stop = stop.clone();
-        let handoff = if handoff.is_cancelled() {
-            CancellationToken::new()
+        // A connection accepted once the handoff began closes at the stop only.
+        let closing = if handoff.is_cancelled() {
+            stop.clone()
         } else {
-            handoff.clone()
+            closing.clone()
         };
         connections.spawn(async move {
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = async { tokio::select! { () = stop.cancelled() => {}, () = handoff.cancelled() => {} } } => {
+                () = closing.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::engine::{self, Failure, Resumed, RunContext, Stop, millis};
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
-use super::log::{LiveLog, RunWriter};
+use super::log::{Halt, LiveLog, RunWriter};
 use super::recorder::Recorder;
 use crate::metrics::RunOutcome;
 use crate::store::{RunStatus, StoreError};
@@ -42,10 +42,12 @@ async fn run(
     let result = tokio::select! {
         biased;
         _ = ctx.interrupt.cancelled() => Err(deadline),
-        _ = live.moved.cancelled() => Err(Stop::Fenced),
-        _ = live.deleted.cancelled() => Err(Stop::Deleted),
-        _ = live.cancel.cancelled() => Err(Stop::Cancelled),
-        _ = live.unlogged.cancelled() => Err(Stop::StoreFailed),
+        why = live.halted() => Err(match why {
+            Halt::Moved => Stop::Fenced,
+            Halt::Deleted => Stop::Deleted,
+            Halt::Cancelled => Stop::Cancelled,
+            Halt::Unlogged => Stop::StoreFailed,
+        }),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
         result = engine::agent_loop(ctx, out, &mut recorder, resumed) => result,
     };

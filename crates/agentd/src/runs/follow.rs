@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use uuid::Uuid;
 
-use super::log::{RunLog, Source};
+use super::log::{Halt, RunLog, Source};
 use crate::metrics::Metrics;
 use crate::store::SessionStore;
 
@@ -103,7 +103,7 @@ impl Follower {
                             return None;
                         },
                         // Another process produces the run now: read on from the store.
-                        () = live.moved.cancelled() => {
+                        () = live.halted_for(Halt::Moved).cancelled() => {
                             self.source = self.log.stored_source(self.run_id);
                         }
                     }

@@ -48,26 +48,58 @@ struct Append {
     last: bool,
 }
 
-/// A run produced on this process: its events so far, how far they are committed, and its stop button.
+/// A run produced on this process: its events so far, how far they are committed, and what stops it early.
 #[derive(Debug)]
 pub struct LiveLog {
     /// Event `seq` is at index `seq - 1`.
     events: Mutex<Vec<Arc<str>>>,
     /// The seq up to which the events are committed; followers of this run hold its receivers.
     committed: watch::Sender<u64>,
-    /// Cancelled to stop the run on purpose.
-    pub cancel: CancellationToken,
-    /// Cancelled when the run's events could not be stored: the run stops rather than go on unlogged.
-    pub unlogged: CancellationToken,
-    /// Cancelled when the run's chat was deleted: the run stops, and its last events go to the followers here
-    /// without being logged (there is nothing left to log them in).
-    pub deleted: CancellationToken,
-    /// Cancelled when the run left this process (released for another replica, or claimed by one because this
-    /// process lost its lease): the producer stops without a word, and followers here read on from the store.
-    pub moved: CancellationToken,
+    /// One token per [`Halt`], cancelled through [`LiveLog::halt`].
+    halts: [CancellationToken; HALTS.len()],
+    /// Cancelled with any of `halts`: the run's task checks this one token each time it wakes (for every event),
+    /// rather than one per reason.
+    halted: CancellationToken,
 }
 
+/// Why a run produced here stops before its end; when several happen, the first in this order counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
+    /// The run left this process (released for another replica, or claimed by one because this process lost its
+    /// lease): the producer stops without a word, and followers here read on from the store.
+    Moved,
+    /// The run's chat was deleted: the run stops, and its last events go to the followers here without being logged
+    /// (there is nothing left to log them in).
+    Deleted,
+    /// Stopped on purpose.
+    Cancelled,
+    /// The run's events could not be stored: the run stops rather than go on unlogged.
+    Unlogged,
+}
+
+const HALTS: [Halt; 4] = [Halt::Moved, Halt::Deleted, Halt::Cancelled, Halt::Unlogged];
+
 impl LiveLog {
+    /// Stops the run for `why`.
+    pub fn halt(&self, why: Halt) {
+        self.halts[why as usize].cancel();
+        self.halted.cancel();
+    }
+
+    /// Cancelled when the run halts for `why`.
+    pub fn halted_for(&self, why: Halt) -> &CancellationToken {
+        &self.halts[why as usize]
+    }
+
+    /// Waits until the run halts; returns why.
+    pub async fn halted(&self) -> Halt {
+        self.halted.cancelled().await;
+        HALTS
+            .into_iter()
+            .find(|&why| self.halts[why as usize].is_cancelled())
+            .expect("a halt cancels its reason before the whole")
+    }
+
     /// Events `from..=to`, all committed.
     pub(super) fn slice(&self, from: u64, to: u64) -> Vec<(u64, Arc<str>)> {
         let events = self.events.lock().expect("run log lock");
@@ -192,10 +224,8 @@ impl RunLog {
         let live = Arc::new(LiveLog {
             events: Mutex::new(events),
             committed: watch::Sender::new(seq),
-            cancel: CancellationToken::new(),
-            unlogged: CancellationToken::new(),
-            deleted: CancellationToken::new(),
-            moved: CancellationToken::new(),
+            halts: Default::default(),
+            halted: CancellationToken::new(),
         });
         self.inner
             .live
@@ -222,7 +252,7 @@ impl RunLog {
             .expect("run log lock")
             .remove(&run_id);
         if let Some(live) = live {
-            live.moved.cancel();
+            live.halt(Halt::Moved);
         }
     }
 
@@ -350,7 +380,7 @@ impl RunLog {
 
     fn cancel_here(&self, run_id: Uuid) {
         if let Some(live) = self.live(run_id) {
-            live.cancel.cancel();
+            live.halt(Halt::Cancelled);
         }
     }
 }
@@ -404,8 +434,8 @@ impl RunWriter {
         let seq = self.seq;
         tokio::select! {
             _ = committed.wait_for(|last| *last >= seq) => {}
-            () = self.live.unlogged.cancelled() => {}
-            () = self.live.moved.cancelled() => {}
+            () = self.live.halted_for(Halt::Unlogged).cancelled() => {}
+            () = self.live.halted_for(Halt::Moved).cancelled() => {}
         }
     }
 }
@@ -527,7 +557,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
     }
     for &run_id in &failed {
         if let Some(run) = log.live(run_id) {
-            run.unlogged.cancel();
+            run.halt(Halt::Unlogged);
         }
     }
     {
@@ -568,13 +598,13 @@ async fn fenced(log: &RunLog, run_id: Uuid) -> bool {
         }
         Ok(None) => {
             if let Some(run) = log.live(run_id) {
-                run.deleted.cancel();
+                run.halt(Halt::Deleted);
             }
             true
         }
         Err(_) => {
             if let Some(run) = log.live(run_id) {
-                run.unlogged.cancel();
+                run.halt(Halt::Unlogged);
             }
             false
         }

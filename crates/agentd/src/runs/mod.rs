@@ -41,7 +41,7 @@ use crate::tools::{ToolContext, ToolRegistry};
 pub use engine::Failure;
 use follow::Follower;
 pub use live::LiveRuns;
-use log::RunLog;
+use log::{Halt, RunLog};
 
 /// What a run needs from the process, given once at start.
 #[derive(Debug)]
@@ -282,7 +282,7 @@ impl RunService {
             return Err(RunError::RunEnded(run.status));
         }
         match parts.log.live(run_id) {
-            Some(live) => live.cancel.cancel(),
+            Some(live) => live.halt(Halt::Cancelled),
             None => parts.store.notify_cancel(run_id).await?,
         }
         tracing::info!(%run_id, %chat_id, "run cancel requested");
