@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::common::Agentd;
 use crate::common::db::{TestDb, runs_of};
+use crate::common::{Agentd, new_chat, types};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
     ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
@@ -350,18 +350,10 @@ async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres(
     const CHATS: i64 = 3_000;
     const STARTS: usize = 20;
     let db = TestDb::postgres().await;
-    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
     // Every statement on the store's connections on a generic plan, as PL/pgSQL uses after a few calls.
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE {name} SET plan_cache_mode = force_generic_plan"
-    )))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    db.alter_database("SET plan_cache_mode = force_generic_plan")
+        .await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
     let store = db.open().await;
     sqlx::query(
         "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
@@ -414,17 +406,8 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     use sqlx::Connection;
     const POOL: i64 = 16;
     let db = TestDb::postgres().await;
+    db.alter_database("SET track_functions = 'pl'").await;
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE {name} SET track_functions = 'pl'"
-    )))
-    .execute(&mut conn)
-    .await
-    .unwrap();
     let mut server = Agentd::spawn_on(db.url(), &[]).await;
     let open: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -477,23 +460,17 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
 async fn agentd_serves_when_the_store_takes_fewer_connections_than_its_pool_postgres() {
     use sqlx::Connection;
     let db = TestDb::postgres().await;
-    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
     // A superuser is not held to connection limits: agentd connects as a role of its own that owns the database.
     let role = format!("agentd_limited_{}", Uuid::new_v4().simple());
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 6"),
-        format!("ALTER DATABASE {name} OWNER TO {role}"),
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 6"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
     admin.close().await.unwrap();
+    db.alter_database(&format!("OWNER TO {role}")).await;
     let url = db.url().replacen("postgres@", &format!("{role}@"), 1);
     assert_ne!(url, db.url(), "the test database's URL names its user");
     let mut server = Agentd::spawn_on(&url, &[]).await;
@@ -509,16 +486,13 @@ async fn agentd_serves_when_the_store_takes_fewer_connections_than_its_pool_post
     );
     let events = server
         .stream(
-            &crate::common::new_chat(),
+            &new_chat(),
             json!({"question": "q", "model": "test:deltas=5,delay_ms=0"}),
         )
         .await
         .rest()
         .await;
-    assert_eq!(
-        crate::common::types(&events).last().map(String::as_str),
-        Some("done")
-    );
+    assert_eq!(types(&events).last().map(String::as_str), Some("done"));
     assert!(
         events.iter().any(|(_, e)| e["type"] == "run_completed"),
         "{events:?}"

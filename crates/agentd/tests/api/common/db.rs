@@ -54,6 +54,22 @@ impl TestDb {
         }
     }
 
+    /// Runs `ALTER DATABASE <this database> <change>` (PostgreSQL): a setting for the connections opened after it,
+    /// or its owner.
+    pub async fn alter_database(&self, change: &str) {
+        let Self::Postgres { url } = self else {
+            panic!("ALTER DATABASE is PostgreSQL's");
+        };
+        let (_, name) = url.rsplit_once('/').expect("the URL names the database");
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {name} {change}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite { url, .. } | Self::Postgres { url } => url,
