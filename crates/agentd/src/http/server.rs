@@ -116,7 +116,7 @@ pub async fn serve(
             request.extensions_mut().insert(peer.clone());
             router.clone().oneshot(request)
         });
-        let connection =
+        let mut connection =
             builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
         // A connection accepted once the handoff began closes at the stop only.
         let closing = if handoff.is_cancelled() {
@@ -125,7 +125,8 @@ pub async fn serve(
             closing.clone()
         };
         connections.spawn(async move {
-            tokio::pin!(connection);
+            // Polled where the task holds it: pinning it by moving it into the block would keep it there twice.
+            let mut connection = Pin::new(&mut connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 () = closing.cancelled() => {

@@ -283,11 +283,14 @@ pub fn post_and_stream<P: WireParser + Default>(
 
 /// The events of a stream that must first be opened (a request sent, retried); a failure to open it is the stream's
 /// one item.
+///
+/// The opening (about 2 KB: the request, its body, the client's send) lives in its own allocation, freed once the
+/// stream is open, rather than inline in the stream a run holds for as long as the answer lasts.
 fn once_opened(
     open: impl std::future::Future<Output = Result<ModelStream, ModelError>> + Send + 'static,
 ) -> ModelStream {
     Box::pin(
-        stream::once(open)
+        stream::once(Box::pin(open))
             .map(|opened| match opened {
                 Ok(events) => events,
                 Err(error) => Box::pin(stream::iter([Err(error)])) as ModelStream,

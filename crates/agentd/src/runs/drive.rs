@@ -13,17 +13,27 @@ use crate::store::{RunStatus, StoreError};
 
 /// Drives one run to its end (or to where another process takes it over), appending its events to the log;
 /// `resumed` is where a continued run picks up.
-pub(super) async fn drive(ctx: RunContext, mut out: RunWriter, resumed: Resumed) -> RunOutcome {
-    let _live = ctx.live.enter(ctx.run_id);
-    let continued = resumed != Resumed::default();
-    let (outcome, failure, tokens) = run(&ctx, &mut out, resumed).await;
-    ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
-    if continued {
-        ctx.metrics.continuation_finished(tokens);
+///
+/// A block rather than an `async fn`: an `async fn` keeps its arguments twice in its state (as passed, and moved
+/// into its body), and this state is the run's task, held for as long as the run lasts.
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
+pub(super) fn drive(
+    ctx: RunContext,
+    mut out: RunWriter,
+    resumed: Resumed,
+) -> impl Future<Output = RunOutcome> + Send {
+    async move {
+        let _live = ctx.live.enter(ctx.run_id);
+        let continued = resumed != Resumed::default();
+        let (outcome, failure, tokens) = run(&ctx, &mut out, resumed).await;
+        ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
+        if continued {
+            ctx.metrics.continuation_finished(tokens);
+        }
+        tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, outcome = outcome.as_str(),
+            elapsed_ms = ctx.started.elapsed().as_millis() as u64, "run ended");
+        outcome
     }
-    tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, outcome = outcome.as_str(),
-        elapsed_ms = ctx.started.elapsed().as_millis() as u64, "run ended");
-    outcome
 }
 
 async fn run(
@@ -227,7 +237,8 @@ async fn unfollowed(ctx: &RunContext, live: &LiveLog) {
             continue;
         }
         let window = ctx.lease.max(ctx.detach_grace);
-        match ctx.store.followed_within(ctx.run_id, window).await {
+        // Boxed: rarely reached, and inline it would enlarge every run's task.
+        match Box::pin(ctx.store.followed_within(ctx.run_id, window)).await {
             Ok(true) => {
                 // Someone follows it elsewhere; look again after another grace.
                 tokio::time::sleep(ctx.detach_grace.max(Duration::from_secs(1))).await;

@@ -146,7 +146,7 @@ pub(super) async fn agent_loop(
     recorder.output = resumed.output;
     let mut partial = resumed.partial;
     if !resumed.unfinished.is_empty() {
-        let results = run_tools(ctx, out, resumed.unfinished, Rerun::IfIdempotent).await;
+        let results = Box::pin(run_tools(ctx, out, resumed.unfinished, Rerun::IfIdempotent)).await;
         messages.extend(results.iter().cloned());
         recorder.messages.extend(results);
     }
@@ -262,7 +262,7 @@ pub(super) async fn agent_loop(
             })
             .await;
         }
-        let results = run_tools(ctx, out, calls, Rerun::Always).await;
+        let results = Box::pin(run_tools(ctx, out, calls, Rerun::Always)).await;
         messages.extend(results.iter().cloned());
         recorder.messages.extend(results);
     }
@@ -296,6 +296,9 @@ enum Rerun {
 
 /// Runs `calls` in parallel and emits each one's `tool_finished` (with its result, for the log) as it ends; returns
 /// the results as messages, in the order they finished.
+///
+/// Its callers box it: its state is the largest of the loop's, and inline it would be part of every run's task for
+/// as long as the run lasts, tools or not.
 async fn run_tools(
     ctx: &RunContext,
     out: &mut RunWriter,
