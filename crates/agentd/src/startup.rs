@@ -139,7 +139,7 @@ impl Application {
             source,
         })?;
         let backend = config.store.backend();
-        let store = store::open(&config.store)
+        let mut store = store::open(&config.store)
             .await
             .map_err(|source| StartupError::Store { backend, source })?;
         if let Err(error) = store.warm_up().await {

@@ -15,7 +15,7 @@ impl SessionStore {
         let Pools::Postgres(db) = &self.db.pools else {
             return Ok(None);
         };
-        let mut listener = PgListener::connect_with(&db.pool).await?;
+        let mut listener = PgListener::connect_with(&db.listen).await?;
         listener.listen_all(channels.iter().copied()).await?;
         Ok(Some(Listener(listener)))
     }

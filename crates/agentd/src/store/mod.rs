@@ -97,15 +97,30 @@ impl SessionStore {
     /// once. A connection the pool opens later (after one was lost, or closed after 10 idle minutes) gets ready on
     /// its first use.
     ///
+    /// When the server refuses some of the connections (its `max_connections`, or a limit on the role or the
+    /// database), the pool shrinks to the number it granted (see [`postgres::PgDb::resize`]), with a warning.
+    ///
     /// SQLite has nothing to ready (its connections are in this process).
-    pub async fn warm_up(&self) -> Result<(), StoreError> {
-        if !self.db.is_postgres() {
-            return Ok(());
+    pub async fn warm_up(&mut self) -> Result<(), StoreError> {
+        let wanted = postgres::MAX_CONNECTIONS;
+        let mut transactions = match &self.db.pools {
+            Pools::Postgres(_) => self.begin_all(wanted).await,
+            Pools::Sqlite(_) => return Ok(()),
+        };
+        let granted = transactions.iter().filter(|tx| tx.is_ok()).count() as u32;
+        if let Pools::Postgres(db) = &mut self.db.pools
+            && granted > 0
+            && granted < wanted
+        {
+            tracing::warn!(
+                connections = granted,
+                wanted,
+                "the store's server refused some connections; the pool keeps to those it granted"
+            );
+            drop(transactions);
+            db.resize(granted).await?;
+            transactions = self.begin_all(granted).await;
         }
-        // Every connection is held at once, so each transaction is on a connection of its own.
-        let transactions =
-            futures_util::future::join_all((0..postgres::MAX_CONNECTIONS).map(|_| self.db.begin()))
-                .await;
         let warmed =
             futures_util::future::join_all(transactions.into_iter().map(|tx| async move {
                 let mut tx = tx?;
@@ -117,6 +132,11 @@ impl SessionStore {
         let (warmed, logged) = tokio::join!(warmed, self.append_events_postgres(&[]));
         logged?;
         warmed.into_iter().collect()
+    }
+
+    /// `count` transactions held at once, so each is on a connection of its own.
+    async fn begin_all(&self, count: u32) -> Vec<Result<db::Conn, StoreError>> {
+        futures_util::future::join_all((0..count).map(|_| self.db.begin())).await
     }
 
     /// How long requests wait for a pooled connection, for the metrics.

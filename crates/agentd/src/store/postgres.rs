@@ -23,12 +23,28 @@ pub(super) struct PgDb {
     /// The run log's group commits, on a connection of their own: every run's events wait for the commit, which
     /// would otherwise queue for a connection behind a burst of run starts.
     pub log: PgPool,
+    /// The `LISTEN` connection (it is never given back), apart from the pool so that it takes none of the pool's.
+    pub listen: PgPool,
 }
 
 impl PgDb {
     pub async fn close(&self) {
         self.pool.close().await;
         self.log.close().await;
+        self.listen.close().await;
+    }
+
+    /// Replaces the pool with one of `connections`, once the server has refused more: a pool sized beyond what the
+    /// server grants opens another connection whenever all of its own are in use, and waits out the whole acquire
+    /// timeout on a connection the server keeps refusing while one of its own comes back a moment later. A pool of
+    /// what the server grants waits for one of its own instead.
+    pub async fn resize(&mut self, connections: u32) -> Result<(), StoreError> {
+        let options = self.pool.connect_options();
+        self.pool.close().await;
+        self.pool = pool_options(connections)
+            .connect_with((*options).clone())
+            .await?;
+        Ok(())
     }
 }
 
@@ -40,8 +56,11 @@ pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> 
     sqlx::migrate!("../../migrations/postgres")
         .run(&pool)
         .await?;
-    let log = pool_options(LOG_CONNECTIONS).connect_with(options).await?;
-    Ok(PgDb { pool, log })
+    let log = pool_options(LOG_CONNECTIONS)
+        .connect_with(options.clone())
+        .await?;
+    let listen = pool_options(1).connect_with(options).await?;
+    Ok(PgDb { pool, log, listen })
 }
 
 fn pool_options(connections: u32) -> PgPoolOptions {

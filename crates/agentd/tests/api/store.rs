@@ -453,11 +453,11 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     }
 }
 
-/// A PostgreSQL server that takes fewer connections than agentd's pool: agentd waits for the others as a request
-/// would (the pool's acquire timeout), says it could not ready them all, serves anyway, and a run completes on the
-/// connections it has.
+/// A PostgreSQL server that takes fewer connections than agentd's pool: agentd shrinks its pool to the connections
+/// the server granted and says so, and runs that together need more connections than that all complete, each waiting
+/// for one of the pool's connections rather than for one the server refuses.
 #[tokio::test]
-async fn agentd_serves_when_the_store_takes_fewer_connections_than_its_pool_postgres() {
+async fn agentd_keeps_to_the_connections_the_store_grants_postgres() {
     use sqlx::Connection;
     let db = TestDb::postgres().await;
     // A superuser is not held to connection limits: agentd connects as a role of its own that owns the database.
@@ -474,29 +474,38 @@ async fn agentd_serves_when_the_store_takes_fewer_connections_than_its_pool_post
     let url = db.url().replacen("postgres@", &format!("{role}@"), 1);
     assert_ne!(url, db.url(), "the test database's URL names its user");
     let mut server = Agentd::spawn_on(&url, &[]).await;
-    let warning = server
-        .wait_for_log("could not all be readied before serving")
-        .await;
+    // Six for the role: the run log's connection, the LISTEN connection, and four for the pool.
+    let warning = server.wait_for_log("refused some connections").await;
     assert_eq!(warning["level"], "WARN", "{warning}");
-    assert!(
-        warning["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("timed out")),
+    assert_eq!(
+        (warning["connections"].as_u64(), warning["wanted"].as_u64()),
+        (Some(4), Some(16)),
         "{warning}"
     );
-    let events = server
-        .stream(
-            &new_chat(),
-            json!({"question": "q", "model": "test:deltas=5,delay_ms=0"}),
-        )
-        .await
-        .rest()
-        .await;
-    assert_eq!(types(&events).last().map(String::as_str), Some("done"));
     assert!(
-        events.iter().any(|(_, e)| e["type"] == "run_completed"),
-        "{events:?}"
+        !server.log_text().contains("could not all be readied"),
+        "{}",
+        server.log_text()
     );
+    // Each run takes a connection to start and one to end, and the run log's commits run meanwhile.
+    let runs = futures_util::future::join_all((0..12).map(|_| async {
+        server
+            .stream(
+                &new_chat(),
+                json!({"question": "q", "model": "test:deltas=20,delay_ms=1"}),
+            )
+            .await
+            .rest()
+            .await
+    }))
+    .await;
+    for events in &runs {
+        assert_eq!(types(events).last().map(String::as_str), Some("done"));
+        assert!(
+            events.iter().any(|(_, e)| e["type"] == "run_completed"),
+            "{events:?}"
+        );
+    }
 }
 
 /// Long values are not written through pglz (slow enough that a wave of runs ending held up every run's events): a run
