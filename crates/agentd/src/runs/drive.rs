@@ -4,28 +4,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::engine::{self, Failure, Resumed, RunContext, Stop, millis};
+use super::engine::{self, Failure, Prompt, Resumed, RunContext, Stop, millis};
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
 use super::log::{Halt, LiveLog, RunWriter};
 use super::recorder::Recorder;
 use crate::metrics::RunOutcome;
 use crate::store::{RunStatus, StoreError};
 
-/// Drives one run to its end (or to where another process takes it over), appending its events to the log;
-/// `resumed` is where a continued run picks up.
+/// Drives one run, asked `prompt`, to its end (or to where another process takes it over), appending its events to
+/// the log; `resumed` is where a continued run picks up.
 ///
 /// A block rather than an `async fn`: an `async fn` keeps its arguments twice in its state (as passed, and moved
 /// into its body), and this state is the run's task, held for as long as the run lasts.
 #[allow(clippy::manual_async_fn)] // On purpose: see above.
 pub(super) fn drive(
     ctx: RunContext,
+    prompt: Prompt,
     mut out: RunWriter,
     resumed: Resumed,
 ) -> impl Future<Output = RunOutcome> + Send {
     async move {
         let _live = ctx.live.enter(ctx.run_id);
         let continued = resumed != Resumed::default();
-        let (outcome, failure, tokens) = run(&ctx, &mut out, resumed).await;
+        let (outcome, failure, tokens) = run(&ctx, prompt, &mut out, resumed).await;
         ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
         if continued {
             ctx.metrics.continuation_finished(tokens);
@@ -38,6 +39,7 @@ pub(super) fn drive(
 
 async fn run(
     ctx: &RunContext,
+    prompt: Prompt,
     out: &mut RunWriter,
     resumed: Resumed,
 ) -> (RunOutcome, Option<Failure>, u64) {
@@ -59,7 +61,7 @@ async fn run(
             Halt::Unlogged => Stop::StoreFailed,
         }),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
-        result = engine::agent_loop(ctx, out, &mut recorder, resumed) => result,
+        result = engine::agent_loop(ctx, prompt, out, &mut recorder, resumed) => result,
     };
     let tokens = recorder.usage.output_tokens;
     let (outcome, status, failure, reason) = match result {

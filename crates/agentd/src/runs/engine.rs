@@ -42,9 +42,6 @@ pub(super) struct RunContext {
     /// The model id as the client will see it in `run_started`.
     pub model_id: String,
     pub model: Arc<dyn Model>,
-    /// Earlier messages of the chat, oldest first.
-    pub history: Vec<Message>,
-    pub question: String,
     /// Stopped at the drain deadline.
     pub interrupt: CancellationToken,
     pub metrics: Arc<Metrics>,
@@ -58,6 +55,15 @@ pub(super) struct RunContext {
     pub detach_grace: Duration,
     /// How recent another replica's note that it follows the run must be (`RUN_LEASE`).
     pub lease: Duration,
+}
+
+/// What the run asks: given to the loop, which makes it the conversation it sends the model, so the chat's history is
+/// held once for as long as the run lasts, not once more beside that conversation.
+#[derive(Debug)]
+pub(super) struct Prompt {
+    /// Earlier messages of the chat, oldest first.
+    pub history: Vec<Message>,
+    pub question: String,
 }
 
 /// A failure that ends a run: its code (from the error table) and what the user is told.
@@ -123,18 +129,19 @@ pub(super) struct Resumed {
 const CUT_TOOL_CALL: &str = "the tool call was interrupted before its result arrived; it may or may not have taken \
 effect, and it was not run again";
 
-/// Asks the model, runs the tools it calls, gives their results back, until it answers without tools; a continued
-/// run first finishes what `resumed` left open.
+/// Asks the model `prompt`, runs the tools it calls, gives their results back, until it answers without tools; a
+/// continued run first finishes what `resumed` left open.
 pub(super) async fn agent_loop(
     ctx: &RunContext,
+    prompt: Prompt,
     out: &mut RunWriter,
     recorder: &mut Recorder,
     resumed: Resumed,
 ) -> Result<(), Stop> {
     let definitions = ctx.tools.definitions();
-    let mut messages = ctx.history.clone();
+    let mut messages = prompt.history;
     messages.push(Message::User {
-        content: ctx.question.clone(),
+        content: prompt.question,
     });
     let steps_done = resumed
         .steps

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::drive::drive;
-use super::engine::{Resumed, RunContext};
+use super::engine::{Prompt, Resumed, RunContext};
 use super::events::RunEvent;
 use super::{
     AgentContext, ContextMode, RunError, RunHandle, RunRequest, RunService, dev_owner, owned,
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::auth::{AuthError, Identity};
 use crate::instructions::Fill;
-use crate::model::{Message, ModelSpec};
+use crate::model::ModelSpec;
 use crate::store::{ChatOwner, NewRun};
 use crate::tools::ToolContext;
 
@@ -113,8 +113,6 @@ impl RunService {
             run_id,
             1,
             &model,
-            history,
-            request.question,
             system,
             ToolContext {
                 canvas_version: request.context.canvas_version,
@@ -123,10 +121,15 @@ impl RunService {
             std::time::Instant::now(),
         );
         tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
-        self.inner
-            .component
-            .tasks
-            .spawn(drive(ctx, writer, Resumed::default()));
+        self.inner.component.tasks.spawn(drive(
+            ctx,
+            Prompt {
+                history,
+                question: request.question,
+            },
+            writer,
+            Resumed::default(),
+        ));
         Ok(RunHandle {
             chat_id,
             follower,
@@ -142,8 +145,6 @@ impl RunService {
         run_id: Uuid,
         epoch: u64,
         model: &ModelSpec,
-        history: Vec<Message>,
-        question: String,
         system: Option<String>,
         tool_context: ToolContext,
         started: std::time::Instant,
@@ -160,8 +161,6 @@ impl RunService {
             started,
             model_id: model.to_string(),
             model: model.build(&parts.providers),
-            history,
-            question,
             interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
             store: parts.store.clone(),

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::drive::drive;
-use super::engine::Resumed;
+use super::engine::{Prompt, Resumed};
 use super::{AgentContext, RunService};
 use crate::model::{Message, ModelSpec, ToolCall};
 use crate::store::StoreError;
@@ -109,24 +109,19 @@ impl RunService {
             .try_into()
             .unwrap_or(Duration::ZERO);
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let ctx = self.context(
-            run.chat_id,
-            run_id,
-            epoch,
-            &model,
-            history,
-            question.clone(),
-            system,
-            caller,
-            started,
-        );
+        let ctx = self.context(run.chat_id, run_id, epoch, &model, system, caller, started);
         parts.metrics.run_taken_over();
         tracing::info!(%run_id, chat_id = %run.chat_id, epoch, after_seq = after,
             "took over a run whose producer was gone; continuing it");
-        self.inner
-            .component
-            .tasks
-            .spawn(drive(ctx, writer, resumed));
+        self.inner.component.tasks.spawn(drive(
+            ctx,
+            Prompt {
+                history,
+                question: question.clone(),
+            },
+            writer,
+            resumed,
+        ));
         Ok(())
     }
 }
