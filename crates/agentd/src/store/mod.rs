@@ -118,7 +118,7 @@ impl SessionStore {
                 "the store's server refused some connections; the pool keeps to those it granted"
             );
             drop(transactions);
-            db.resize(granted).await?;
+            db.resize(granted).await;
             transactions = self.begin_all(granted).await;
         }
         let warmed =

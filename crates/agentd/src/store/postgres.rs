@@ -38,13 +38,12 @@ impl PgDb {
     /// server grants opens another connection whenever all of its own are in use, and waits out the whole acquire
     /// timeout on a connection the server keeps refusing while one of its own comes back a moment later. A pool of
     /// what the server grants waits for one of its own instead.
-    pub async fn resize(&mut self, connections: u32) -> Result<(), StoreError> {
+    ///
+    /// The new pool connects on first use: its connections are the old one's, given back to the server first.
+    pub async fn resize(&mut self, connections: u32) {
         let options = self.pool.connect_options();
         self.pool.close().await;
-        self.pool = pool_options(connections)
-            .connect_with((*options).clone())
-            .await?;
-        Ok(())
+        self.pool = pool_options(connections).connect_lazy_with((*options).clone());
     }
 }
 
