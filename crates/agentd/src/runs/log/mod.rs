@@ -17,7 +17,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -25,17 +24,17 @@ use uuid::Uuid;
 
 use super::events::RunEvent;
 use crate::metrics::Metrics;
-use crate::store::{
-    CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL, SessionStore,
-};
+use crate::store::SessionStore;
 use crate::tools::ToolContext;
+
+mod listen;
+mod writer;
+
+pub use listen::listen;
+pub use writer::{WriterQueue, write};
 
 /// Events the writer may have queued before producers wait: room for every run to have a burst ready.
 const QUEUE: usize = 65_536;
-/// Most events in one commit.
-const MAX_BATCH: usize = 16_384;
-/// How long the listener waits before connecting again after its connection failed.
-const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// One event on its way to the writer.
 #[derive(Debug)]
@@ -440,251 +439,6 @@ impl RunWriter {
     }
 }
 
-/// The receiving end of the writer's queue.
-#[derive(Debug)]
-pub struct WriterQueue(mpsc::Receiver<Append>);
-
-/// The writer: commits what all runs have ready, in batches, until `stop` and the queue is empty.
-pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken) {
-    let mut batch = Vec::new();
-    loop {
-        let first = tokio::select! {
-            biased;
-            first = queue.0.recv() => first,
-            () = stop.cancelled() => queue.0.try_recv().ok(),
-        };
-        let Some(first) = first else { return };
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.0.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        commit(&log, &mut batch).await;
-    }
-}
-
-/// How many more times a group commit waits for a busy store before its runs fail.
-const BUSY_RETRIES: u32 = 3;
-
-/// Commits one batch, then releases it to the followers.
-async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
-    let mut rows: Vec<LogRow> = Vec::new();
-    let mut row_of: HashMap<Uuid, usize> = HashMap::new();
-    let mut finished = Vec::new();
-    for append in batch.iter() {
-        match row_of.get(&append.run_id) {
-            Some(&at) => {
-                let row = &mut rows[at];
-                row.last_seq = append.seq;
-                row.events.push('\n');
-                row.events.push_str(&append.json);
-            }
-            None => {
-                row_of.insert(append.run_id, rows.len());
-                rows.push(LogRow {
-                    run_id: append.run_id,
-                    epoch: append.epoch,
-                    seq: append.seq,
-                    last_seq: append.seq,
-                    events: append.json.to_string(),
-                });
-            }
-        }
-        if append.last {
-            finished.push(append.run_id);
-        }
-    }
-    let started = Instant::now();
-    let mut result = log.inner.store.append_events(&rows).await;
-    // A store busy past the pool's wait (its one SQLite writer taken by a burst of run starts) is not down: the batch
-    // waits its turn again rather than fail runs that are going.
-    for attempt in 1..=BUSY_RETRIES {
-        if !matches!(&result, Err(error) if error.is_busy()) {
-            break;
-        }
-        tracing::warn!(
-            attempt,
-            events = batch.len(),
-            "the store was busy for a group commit; waiting again"
-        );
-        result = log.inner.store.append_events(&rows).await;
-    }
-    let metrics = &log.inner.metrics;
-    // Runs whose rows were not stored: the ones that moved on (claimed elsewhere, or gone) and, when the commit
-    // failed, the ones the store would not take.
-    let mut refused = Vec::new();
-    let mut failed = Vec::new();
-    match result {
-        Ok(moved) => {
-            metrics.log_committed(batch.len(), rows.len(), started.elapsed());
-            refused = moved;
-        }
-        Err(error) => {
-            // One run's rows can fail the whole batch (a value the store refuses): then commit run by run, so only
-            // the runs whose rows cannot be stored go unlogged. A store that cannot be reached fails them all.
-            if error.is_unavailable() {
-                failed.extend(rows.iter().map(|row| row.run_id));
-            } else {
-                tracing::warn!(%error, events = batch.len(), runs = rows.len(),
-                    "a group commit failed; committing its runs one by one");
-                for row in &rows {
-                    match log
-                        .inner
-                        .store
-                        .append_events(std::slice::from_ref(row))
-                        .await
-                    {
-                        Ok(moved) => refused.extend(moved),
-                        Err(_) => failed.push(row.run_id),
-                    }
-                }
-            }
-            if !failed.is_empty() {
-                metrics.log_commit_failed();
-                tracing::error!(%error, runs = ?failed,
-                    "could not commit run events; releasing them to their followers unlogged and stopping those runs");
-            }
-        }
-    }
-    // Runs whose chat was deleted: what they still emit goes to their followers here, unlogged.
-    let mut deleted = Vec::new();
-    for &run_id in &refused {
-        if fenced(log, run_id).await {
-            deleted.push(run_id);
-        }
-    }
-    for &run_id in &failed {
-        if let Some(run) = log.live(run_id) {
-            run.halt(Halt::Unlogged);
-        }
-    }
-    {
-        let mut live = log.inner.live.lock().expect("run log lock");
-        for row in rows
-            .iter()
-            .filter(|row| !refused.contains(&row.run_id) || deleted.contains(&row.run_id))
-        {
-            if let Some(run) = live.get(&row.run_id) {
-                run.committed.send_replace(row.last_seq);
-            }
-        }
-        for run_id in finished {
-            live.remove(&run_id);
-        }
-    }
-    // A run taken over here may also have followers that attached while it was produced elsewhere.
-    let followed_here = !log.inner.remote.lock().expect("run log lock").is_empty();
-    if followed_here {
-        for row in rows
-            .iter()
-            .filter(|row| !refused.contains(&row.run_id) && !failed.contains(&row.run_id))
-        {
-            log.notified(row.run_id, row.seq, row.last_seq, Some(&row.events));
-        }
-    }
-    batch.clear();
-}
-
-/// A run's append was refused: if it still exists, another process holds it now, and this one stops producing it
-/// (its followers here read on from the store); if it is gone, its chat was deleted: the run stops. Returns whether
-/// it is gone.
-async fn fenced(log: &RunLog, run_id: Uuid) -> bool {
-    match log.inner.store.get_run(run_id).await {
-        Ok(Some(_)) => {
-            log.lost_lease(run_id);
-            false
-        }
-        Ok(None) => {
-            if let Some(run) = log.live(run_id) {
-                run.halt(Halt::Deleted);
-            }
-            true
-        }
-        Err(_) => {
-            if let Some(run) = log.live(run_id) {
-                run.halt(Halt::Unlogged);
-            }
-            false
-        }
-    }
-}
-
-/// Follows the store's notifications (PostgreSQL): new events of runs followed here, and cancels of runs produced
-/// here. One connection for the whole process; after it reconnects, every follower catches up from the store.
-pub async fn listen(log: RunLog, stop: CancellationToken) {
-    let mut listener = None;
-    loop {
-        if listener.is_none() {
-            match log
-                .inner
-                .store
-                .listen(&[EVENTS_CHANNEL, CANCEL_CHANNEL, RELEASED_CHANNEL])
-                .await
-            {
-                Ok(Some(connected)) => {
-                    listener = Some(connected);
-                    log.catch_up_all();
-                }
-                // One process (SQLite): nothing to listen to.
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for run events; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(LISTEN_RETRY) => continue,
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }
-        }
-        let connected = listener.as_mut().expect("connected above");
-        let received = tokio::select! {
-            received = connected.recv() => received,
-            () = stop.cancelled() => return,
-        };
-        match received {
-            // The connection dropped (the next call reconnects): notifications may have been missed.
-            Ok(None) => log.catch_up_all(),
-            Ok(Some((channel, payload))) if channel == RELEASED_CHANNEL => {
-                if let Ok(run_id) = Uuid::parse_str(&payload) {
-                    log.released(run_id);
-                }
-            }
-            Ok(Some((channel, payload))) if channel == CANCEL_CHANNEL => {
-                if let Ok(run_id) = Uuid::parse_str(&payload) {
-                    log.cancel_here(run_id);
-                }
-            }
-            Ok(Some((_, payload))) => {
-                for record in payload.split(RECORD_SEPARATOR) {
-                    if let Some((run_id, seq, last_seq, events)) = parse_record(record) {
-                        log.notified(run_id, seq, last_seq, events);
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "lost the run events listener; reconnecting");
-                listener = None;
-            }
-        }
-    }
-}
-
-/// One record of an events notification: `<run_id> <seq> <last_seq>`, then a newline and the events' JSON (one per
-/// line) when they fitted.
-fn parse_record(record: &str) -> Option<(Uuid, u64, u64, Option<&str>)> {
-    let (head, events) = match record.split_once('\n') {
-        Some((head, events)) => (head, Some(events)),
-        None => (record, None),
-    };
-    let mut parts = head.split(' ');
-    let run_id = Uuid::parse_str(parts.next()?).ok()?;
-    let seq = parts.next()?.parse().ok()?;
-    let last_seq = parts.next()?.parse().ok()?;
-    Some((run_id, seq, last_seq, events))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,14 +466,5 @@ mod tests {
             "a gap: what came before is dropped"
         );
         assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
-    }
-
-    #[test]
-    fn records_carry_their_events_when_they_fit() {
-        let id = Uuid::new_v4();
-        let with = format!("{id} 4 5\n{{}}\n{{}}");
-        assert_eq!(parse_record(&with), Some((id, 4, 5, Some("{}\n{}"))));
-        assert_eq!(parse_record(&format!("{id} 4 5")), Some((id, 4, 5, None)));
-        assert_eq!(parse_record("garbage"), None);
     }
 }
