@@ -102,11 +102,11 @@ impl SessionStore {
     ///
     /// SQLite has nothing to ready (its connections are in this process).
     pub async fn warm_up(&mut self) -> Result<(), StoreError> {
+        if !self.db.is_postgres() {
+            return Ok(());
+        }
         let wanted = postgres::MAX_CONNECTIONS;
-        let mut transactions = match &self.db.pools {
-            Pools::Postgres(_) => self.begin_all(wanted).await,
-            Pools::Sqlite(_) => return Ok(()),
-        };
+        let mut transactions = self.begin_all(wanted).await;
         let granted = transactions.iter().filter(|tx| tx.is_ok()).count() as u32;
         if let Pools::Postgres(db) = &mut self.db.pools
             && granted > 0
