@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
 use crate::secret::Secret;
-use crate::store::{Chat, ChatOwner};
+use crate::store::ChatOwner;
 
 pub const TOKEN_TYPE: &str = "scoped";
 pub const PURPOSE: &str = "agent-builder";
@@ -56,14 +56,14 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// True when the chat is this caller's: same org and user, and its canvas in the scopes.
-    pub fn owns(&self, chat: &Chat) -> bool {
-        chat.owner.org_id == self.org_id
-            && chat.owner.user_id == self.user_id
+    /// True when a chat of `owner` is this caller's: same org and user, and its canvas in the scopes.
+    pub fn owns(&self, owner: &ChatOwner) -> bool {
+        owner.org_id == self.org_id
+            && owner.user_id == self.user_id
             && self.scopes.iter().any(|scope| {
                 scope
                     .strip_prefix(CANVAS_SCOPE_PREFIX)
-                    .is_some_and(|canvas| canvas == chat.owner.canvas_id)
+                    .is_some_and(|canvas| canvas == owner.canvas_id)
             })
     }
 

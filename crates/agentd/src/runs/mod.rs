@@ -238,8 +238,7 @@ impl RunService {
     ) -> Result<RunHandle, RunError> {
         let parts = &self.inner.parts;
         parts.tracker.admitting(1).map_err(|r| self.rejected(r))?;
-        let run = self.find_run(caller, chat_id, run_id).await?;
-        let last = self.last_seq(run_id).await?;
+        let (run, last) = self.find_run(caller, chat_id, run_id).await?;
         if resume.after > last {
             return Err(RunError::AfterLast {
                 field: resume.field,
@@ -277,7 +276,7 @@ impl RunService {
         run_id: Uuid,
     ) -> Result<(), RunError> {
         let parts = &self.inner.parts;
-        let run = self.find_run(caller, chat_id, run_id).await?;
+        let (run, _) = self.find_run(caller, chat_id, run_id).await?;
         if run.status != RunStatus::Running {
             return Err(RunError::RunEnded(run.status));
         }
@@ -306,20 +305,27 @@ impl RunService {
         Ok(History { messages, running })
     }
 
-    /// Run `run_id` of `chat_id`, when the chat is the caller's and the run is of the chat.
+    /// Run `run_id` of `chat_id` and its last committed seq, when the chat is the caller's and the run is of the
+    /// chat. One query to the store; the seq from memory when the run is produced here.
     async fn find_run(
         &self,
         caller: &Identity,
         chat_id: Uuid,
         run_id: Uuid,
-    ) -> Result<Run, RunError> {
-        let store = &self.inner.parts.store;
-        owned(caller, store.get_chat(chat_id).await?)?;
-        store
-            .get_run(run_id)
+    ) -> Result<(Run, u64), RunError> {
+        let parts = &self.inner.parts;
+        let (_, run) = parts
+            .store
+            .chat_run(chat_id, run_id)
             .await?
-            .filter(|run| run.chat_id == chat_id)
-            .ok_or(RunError::RunNotFound)
+            .filter(|(owner, _)| is_callers(caller, owner))
+            .ok_or(RunError::ChatNotFound)?;
+        let (run, stored) = run.ok_or(RunError::RunNotFound)?;
+        let last = parts
+            .log
+            .live(run_id)
+            .map_or(stored, |live| live.last_seq());
+        Ok((run, last))
     }
 
     /// The run's last committed seq: from memory when it is produced here, else from the store.
@@ -365,9 +371,15 @@ fn tool_context(caller: &Identity) -> ToolContext {
 
 /// The chat, when it exists and is the caller's.
 fn owned(caller: &Identity, found: Option<Chat>) -> Result<Chat, RunError> {
-    match (caller, found) {
-        (Identity::Token(caller), Some(chat)) if caller.owns(&chat) => Ok(chat),
-        (Identity::Dev, Some(chat)) if chat.owner == dev_owner() => Ok(chat),
-        _ => Err(RunError::ChatNotFound),
+    found
+        .filter(|chat| is_callers(caller, &chat.owner))
+        .ok_or(RunError::ChatNotFound)
+}
+
+/// Whether a chat of `owner` is the caller's.
+fn is_callers(caller: &Identity, owner: &ChatOwner) -> bool {
+    match caller {
+        Identity::Token(caller) => caller.owns(owner),
+        Identity::Dev => *owner == dev_owner(),
     }
 }

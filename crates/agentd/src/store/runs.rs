@@ -7,9 +7,18 @@ use uuid::Uuid;
 use super::chats::append_messages;
 use super::db::{Arg, Conn, Row};
 use super::{
-    NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms, usage_from,
+    ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms,
+    usage_from,
 };
 use crate::model::Message;
+
+/// The columns [`run_from`] reads.
+macro_rules! run_columns {
+    () => {
+        "id, chat_id, model, status, error, input_tokens, output_tokens, total_tokens, partial_output, \
+         owner_instance, epoch, agent_context, created_at, finished_at"
+    };
+}
 
 fn run_from(row: &Row) -> Result<Run, StoreError> {
     let status: String = row.get("status")?;
@@ -247,13 +256,55 @@ impl SessionStore {
             .read()
             .await?
             .fetch_optional(
-                "SELECT id, chat_id, model, status, error, input_tokens, output_tokens, total_tokens, \
-                 partial_output, owner_instance, epoch, agent_context, created_at, finished_at FROM agent_chat_runs \
-                 WHERE id = $1",
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM agent_chat_runs WHERE id = $1"
+                ),
                 &[Arg::Id(id)],
             )
             .await?;
         row.as_ref().map(run_from).transpose()
+    }
+
+    /// What following or stopping a run looks up first, in one query: the owner of chat `chat_id` (`None`: no such
+    /// chat) and, when run `run_id` is of that chat, the run and the seq of its last stored event.
+    pub async fn chat_run(
+        &self,
+        chat_id: Uuid,
+        run_id: Uuid,
+    ) -> Result<Option<(ChatOwner, Option<(Run, u64)>)>, StoreError> {
+        let row = self
+            .db
+            .read()
+            .await?
+            .fetch_optional(
+                concat!(
+                    "SELECT c.org_id, c.user_id, c.canvas_id, r.*, (SELECT CAST(COALESCE(MAX(e.last_seq), 0) AS \
+                     BIGINT) FROM agent_run_events e WHERE e.run_id = r.id) AS last FROM agent_chats c \
+                     LEFT JOIN (SELECT ",
+                    run_columns!(),
+                    " FROM agent_chat_runs WHERE id = $2) r ON r.chat_id = c.id WHERE c.id = $1"
+                ),
+                &[Arg::Id(chat_id), Arg::Id(run_id)],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let owner = ChatOwner {
+            org_id: row.get("org_id")?,
+            user_id: row.get("user_id")?,
+            canvas_id: row.get("canvas_id")?,
+        };
+        let run = match row.opt_uuid("id")? {
+            Some(_) => Some((
+                run_from(&row)?,
+                u64::try_from(row.get::<i64>("last")?).unwrap_or(0),
+            )),
+            None => None,
+        };
+        Ok(Some((owner, run)))
     }
 
     /// Refreshes the heartbeat of these runs (the ones `owner` is driving); returns the ones it still holds: a run
