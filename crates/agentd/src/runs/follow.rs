@@ -33,9 +33,11 @@ pub struct Follower {
     /// The next seq to send.
     next: u64,
     pending: VecDeque<(u64, Arc<str>)>,
-    /// Whether to read the store before waiting again: at the start, after a page (there may be more), and when a
-    /// wake-up or the poll did not come with newer events than this follower has.
+    /// Whether to read the store before waiting again: at the start, after a full page (there may be more), after
+    /// the listener reconnected, at the poll, and when the notifications did not carry the events it needs next.
     look: bool,
+    /// The listener's reconnections this follower has caught up with (the remote run counts them).
+    catch_ups: u64,
     ended: bool,
     attached: Attached,
 }
@@ -68,6 +70,7 @@ impl Follower {
             next: after + 1,
             pending: VecDeque::new(),
             look: true,
+            catch_ups: 0,
             ended: false,
             attached: Attached(metrics),
         }
@@ -112,6 +115,11 @@ impl Follower {
                     // Once caught up, a follower reads what the notifications carried, and the store only for
                     // what they did not carry: not once per commit of the run.
                     let committed = *wake.borrow_and_update();
+                    if run.catch_ups() != self.catch_ups {
+                        // The listener reconnected: what was committed meanwhile is in the store only.
+                        self.catch_ups = run.catch_ups();
+                        self.look = true;
+                    }
                     if committed >= self.next {
                         if let Some(events) = run.recent_from(self.next) {
                             self.pending.extend(events);
@@ -121,25 +129,28 @@ impl Follower {
                     }
                     if self.look {
                         self.attached.0.log_read();
-                        match self.store.events_after(self.run_id, self.next - 1).await {
-                            Ok(events) if !events.is_empty() => {
-                                self.pending.extend(
-                                    events.into_iter().map(|(seq, json)| (seq, json.into())),
-                                );
-                                continue;
+                        match self.store.events_page(self.run_id, self.next - 1).await {
+                            Ok(page) => {
+                                // Anything committed after this read is notified, and wakes this follower.
+                                self.look = page.full;
+                                if !page.events.is_empty() {
+                                    self.pending.extend(
+                                        page.events
+                                            .into_iter()
+                                            .map(|(seq, json)| (seq, json.into())),
+                                    );
+                                    continue;
+                                }
                             }
-                            Ok(_) => self.look = false,
                             Err(error) => {
                                 tracing::warn!(run_id = %self.run_id, %error, "could not read the run log; trying again")
                             }
                         }
                     }
                     tokio::select! {
-                        // Woken with nothing newer than this follower has (a catch-up after the listener
-                        // reconnected): the store knows.
-                        _ = wake.changed() => if *wake.borrow() < self.next {
-                            self.look = true;
-                        },
+                        // A newer seq, or a catch-up; a seq this follower already has is a notification that came
+                        // after the read that found its events: nothing to do.
+                        _ = wake.changed() => {}
                         () = tokio::time::sleep(POLL_EVERY) => self.look = true,
                     }
                 }

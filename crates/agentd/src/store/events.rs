@@ -28,6 +28,13 @@ pub const RELEASED_CHANNEL: &str = "agentd_run_released";
 /// Events read per query when replaying.
 const REPLAY_PAGE: i64 = 1_000;
 
+/// Events read back from the log: `(seq, json)` in order, and whether the read stopped at a page's end.
+#[derive(Debug)]
+pub struct EventsPage {
+    pub events: Vec<(u64, String)>,
+    pub full: bool,
+}
+
 /// Consecutive events of one run, ready to store.
 #[derive(Debug, Clone)]
 pub struct LogRow {
@@ -142,6 +149,11 @@ impl SessionStore {
         run_id: Uuid,
         after: u64,
     ) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self.events_page(run_id, after).await?.events)
+    }
+
+    /// A page of the run's events after `after`, and whether it was full (there may be more stored after it).
+    pub async fn events_page(&self, run_id: Uuid, after: u64) -> Result<EventsPage, StoreError> {
         let rows = self
             .db
             .read()
@@ -156,6 +168,7 @@ impl SessionStore {
                 ],
             )
             .await?;
+        let full = i64::try_from(rows.len()).is_ok_and(|n| n >= REPLAY_PAGE);
         let mut events = Vec::new();
         for row in rows {
             let first = u64::try_from(row.get::<i64>("seq")?).unwrap_or(0);
@@ -167,7 +180,7 @@ impl SessionStore {
                 }
             }
         }
-        Ok(events)
+        Ok(EventsPage { events, full })
     }
 
     /// Every event of the run's log, in order, page by page.

@@ -35,7 +35,9 @@ use uuid::Uuid;
 use crate::model::{Message, Usage};
 pub use db::PoolWaits;
 use db::{Db, Pools};
-pub use events::{CANCEL_CHANNEL, EVENTS_CHANNEL, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL};
+pub use events::{
+    CANCEL_CHANNEL, EVENTS_CHANNEL, EventsPage, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL,
+};
 pub use listen::Listener;
 
 /// Where the store lives, as configured; nothing is opened until [`open`].
