@@ -301,6 +301,65 @@ async fn another_org_user_or_canvas_and_an_unknown_chat_are_the_same_404(db: Tes
         .await;
         assert_eq!(status, 409, "{body}");
     }
+
+    // Following the run, stopping it, reading the chat: the same 404 to others on every route.
+    let mut going = crate::common::Events::new(going);
+    let run = going.next().await.unwrap().1["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let call = |method: reqwest::Method, path: String, token: String| {
+        let server = &server;
+        async move {
+            let response = server
+                .http
+                .request(method, server.url(&path))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            // A stream that was let in is only opened, not read.
+            let body = if status == 200 {
+                String::new()
+            } else {
+                response.text().await.unwrap()
+            };
+            (status, body)
+        }
+    };
+    let routes = [
+        (
+            reqwest::Method::GET,
+            format!("/agents/chats/{chat}/runs/{run}/stream"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/agents/chats/{chat}/messages"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/agents/chats/{chat}/runs/{run}/cancel"),
+        ),
+    ];
+    for (method, path) in &routes {
+        for (org, user, canvas) in strangers {
+            let token = token_for(org, user, &[canvas]);
+            assert_eq!(
+                call(method.clone(), path.clone(), token).await,
+                expected,
+                "{path}"
+            );
+        }
+        let owner = token_for("acme", "alice", &["canvas-1"]);
+        let (status, body) = call(method.clone(), path.clone(), owner).await;
+        let allowed = if *method == reqwest::Method::POST {
+            202
+        } else {
+            200
+        };
+        assert_eq!(status, allowed, "{path}: {body}");
+    }
 }
 
 #[tokio::test]
