@@ -26,8 +26,11 @@ mod postgres;
 mod runs;
 mod sqlite;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
+
+use sqlx::migrate::{Migrate, Migrator};
 
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -150,6 +153,35 @@ impl SessionStore {
     pub async fn close(&self) {
         self.db.close().await;
     }
+}
+
+/// Applies this build's migrations. A store that a newer agentd migrated further (this build rolled back to, or a
+/// replica of the earlier version restarting during a deploy) is served as it is, with a warning naming what this
+/// build does not know: every migration leaves the store usable by the version before it.
+async fn migrate<DB>(mut migrator: Migrator, pool: &sqlx::Pool<DB>) -> Result<(), StoreError>
+where
+    DB: sqlx::Database,
+    DB::Connection: Migrate,
+{
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await?;
+    let known: HashSet<i64> = migrator.iter().map(|m| m.version).collect();
+    let newer: Vec<i64> = pool
+        .acquire()
+        .await?
+        .list_applied_migrations(&migrator.table_name)
+        .await?
+        .into_iter()
+        .map(|m| m.version)
+        .filter(|version| !known.contains(version))
+        .collect();
+    if !newer.is_empty() {
+        tracing::warn!(
+            migrations = ?newer,
+            "the store has migrations a newer agentd applied; serving it as it is"
+        );
+    }
+    Ok(())
 }
 
 /// A run's whole course in the store on `conn` (a transaction the caller rolls back): a chat, a run started in it with

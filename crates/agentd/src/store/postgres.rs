@@ -52,9 +52,7 @@ pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> 
     let pool = pool_options(MAX_CONNECTIONS)
         .connect_with(options.clone())
         .await?;
-    sqlx::migrate!("../../migrations/postgres")
-        .run(&pool)
-        .await?;
+    super::migrate(sqlx::migrate!("../../migrations/postgres"), &pool).await?;
     let log = pool_options(LOG_CONNECTIONS)
         .connect_with(options.clone())
         .await?;

@@ -59,9 +59,7 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqliteDb, Stor
                 .pragma("journal_size_limit", "33554432"),
         )
         .await?;
-    sqlx::migrate!("../../migrations/sqlite")
-        .run(&writer)
-        .await?;
+    super::migrate(sqlx::migrate!("../../migrations/sqlite"), &writer).await?;
     let readers = SqlitePoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)

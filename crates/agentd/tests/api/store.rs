@@ -26,6 +26,7 @@ on_both_backends!(
     concurrent_starts_on_one_chat_admit_exactly_one,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
     a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once,
+    agentd_serves_a_store_a_newer_agentd_migrated,
 );
 
 fn owner(org: &str, user: &str, canvas: &str) -> ChatOwner {
@@ -506,6 +507,40 @@ async fn agentd_keeps_to_the_connections_the_store_grants_postgres() {
             "{events:?}"
         );
     }
+}
+
+/// A rollback, or a replica of the earlier version restarting while a deploy replaces it: the store has a migration
+/// this build does not know. agentd serves it, and says so.
+async fn agentd_serves_a_store_a_newer_agentd_migrated(db: TestDb) {
+    db.open().await.close().await;
+    let newer = 29_991_231_000_000_i64;
+    db.record_newer_migration(newer).await;
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let warning = server.wait_for_log("a newer agentd applied").await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(
+        warning["migrations"]
+            .as_str()
+            .unwrap()
+            .contains(&newer.to_string()),
+        "{warning}"
+    );
+    let events = server
+        .stream(
+            &new_chat(),
+            json!({"question": "q", "model": "test:deltas=3"}),
+        )
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().map(String::as_str), Some("done"));
+    // The migrate command too.
+    let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("migrate")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
 }
 
 /// Long values are not written through pglz (slow enough that a wave of runs ending held up every run's events): a run

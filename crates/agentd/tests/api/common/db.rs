@@ -85,6 +85,33 @@ impl TestDb {
         store::open(&config).await.expect("the store opens")
     }
 
+    /// Records migration `version` as applied, as an agentd newer than this build would have.
+    pub async fn record_newer_migration(&self, version: i64) {
+        let insert = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                      VALUES ($1, 'from a newer agentd', TRUE, $2, 0)";
+        let checksum = vec![0_u8; 48];
+        match self {
+            Self::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query(insert)
+                    .bind(version)
+                    .bind(checksum)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            Self::Postgres { url } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query(insert)
+                    .bind(version)
+                    .bind(checksum)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// Makes every run's heartbeat `seconds` older, as if its process had stopped refreshing it that long ago.
     pub async fn age_heartbeats(&self, seconds: i64) {
         match self {
