@@ -1,0 +1,125 @@
+//! Tests of the run log: what followers of runs produced elsewhere keep from notifications, and when they read the
+//! store.
+
+use super::*;
+use std::time::Duration;
+
+use crate::runs::follow::Follower;
+use crate::store::{ChatOwner, LogRow, NewRun, StoreConfig};
+
+fn reads(metrics: &Metrics) -> u64 {
+    let text = metrics.render(0);
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("agentd_run_log_reads_total "))
+        .expect("the reads counter");
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// A follower of a run produced elsewhere reads the store once when it attaches, then lives on what the
+/// notifications carry; a notification it has already read past costs no read, and a catch-up (the listener
+/// reconnected) reads at once what the missed notifications would have said.
+#[tokio::test]
+async fn a_remote_follower_reads_the_store_only_when_the_notifications_cannot_tell() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
+    let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
+        .await
+        .unwrap();
+    let owner = ChatOwner {
+        org_id: "org".to_owned(),
+        user_id: "user".to_owned(),
+        canvas_id: "canvas".to_owned(),
+    };
+    let chat = store.create_chat(&owner).await.unwrap();
+    let run_id = Uuid::new_v4();
+    let event = |seq: u64| format!("{{\"type\":\"model_delta\",\"content\":\"{seq}\"}}");
+    store
+        .start_run(&NewRun {
+            id: run_id,
+            chat_id: chat.id,
+            owner,
+            model: "test".to_owned(),
+            owner_instance: "elsewhere".to_owned(),
+            prompt: "q".to_owned(),
+            first_event: Some(event(1)),
+            agent_context: None,
+        })
+        .await
+        .unwrap();
+    let append = |seq: u64, last_seq: u64| {
+        let store = store.clone();
+        async move {
+            let events: Vec<String> = (seq..=last_seq).map(event).collect();
+            let row = LogRow {
+                run_id,
+                epoch: 1,
+                seq,
+                last_seq,
+                events: events.join("\n"),
+            };
+            assert!(store.append_events(&[row]).await.unwrap().is_empty());
+        }
+    };
+    append(2, 3).await;
+    let metrics = Arc::new(Metrics::default());
+    let (log, _queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
+    let mut follower = Follower::new(run_id, log.clone(), store.clone(), 0, Arc::clone(&metrics));
+    assert!(!follower.is_local());
+    let next = async |follower: &mut Follower| {
+        tokio::time::timeout(Duration::from_secs(2), follower.next_event())
+            .await
+            .map(|event| event.expect("an event").0)
+    };
+    for seq in 1..=3 {
+        assert_eq!(next(&mut follower).await, Ok(seq));
+    }
+    assert_eq!(reads(&metrics), 1);
+
+    // The notification of events the read already found: nothing to read, nothing to send.
+    log.notified(run_id, 3, 3, Some(&event(3)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), follower.next_event())
+            .await
+            .is_err()
+    );
+    assert_eq!(reads(&metrics), 1);
+
+    // Committed while the listener was away: the catch-up reads them.
+    append(4, 5).await;
+    log.catch_up_all();
+    assert_eq!(next(&mut follower).await, Ok(4));
+    assert_eq!(next(&mut follower).await, Ok(5));
+    assert_eq!(reads(&metrics), 2);
+
+    // Then the notifications' events again, without reading.
+    log.notified(run_id, 6, 6, Some(&event(6)));
+    assert_eq!(next(&mut follower).await, Ok(6));
+    assert_eq!(reads(&metrics), 2);
+}
+
+#[test]
+fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
+    let run = RemoteRun {
+        committed: watch::Sender::new(0),
+        recent: Mutex::default(),
+        catch_ups: AtomicU64::new(0),
+        caller: Mutex::default(),
+    };
+    run.carried(1, "{\"a\":1}\n{\"a\":2}");
+    run.carried(3, "{\"a\":3}");
+    let from_two: Vec<u64> = run
+        .recent_from(2)
+        .unwrap()
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(from_two, [2, 3]);
+    assert!(run.recent_from(4).is_none());
+    run.carried(7, "{\"a\":7}");
+    assert!(
+        run.recent_from(3).is_none(),
+        "a gap: what came before is dropped"
+    );
+    assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
+}
