@@ -31,7 +31,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use sqlx::migrate::{Migrate, Migrator};
-
 use time::OffsetDateTime;
 use uuid::Uuid;
 
