@@ -64,6 +64,12 @@ fn pool_options(connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // The connections are opened and readied before the process serves (`SessionStore::warm_up`) and kept: closed
+        // after some idle minutes or at an age, as the pool does by default, a quiet replica's next requests would
+        // each wait for a new server process to start and compile the run functions. One that broke is replaced when
+        // the check below finds it.
+        .idle_timeout(None)
+        .max_lifetime(None)
         // A connection is checked when it goes back to the pool anyway; one used a moment ago is not checked again on
         // the way out (a round trip before every statement), only one that sat idle long enough for the server to
         // have gone away.
@@ -76,4 +82,19 @@ fn pool_options(connections: u32) -> PgPoolOptions {
                 Ok(true)
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_kept_however_long_they_sit_idle() {
+        for connections in [1, MAX_CONNECTIONS] {
+            let options = pool_options(connections);
+            assert_eq!(options.get_idle_timeout(), None);
+            assert_eq!(options.get_max_lifetime(), None);
+            assert_eq!(options.get_max_connections(), connections);
+        }
+    }
 }
