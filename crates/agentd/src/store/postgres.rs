@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor};
 
 use super::StoreError;
 
@@ -70,6 +70,16 @@ fn pool_options(connections: u32) -> PgPoolOptions {
         // the check below finds it.
         .idle_timeout(None)
         .max_lifetime(None)
+        // The server plans a prepared statement anew for each of its first five runs on a connection before it
+        // settles on a plan for any parameters; agentd's statements find rows by key, so the plan for any parameters
+        // is the plan, and a connection has it from its first run (its warm-up) rather than after five of a burst's.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET plan_cache_mode = force_generic_plan")
+                    .await?;
+                Ok(())
+            })
+        })
         // A connection is checked when it goes back to the pool anyway; one used a moment ago is not checked again on
         // the way out (a round trip before every statement), only one that sat idle long enough for the server to
         // have gone away.
