@@ -1,10 +1,12 @@
-//! The accept loop: one hyper HTTP/1 connection task per client, all of them stoppable.
+//! The accept loop: one hyper connection task per client, all of them stoppable.
 //!
-//! The service speaks HTTP/1.1 only (SSE needs nothing more, and browsers' six-connection limit per origin is per
-//! host). Serving the router from our own loop through hyper's `http1` builder, rather than `axum::serve`'s
-//! auto-detecting builder, keeps each idle connection small and lets shutdown reach every connection task: on `stop`
-//! the listener closes, each connection finishes the response it is writing and closes, and idle keep-alive
-//! connections close at once.
+//! A client speaks HTTP/1.1, or HTTP/2 without TLS when it opens with HTTP/2's preface ("prior knowledge", as a load
+//! balancer or proxy configured for it does): its streams then share one connection, and each holds no socket and
+//! no connection buffers of its own. Serving the router from our own loop through hyper's `http1` and `http2`
+//! builders, rather than `axum::serve`'s auto-detecting builder (which reads the first bytes into a buffer of its own
+//! for every connection), keeps each idle connection small and lets shutdown reach every connection task: on `stop`
+//! the listener closes, each connection finishes the responses it is writing and closes (an HTTP/2 one sends GOAWAY
+//! first, so its client opens no new stream on it), and idle connections close at once.
 
 use std::io;
 use std::pin::Pin;
@@ -13,8 +15,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,17 @@ use tower::ServiceExt;
 /// A client must send its request head within this time, or its connection is closed (a request body has its own
 /// bound, `http/stream.rs`).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first bytes an HTTP/2 client sends without TLS (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Streams one HTTP/2 connection may carry at once; a client with more opens another connection (a load balancer
+/// does so by itself). Admission still bounds the streams of the whole process.
+const H2_MAX_STREAMS: u32 = 1_000;
+
+/// An HTTP/2 connection that answers no PING within this time, sent after as long without a frame, is closed: a load
+/// balancer gone without a word would otherwise keep its streams open.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// After a failed `accept`, wait this long before trying again rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -54,14 +67,7 @@ pub async fn serve(
     handoff: CancellationToken,
     connections: TaskTracker,
 ) {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        // A client that shuts its write side after the request still gets its answer.
-        .half_close(true)
-        // Many small SSE frames per write: flattening them into one buffer beats vectored writes of 16 at a time.
-        .writev(false);
+    let builders = Arc::new(Builders::new());
     // One descriptor held in reserve, given up for a moment to refuse a connection when none is left.
     let mut spare = std::fs::File::open("/dev/null").ok();
     // Cancelled by the stop or the handoff, whichever comes first: a connection checks it every time it wakes (for
@@ -108,38 +114,136 @@ pub async fn serve(
         if let Err(error) = socket.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let socket = Arc::new(socket);
-        let peer = Peer(Arc::clone(&socket));
-        let router = router.clone();
-        // Each request carries the client's end of the connection, for a stream to watch.
-        let service = hyper::service::service_fn(move |mut request| {
-            request.extensions_mut().insert(peer.clone());
-            router.clone().oneshot(request)
-        });
-        let mut connection =
-            builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
         // A connection accepted once the handoff began closes at the stop only.
         let closing = if handoff.is_cancelled() {
             stop.clone()
         } else {
             closing.clone()
         };
-        connections.spawn(async move {
-            // Polled where the task holds it: pinning it by moving it into the block would keep it there twice.
-            let mut connection = Pin::new(&mut connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = closing.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        });
+        connections.spawn(serve_connection(
+            socket,
+            router.clone(),
+            Arc::clone(&builders),
+            closing,
+        ));
     }
     drop(listener);
+}
+
+/// hyper's connection settings, made once and shared by every connection task.
+#[derive(Debug)]
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // A client that shuts its write side after the request still gets its answer.
+            .half_close(true)
+            // Many small SSE frames per write: flattening them into one buffer beats vectored writes of 16 at a time.
+            .writev(false);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .keep_alive_interval(H2_KEEP_ALIVE)
+            .keep_alive_timeout(H2_KEEP_ALIVE);
+        Self { http1, http2 }
+    }
+}
+
+/// Serves one client's connection until it ends, or until `closing` (then it finishes the responses it is writing).
+async fn serve_connection(
+    socket: TcpStream,
+    router: Router,
+    builders: Arc<Builders>,
+    closing: CancellationToken,
+) {
+    let protocol = tokio::select! {
+        protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, opens_with_h2_preface(&socket)) => protocol,
+        () = closing.cancelled() => return,
+    };
+    let result = match protocol {
+        Ok(Ok(false)) => serve_http1(socket, router, &builders.http1, &closing).await,
+        // Boxed: an HTTP/1 connection's task, one per stream, keeps only a pointer's room for it.
+        Ok(Ok(true)) => Box::pin(serve_http2(socket, router, &builders.http2, &closing)).await,
+        // Nothing sent in time, or the connection failed before anything was read: nothing to answer.
+        Err(_) | Ok(Err(_)) => return,
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Whether the client opened with [`H2_PREFACE`]: peeks at what it sent (reading nothing) until that differs from the
+/// preface, or is all of it. A client that closes before sending anything is treated as HTTP/1.
+async fn opens_with_h2_preface(socket: &TcpStream) -> io::Result<bool> {
+    let mut head = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = socket.peek(&mut head).await?;
+        if n == 0 || head[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A part of the preface, the rest still in flight (a client sends it in one write, so this is rare): a socket
+        // whose bytes were only peeked at stays readable, so wait, longer each time, rather than spin.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+async fn serve_http1(
+    socket: TcpStream,
+    router: Router,
+    builder: &http1::Builder,
+    closing: &CancellationToken,
+) -> hyper::Result<()> {
+    let socket = Arc::new(socket);
+    let peer = Peer(Arc::clone(&socket));
+    // Each request carries the client's end of the connection, for a stream to watch.
+    let service = hyper::service::service_fn(move |mut request| {
+        request.extensions_mut().insert(peer.clone());
+        router.clone().oneshot(request)
+    });
+    let mut connection =
+        builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
+    // Polled where the task holds it: pinning it by moving it into the block would keep it there twice.
+    let mut connection = Pin::new(&mut connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
+/// An HTTP/2 connection: its requests carry no [`Peer`], since the socket is every stream's; a client that leaves one
+/// stream resets it, and hyper then drops that response at once.
+async fn serve_http2(
+    socket: TcpStream,
+    router: Router,
+    builder: &http2::Builder<TokioExecutor>,
+    closing: &CancellationToken,
+) -> hyper::Result<()> {
+    let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
+    let mut connection = builder.serve_connection(TokioIo::new(socket), service);
+    let mut connection = Pin::new(&mut connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
@@ -313,6 +417,48 @@ fn with_json_body(written: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// What the server sees of a connection whose client writes `parts`, pausing between them, then shuts its side.
+    async fn sniffed(parts: &[&'static [u8]]) -> bool {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let sent = parts.concat();
+        let parts = parts.to_vec();
+        let writer = tokio::spawn(async move {
+            for part in parts {
+                client.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        let h2 = opens_with_h2_preface(&server).await.unwrap();
+        let _client = writer.await.unwrap();
+        // Only peeked at: hyper still reads every byte the client sent.
+        let mut read = Vec::new();
+        server.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, sent);
+        h2
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_told_from_http1_without_reading_a_byte() {
+        assert!(sniffed(&[H2_PREFACE]).await);
+        // Split: the rest arrives later, and is waited for.
+        assert!(sniffed(&[&H2_PREFACE[..1], &H2_PREFACE[1..10], &H2_PREFACE[10..]]).await);
+        assert!(!sniffed(&[b"POST /agents/chats/x/stream HTTP/1.1\r\n"]).await);
+        assert!(!sniffed(&[b"P", b"OST / HTTP/1.1\r\n"]).await);
+        assert!(!sniffed(&[b"GET / HTTP/1.1\r\n\r\n"]).await);
+        // Almost the preface is not the preface.
+        assert!(!sniffed(&[b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"]).await);
+        // A client that closes before sending anything.
+        assert!(!sniffed(&[]).await);
+    }
 
     #[test]
     fn hypers_bare_answers_get_a_json_body_and_nothing_else_changes() {

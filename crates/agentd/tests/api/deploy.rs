@@ -215,6 +215,41 @@ fn the_dockerfile_passes_hadolint_and_the_manifests_validate_against_the_kuberne
     );
 }
 
+/// The compose kit's haproxy configuration is one haproxy accepts, and it speaks HTTP/2 to every replica with streams
+/// shared across clients, as `http2::behind_haproxy_speaking_http2_…` runs it.
+#[test]
+fn the_compose_haproxy_config_is_valid_and_speaks_http2_to_the_replicas() {
+    let file = repo().join("deploy/compose/haproxy.cfg");
+    let checked = Command::new(crate::common::haproxy::installed())
+        .arg("-c")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let config = std::fs::read_to_string(&file).unwrap();
+    let servers: Vec<&str> = config
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("server "))
+        .collect();
+    assert_eq!(servers.len(), 3, "{config}");
+    assert!(
+        servers.iter().all(|line| line.ends_with(" proto h2")),
+        "{config}"
+    );
+    assert!(
+        config
+            .lines()
+            .any(|line| line.trim() == "http-reuse always"),
+        "{config}"
+    );
+}
+
 /// The image's environment, entrypoint and command, read from the Dockerfile's final stage.
 fn image() -> (BTreeMap<String, String>, Vec<String>) {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();

@@ -11,6 +11,7 @@ mod deploy;
 mod grpc;
 mod handoff;
 mod hardening;
+mod http2;
 mod layout;
 mod page;
 mod providers;

@@ -21,13 +21,23 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts haproxy balancing over `backends` (`host:port`), and waits until it serves through one of them.
     pub async fn start(backends: &[SocketAddr]) -> Self {
+        Self::configured(backends, "", "").await
+    }
+
+    /// The same, speaking HTTP/2 to the backends (`proto h2`), where every client's streams may share a connection
+    /// (`http-reuse always`; by default haproxy gives each client's first request a connection of its own).
+    pub async fn start_http2(backends: &[SocketAddr]) -> Self {
+        Self::configured(backends, " proto h2", "    http-reuse always\n").await
+    }
+
+    async fn configured(backends: &[SocketAddr], server: &str, backend: &str) -> Self {
         let bin = installed();
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
         let servers: String = backends
             .iter()
             .enumerate()
-            .map(|(i, addr)| format!("    server agentd{i} {addr} check\n"))
+            .map(|(i, addr)| format!("    server agentd{i} {addr} check{server}\n"))
             .collect();
         let config = format!(
             "global\n    maxconn 8192\n\n\
@@ -35,7 +45,7 @@ impl Haproxy {
              timeout http-request 10s\n    retries 3\n    option redispatch\n\n\
              frontend agents\n    bind 127.0.0.1:{port}\n    default_backend agentd\n\n\
              backend agentd\n    balance roundrobin\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n    default-server inter 200ms fall 1 rise 1\n{servers}"
+             http-check expect status 200\n    default-server inter 200ms fall 1 rise 1\n{backend}{servers}"
         );
         let file = dir.path().join("haproxy.cfg");
         std::fs::write(&file, config).unwrap();
@@ -70,7 +80,7 @@ impl Haproxy {
 }
 
 /// The haproxy binary; installs Debian's package first when there is none.
-fn installed() -> &'static PathBuf {
+pub fn installed() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         super::apt::installed(

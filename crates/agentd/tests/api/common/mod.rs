@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
 pub mod apt;
 pub mod browser;
 pub mod db;
+pub mod h2;
 pub mod haproxy;
 pub mod runs;
 pub mod upstream;
@@ -285,7 +286,8 @@ fn collect_logs(child: &mut Child) -> (Arc<Mutex<Vec<Value>>>, watch::Receiver<u
     (logs, count_rx)
 }
 
-type ByteStream = std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes, BoxError>> + Send>>;
 
 /// An SSE response, read event by event.
 pub struct Events {
@@ -296,7 +298,15 @@ pub struct Events {
 impl Events {
     pub fn new(response: reqwest::Response) -> Self {
         let headers = response.headers().clone();
-        let bytes: ByteStream = Box::pin(response.bytes_stream());
+        Self::of(headers, response.bytes_stream())
+    }
+
+    /// The events of a response's body read as `bytes`.
+    pub fn of<E: Into<BoxError>>(
+        headers: reqwest::header::HeaderMap,
+        bytes: impl Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    ) -> Self {
+        let bytes: ByteStream = Box::pin(bytes.map(|chunk| chunk.map_err(Into::into)));
         Self {
             headers,
             inner: bytes.eventsource(),
