@@ -121,7 +121,16 @@ pub(super) async fn one_followed(i: usize, plan: &Plan, stats: &Stats, stop: &Ca
                     last.parse().expect("an id is a header value"),
                 );
             }
-            match open(source, plan.target, next, plan.response_timeout, stop).await {
+            match open(
+                source,
+                plan.target,
+                next,
+                plan.response_timeout,
+                stop,
+                plan.h2.as_deref(),
+            )
+            .await
+            {
                 Ok(opened) => break opened,
                 Err(kind) if kind.is_empty() => return,
                 Err(kind) if Instant::now() >= deadline => {

@@ -5,8 +5,9 @@
 //! kind, events per second, the time from request to `run_started` and to the first `model_delta`, and the server's
 //! memory (RSS from `/proc/<pid>/status`) idle, at checkpoints, and per stream.
 //!
-//! Each connection is its own hyper HTTP/1 client connection, bound to one of several loopback source addresses
-//! (127.0.0.2, 127.0.0.3, ...) so that the ephemeral-port range of one address is not what stops a large run. When
+//! Each stream is its own hyper HTTP/1 client connection, bound to one of several loopback source addresses
+//! (127.0.0.2, 127.0.0.3, ...) so that the ephemeral-port range of one address is not what stops a large run; or,
+//! with `h2`, a stream of an HTTP/2 connection shared with others. When
 //! a machine limit does stop it (the client's open files, ports), the report says which.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ mod stream;
 use stream::one_stream;
 
 pub use parse::{EventKind, EventParser};
+pub use stream::H2Connections;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -65,6 +67,8 @@ pub struct Plan {
     pub follow_reconnect: bool,
     /// Chats made beforehand (over gRPC, for a token's caller); `None`: a new id per stream (dev mode makes it).
     pub chats: Option<Arc<ChatPool>>,
+    /// Streams share these HTTP/2 connections (prior knowledge) rather than each opening its own HTTP/1.1 one.
+    pub h2: Option<Arc<H2Connections>>,
 }
 
 /// Chats handed to streams in turn; a chat has one run at a time, so there are as many as streams in flight.

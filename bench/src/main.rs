@@ -80,6 +80,10 @@ struct Args {
     /// flight). One chat asked every question would make each run send the whole benchmark's history to the model.
     #[arg(long, default_value_t = 4)]
     turns: usize,
+    /// Speak HTTP/2 without TLS (prior knowledge) to the server, this many streams per connection, as a load balancer
+    /// speaking HTTP/2 to its backends does; without it each stream has its own HTTP/1.1 connection.
+    #[arg(long)]
+    h2_per_connection: Option<usize>,
     /// The server's JWT_SECRET, to mint the streams' token (with --grpc).
     #[arg(long, env = "BENCH_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -134,6 +138,9 @@ async fn main() {
             None => None,
         }
     };
+    let h2 = args
+        .h2_per_connection
+        .map(|n| Arc::new(bench::H2Connections::new(n)));
     let plan = |streams, model: &str, hold, concurrency: Option<usize>| Plan {
         target: args.target,
         streams,
@@ -154,6 +161,7 @@ async fn main() {
         leave_producer: false,
         follow_reconnect: false,
         chats: None,
+        h2: h2.clone(),
     };
     let background = if args.background > 0 {
         let settled = Arc::new(AtomicUsize::new(0));
@@ -225,6 +233,12 @@ async fn main() {
             ""
         }
     );
+    if let Some(h2) = &h2 {
+        eprintln!(
+            "bench: {} HTTP/2 connections to the server",
+            h2.opened().await
+        );
+    }
     println!(
         "{}",
         serde_json::to_string(&report).expect("a report serializes")

@@ -2,6 +2,7 @@
 //! of a run's attach route), optionally following the run from another replica, and the events counted as they come.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,31 +16,41 @@ use std::sync::atomic::Ordering;
 
 pub(super) type Response = hyper::Response<hyper::body::Incoming>;
 
-/// Connects from `source` to `target`, sends `request`, and returns the response (status 200) and its connection task.
+/// Connects from `source` to `target` (or takes a stream of a shared HTTP/2 connection, with `shared`), sends
+/// `request`, and returns the response (status 200) and its connection task.
 pub(super) async fn open(
     source: IpAddr,
     target: SocketAddr,
     request: Request<Full<Bytes>>,
     timeout: Duration,
     stop: &CancellationToken,
+    shared: Option<&H2Connections>,
 ) -> Result<(Response, tokio::task::JoinHandle<()>), String> {
-    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| connect_error(&e))?;
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .map_err(|e| connect_error(&e))?;
-    let tcp = socket
-        .connect(target)
-        .await
-        .map_err(|e| connect_error(&e))?;
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|_| "handshake".to_owned())?;
-    let connection = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (sent, connection): (Sent, _) = match shared {
+        Some(shared) => {
+            let mut sender = shared.sender(source, target).await?;
+            // The connection is the others' too: ending this stream resets it, and the connection stays.
+            (
+                Box::pin(async move { sender.send_request(request).await }),
+                tokio::spawn(async {}),
+            )
+        }
+        None => {
+            let tcp = connect(source, target).await?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|_| "handshake".to_owned())?;
+            let connection = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (
+                Box::pin(async move { sender.send_request(request).await }),
+                connection,
+            )
+        }
+    };
     let response = tokio::select! {
-        response = tokio::time::timeout(timeout, sender.send_request(request)) => response,
+        response = tokio::time::timeout(timeout, sent) => response,
         () = stop.cancelled() => { connection.abort(); return Err(String::new()) }
     };
     let response = match response {
@@ -58,6 +69,84 @@ pub(super) async fn open(
         return Err(format!("http {}", response.status().as_u16()));
     }
     Ok((response, connection))
+}
+
+/// A request in flight, on either protocol.
+type Sent = Pin<Box<dyn Future<Output = hyper::Result<Response>> + Send>>;
+
+/// A TCP connection from `source` to `target`.
+async fn connect(source: IpAddr, target: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| connect_error(&e))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| connect_error(&e))?;
+    let tcp = socket
+        .connect(target)
+        .await
+        .map_err(|e| connect_error(&e))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// HTTP/2 connections without TLS (prior knowledge) that streams share, as a load balancer speaking HTTP/2 to its
+/// backends does: each carries `per_connection` streams in all, then the next stream opens another.
+#[derive(Debug)]
+pub struct H2Connections {
+    per_connection: usize,
+    open: tokio::sync::Mutex<Vec<SharedConnection>>,
+}
+
+#[derive(Debug)]
+struct SharedConnection {
+    target: SocketAddr,
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    streams: usize,
+}
+
+impl H2Connections {
+    pub fn new(per_connection: usize) -> Self {
+        Self {
+            per_connection: per_connection.max(1),
+            open: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// How many connections were opened.
+    pub async fn opened(&self) -> usize {
+        self.open.lock().await.len()
+    }
+
+    async fn sender(
+        &self,
+        source: IpAddr,
+        target: SocketAddr,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
+        let mut open = self.open.lock().await;
+        if let Some(shared) = open.iter_mut().find(|shared| {
+            shared.target == target
+                && shared.streams < self.per_connection
+                && !shared.sender.is_closed()
+        }) {
+            shared.streams += 1;
+            return Ok(shared.sender.clone());
+        }
+        let tcp = connect(source, target).await?;
+        let (sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|_| "handshake".to_owned())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        open.push(SharedConnection {
+            target,
+            sender: sender.clone(),
+            streams: 1,
+        });
+        Ok(sender)
+    }
 }
 
 /// A request to `target`: the plan's GET path, or a POST of its question to a new chat.
@@ -112,12 +201,20 @@ pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &Canc
     let requested = Instant::now();
     let chat = super::chat_for(plan);
     let first = request(plan, plan.target, chat, plan.path.as_deref());
-    let (mut response, mut connection) =
-        match open(source, plan.target, first, plan.response_timeout, stop).await {
-            Ok(opened) => opened,
-            Err(kind) if kind.is_empty() => return,
-            Err(kind) => return stats.error(kind),
-        };
+    let (mut response, mut connection) = match open(
+        source,
+        plan.target,
+        first,
+        plan.response_timeout,
+        stop,
+        plan.h2.as_deref(),
+    )
+    .await
+    {
+        Ok(opened) => opened,
+        Err(kind) if kind.is_empty() => return,
+        Err(kind) => return stats.error(kind),
+    };
     if let Some(replica) = plan.follow_at {
         // This client follows the run on the other replica. The run's own stream either stays open (drained) on
         // the producer, a second client of the run, or is closed, as when a client moved to another replica.
@@ -134,7 +231,16 @@ pub(super) async fn one_stream(i: usize, plan: &Plan, stats: &Stats, stop: &Canc
         });
         let path = format!("/agents/chats/{chat}/runs/{run}/stream");
         let follow = request(plan, replica, chat, Some(&path));
-        match open(source, replica, follow, plan.response_timeout, stop).await {
+        match open(
+            source,
+            replica,
+            follow,
+            plan.response_timeout,
+            stop,
+            plan.h2.as_deref(),
+        )
+        .await
+        {
             Ok((followed, follower)) => {
                 response = followed;
                 connection = tokio::spawn(async move {

@@ -1,5 +1,6 @@
 //! The load generator counts events and errors exactly, against a tiny local SSE server whose answers are known.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -8,7 +9,7 @@ use axum::extract::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bench::{Plan, Report, loopback_sources, run};
+use bench::{H2Connections, Plan, Report, loopback_sources, run};
 use serde_json::Value;
 
 const DELTAS: usize = 7;
@@ -45,7 +46,11 @@ async fn server() -> std::net::SocketAddr {
 }
 
 async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report {
-    run(Plan {
+    run(plan(target, streams, model)).await
+}
+
+fn plan(target: std::net::SocketAddr, streams: usize, model: &str) -> Plan {
+    Plan {
         target,
         streams,
         ramp_per_sec: 0.0,
@@ -65,8 +70,8 @@ async fn go(target: std::net::SocketAddr, streams: usize, model: &str) -> Report
         leave_producer: false,
         follow_reconnect: false,
         chats: None,
-    })
-    .await
+        h2: None,
+    }
 }
 
 #[tokio::test]
@@ -136,8 +141,26 @@ async fn the_ramp_stops_after_the_allowed_errors_and_says_why() {
         leave_producer: false,
         follow_reconnect: false,
         chats: None,
+        h2: None,
     })
     .await;
     assert_eq!(report.errors.get("http 503"), Some(&5));
     assert_eq!(report.stopped_by, "errors: http 503 (5)");
+}
+
+#[tokio::test]
+async fn streams_sharing_http2_connections_are_counted_the_same() {
+    let target = server().await;
+    let shared = Arc::new(H2Connections::new(4));
+    let report = run(Plan {
+        h2: Some(Arc::clone(&shared)),
+        ..plan(target, 10, "ok")
+    })
+    .await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (report.started, report.done, report.deltas),
+        (10, 10, 10 * DELTAS as u64)
+    );
+    assert_eq!(shared.opened().await, 3, "4 streams per connection");
 }
