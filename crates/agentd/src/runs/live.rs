@@ -1,6 +1,7 @@
 //! The runs this process drives now: what the progress lines name, and whose leases it keeps fresh. A leaf.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,11 +67,18 @@ pub(super) struct LiveRun {
 
 impl Drop for LiveRun {
     fn drop(&mut self) {
-        self.runs
-            .0
-            .lock()
-            .expect("live runs lock")
-            .remove(&self.run_id);
+        let mut runs = self.runs.0.lock().expect("live runs lock");
+        runs.remove(&self.run_id);
+        shrink_if_sparse(&mut runs);
+    }
+}
+
+/// Gives back a map's spare room once it fills under a quarter of it. A burst of streams grows a map of runs to its
+/// peak, and a map never shrinks by itself: this one would keep that size for the life of the process. Shrinking to
+/// twice what it holds leaves room to grow again, and happens again only after as many runs have left.
+pub(super) fn shrink_if_sparse<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -92,5 +100,22 @@ mod tests {
         );
         drop(first);
         assert_eq!(live.ids(), vec![b]);
+    }
+
+    #[test]
+    fn the_map_gives_back_its_room_after_a_burst() {
+        let live = LiveRuns::default();
+        let burst: Vec<LiveRun> = (0..10_000).map(|_| live.enter(Uuid::new_v4())).collect();
+        let peak = live.0.lock().unwrap().capacity();
+        assert!(peak >= 10_000);
+        let stays = live.enter(Uuid::new_v4());
+        drop(burst);
+        assert_eq!(live.len(), 1);
+        assert!(
+            live.0.lock().unwrap().capacity() <= 64,
+            "room kept after the burst"
+        );
+        drop(stays);
+        assert!(live.is_empty());
     }
 }

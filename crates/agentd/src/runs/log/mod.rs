@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::events::RunEvent;
+use super::live::shrink_if_sparse;
 use crate::metrics::Metrics;
 use crate::store::SessionStore;
 use crate::tools::ToolContext;
@@ -252,12 +253,12 @@ impl RunLog {
     /// The run left this process (released, or claimed elsewhere): its producer stops, its followers here read on
     /// from the store, and new followers go there too.
     pub fn moved(&self, run_id: Uuid) {
-        let live = self
-            .inner
-            .live
-            .lock()
-            .expect("run log lock")
-            .remove(&run_id);
+        let live = {
+            let mut live = self.inner.live.lock().expect("run log lock");
+            let moved = live.remove(&run_id);
+            shrink_if_sparse(&mut live);
+            moved
+        };
         if let Some(live) = live {
             live.halt(Halt::Moved);
         }
@@ -315,6 +316,7 @@ impl RunLog {
     pub(super) fn followed_with_callers(&self) -> Vec<(Uuid, ToolContext)> {
         let mut remote = self.inner.remote.lock().expect("run log lock");
         remote.retain(|_, run| run.committed.receiver_count() > 0);
+        shrink_if_sparse(&mut remote);
         remote
             .iter()
             .filter_map(|(id, run)| {
@@ -333,6 +335,7 @@ impl RunLog {
     pub fn followed_remotely(&self) -> Vec<Uuid> {
         let mut remote = self.inner.remote.lock().expect("run log lock");
         remote.retain(|_, run| run.committed.receiver_count() > 0);
+        shrink_if_sparse(&mut remote);
         remote.keys().copied().collect()
     }
 

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Append, Halt, RunLog};
+use crate::runs::live::shrink_if_sparse;
 use crate::store::LogRow;
 
 /// Most events in one commit.
@@ -146,6 +147,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>) {
         for run_id in finished {
             live.remove(&run_id);
         }
+        shrink_if_sparse(&mut live);
     }
     // A run taken over here may also have followers that attached while it was produced elsewhere.
     let followed_here = !log.inner.remote.lock().expect("run log lock").is_empty();
