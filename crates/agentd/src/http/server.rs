@@ -125,6 +125,7 @@ pub async fn serve(
             router.clone(),
             Arc::clone(&builders),
             closing,
+            connections.clone(),
         ));
     }
     drop(listener);
@@ -158,23 +159,32 @@ impl Builders {
 }
 
 /// Serves one client's connection until it ends, or until `closing` (then it finishes the responses it is writing).
+/// An HTTP/1.1 connection is served by a task of its own, tracked by `connections`: the one long-lived task per
+/// HTTP/1.1 stream then holds the connection alone, not this one's room for telling the protocols apart.
 async fn serve_connection(
     socket: TcpStream,
     router: Router,
     builders: Arc<Builders>,
     closing: CancellationToken,
+    connections: TaskTracker,
 ) {
     let protocol = tokio::select! {
         protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, opens_with_h2_preface(&socket)) => protocol,
         () = closing.cancelled() => return,
     };
-    let result = match protocol {
-        Ok(Ok(false)) => serve_http1(socket, router, &builders.http1, &closing).await,
-        // Boxed: an HTTP/1 connection's task, one per stream, keeps only a pointer's room for it.
-        Ok(Ok(true)) => Box::pin(serve_http2(socket, router, &builders.http2, &closing)).await,
+    match protocol {
+        Ok(Ok(false)) => {
+            connections.spawn(serve_http1(socket, router, builders, closing));
+        }
+        // Boxed: this task, one per connection while it is told apart, keeps only a pointer's room for it.
+        Ok(Ok(true)) => Box::pin(serve_http2(socket, router, builders, closing)).await,
         // Nothing sent in time, or the connection failed before anything was read: nothing to answer.
-        Err(_) | Ok(Err(_)) => return,
-    };
+        Err(_) | Ok(Err(_)) => {}
+    }
+}
+
+/// How a connection ended, in the log: an error here is the client's doing or the network's, so only at debug level.
+fn ended(result: hyper::Result<()>) {
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
     }
@@ -203,9 +213,9 @@ async fn opens_with_h2_preface(socket: &TcpStream) -> io::Result<bool> {
 async fn serve_http1(
     socket: TcpStream,
     router: Router,
-    builder: &http1::Builder,
-    closing: &CancellationToken,
-) -> hyper::Result<()> {
+    builders: Arc<Builders>,
+    closing: CancellationToken,
+) {
     let socket = Arc::new(socket);
     let peer = Peer(Arc::clone(&socket));
     // Each request carries the client's end of the connection, for a stream to watch.
@@ -213,17 +223,18 @@ async fn serve_http1(
         request.extensions_mut().insert(peer.clone());
         router.clone().oneshot(request)
     });
-    let mut connection =
-        builder.serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
+    let mut connection = builders
+        .http1
+        .serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
     // Polled where the task holds it: pinning it by moving it into the block would keep it there twice.
     let mut connection = Pin::new(&mut connection);
-    tokio::select! {
+    ended(tokio::select! {
         result = connection.as_mut() => result,
         () = closing.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-    }
+    });
 }
 
 /// An HTTP/2 connection: its requests carry no [`Peer`], since the socket is every stream's; a client that leaves one
@@ -231,19 +242,21 @@ async fn serve_http1(
 async fn serve_http2(
     socket: TcpStream,
     router: Router,
-    builder: &http2::Builder<TokioExecutor>,
-    closing: &CancellationToken,
-) -> hyper::Result<()> {
+    builders: Arc<Builders>,
+    closing: CancellationToken,
+) {
     let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
-    let mut connection = builder.serve_connection(TokioIo::new(socket), service);
+    let mut connection = builders
+        .http2
+        .serve_connection(TokioIo::new(socket), service);
     let mut connection = Pin::new(&mut connection);
-    tokio::select! {
+    ended(tokio::select! {
         result = connection.as_mut() => result,
         () = closing.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-    }
+    });
 }
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
