@@ -17,6 +17,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -183,8 +184,20 @@ async fn serve_connection(
     }
 }
 
-/// How a connection ended, in the log: an error here is the client's doing or the network's, so only at debug level.
-fn ended(result: hyper::Result<()>) {
+/// Drives a connection, either protocol, to its end. At `closing` it finishes the responses it is writing and closes
+/// (an HTTP/2 one sends GOAWAY first, so its client opens no new stream on it). An error is the client's doing or the
+/// network's, so it is logged at debug level only.
+async fn until_closed<C>(mut connection: Pin<&mut C>, closing: &CancellationToken)
+where
+    C: GracefulConnection<Error = hyper::Error>,
+{
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
     }
@@ -226,15 +239,8 @@ async fn serve_http1(
     let mut connection = builders
         .http1
         .serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
-    // Polled where the task holds it: pinning it by moving it into the block would keep it there twice.
-    let mut connection = Pin::new(&mut connection);
-    ended(tokio::select! {
-        result = connection.as_mut() => result,
-        () = closing.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    });
+    // Polled where the task holds it: moving it into the future that polls it would keep it there twice.
+    until_closed(Pin::new(&mut connection), &closing).await;
 }
 
 /// An HTTP/2 connection: its requests carry no [`Peer`], since the socket is every stream's; a client that leaves one
@@ -249,14 +255,7 @@ async fn serve_http2(
     let mut connection = builders
         .http2
         .serve_connection(TokioIo::new(socket), service);
-    let mut connection = Pin::new(&mut connection);
-    ended(tokio::select! {
-        result = connection.as_mut() => result,
-        () = closing.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    });
+    until_closed(Pin::new(&mut connection), &closing).await;
 }
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
