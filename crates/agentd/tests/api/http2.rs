@@ -1,7 +1,6 @@
 //! Clients over HTTP/2 without TLS ("prior knowledge"), as a load balancer that speaks HTTP/2 to agentd sends them:
 //! many streams on one connection. Through the real binary and real signals.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentd::store::RunStatus;
@@ -9,9 +8,9 @@ use serde_json::{Value, json};
 
 use crate::common::db::TestDb;
 use crate::common::h2::{H2Connection, json as body_of};
-use crate::common::haproxy::Haproxy;
+use crate::common::haproxy::{Haproxy, handoff_replicas};
 use crate::common::runs::{assert_whole, ended, paced, run_id_of, take};
-use crate::common::{Agentd, Events, free_port, metric, new_chat, types};
+use crate::common::{Agentd, Events, metric, new_chat, types};
 
 /// Checks a whole run: ids in order, `deltas` deltas, and the answer, its completion and `done` at the end.
 fn assert_completed(events: &[(String, Value)], deltas: usize) {
@@ -162,23 +161,7 @@ async fn until_reconnect(stream: &mut Events, seen: &mut Vec<(String, Value)>) -
 async fn behind_haproxy_speaking_http2_clients_share_connections_and_a_handoff_loses_nothing() {
     const CLIENTS: usize = 20;
     let db = TestDb::postgres().await;
-    let addrs: Vec<SocketAddr> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
-        .collect();
-    let mut replicas = Vec::new();
-    for addr in &addrs {
-        let addr = addr.to_string();
-        let env = [
-            ("HTTP_ADDR", addr.as_str()),
-            ("SHUTDOWN_MODE", "handoff"),
-            // Longer than haproxy takes to see /readyz fail (200 ms checks).
-            ("SHUTDOWN_DELAY", "0.6"),
-            ("DRAIN_TIMEOUT", "1"),
-            ("SHUTDOWN_TIMEOUT", "10"),
-            ("RUN_LEASE", "2"),
-        ];
-        replicas.push(Agentd::spawn_on(db.url(), &env).await);
-    }
+    let (addrs, mut replicas) = handoff_replicas(db.url(), &[]).await;
     let lb = Haproxy::start_http2(&addrs).await;
     let http = reqwest::Client::new();
     let mut clients = Vec::new();

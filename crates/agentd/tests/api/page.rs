@@ -2,7 +2,6 @@
 //! loses or repeats text across a reload or a restart, stops a run, renders model output inert, and says clearly when
 //! its token has expired. Each test saves screenshots under `target/screenshots/`.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentd::auth;
@@ -12,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::common::browser::{Browser, ENTER};
 use crate::common::db::TestDb;
-use crate::common::haproxy::Haproxy;
+use crate::common::haproxy::{Haproxy, handoff_replicas};
 use crate::common::runs::{ended, paced};
 use crate::common::upstream::{FakeUpstream, Reply, openai};
 use crate::common::{Agentd, PATIENCE, create_chat, free_port, metric, new_chat};
@@ -366,24 +365,8 @@ async fn a_question_asked_while_the_service_drains_says_so_and_is_sent_once_it_i
 #[tokio::test]
 async fn a_handoff_between_two_replicas_behind_haproxy_mid_answer_loses_and_repeats_nothing() {
     let db = TestDb::postgres().await;
-    let addrs: Vec<SocketAddr> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
-        .collect();
-    let mut replicas = Vec::new();
-    for addr in &addrs {
-        let addr = addr.to_string();
-        let env = [
-            ("HTTP_ADDR", addr.as_str()),
-            ("AI_MODEL", "test:deltas=60,delay_ms=100"),
-            ("SHUTDOWN_MODE", "handoff"),
-            // Longer than haproxy takes to see /readyz fail (200 ms checks).
-            ("SHUTDOWN_DELAY", "0.6"),
-            ("DRAIN_TIMEOUT", "1"),
-            ("SHUTDOWN_TIMEOUT", "10"),
-            ("RUN_LEASE", "2"),
-        ];
-        replicas.push(Agentd::spawn_on(db.url(), &env).await);
-    }
+    let (addrs, mut replicas) =
+        handoff_replicas(db.url(), &[("AI_MODEL", "test:deltas=60,delay_ms=100")]).await;
     let lb = Haproxy::start(&addrs).await;
     let browser = Browser::start("handoff", 1024, 800).await;
     browser.open(&lb.base).await;

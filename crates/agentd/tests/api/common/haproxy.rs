@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::PATIENCE;
+use super::{Agentd, PATIENCE};
 
 pub struct Haproxy {
     _child: Child,
@@ -77,6 +77,33 @@ impl Haproxy {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Two replicas on the store at `database_url`, in `handoff` mode with a one-second drain, each on a port of its own,
+/// with `extra` settings besides: the pair a handoff behind haproxy needs. Their addresses, for haproxy, and them.
+pub async fn handoff_replicas(
+    database_url: &str,
+    extra: &[(&str, &str)],
+) -> (Vec<SocketAddr>, Vec<Agentd>) {
+    let addrs: Vec<SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", super::free_port()).parse().unwrap())
+        .collect();
+    let mut replicas = Vec::new();
+    for addr in &addrs {
+        let addr = addr.to_string();
+        let mut env = vec![
+            ("HTTP_ADDR", addr.as_str()),
+            ("SHUTDOWN_MODE", "handoff"),
+            // Longer than haproxy takes to see /readyz fail (200 ms checks).
+            ("SHUTDOWN_DELAY", "0.6"),
+            ("DRAIN_TIMEOUT", "1"),
+            ("SHUTDOWN_TIMEOUT", "10"),
+            ("RUN_LEASE", "2"),
+        ];
+        env.extend_from_slice(extra);
+        replicas.push(Agentd::spawn_on(database_url, &env).await);
+    }
+    (addrs, replicas)
 }
 
 /// The haproxy binary; installs Debian's package first when there is none.
