@@ -43,7 +43,8 @@ pub struct Plan {
     /// Loopback source addresses to spread connections over.
     pub sources: Vec<IpAddr>,
     pub bearer: Option<String>,
-    /// After every stream was opened, keep them this long, then stop; `None` waits for every stream to end.
+    /// After every stream was opened, keep them this long (or until all have ended), then stop; `None` waits for
+    /// every stream to end.
     pub hold: Option<Duration>,
     /// Stop opening new streams after this many errors.
     pub stop_after_errors: usize,
@@ -333,7 +334,11 @@ pub async fn run(plan: Plan) -> Report {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(hold).await;
+        // Streams that all end before the hold is over end it: there is nothing left to hold.
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            () = async { while tasks.join_next().await.is_some() {} } => {}
+        }
         if let Some(kib) = plan.server_pid.and_then(rss_kib) {
             let open = stats.open.load(Ordering::Relaxed);
             rss.entry(launched).or_insert((kib, open));

@@ -35,7 +35,8 @@ struct Args {
     /// Bearer token to send.
     #[arg(long, env = "BENCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Keep the streams open this many seconds after all are open, then stop (idle-capacity runs).
+    /// Keep the streams open this many seconds after all are open (or until all have ended), then stop
+    /// (idle-capacity runs).
     #[arg(long)]
     hold: Option<f64>,
     /// Before the measured streams, open this many idle streams and keep them open (latency under load).

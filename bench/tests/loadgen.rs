@@ -164,3 +164,15 @@ async fn streams_sharing_http2_connections_are_counted_the_same() {
     );
     assert_eq!(shared.opened().await, 3, "4 streams per connection");
 }
+
+#[tokio::test]
+async fn a_hold_ends_when_every_stream_has() {
+    let target = server().await;
+    let mut plan = plan(target, 10, "ok");
+    plan.hold = Some(Duration::from_secs(3600));
+    let report = tokio::time::timeout(Duration::from_secs(60), run(plan))
+        .await
+        .expect("the streams ended, so the hour's hold did too");
+    assert_eq!(report.done, 10);
+    assert_eq!(report.events, 10 * (DELTAS as u64 + 4));
+}
