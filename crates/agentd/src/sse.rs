@@ -191,7 +191,12 @@ impl Pending {
 
 /// Bytes as text; a byte that is not UTF-8 becomes U+FFFD, as a browser decodes an event stream.
 fn text(bytes: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    // The strict check reads ASCII a word at a time; the lossy one goes byte by byte, and a provider's text is
+    // nearly always valid.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// The events of a byte stream; an error reading it is the last item. Bytes after the last blank line (an event
