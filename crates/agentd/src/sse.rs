@@ -204,7 +204,9 @@ fn text(bytes: &[u8]) -> Cow<'_, str> {
 pub fn events<E: std::fmt::Display>(
     bytes: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>> {
-    let state = (Box::pin(bytes), Decoder::new(), false);
+    // The decoder boxed: the stream hands its state on with every event, and a pointer moves where the decoder
+    // would be copied.
+    let state = (Box::pin(bytes), Box::new(Decoder::new()), false);
     Box::pin(futures_util::stream::unfold(
         state,
         |(mut bytes, mut decoder, failed)| async move {

@@ -189,14 +189,15 @@ pub fn parse_stream<P: WireParser>(
         last_heard: tokio::time::Instant,
     }
     let events = sse::events(response.bytes_stream());
-    let state = State {
+    // Boxed: the stream hands its state on with every event, and a pointer moves where the state would be copied.
+    let state = Box::new(State {
         events: Box::pin(events),
         parser,
         ready: VecDeque::new(),
         ended: false,
         idle_timer: Box::pin(tokio::time::sleep(idle)),
         last_heard: tokio::time::Instant::now(),
-    };
+    });
     Box::pin(stream::unfold(state, move |mut state| async move {
         loop {
             if let Some(event) = state.ready.pop_front() {
