@@ -182,11 +182,9 @@ pub fn parse_stream<P: WireParser>(
         parser: P,
         ready: VecDeque<ModelEvent>,
         ended: bool,
-        /// Fires once the stream may have gone `idle`: moved on when it fires and an event came since, rather than
-        /// set anew for every event (a timer made and dropped per event took about 5% of agentd's CPU on an unpaced
-        /// stream).
+        /// Fires once the stream may have gone `idle`: moved on when it fires early, rather than set anew for every
+        /// event (a timer made and dropped per event took about 5% of agentd's CPU on an unpaced stream).
         idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-        last_heard: tokio::time::Instant,
     }
     let events = sse::events(response.bytes_stream());
     // Boxed: the stream hands its state on with every event, and a pointer moves where the state would be copied.
@@ -196,7 +194,6 @@ pub fn parse_stream<P: WireParser>(
         ready: VecDeque::new(),
         ended: false,
         idle_timer: Box::pin(tokio::time::sleep(idle)),
-        last_heard: tokio::time::Instant::now(),
     });
     Box::pin(stream::unfold(state, move |mut state| async move {
         loop {
@@ -206,25 +203,26 @@ pub fn parse_stream<P: WireParser>(
             if state.ended {
                 return None;
             }
-            let next = tokio::select! {
-                biased;
-                next = state.events.next() => {
-                    state.last_heard = tokio::time::Instant::now();
-                    next
-                }
-                () = state.idle_timer.as_mut() => {
-                    let deadline = state.last_heard + idle;
-                    if deadline > tokio::time::Instant::now() {
-                        state.idle_timer.as_mut().reset(deadline);
-                        continue;
+            // Idle is silence from here: from when this stream is read again, however long its reader was away.
+            let waiting_since = tokio::time::Instant::now();
+            let next = loop {
+                tokio::select! {
+                    biased;
+                    next = state.events.next() => break next,
+                    () = state.idle_timer.as_mut() => {
+                        let deadline = waiting_since + idle;
+                        if deadline > tokio::time::Instant::now() {
+                            state.idle_timer.as_mut().reset(deadline);
+                            continue;
+                        }
+                        tracing::warn!(
+                            provider,
+                            idle_s = idle.as_secs_f64(),
+                            "model provider stream went idle"
+                        );
+                        state.ended = true;
+                        return Some((Err(ModelError::StoppedAnswering(provider)), state));
                     }
-                    tracing::warn!(
-                        provider,
-                        idle_s = idle.as_secs_f64(),
-                        "model provider stream went idle"
-                    );
-                    state.ended = true;
-                    return Some((Err(ModelError::StoppedAnswering(provider)), state));
                 }
             };
             let parsed = match next {
@@ -327,6 +325,83 @@ pub fn json(provider: &'static str, data: &str) -> Result<serde_json::Value, Mod
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each event's data as one text delta; done at `[DONE]`.
+    #[derive(Default)]
+    struct Echo {
+        done: bool,
+    }
+
+    impl WireParser for Echo {
+        fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+            if event.data == "[DONE]" {
+                self.done = true;
+                return Ok(Vec::new());
+            }
+            Ok(vec![ModelEvent::TextDelta(event.data.clone())])
+        }
+
+        fn done(&self) -> bool {
+            self.done
+        }
+    }
+
+    /// A provider's answer whose body is the frames sent on the channel, as they are sent.
+    fn answer(frames: tokio::sync::mpsc::UnboundedReceiver<String>) -> reqwest::Response {
+        let body = stream::unfold(frames, |mut frames| async move {
+            let frame = frames.recv().await?;
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(frame)), frames))
+        });
+        reqwest::Response::from(axum::http::Response::new(reqwest::Body::wrap_stream(body)))
+    }
+
+    fn text(event: Option<Result<ModelEvent, ModelError>>) -> String {
+        match event {
+            Some(Ok(ModelEvent::TextDelta(text))) => text,
+            other => panic!("not a text delta: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_silent_for_the_idle_timeout_stops_the_stream_counted_from_when_it_is_read()
+    {
+        let idle = Duration::from_secs(10);
+        let (send, frames) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = parse_stream("test", answer(frames), Echo::default(), idle);
+        send.send("data: one\n\n".to_owned()).unwrap();
+        assert_eq!(text(events.next().await), "one");
+
+        // The reader was away three idle periods (a slow store, say) while the provider said nothing: the provider
+        // still has a whole idle period from when it is read again.
+        tokio::time::sleep(idle * 3).await;
+        let reading = tokio::time::Instant::now();
+        assert!(matches!(
+            events.next().await,
+            Some(Err(ModelError::StoppedAnswering("test")))
+        ));
+        assert_eq!(reading.elapsed(), idle);
+        assert!(events.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_that_pauses_less_than_the_idle_timeout_is_read_to_its_end() {
+        let idle = Duration::from_secs(10);
+        let (send, frames) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = parse_stream("test", answer(frames), Echo::default(), idle);
+        tokio::spawn(async move {
+            for n in 0..6 {
+                send.send(format!("data: {n}\n\n")).unwrap();
+                tokio::time::sleep(idle * 9 / 10).await;
+            }
+            send.send("data: [DONE]\n\n".to_owned()).unwrap();
+        });
+        let began = tokio::time::Instant::now();
+        for n in 0..6 {
+            assert_eq!(text(events.next().await), n.to_string());
+        }
+        assert!(events.next().await.is_none(), "the answer ends cleanly");
+        assert!(began.elapsed() >= idle * 5, "{:?}", began.elapsed());
+    }
 
     #[test]
     fn backoff_doubles_with_jitter() {
