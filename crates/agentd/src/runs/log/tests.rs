@@ -123,3 +123,44 @@ fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
     );
     assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
 }
+
+/// A run tells the writer once that it has events, however many it emits before the writer takes them; once taken,
+/// the next event tells it again.
+#[tokio::test]
+async fn a_run_tells_the_writer_once_per_batch_of_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
+    let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
+        .await
+        .unwrap();
+    let (log, mut queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    let run_id = Uuid::new_v4();
+    let mut writer = log.produce(run_id, 1, vec![Arc::from("{\"type\":\"run_started\"}")]);
+    let delta = |n: usize| RunEvent::ModelDelta {
+        content: n.to_string(),
+    };
+    for n in 0..3 {
+        writer.emit(&delta(n)).await;
+    }
+    let told = queue.0.try_recv().expect("the writer is told");
+    assert_eq!(told.run_id, run_id);
+    assert!(queue.0.try_recv().is_err(), "told once for the three");
+
+    let mut runs = vec![told];
+    let (rows, finished, taken) = writer::take(&mut runs);
+    assert_eq!(taken, 3);
+    assert_eq!(
+        (rows[0].seq, rows[0].last_seq),
+        (2, 4),
+        "run_started was stored with the run"
+    );
+    assert!(finished.is_empty() && runs.is_empty());
+
+    writer.emit(&delta(3)).await;
+    writer.emit(&RunEvent::Done).await;
+    let mut runs = vec![queue.0.try_recv().expect("told again")];
+    assert!(queue.0.try_recv().is_err());
+    let (rows, finished, _) = writer::take(&mut runs);
+    assert_eq!((rows[0].seq, rows[0].last_seq), (5, 6));
+    assert_eq!(finished, [run_id]);
+}
