@@ -5,7 +5,7 @@
 //! `message_delta` (output tokens), `message_stop`, `ping`, and `error`. Tool results go back as `tool_result` blocks
 //! in a user message; consecutive messages of one role are merged, as the API requires alternating roles.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::sse::Event;
 use serde_json::{Value, json};
@@ -156,10 +156,9 @@ struct Parser {
 }
 
 impl WireParser for Parser {
-    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError> {
         let data = upstream::json(PROVIDER, &event.data)?;
         let kind = data["type"].as_str().unwrap_or(event.event.as_str());
-        let mut events = Vec::new();
         match kind {
             "message_start" => {
                 let usage = &data["message"]["usage"];
@@ -182,7 +181,7 @@ impl WireParser for Parser {
                 match delta["type"].as_str() {
                     Some("text_delta") => {
                         if let Some(text) = delta["text"].as_str().filter(|t| !t.is_empty()) {
-                            events.push(ModelEvent::TextDelta(text.to_owned()));
+                            out.push_back(ModelEvent::TextDelta(text.to_owned()));
                         }
                     }
                     Some("input_json_delta") => {
@@ -192,7 +191,7 @@ impl WireParser for Parser {
                             if call.name == FINAL_ANSWER_TOOL {
                                 // The structured answer, as the JSON text it is being written in.
                                 if !piece.is_empty() {
-                                    events.push(ModelEvent::TextDelta(piece.to_owned()));
+                                    out.push_back(ModelEvent::TextDelta(piece.to_owned()));
                                 }
                             } else {
                                 call.input.push_str(piece);
@@ -214,7 +213,7 @@ impl WireParser for Parser {
                         serde_json::from_str(&call.input).unwrap_or(Value::String(call.input))
                     };
                     self.called = true;
-                    events.push(ModelEvent::ToolCall(ToolCall {
+                    out.push_back(ModelEvent::ToolCall(ToolCall {
                         id: call.id,
                         name: call.name,
                         args,
@@ -239,9 +238,9 @@ impl WireParser for Parser {
             "message_stop" => {
                 self.done = true;
                 if self.cut {
-                    events.push(ModelEvent::Truncated);
+                    out.push_back(ModelEvent::Truncated);
                 }
-                events.push(ModelEvent::Usage(Usage::new(
+                out.push_back(ModelEvent::Usage(Usage::new(
                     self.input_tokens,
                     self.output_tokens,
                 )));
@@ -257,7 +256,7 @@ impl WireParser for Parser {
             }
             _ => {}
         }
-        Ok(events)
+        Ok(())
     }
 
     fn done(&self) -> bool {

@@ -6,7 +6,7 @@
 //! `stream_options.include_usage`); the stream ends with `data: [DONE]`.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::marker::PhantomData;
 
 use crate::sse::Event;
@@ -224,35 +224,31 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
 }
 
 impl WireParser for Parser {
-    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError> {
         if event.data.trim() == "[DONE]" {
             self.done = true;
             if self.cut && !self.calls.is_empty() {
                 tracing::warn!(provider = PROVIDER, "the output limit cut a tool call");
                 return Err(ModelError::TruncatedToolCall(PROVIDER));
             }
-            let mut events: Vec<ModelEvent> = std::mem::take(&mut self.calls)
-                .into_values()
-                .map(|call| {
-                    let args = if call.arguments.trim().is_empty() {
-                        json!({})
-                    } else {
-                        // Arguments that are not JSON reach the tool as a string, which fails its schema check.
-                        serde_json::from_str(&call.arguments)
-                            .unwrap_or(Value::String(call.arguments))
-                    };
-                    ModelEvent::ToolCall(ToolCall {
-                        id: call.id,
-                        name: call.name,
-                        args,
-                    })
+            out.extend(std::mem::take(&mut self.calls).into_values().map(|call| {
+                let args = if call.arguments.trim().is_empty() {
+                    json!({})
+                } else {
+                    // Arguments that are not JSON reach the tool as a string, which fails its schema check.
+                    serde_json::from_str(&call.arguments).unwrap_or(Value::String(call.arguments))
+                };
+                ModelEvent::ToolCall(ToolCall {
+                    id: call.id,
+                    name: call.name,
+                    args,
                 })
-                .collect();
+            }));
             if self.cut {
-                events.push(ModelEvent::Truncated);
+                out.push_back(ModelEvent::Truncated);
             }
-            events.extend(self.usage.take().map(ModelEvent::Usage));
-            return Ok(events);
+            out.extend(self.usage.take().map(ModelEvent::Usage));
+            return Ok(());
         }
         let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|error| {
             tracing::warn!(provider = PROVIDER, %error, "model provider sent an event that is not a chunk");
@@ -266,16 +262,15 @@ impl WireParser for Parser {
             let n = |key: &str| usage[key].as_u64().unwrap_or(0);
             self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
         }
-        let mut events = Vec::new();
         let Some(choice) = chunk.choices.0 else {
-            return Ok(events);
+            return Ok(());
         };
         if choice.finish_reason.as_deref() == Some("length") {
             self.cut = true;
         }
         let delta = choice.delta.unwrap_or_default();
         if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-            events.push(ModelEvent::TextDelta(text.into_owned()));
+            out.push_back(ModelEvent::TextDelta(text.into_owned()));
         }
         for fragment in delta.tool_calls.unwrap_or_default() {
             let call = self.calls.entry(fragment.index.unwrap_or(0)).or_default();
@@ -290,7 +285,7 @@ impl WireParser for Parser {
                 call.arguments.push_str(&arguments);
             }
         }
-        Ok(events)
+        Ok(())
     }
 
     fn done(&self) -> bool {

@@ -163,10 +163,18 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Reads a provider's wire format, one SSE event at a time.
 pub trait WireParser: Send + 'static {
-    /// What one upstream event means; an error ends the run.
-    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError>;
+    /// What one upstream event means, added to `out`; an error ends the run.
+    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError>;
     /// Whether the provider has said its answer is complete; a stream that ends before that is broken.
     fn done(&self) -> bool;
+
+    /// What one upstream event means, on its own.
+    #[cfg(test)]
+    fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+        let mut out = VecDeque::new();
+        self.read(event, &mut out)?;
+        Ok(out.into())
+    }
 }
 
 /// The model's events from an upstream SSE response, with an idle timeout between upstream events. Dropping the
@@ -225,8 +233,15 @@ pub fn parse_stream<P: WireParser>(
                     }
                 }
             };
+            // `ready` is empty here: what the event means goes there, and nothing of it if it is an error.
             let parsed = match next {
-                Some(Ok(event)) => state.parser.on_event(&event),
+                Some(Ok(event)) => {
+                    let read = state.parser.read(&event, &mut state.ready);
+                    if read.is_err() {
+                        state.ready.clear();
+                    }
+                    read
+                }
                 Some(Err(error)) => {
                     tracing::warn!(provider, %error, "model provider stream broke");
                     Err(ModelError::BrokenStream(provider))
@@ -234,7 +249,7 @@ pub fn parse_stream<P: WireParser>(
                 None => {
                     state.ended = true;
                     if state.parser.done() {
-                        Ok(Vec::new())
+                        Ok(())
                     } else {
                         tracing::warn!(
                             provider,
@@ -244,12 +259,9 @@ pub fn parse_stream<P: WireParser>(
                     }
                 }
             };
-            match parsed {
-                Ok(events) => state.ready.extend(events),
-                Err(error) => {
-                    state.ended = true;
-                    return Some((Err(error), state));
-                }
+            if let Err(error) = parsed {
+                state.ended = true;
+                return Some((Err(error), state));
             }
         }
     }))
@@ -333,12 +345,17 @@ mod tests {
     }
 
     impl WireParser for Echo {
-        fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
+        fn read(
+            &mut self,
+            event: &Event,
+            out: &mut VecDeque<ModelEvent>,
+        ) -> Result<(), ModelError> {
             if event.data == "[DONE]" {
                 self.done = true;
-                return Ok(Vec::new());
+            } else {
+                out.push_back(ModelEvent::TextDelta(event.data.clone()));
             }
-            Ok(vec![ModelEvent::TextDelta(event.data.clone())])
+            Ok(())
         }
 
         fn done(&self) -> bool {
