@@ -153,12 +153,19 @@ impl Agentd {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    /// Waits for the process to exit on its own.
+    /// Waits for the process to exit on its own, and for every line it logged to be read.
     pub async fn exit_status(&mut self) -> ExitStatus {
-        tokio::time::timeout(PATIENCE, self.child.wait())
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
             .expect("agentd exits in time")
-            .unwrap()
+            .unwrap();
+        // Its stderr closed with it, but the lines it wrote last may not have been read yet: the reader is done once
+        // the counter's sender is gone.
+        let read_all = async { while self.log_count.changed().await.is_ok() {} };
+        tokio::time::timeout(PATIENCE, read_all)
+            .await
+            .expect("the log is read to its end");
+        status
     }
 
     /// The first log line whose message contains `needle`, waiting for it if needed.
