@@ -440,8 +440,6 @@ impl RunWriter {
             events.finished |= matches!(event, RunEvent::Done);
             !std::mem::replace(&mut events.queued, true)
         };
-        // The two waits below are boxed: they are rare (once per batch of the run's events, and when the run is far
-        // ahead of the writer), and inline they would make this future, built for every event, several times larger.
         if tell {
             let pending = Pending {
                 run_id: self.run_id,
@@ -449,26 +447,18 @@ impl RunWriter {
                 live: Arc::clone(&self.live),
             };
             // The queue closes only when the writer is gone, after every run ended.
-            let _ = Box::pin(self.queue.send(pending)).await;
+            let _ = self.queue.send(pending).await;
         }
         // A model that is always ready (an unpaced stream) would otherwise keep this task from ever yielding, and the
         // writer it woke, waiting on this worker, from ever running.
         tokio::task::coop::consume_budget().await;
-        if self.seq.is_multiple_of(LAG_CHECK) && self.behind() {
-            Box::pin(self.caught_up()).await;
-        }
-    }
-
-    /// Whether the run is further ahead of the writer than [`MAX_LAG`] events (and still going).
-    fn behind(&self) -> bool {
-        self.seq.saturating_sub(self.live.last_seq()) > MAX_LAG && !self.live.halted.is_cancelled()
-    }
-
-    /// Waits until the writer has caught up with the run to within [`MAX_LAG`] events, or the run halted; rare
-    /// enough to poll.
-    async fn caught_up(&self) {
-        while self.behind() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        if self.seq.is_multiple_of(LAG_CHECK) {
+            // A run does not get further ahead of the writer than this; the wait is rare enough to poll.
+            while self.seq.saturating_sub(self.live.last_seq()) > MAX_LAG
+                && !self.live.halted.is_cancelled()
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 
