@@ -18,7 +18,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -36,39 +35,25 @@ mod writer;
 pub use listen::listen;
 pub use writer::{WriterQueue, write};
 
-/// Runs the writer may have been told of before producers wait (one notice per run at a time).
+/// Events the writer may have queued before producers wait: room for every run to have a burst ready.
 const QUEUE: usize = 65_536;
-/// Events of one run emitted and not yet committed, at most (give or take [`LAG_CHECK`]).
-const MAX_LAG: u64 = 65_536;
-/// How often (in events) a run checks how far ahead of the writer it is.
-const LAG_CHECK: u64 = 1_024;
 
-/// A run has events the writer has not taken yet. A run has one notice on its way at a time: events emitted while one
-/// is queued are taken with it.
+/// One event on its way to the writer.
 #[derive(Debug)]
-struct Pending {
+struct Append {
     run_id: Uuid,
     epoch: u64,
-    live: Arc<LiveLog>,
-}
-
-/// A run's events in memory, and how far the writer has taken them.
-#[derive(Debug, Default)]
-struct Events {
-    /// Event `seq` is at index `seq - 1`.
-    all: Vec<Arc<str>>,
-    /// How many the writer has taken (for a commit under way or done).
-    taken: usize,
-    /// A [`Pending`] notice of this run is queued or held by the writer.
-    queued: bool,
-    /// The run's `done` is among `all`: once it commits, the run leaves the in-memory log.
-    finished: bool,
+    seq: u64,
+    json: Arc<str>,
+    /// The run's `done`: after it commits, the run leaves the in-memory log.
+    last: bool,
 }
 
 /// A run produced on this process: its events so far, how far they are committed, and what stops it early.
 #[derive(Debug)]
 pub struct LiveLog {
-    events: Mutex<Events>,
+    /// Event `seq` is at index `seq - 1`.
+    events: Mutex<Vec<Arc<str>>>,
     /// The seq up to which the events are committed; followers of this run hold its receivers.
     committed: watch::Sender<u64>,
     /// One token per [`Halt`], cancelled through [`LiveLog::halt`].
@@ -122,7 +107,7 @@ impl LiveLog {
         (from..=to)
             .filter_map(|seq| {
                 let at = usize::try_from(seq).ok()?.checked_sub(1)?;
-                events.all.get(at).map(|json| (seq, Arc::clone(json)))
+                events.get(at).map(|json| (seq, Arc::clone(json)))
             })
             .collect()
     }
@@ -152,7 +137,7 @@ pub struct RunLog {
 #[derive(Debug)]
 struct Inner {
     store: SessionStore,
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Append>,
     live: Mutex<HashMap<Uuid, Arc<LiveLog>>>,
     /// Runs produced elsewhere with followers here: their last committed seq and latest events, as notifications
     /// tell them.
@@ -245,11 +230,7 @@ impl RunLog {
     pub fn produce(&self, run_id: Uuid, epoch: u64, events: Vec<Arc<str>>) -> RunWriter {
         let seq = events.len() as u64;
         let live = Arc::new(LiveLog {
-            events: Mutex::new(Events {
-                taken: events.len(),
-                all: events,
-                ..Events::default()
-            }),
+            events: Mutex::new(events),
             committed: watch::Sender::new(seq),
             halts: Default::default(),
             halted: CancellationToken::new(),
@@ -423,7 +404,7 @@ pub struct RunWriter {
     run_id: Uuid,
     epoch: u64,
     live: Arc<LiveLog>,
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Append>,
     seq: u64,
 }
 
@@ -434,32 +415,20 @@ impl RunWriter {
         let json: Arc<str> = serde_json::to_string(event)
             .expect("run events always serialize")
             .into();
-        let tell = {
-            let mut events = self.live.events.lock().expect("run log lock");
-            events.all.push(json);
-            events.finished |= matches!(event, RunEvent::Done);
-            !std::mem::replace(&mut events.queued, true)
+        self.live
+            .events
+            .lock()
+            .expect("run log lock")
+            .push(Arc::clone(&json));
+        let append = Append {
+            run_id: self.run_id,
+            epoch: self.epoch,
+            seq: self.seq,
+            json,
+            last: matches!(event, RunEvent::Done),
         };
-        if tell {
-            let pending = Pending {
-                run_id: self.run_id,
-                epoch: self.epoch,
-                live: Arc::clone(&self.live),
-            };
-            // The queue closes only when the writer is gone, after every run ended.
-            let _ = self.queue.send(pending).await;
-        }
-        // A model that is always ready (an unpaced stream) would otherwise keep this task from ever yielding, and the
-        // writer it woke, waiting on this worker, from ever running.
-        tokio::task::coop::consume_budget().await;
-        if self.seq.is_multiple_of(LAG_CHECK) {
-            // A run does not get further ahead of the writer than this; the wait is rare enough to poll.
-            while self.seq.saturating_sub(self.live.last_seq()) > MAX_LAG
-                && !self.live.halted.is_cancelled()
-            {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+        // The queue closes only when the writer is gone, after every run ended.
+        let _ = self.queue.send(append).await;
     }
 
     pub fn live(&self) -> &Arc<LiveLog> {
