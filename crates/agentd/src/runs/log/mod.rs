@@ -314,10 +314,7 @@ impl RunLog {
 
     /// Runs produced elsewhere that are followed here, with who follows them: what this process may take over.
     pub(super) fn followed_with_callers(&self) -> Vec<(Uuid, ToolContext)> {
-        let mut remote = self.inner.remote.lock().expect("run log lock");
-        remote.retain(|_, run| run.committed.receiver_count() > 0);
-        shrink_if_sparse(&mut remote);
-        remote
+        self.followed_here()
             .iter()
             .filter_map(|(id, run)| {
                 let caller = run.caller.lock().expect("run log lock").clone()?;
@@ -333,10 +330,15 @@ impl RunLog {
 
     /// Runs produced elsewhere that have a follower here, so their producers know someone still reads them.
     pub fn followed_remotely(&self) -> Vec<Uuid> {
+        self.followed_here().keys().copied().collect()
+    }
+
+    /// The runs produced elsewhere, locked, once those nobody here follows any more are dropped.
+    fn followed_here(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<RemoteRun>>> {
         let mut remote = self.inner.remote.lock().expect("run log lock");
         remote.retain(|_, run| run.committed.receiver_count() > 0);
         shrink_if_sparse(&mut remote);
-        remote.keys().copied().collect()
+        remote
     }
 
     /// The run's events are committed up to `seq` by someone else (a notification said so, or the lease loop ended
