@@ -255,7 +255,7 @@ impl RunService {
             // Tell the producer, wherever it is, that this run is followed; should it be gone, this process may
             // continue the run, acting for this caller.
             parts.log.followed_by(run_id, tool_context(caller));
-            parts.store.touch_followed(&[run_id]).await?;
+            parts.store.follow_elsewhere(run_id).await?;
             if run.owner_instance.is_empty() {
                 // Released by a replica that drained: continue it now rather than at the next lease check.
                 self.take_over_followed().await;

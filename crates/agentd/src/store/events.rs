@@ -13,8 +13,10 @@ use super::db::{Arg, Row};
 use super::{SessionStore, StoreError, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
-/// `<run_id> <seq> <last_seq>` followed, when they fit, by a newline and the events' JSON, one per line. Followers on
-/// other replicas read the events from the notification and go to the store only when they were not carried.
+/// `<run_id> <seq> <last_seq>` followed, when the run is followed on another replica and they fit, by a newline and
+/// the events' JSON, one per line. Followers on other replicas read the events from the notification and go to the
+/// store only when they were not carried. Events of a run nobody follows elsewhere are not carried: every replica
+/// listening would receive them for nothing.
 pub const EVENTS_CHANNEL: &str = "agentd_run_events";
 /// Between the records of an events notification (ASCII RS: JSON never holds it raw).
 pub const RECORD_SEPARATOR: char = '\u{1e}';
@@ -106,7 +108,9 @@ impl SessionStore {
         let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
         // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
         // commit and then raises the epoch: nothing under the old one can land after it. The notifications go out
-        // when the statement commits, and only for the rows stored.
+        // when the statement commits, and only for the rows stored; they carry the events of the runs followed on
+        // another replica (`followed_at`, read from the row as locked: a note that a follower attaches, which locks
+        // the run for update, is seen here once it commits).
         let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
         let separator = RECORD_SEPARATOR.to_string();
         let inserted = self
@@ -116,13 +120,15 @@ impl SessionStore {
             .fetch_all(
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
                  $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
-                 held AS (SELECT r.id FROM agent_chat_runs r JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch \
-                 FOR KEY SHARE OF r), \
+                 held AS (SELECT r.id, r.followed_at IS NOT NULL AS followed FROM agent_chat_runs r \
+                 JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch FOR KEY SHARE OF r), \
                  stored AS (INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
                  SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
                  RETURNING run_id), \
                  records AS (SELECT n, b.run_id || ' ' || b.seq || ' ' || b.last_seq \
-                 || CASE WHEN octet_length(b.events) <= $6 THEN E'\\n' || b.events ELSE '' END AS record \
+                 || CASE WHEN octet_length(b.events) <= $6 \
+                 AND b.run_id IN (SELECT id FROM held WHERE followed) \
+                 THEN E'\\n' || b.events ELSE '' END AS record \
                  FROM batch b WHERE b.run_id IN (SELECT run_id FROM stored)), \
                  chunked AS (SELECT n, record, sum(octet_length(record) + 1) OVER (ORDER BY n) / 4000 AS chunk \
                  FROM records), \

@@ -404,7 +404,28 @@ impl SessionStore {
         row.map(|row| row.uuid("id")).transpose()
     }
 
-    /// Notes that a process other than the producer has followers of these runs now.
+    /// Notes that a follower in this process, not the producer's, attaches to run `run_id`: from then on its group
+    /// commits carry the run's events in their notifications (PostgreSQL), where until then they carried only the
+    /// seqs stored. The run is locked for update, so the note waits for the group commits in flight for it (they hold
+    /// it key-share-locked, and did not see the note): what they store the follower reads from the store, once this
+    /// returns; every later commit waits for the note and sees it.
+    pub async fn follow_elsewhere(&self, run_id: Uuid) -> Result<(), StoreError> {
+        if !self.db.is_postgres() {
+            return self.touch_followed(&[run_id]).await;
+        }
+        self.db
+            .write()
+            .await?
+            .execute(
+                "WITH locked AS (SELECT id FROM agent_chat_runs WHERE id = $1 AND status = 'running' FOR UPDATE) \
+                 UPDATE agent_chat_runs r SET followed_at = now() FROM locked WHERE r.id = locked.id",
+                &[Arg::Id(run_id)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Notes that a process other than the producer still has followers of these runs.
     pub async fn touch_followed(&self, runs: &[Uuid]) -> Result<(), StoreError> {
         if runs.is_empty() {
             return Ok(());

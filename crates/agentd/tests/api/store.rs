@@ -955,7 +955,8 @@ async fn a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_a
 }
 
 /// PostgreSQL: a group commit notifies every row it stored, and only those, in payloads PostgreSQL takes (under
-/// 8,000 bytes), carrying the events of each row that fits and only the range of one that does not.
+/// 8,000 bytes), carrying the events of each row that fits when its run is followed on another replica, and only
+/// the range of one that does not fit or whose run nobody follows elsewhere.
 #[tokio::test]
 async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
     let db = TestDb::postgres().await;
@@ -967,6 +968,10 @@ async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
         let other = store.create_chat(&owner("o", "u", "c")).await.unwrap();
         let run = new_run(if i == 0 { chat.id } else { other.id }, "q");
         store.start_run(&run).await.unwrap();
+        // Every other run is followed on another replica.
+        if i % 2 == 1 {
+            store.follow_elsewhere(run.id).await.unwrap();
+        }
         // Small rows, rows just under the size carried and rows just over it, mixed.
         let text = "x".repeat([10, 2_950, 3_100][i % 3]);
         rows.push(LogRow {
@@ -1011,18 +1016,75 @@ async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
         }
     }
     assert!(payloads > 1, "the records are spread over several payloads");
-    for row in &rows[1..] {
+    for (i, row) in rows.iter().enumerate().skip(1) {
         let carried = notified
             .remove(&row.run_id)
             .expect("a stored row is notified");
-        if row.events.len() <= 3_000 {
-            assert_eq!(carried.as_deref(), Some(row.events.as_str()));
-        } else {
+        if row.events.len() > 3_000 {
             assert_eq!(carried, None, "too large to carry: only its range");
+        } else if i % 2 == 0 {
+            assert_eq!(carried, None, "nobody follows it elsewhere: only its range");
+        } else {
+            assert_eq!(carried.as_deref(), Some(row.events.as_str()));
         }
     }
     assert!(notified.is_empty(), "the refused row is not notified");
     // The listener's connection is the pool's: give it back before closing.
+    drop(listener);
+    store.close().await;
+}
+
+/// PostgreSQL: the note that a follower on another replica attaches to a run waits for a group commit in flight for
+/// the run (which did not see it, and carries only its range), and the commits after it carry the run's events.
+#[tokio::test]
+async fn a_follower_noted_elsewhere_waits_for_the_commit_in_flight_then_the_events_are_carried() {
+    use sqlx::Connection as _;
+
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let mut listener = store.listen(&[EVENTS_CHANNEL]).await.unwrap().unwrap();
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    // A group commit in flight holds the run key-share-locked, as the append does.
+    let mut in_flight = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut in_flight).await.unwrap();
+    sqlx::query("SELECT id FROM agent_chat_runs WHERE id = $1 FOR KEY SHARE")
+        .bind(run.id)
+        .execute(&mut in_flight)
+        .await
+        .unwrap();
+    let noting = tokio::spawn({
+        let store = store.clone();
+        async move { store.follow_elsewhere(run.id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !noting.is_finished(),
+        "the note waits for the commit in flight"
+    );
+    sqlx::query("COMMIT").execute(&mut in_flight).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), noting)
+        .await
+        .expect("the note is made once the commit in flight is done")
+        .unwrap()
+        .unwrap();
+
+    let row = |seq: u64| LogRow {
+        run_id: run.id,
+        epoch: 1,
+        seq,
+        last_seq: seq,
+        events: format!("{{\"seq\":{seq}}}"),
+    };
+    assert!(store.append_events(&[row(2)]).await.unwrap().is_empty());
+    let (channel, payload) = tokio::time::timeout(Duration::from_secs(3), listener.recv())
+        .await
+        .expect("the commit notifies")
+        .unwrap()
+        .unwrap();
+    assert_eq!(channel, EVENTS_CHANNEL);
+    assert_eq!(payload, format!("{} 2 2\n{{\"seq\":2}}", run.id));
     drop(listener);
     store.close().await;
 }
