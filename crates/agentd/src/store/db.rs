@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::postgres::PgDb;
+use super::postgres::{self, PgDb};
 use super::sqlite::SqliteDb;
 use crate::model::Message;
 
@@ -131,7 +131,8 @@ impl Db {
         if matches!(taken, Err(sqlx::Error::PoolTimedOut)) {
             self.waits.timeouts.inc();
         }
-        Ok(taken?)
+        // A transaction's `BEGIN` is its first statement.
+        noted(self.is_postgres(), taken)
     }
 
     pub async fn close(&self) {
@@ -260,6 +261,7 @@ impl Conn {
     /// Runs a statement; how many rows it changed.
     pub async fn execute(&mut self, template: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
         let sql = AssertSqlSafe(sql(self, template));
+        let postgres = self.is_postgres();
         // Each backend's query future is boxed: held inline, the largest of them would sit in the state of every
         // future that reads or writes the store (several KiB in every run's task).
         let running: BoxFuture<'_, Result<u64, sqlx::Error>> = match self {
@@ -280,7 +282,7 @@ impl Conn {
                 Box::pin(async move { Ok(query.execute(&mut **tx).await?.rows_affected()) })
             }
         };
-        Ok(running.await?)
+        noted(postgres, running.await)
     }
 
     pub async fn fetch_all(
@@ -289,6 +291,7 @@ impl Conn {
         args: &[Arg<'_>],
     ) -> Result<Vec<Row>, StoreError> {
         let sql = AssertSqlSafe(sql(self, template));
+        let postgres = self.is_postgres();
         let running: BoxFuture<'_, Result<Vec<Row>, sqlx::Error>> = match self {
             Self::Sqlite(conn) => {
                 let query = sqlite_query(sql, args)?;
@@ -307,7 +310,7 @@ impl Conn {
                 Box::pin(async move { Ok(rows(query.fetch_all(&mut **tx).await?)) })
             }
         };
-        Ok(running.await?)
+        noted(postgres, running.await)
     }
 
     pub async fn fetch_optional(
@@ -347,12 +350,17 @@ impl Conn {
 
     /// Commits a transaction; a plain connection has nothing to commit.
     pub async fn commit(self) -> Result<(), StoreError> {
+        let postgres = self.is_postgres();
         let committing: BoxFuture<'static, Result<(), sqlx::Error>> = match self {
             Self::SqliteTx(tx) => Box::pin(tx.commit()),
             Self::PostgresTx(tx) => Box::pin(tx.commit()),
             Self::Sqlite(_) | Self::Postgres(_) => return Ok(()),
         };
-        Ok(committing.await?)
+        noted(postgres, committing.await)
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_) | Self::PostgresTx(_))
     }
 
     /// Rolls a transaction back now (dropped, it would roll back only when its connection is next used); a plain
@@ -365,6 +373,15 @@ impl Conn {
         };
         Ok(rolling_back.await?)
     }
+}
+
+/// A statement's `result` as the store's; on PostgreSQL, a connection found lost is noted, so the pool checks the
+/// others before their next use.
+fn noted<T>(postgres: bool, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+    if let (true, Err(error)) = (postgres, &result) {
+        postgres::note_if_lost(error);
+    }
+    Ok(result?)
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;

@@ -1,7 +1,9 @@
 //! The shared store: PostgreSQL through a connection pool, for several replicas. The queries are the same as
 //! SQLite's (`chats.rs`, `runs.rs`); `db.rs` says where the backends differ.
 
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor};
@@ -15,6 +17,44 @@ pub(super) const MAX_CONNECTIONS: u32 = 16;
 const LOG_CONNECTIONS: u32 = 1;
 /// A pooled connection idle longer than this is pinged before use.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// When a statement of this process last found its PostgreSQL connection lost, in microseconds since [`EPOCH`] (0:
+/// never). A server that restarts, or ends agentd's sessions, takes every connection with it, those used a moment
+/// ago too, which [`CHECK_IDLE_AFTER`] lets through unchecked: a connection idle since before the loss is checked
+/// before its next use, and the pool replaces it if it is gone. One statement fails; the next ones do not.
+static LOST_AT: AtomicU64 = AtomicU64::new(0);
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Notes a statement's `error` that says its connection is gone (see [`LOST_AT`]): the server went away or ended
+/// the session (connection exceptions, 08; operator intervention such as a shutdown or a terminated session, 57), or
+/// the bytes stopped making sense.
+pub(super) fn note_if_lost(error: &sqlx::Error) {
+    let lost = match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+        _ => false,
+    };
+    if lost {
+        LOST_AT.fetch_max(micros_since_epoch(Instant::now()), Ordering::Relaxed);
+    }
+}
+
+/// Whether a connection idle for `idle_for` was last used before a connection was found lost.
+fn idle_since_a_loss(idle_for: Duration) -> bool {
+    let lost = LOST_AT.load(Ordering::Relaxed);
+    lost != 0
+        && Instant::now()
+            .checked_sub(idle_for)
+            .is_none_or(|released| micros_since_epoch(released) <= lost)
+}
+
+/// Microseconds from [`EPOCH`] to `at`, plus one (so that no time is 0); times before it count as 1.
+fn micros_since_epoch(at: Instant) -> u64 {
+    let micros = at.saturating_duration_since(*EPOCH).as_micros();
+    u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1
+}
 
 #[derive(Debug, Clone)]
 pub(super) struct PgDb {
@@ -82,11 +122,11 @@ fn pool_options(connections: u32) -> PgPoolOptions {
         })
         // A connection is checked when it goes back to the pool anyway; one used a moment ago is not checked again on
         // the way out (a round trip before every statement), only one that sat idle long enough for the server to
-        // have gone away.
+        // have gone away, or since another was found lost.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for > CHECK_IDLE_AFTER {
+                if meta.idle_for > CHECK_IDLE_AFTER || idle_since_a_loss(meta.idle_for) {
                     conn.ping().await?;
                 }
                 Ok(true)

@@ -1034,6 +1034,54 @@ async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
     store.close().await;
 }
 
+/// PostgreSQL: the server ends every session of the store (as a restart does) a moment after each of its pooled
+/// connections was used. The first statement after it fails on its lost connection; the pool then checks the others
+/// before their next use and replaces them, so the statements after it do not fail.
+#[tokio::test]
+async fn once_a_connection_is_found_lost_the_others_are_checked_before_use() {
+    use sqlx::Connection as _;
+
+    let db = TestDb::postgres().await;
+    let mut store = db.open().await;
+    // Every pooled connection opened and used just now.
+    store.warm_up().await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended.len() >= 16, "{} sessions ended", ended.len());
+    for _ in 0..100 {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let first = store.ping().await;
+    assert!(
+        first.as_ref().is_err_and(StoreError::is_unavailable),
+        "{first:?}"
+    );
+    for i in 0..20 {
+        store
+            .ping()
+            .await
+            .unwrap_or_else(|e| panic!("statement {i} after the first: {e}"));
+    }
+    store.ping_write().await.unwrap();
+    store.close().await;
+}
+
 /// PostgreSQL: the note that a follower on another replica attaches to a run waits for a group commit in flight for
 /// the run (which did not see it, and carries only its range), and the commits after it carry the run's events.
 #[tokio::test]
