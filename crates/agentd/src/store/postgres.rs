@@ -132,6 +132,15 @@ fn pool_options(connections: u32) -> PgPoolOptions {
                 Ok(true)
             })
         })
+        // A connection's buffers grow to its largest statement and answer (a group commit of thousands of events, the
+        // lease of every run at the end of a burst) and would keep that size as long as the connection lives: they go
+        // back to their first size when it is given back (nothing to do for the usual small ones).
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                conn.shrink_buffers();
+                Ok(true)
+            })
+        })
 }
 
 #[cfg(test)]
