@@ -1,14 +1,18 @@
 //! Debian packages the tests need (haproxy, Chromium and its driver): installed by the harness when missing, so a
 //! fresh machine runs the whole suite with the README's one test command.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
 
 /// The first of `candidates` that exists, after `apt-get install`ing `packages` if none does.
 pub fn installed(packages: &[&str], candidates: &[&str]) -> PathBuf {
-    // One install at a time: apt holds a lock, and tests start in parallel.
-    static APT: Mutex<()> = Mutex::new(());
+    // One install at a time, and no test looks for a program while one is under way: tests start in parallel, as
+    // threads of one process or as processes of their own, and a program's file exists before apt has finished
+    // installing what it needs to run. A lock on a file holds across both.
+    let lock = File::create(std::env::temp_dir().join("agentd-tests-apt.lock"))
+        .expect("the tests' apt lock file");
+    lock.lock().expect("the tests' apt lock");
     let find = || {
         candidates
             .iter()
@@ -18,13 +22,10 @@ pub fn installed(packages: &[&str], candidates: &[&str]) -> PathBuf {
     if let Some(found) = find() {
         return found;
     }
-    let _one_at_a_time = APT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(found) = find() {
-        return found;
-    }
     let install = || {
         std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
+            // Another apt on the machine (not these tests) is waited for rather than failed on.
+            .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null())
