@@ -26,14 +26,14 @@ static LOST_AT: AtomicU64 = AtomicU64::new(0);
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Notes a statement's `error` that says its connection is gone (see [`LOST_AT`]): the server went away or ended
-/// the session (connection exceptions, 08; operator intervention such as a shutdown or a terminated session, 57), or
-/// the bytes stopped making sense.
+/// the session (connection exceptions, 08; a shutdown, a crash, a terminated or timed-out session, 57P), or the bytes
+/// stopped making sense. A cancelled statement (57014) leaves its connection usable.
 pub(super) fn note_if_lost(error: &sqlx::Error) {
     let lost = match error {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(error) => error
             .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
         _ => false,
     };
     if lost {
