@@ -408,7 +408,8 @@ impl SessionStore {
     /// commits carry the run's events in their notifications (PostgreSQL), where until then they carried only the
     /// seqs stored. The run is locked for update, so the note waits for the group commits in flight for it (they hold
     /// it key-share-locked, and did not see the note): what they store the follower reads from the store, once this
-    /// returns; every later commit waits for the note and sees it.
+    /// returns; every later commit waits for the note and sees it. Once the run is noted, a note only refreshes the
+    /// time (as [`Self::touch_followed`] does), and waits for no commit.
     pub async fn follow_elsewhere(&self, run_id: Uuid) -> Result<(), StoreError> {
         if !self.db.is_postgres() {
             return self.touch_followed(&[run_id]).await;
@@ -417,8 +418,10 @@ impl SessionStore {
             .write()
             .await?
             .execute(
-                "WITH locked AS (SELECT id FROM agent_chat_runs WHERE id = $1 AND status = 'running' FOR UPDATE) \
-                 UPDATE agent_chat_runs r SET followed_at = now() FROM locked WHERE r.id = locked.id",
+                "WITH locked AS (SELECT id FROM agent_chat_runs WHERE id = $1 AND status = 'running' \
+                 AND followed_at IS NULL FOR UPDATE) \
+                 UPDATE agent_chat_runs SET followed_at = now() WHERE id = $1 AND status = 'running' \
+                 AND (SELECT count(*) FROM locked) >= 0",
                 &[Arg::Id(run_id)],
             )
             .await?;

@@ -1133,6 +1133,19 @@ async fn a_follower_noted_elsewhere_waits_for_the_commit_in_flight_then_the_even
         .unwrap();
     assert_eq!(channel, EVENTS_CHANNEL);
     assert_eq!(payload, format!("{} 2 2\n{{\"seq\":2}}", run.id));
+
+    // Another follower attaching elsewhere later: the run is noted already, and the note waits for no commit.
+    sqlx::query("BEGIN").execute(&mut in_flight).await.unwrap();
+    sqlx::query("SELECT id FROM agent_chat_runs WHERE id = $1 FOR KEY SHARE")
+        .bind(run.id)
+        .execute(&mut in_flight)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), store.follow_elsewhere(run.id))
+        .await
+        .expect("a run noted already is noted again without waiting")
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut in_flight).await.unwrap();
     drop(listener);
     store.close().await;
 }
