@@ -1082,6 +1082,17 @@ async fn once_a_connection_is_found_lost_the_others_are_checked_before_use() {
     store.close().await;
 }
 
+/// Opens a transaction on `conn` that holds run `run_id` key-share-locked, as a group commit in flight does; it ends
+/// with the caller's `COMMIT`.
+async fn begin_commit_in_flight(conn: &mut sqlx::PgConnection, run_id: Uuid) {
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query("SELECT id FROM agent_chat_runs WHERE id = $1 FOR KEY SHARE")
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 /// PostgreSQL: the note that a follower on another replica attaches to a run waits for a group commit in flight for
 /// the run (which did not see it, and carries only its range), and the commits after it carry the run's events.
 #[tokio::test]
@@ -1096,12 +1107,7 @@ async fn a_follower_noted_elsewhere_waits_for_the_commit_in_flight_then_the_even
     store.start_run(&run).await.unwrap();
     // A group commit in flight holds the run key-share-locked, as the append does.
     let mut in_flight = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut in_flight).await.unwrap();
-    sqlx::query("SELECT id FROM agent_chat_runs WHERE id = $1 FOR KEY SHARE")
-        .bind(run.id)
-        .execute(&mut in_flight)
-        .await
-        .unwrap();
+    begin_commit_in_flight(&mut in_flight, run.id).await;
     let noting = tokio::spawn({
         let store = store.clone();
         async move { store.follow_elsewhere(run.id).await }
@@ -1135,12 +1141,7 @@ async fn a_follower_noted_elsewhere_waits_for_the_commit_in_flight_then_the_even
     assert_eq!(payload, format!("{} 2 2\n{{\"seq\":2}}", run.id));
 
     // Another follower attaching elsewhere later: the run is noted already, and the note waits for no commit.
-    sqlx::query("BEGIN").execute(&mut in_flight).await.unwrap();
-    sqlx::query("SELECT id FROM agent_chat_runs WHERE id = $1 FOR KEY SHARE")
-        .bind(run.id)
-        .execute(&mut in_flight)
-        .await
-        .unwrap();
+    begin_commit_in_flight(&mut in_flight, run.id).await;
     tokio::time::timeout(Duration::from_secs(5), store.follow_elsewhere(run.id))
         .await
         .expect("a run noted already is noted again without waiting")
