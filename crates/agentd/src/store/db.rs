@@ -106,9 +106,22 @@ impl Db {
     pub async fn log_write(&self) -> Result<Conn, StoreError> {
         let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
-            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.log.acquire().await?)) }),
+            Pools::Postgres(db) => {
+                if let Some(conn) = db.take_log() {
+                    return Ok(Conn::Postgres(conn));
+                }
+                Box::pin(async { Ok(Conn::Postgres(db.log.acquire().await?)) })
+            }
         };
         self.waited(acquiring).await
+    }
+
+    /// Gives back the run log's connection after a group commit of `statement_bytes` that succeeded: PostgreSQL keeps
+    /// it for the next one (see [`PgDb::take_log`]); SQLite's one writer goes back to its pool, for the other writes.
+    pub fn done_with_log(&self, conn: Conn, statement_bytes: usize) {
+        if let (Pools::Postgres(db), Conn::Postgres(conn)) = (&self.pools, conn) {
+            db.keep_log(conn, statement_bytes);
+        }
     }
 
     /// A write transaction; it rolls back unless [`Conn::commit`] is called.

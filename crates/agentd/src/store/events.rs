@@ -113,10 +113,8 @@ impl SessionStore {
         // the run for update, is seen here once it commits).
         let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
         let separator = RECORD_SEPARATOR.to_string();
-        let inserted = self
-            .db
-            .log_write()
-            .await?
+        let mut conn = self.db.log_write().await?;
+        let inserted = conn
             .fetch_all(
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
                  $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
@@ -146,6 +144,8 @@ impl SessionStore {
                 ],
             )
             .await?;
+        let bytes: usize = rows.iter().map(|row| row.events.len() + 64).sum();
+        self.db.done_with_log(conn, bytes);
         refused_of(rows, &inserted)
     }
 

@@ -1,11 +1,12 @@
 //! The shared store: PostgreSQL through a connection pool, for several replicas. The queries are the same as
 //! SQLite's (`chats.rs`, `runs.rs`); `db.rs` says where the backends differ.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::{Connection, Executor};
 
 use super::StoreError;
@@ -15,6 +16,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) const MAX_CONNECTIONS: u32 = 16;
 /// The run log's group commits: one at a time per process, so one connection.
 const LOG_CONNECTIONS: u32 = 1;
+/// Largest statement after which the run log's kept connection keeps its buffers as they grew.
+const KEPT_BUFFERS: usize = 256 * 1024;
 /// A pooled connection idle longer than this is pinged before use.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
@@ -65,10 +68,44 @@ pub(super) struct PgDb {
     pub log: PgPool,
     /// The `LISTEN` connection (it is never given back), apart from the pool so that it takes none of the pool's.
     pub listen: PgPool,
+    /// The run log's connection as the last group commit left it. A connection given back to a pool is checked
+    /// there with a round trip to the server, and the next commit waits for it: group commits one after another keep
+    /// it instead, and one that comes after a pause takes it from the pool, checked as any other.
+    held_log: Arc<Mutex<Option<HeldConnection>>>,
+}
+
+#[derive(Debug)]
+struct HeldConnection {
+    conn: PoolConnection<Postgres>,
+    since: Instant,
 }
 
 impl PgDb {
+    /// The run log's connection kept by the last group commit, if it is fit for the next one without a check: used
+    /// under [`CHECK_IDLE_AFTER`] ago, and not since a connection was found lost. One that is not goes back to the
+    /// pool (and is checked there).
+    pub fn take_log(&self) -> Option<PoolConnection<Postgres>> {
+        let held = self.held_log.lock().expect("held connection lock").take()?;
+        let idle_for = held.since.elapsed();
+        (idle_for <= CHECK_IDLE_AFTER && !idle_since_a_loss(idle_for)).then_some(held.conn)
+    }
+
+    /// Keeps the run log's connection for the next group commit (see [`PgDb::take_log`]). Its buffers keep the size
+    /// of the statement it sent, as in the pool, only up to [`KEPT_BUFFERS`]: a kept connection may be the last one
+    /// a burst used for a long while.
+    pub fn keep_log(&self, mut conn: PoolConnection<Postgres>, statement_bytes: usize) {
+        if statement_bytes > KEPT_BUFFERS {
+            conn.shrink_buffers();
+        }
+        *self.held_log.lock().expect("held connection lock") = Some(HeldConnection {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
     pub async fn close(&self) {
+        // A pool closes once its connections are back.
+        drop(self.held_log.lock().expect("held connection lock").take());
         self.pool.close().await;
         self.log.close().await;
         self.listen.close().await;
@@ -97,7 +134,12 @@ pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> 
         .connect_with(options.clone())
         .await?;
     let listen = pool_options(1).connect_with(options).await?;
-    Ok(PgDb { pool, log, listen })
+    Ok(PgDb {
+        pool,
+        log,
+        listen,
+        held_log: Arc::default(),
+    })
 }
 
 fn pool_options(connections: u32) -> PgPoolOptions {

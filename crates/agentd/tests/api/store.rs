@@ -1039,33 +1039,12 @@ async fn a_group_commit_notifies_each_stored_row_in_payloads_postgres_takes() {
 /// before their next use and replaces them, so the statements after it do not fail.
 #[tokio::test]
 async fn once_a_connection_is_found_lost_the_others_are_checked_before_use() {
-    use sqlx::Connection as _;
-
     let db = TestDb::postgres().await;
     let mut store = db.open().await;
     // Every pooled connection opened and used just now.
     store.warm_up().await.unwrap();
-    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert!(ended.len() >= 16, "{} sessions ended", ended.len());
-    for _ in 0..100 {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let ended = end_every_session(&db).await;
+    assert!(ended >= 16, "{ended} sessions ended");
 
     let first = store.ping().await;
     assert!(
@@ -1080,6 +1059,89 @@ async fn once_a_connection_is_found_lost_the_others_are_checked_before_use() {
     }
     store.ping_write().await.unwrap();
     store.close().await;
+}
+
+/// PostgreSQL: the run log's connection, kept from one group commit to the next, is checked before a commit that
+/// comes after a pause or after a connection was found lost, as the pool's are: the server ending every session
+/// then fails no group commit.
+#[tokio::test]
+async fn the_run_logs_kept_connection_is_checked_after_a_pause_or_a_loss() {
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    let append = |seq: u64| {
+        let store = &store;
+        let row = log_row(run.id, 1, seq, "{}");
+        async move { store.append_events(&[row]).await }
+    };
+    assert!(append(2).await.unwrap().is_empty());
+
+    // A pause longer than a connection may sit idle unchecked, then every session ends.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(end_every_session(&db).await >= 1);
+    assert!(
+        append(3)
+            .await
+            .expect("the commit after a pause")
+            .is_empty()
+    );
+
+    // Every session ends again, a moment after the last commit and statements on the pool; one of those
+    // connections, used too recently to be checked, is found lost before the next commit.
+    store.ping().await.unwrap();
+    assert!(end_every_session(&db).await >= 1);
+    let mut lost = None;
+    for _ in 0..16 {
+        if let Err(error) = store.ping().await {
+            lost = Some(error);
+            break;
+        }
+    }
+    assert!(
+        lost.as_ref().is_some_and(StoreError::is_unavailable),
+        "{lost:?}"
+    );
+    assert!(append(4).await.expect("the commit after a loss").is_empty());
+
+    let seqs: Vec<u64> = store
+        .events_of(run.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(seqs, [2, 3, 4]);
+    store.close().await;
+}
+
+/// Ends every session of the test's database but the asking one, as a server restart does, and waits until they are
+/// gone; how many it ended.
+async fn end_every_session(db: &TestDb) -> usize {
+    use sqlx::Connection as _;
+
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ended.len()
 }
 
 /// Opens a transaction on `conn` that holds run `run_id` key-share-locked, as a group commit in flight does; it ends
