@@ -13,6 +13,8 @@ use crate::store::LogRow;
 
 /// Most events in one commit.
 const MAX_BATCH: usize = 16_384;
+/// Room for events the writer keeps between commits when nothing is waiting.
+const KEPT_BATCH: usize = 256;
 
 /// The receiving end of the writer's queue.
 #[derive(Debug)]
@@ -36,6 +38,10 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
             }
         }
         commit(&log, &mut batch).await;
+        // Nothing waiting: the room a burst's batches took goes back (up to 16,384 events, about 1 MB).
+        if queue.0.is_empty() {
+            batch.shrink_to(KEPT_BATCH);
+        }
     }
 }
 
