@@ -16,7 +16,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) const MAX_CONNECTIONS: u32 = 16;
 /// The run log's group commits: one at a time per process, so one connection.
 const LOG_CONNECTIONS: u32 = 1;
-/// Largest statement after which the run log's kept connection keeps its buffers as they grew.
+/// The run log's kept connection keeps its buffers as a statement up to this size grew them; a larger one shrinks them.
 const KEPT_BUFFERS: usize = 256 * 1024;
 /// A pooled connection idle longer than this is pinged before use.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
