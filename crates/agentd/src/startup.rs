@@ -158,7 +158,7 @@ impl Application {
             open_file_limit = fd_limit,
             max_streams,
             stream_descriptors = descriptors,
-            "stream admission limit set (a stream from a provider holds two descriptors)"
+            "stream admission limit set (a stream from a provider over HTTP/1.1 holds two descriptors)"
         );
         let mut stages = Stages::default();
         let closing = stages.register(Stage::Store, "store", None);

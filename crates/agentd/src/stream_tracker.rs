@@ -31,13 +31,38 @@ pub enum DrainOutcome {
     TimedOut { open: usize },
 }
 
+/// File descriptors a stream holds, counted in hundredths: a stream on a connection it shares with others (HTTP/2)
+/// holds a share of that connection's descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Held(usize);
+
+impl Held {
+    pub const NONE: Self = Self(0);
+
+    /// `n` whole descriptors.
+    pub const fn descriptors(n: usize) -> Self {
+        Self(n * 100)
+    }
+
+    /// A stream's share of one descriptor that at most `among` streams share (rounded up).
+    pub const fn share_of_one(among: usize) -> Self {
+        Self(100usize.div_ceil(among))
+    }
+
+    #[must_use]
+    pub const fn and(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+}
+
 /// The counted state; only ever changed under the watch channel's lock.
 #[derive(Debug, Clone, Copy, Default)]
 struct State {
     /// Streams admitted and not yet released.
     open: usize,
-    /// File descriptors those streams hold: the client's socket, and the provider's when the run streams from one.
-    held: usize,
+    /// File descriptors those streams hold: the client's socket, and the provider's (or a share of it) when the run
+    /// streams from one.
+    held: Held,
     /// Set once by `begin_shutdown`; from then on nothing is admitted.
     shutting_down: bool,
 }
@@ -51,7 +76,7 @@ pub struct StreamTracker {
     /// Admission limit (`MAX_STREAMS`); `None` = unlimited.
     limit: Option<usize>,
     /// File descriptors streams may hold in all (the open-file limit less a reserve); `None` = unlimited.
-    descriptors: Option<usize>,
+    descriptors: Option<Held>,
 }
 
 impl StreamTracker {
@@ -64,19 +89,19 @@ impl StreamTracker {
         Self {
             state: Arc::new(watch::Sender::new(State::default())),
             limit,
-            descriptors,
+            descriptors: descriptors.map(Held::descriptors),
         }
     }
 
     /// Admits one stream holding one descriptor (its client's socket) and counts it, or says why not, in one step.
     pub fn try_admit(&self) -> Result<StreamGuard, Rejection> {
-        self.try_admit_holding(1)
+        self.try_admit_holding(Held::descriptors(1))
     }
 
-    /// Admits one stream that will hold `descriptors` file descriptors (2 for a run streaming from a provider: the
+    /// Admits one stream that will hold `descriptors` (2 for a run streaming from a provider over HTTP/1.1: the
     /// client's socket and the provider's), or says why not, in one step: a stream is refused before it starts
     /// rather than fail later for want of a descriptor.
-    pub fn try_admit_holding(&self, descriptors: usize) -> Result<StreamGuard, Rejection> {
+    pub fn try_admit_holding(&self, descriptors: Held) -> Result<StreamGuard, Rejection> {
         let mut verdict = Ok(());
         self.state.send_if_modified(|state| {
             verdict = self.verdict(state, descriptors);
@@ -84,7 +109,7 @@ impl StreamTracker {
                 return false;
             }
             state.open += 1;
-            state.held += descriptors;
+            state.held = state.held.and(descriptors);
             true
         });
         verdict.map(|()| StreamGuard {
@@ -93,7 +118,7 @@ impl StreamTracker {
         })
     }
 
-    fn verdict(&self, state: &State, descriptors: usize) -> Result<(), Rejection> {
+    fn verdict(&self, state: &State, descriptors: Held) -> Result<(), Rejection> {
         if state.shutting_down {
             return Err(Rejection::ShuttingDown);
         }
@@ -103,7 +128,7 @@ impl StreamTracker {
             return Err(Rejection::AtCapacity { limit });
         }
         if let Some(budget) = self.descriptors
-            && state.held + descriptors > budget
+            && state.held.and(descriptors) > budget
         {
             return Err(Rejection::AtCapacity { limit: state.open });
         }
@@ -112,7 +137,7 @@ impl StreamTracker {
 
     /// Whether a stream holding `descriptors` would be admitted now, without counting one: a cheap check that comes
     /// before any work a refused stream would waste. [`Self::try_admit_holding`] still decides, atomically.
-    pub fn admitting(&self, descriptors: usize) -> Result<(), Rejection> {
+    pub fn admitting(&self, descriptors: Held) -> Result<(), Rejection> {
         self.verdict(&self.state.borrow(), descriptors)
     }
 
@@ -140,14 +165,14 @@ impl StreamTracker {
 #[derive(Debug)]
 pub struct StreamGuard {
     state: Arc<watch::Sender<State>>,
-    descriptors: usize,
+    descriptors: Held,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.state.send_modify(|state| {
             state.open -= 1;
-            state.held -= self.descriptors;
+            state.held = Held(state.held.0 - self.descriptors.0);
         });
     }
 }
@@ -192,18 +217,38 @@ mod tests {
 
     #[test]
     fn streams_that_hold_a_provider_socket_count_it_against_the_descriptors() {
+        let two = Held::descriptors(2);
         let tracker = StreamTracker::with_descriptors(None, Some(5));
-        let a = tracker.try_admit_holding(2).unwrap();
-        let _b = tracker.try_admit_holding(2).unwrap();
-        assert!(tracker.admitting(2).is_err());
+        let a = tracker.try_admit_holding(two).unwrap();
+        let _b = tracker.try_admit_holding(two).unwrap();
+        assert!(tracker.admitting(two).is_err());
         assert!(
-            tracker.try_admit_holding(2).is_err(),
+            tracker.try_admit_holding(two).is_err(),
             "4 held, 2 more would pass 5"
         );
-        let _c = tracker.try_admit_holding(1).unwrap();
+        let _c = tracker.try_admit_holding(Held::descriptors(1)).unwrap();
         assert_eq!(tracker.open(), 3);
         drop(a);
-        assert!(tracker.try_admit_holding(2).is_ok());
+        assert!(tracker.try_admit_holding(two).is_ok());
+    }
+
+    #[test]
+    fn streams_sharing_a_connection_count_their_share_of_it() {
+        // A client's socket and a hundredth of a provider's connection each: 2 descriptors hold 1 stream, not 2.
+        let shared = Held::descriptors(1).and(Held::share_of_one(100));
+        let tracker = StreamTracker::with_descriptors(None, Some(2));
+        let _a = tracker.try_admit_holding(shared).unwrap();
+        assert!(tracker.try_admit_holding(shared).is_err());
+        // 99 such streams take 99 sockets and 99 hundredths: 100 descriptors, all there is.
+        let tracker = StreamTracker::with_descriptors(None, Some(100));
+        let held: Vec<_> = (0..99)
+            .map(|_| tracker.try_admit_holding(shared).unwrap())
+            .collect();
+        assert!(tracker.admitting(shared).is_err());
+        assert!(tracker.admitting(Held::share_of_one(100)).is_ok());
+        drop(held);
+        assert_eq!(tracker.open(), 0);
+        assert_eq!(Held::share_of_one(3), Held(34), "rounded up");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
+use crate::stream_tracker::Held;
 
 pub use test::{TestOptions, delta_text};
 pub use upstream::{Endpoint, Providers};
@@ -210,14 +211,20 @@ impl ModelSpec {
     }
 
     /// The file descriptors a stream of this model holds: its client's socket, and its own connection to the
-    /// provider unless the provider's streams share one (HTTP/2).
-    pub fn descriptors(&self, providers: &Providers) -> usize {
-        let shared = match self {
-            Self::Test(_) => true,
-            Self::OpenAi(_) => providers.openai_lane.multiplexed(),
-            Self::Anthropic(_) => providers.anthropic_lane.multiplexed(),
+    /// provider, or its share of one when the provider's streams share connections (HTTP/2, at most
+    /// [`upstream::STREAMS_PER_CONNECTION`] on each).
+    pub fn descriptors(&self, providers: &Providers) -> Held {
+        let lane = match self {
+            Self::Test(_) => return Held::descriptors(1),
+            Self::OpenAi(_) => &providers.openai_lane,
+            Self::Anthropic(_) => &providers.anthropic_lane,
         };
-        if shared { 1 } else { 2 }
+        let provider = if lane.multiplexed() {
+            Held::share_of_one(upstream::STREAMS_PER_CONNECTION)
+        } else {
+            Held::descriptors(1)
+        };
+        Held::descriptors(1).and(provider)
     }
 
     pub fn build(&self, providers: &Providers) -> Arc<dyn Model> {

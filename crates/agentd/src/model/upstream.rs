@@ -8,9 +8,9 @@
 //! unavailable, configuration, broken stream); the log keeps the provider's status and body.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -38,25 +38,183 @@ pub struct Endpoint {
     pub h2c: bool,
 }
 
-/// How requests reach one provider: its HTTP client, and whether its answers share a connection (HTTP/2), so that a
-/// stream to it holds no descriptor of its own.
+/// Streams one connection to a provider carries at a time. An HTTP/2 server caps the streams a connection may have
+/// open (`SETTINGS_MAX_CONCURRENT_STREAMS`: at least 100 as RFC 9113 recommends; nginx allows 128, hyper 200), and a
+/// request past the cap waits until a stream of that connection ends, which for a model's answer can be minutes. The
+/// HTTP client keeps one HTTP/2 connection per provider and does not open a second when it is full, so a lane has as
+/// many clients as its streams need, each carrying at most this many. Over HTTP/1.1 each stream has its own
+/// connection anyway.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+/// A lane's client other than its first, idle this long, is dropped with its connection (the HTTP client closes a
+/// connection idle this long in any case).
+const IDLE_CLIENT: Duration = Duration::from_secs(90);
+
+/// How requests reach one provider: HTTP clients, each carrying at most [`STREAMS_PER_CONNECTION`] streams, and
+/// whether the provider's answers share a connection (HTTP/2), so that a stream to it holds a share of a descriptor
+/// rather than one of its own.
 #[derive(Debug, Clone)]
 pub struct Lane {
-    pub client: reqwest::Client,
-    multiplexed: Arc<AtomicBool>,
+    inner: Arc<LaneInner>,
+}
+
+#[derive(Debug)]
+struct LaneInner {
+    client: ClientSettings,
+    /// The first is made with the lane and kept; the others are made when every one before is full.
+    carriers: Mutex<Vec<Arc<Carrier>>>,
+    multiplexed: AtomicBool,
+}
+
+/// One HTTP client of a lane and the streams it carries now.
+#[derive(Debug)]
+struct Carrier {
+    client: reqwest::Client,
+    streams: AtomicUsize,
+    /// When its last stream ended; read while `streams` is 0.
+    idle_since: Mutex<Instant>,
+}
+
+/// What every client of every lane is made with. The TLS settings are made once: each client made from them shares
+/// their certificate verifier (and the system's roots it loads) and the cache of TLS sessions to resume.
+#[derive(Debug, Clone)]
+struct ClientSettings {
+    connect_timeout: Duration,
+    h2c: bool,
+    tls: rustls::ClientConfig,
+}
+
+impl ClientSettings {
+    fn client(&self) -> reqwest::Client {
+        let builder = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .tls_backend_preconfigured(self.tls.clone());
+        let builder = if self.h2c {
+            builder.http2_prior_knowledge()
+        } else {
+            builder
+        };
+        builder
+            .build()
+            .expect("the HTTP client builds with settings it was first built with")
+    }
+}
+
+/// HTTP/2 or HTTP/1.1 (ALPN), certificates checked against the system's roots: what the HTTP client does by default.
+fn tls_settings() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider))
+        .expect("the system's certificate verifier is available");
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the default TLS versions are supported")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls
 }
 
 impl Lane {
-    fn new(client: reqwest::Client, multiplexed: bool) -> Self {
+    fn new(client: ClientSettings, multiplexed: bool) -> Self {
+        let first = Carrier::new(client.client());
         Self {
-            client,
-            multiplexed: Arc::new(AtomicBool::new(multiplexed)),
+            inner: Arc::new(LaneInner {
+                client,
+                carriers: Mutex::new(vec![first]),
+                multiplexed: AtomicBool::new(multiplexed),
+            }),
         }
     }
 
     /// Whether this provider's streams share connections: configured (h2c), or seen (it answered over HTTP/2).
     pub fn multiplexed(&self) -> bool {
-        self.multiplexed.load(Ordering::Relaxed)
+        self.inner.multiplexed.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more stream: the first client with room, or a new one when all are full. The stream counts on
+    /// its client until the slot is dropped.
+    pub fn slot(&self) -> Slot {
+        self.slot_dropping_idle(IDLE_CLIENT)
+    }
+
+    /// [`Self::slot`], dropping first the clients other than the first idle for `idle`.
+    fn slot_dropping_idle(&self, idle: Duration) -> Slot {
+        let mut carriers = self
+            .inner
+            .carriers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut index = 0;
+        carriers.retain(|carrier| {
+            index += 1;
+            index == 1 || !carrier.idle_for(idle)
+        });
+        let found = carriers
+            .iter()
+            .find(|carrier| carrier.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
+            .cloned();
+        let carrier = found.unwrap_or_else(|| {
+            let carrier = Carrier::new(self.inner.client.client());
+            carriers.push(Arc::clone(&carrier));
+            carrier
+        });
+        // Counted under the lock, so no client is given more than its share; released without it.
+        carrier.streams.fetch_add(1, Ordering::Relaxed);
+        Slot { carrier }
+    }
+
+    /// How many clients the lane has now (each with at most one connection over HTTP/2).
+    pub fn clients(&self) -> usize {
+        self.inner
+            .carriers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Carrier {
+    fn new(client: reqwest::Client) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            streams: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn idle_for(&self, long: Duration) -> bool {
+        self.streams.load(Ordering::Relaxed) == 0
+            && self
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed()
+                >= long
+    }
+}
+
+/// One stream's place on a lane's client (see [`Lane::slot`]).
+#[derive(Debug)]
+pub struct Slot {
+    carrier: Arc<Carrier>,
+}
+
+impl Slot {
+    pub fn client(&self) -> &reqwest::Client {
+        &self.carrier.client
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut idle_since = self
+            .carrier
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.carrier.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *idle_since = Instant::now();
+        }
     }
 }
 
@@ -78,24 +236,14 @@ impl Providers {
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
-        let client = |h2c: bool| {
-            let builder = reqwest::Client::builder().connect_timeout(connect_timeout);
-            let builder = if h2c {
-                builder.http2_prior_knowledge()
-            } else {
-                builder
-            };
-            builder
-                .build()
-                .expect("the HTTP client builds with its defaults")
-        };
-        let shared = client(false);
+        let tls = tls_settings();
         let lane = |endpoint: &Endpoint| {
-            if endpoint.h2c {
-                Lane::new(client(true), true)
-            } else {
-                Lane::new(shared.clone(), false)
-            }
+            let client = ClientSettings {
+                connect_timeout,
+                h2c: endpoint.h2c,
+                tls: tls.clone(),
+            };
+            Lane::new(client, endpoint.h2c)
         };
         Self {
             openai_lane: lane(&openai),
@@ -281,9 +429,11 @@ pub fn post_and_stream<P: WireParser + Default>(
     once_opened(async move {
         let mut attempt = 1;
         loop {
-            let response = send(provider, || authorize(lane.client.post(&url).json(&body))).await?;
+            let slot = lane.slot();
+            let response =
+                send(provider, || authorize(slot.client().post(&url).json(&body))).await?;
             if response.version() == reqwest::Version::HTTP_2 {
-                lane.multiplexed.store(true, Ordering::Relaxed);
+                lane.inner.multiplexed.store(true, Ordering::Relaxed);
             }
             let mut events = parse_stream(provider, response, P::default(), idle);
             // An overload told inside the stream before anything came (Anthropic's `event: error` right after
@@ -303,7 +453,12 @@ pub fn post_and_stream<P: WireParser + Default>(
                 attempt += 1;
                 continue;
             }
-            return Ok(Box::pin(stream::iter(first).chain(events)) as ModelStream);
+            // The stream keeps its place on the client until it is dropped.
+            let events = stream::iter(first).chain(events).map(move |event| {
+                let _place = &slot;
+                event
+            });
+            return Ok(Box::pin(events) as ModelStream);
         }
     })
 }
@@ -418,6 +573,42 @@ mod tests {
         }
         assert!(events.next().await.is_none(), "the answer ends cleanly");
         assert!(began.elapsed() >= idle * 5, "{:?}", began.elapsed());
+    }
+
+    #[test]
+    fn a_lane_adds_a_client_when_each_carries_its_share_and_drops_idle_ones_but_its_first() {
+        let settings = ClientSettings {
+            connect_timeout: Duration::from_secs(1),
+            h2c: true,
+            tls: tls_settings(),
+        };
+        let lane = Lane::new(settings, true);
+        let same = |a: &Slot, b: &Slot| Arc::ptr_eq(&a.carrier, &b.carrier);
+        let mut first: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
+        assert_eq!(lane.clients(), 1);
+        let second = lane.slot();
+        assert_eq!(lane.clients(), 2);
+        assert!(!same(&second, &first[0]));
+        // Room on the first client is taken before the second's.
+        first.pop();
+        let again = lane.slot();
+        assert!(same(&again, &first[0]));
+        let also = lane.slot();
+        assert!(same(&also, &second));
+        // A client carrying a stream stays, however long it has been since it was idle.
+        drop(second);
+        drop(lane.slot_dropping_idle(Duration::ZERO));
+        assert_eq!(lane.clients(), 2);
+        // Idle, it goes; the first stays, idle or not.
+        drop((also, first, again));
+        drop(lane.slot_dropping_idle(Duration::ZERO));
+        assert_eq!(lane.clients(), 1);
+        // Idle for less than the wait, a client stays.
+        let full: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
+        drop(lane.slot());
+        drop(full);
+        drop(lane.slot());
+        assert_eq!(lane.clients(), 2);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::{ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
 use crate::store::{Chat, ChatOwner, Run, RunStatus, SessionStore, StoreError, StoredMessage};
-use crate::stream_tracker::{Rejection, StreamGuard, StreamTracker};
+use crate::stream_tracker::{Held, Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
 pub use engine::Failure;
 use follow::Follower;
@@ -237,7 +237,10 @@ impl RunService {
         resume: Resume,
     ) -> Result<RunHandle, RunError> {
         let parts = &self.inner.parts;
-        parts.tracker.admitting(1).map_err(|r| self.rejected(r))?;
+        parts
+            .tracker
+            .admitting(Held::descriptors(1))
+            .map_err(|r| self.rejected(r))?;
         let (run, last) = self.find_run(caller, chat_id, run_id).await?;
         if resume.after > last {
             return Err(RunError::AfterLast {

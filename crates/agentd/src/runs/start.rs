@@ -32,8 +32,8 @@ impl RunService {
         let model = request
             .model
             .unwrap_or_else(|| parts.models.default.clone());
-        // A run streaming from a provider holds its socket too, beside the client's, unless the provider's streams share
-        // a connection (HTTP/2).
+        // A run streaming from a provider holds its socket too, beside the client's, or its share of one when the
+        // provider's streams share connections (HTTP/2).
         let descriptors = model.descriptors(&parts.providers);
         parts
             .tracker

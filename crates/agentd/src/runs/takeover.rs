@@ -17,7 +17,7 @@ use super::engine::{Prompt, Resumed};
 use super::{AgentContext, RunService};
 use crate::model::{Message, ModelSpec, ToolCall};
 use crate::store::StoreError;
-use crate::stream_tracker::Rejection;
+use crate::stream_tracker::{Held, Rejection};
 use crate::tools::ToolContext;
 
 impl RunService {
@@ -25,7 +25,10 @@ impl RunService {
     pub(super) async fn take_over_followed(&self) {
         let parts = &self.inner.parts;
         // A replica that is shutting down leaves the runs to the others.
-        if matches!(parts.tracker.admitting(0), Err(Rejection::ShuttingDown)) {
+        if matches!(
+            parts.tracker.admitting(Held::NONE),
+            Err(Rejection::ShuttingDown)
+        ) {
             return;
         }
         let followed = self.log().followed_with_callers();

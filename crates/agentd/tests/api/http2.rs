@@ -10,7 +10,7 @@ use crate::common::db::TestDb;
 use crate::common::h2::{H2Connection, json as body_of};
 use crate::common::haproxy::{Haproxy, handoff_replicas};
 use crate::common::runs::{assert_whole, ended, paced, run_id_of, take};
-use crate::common::{Agentd, Events, metric, new_chat, types};
+use crate::common::{Agentd, Events, established_to, metric, new_chat, types};
 
 /// Checks a whole run: ids in order, `deltas` deltas, and the answer, its completion and `done` at the end.
 fn assert_completed(events: &[(String, Value)], deltas: usize) {
@@ -223,18 +223,4 @@ async fn behind_haproxy_speaking_http2_clients_share_connections_and_a_handoff_l
     }
     assert!(moved > 0, "the stopped replica's clients were handed over");
     assert!(stopping.exit_status().await.success());
-}
-
-/// Established TCP connections whose local port is `port` (the server's ends of its clients' connections).
-fn established_to(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields[1].rsplit(':').next().unwrap();
-            u16::from_str_radix(local_port, 16) == Ok(port) && fields[3] == "01"
-        })
-        .count()
 }

@@ -397,3 +397,17 @@ pub fn types(events: &[(String, Value)]) -> Vec<String> {
         .map(|(_, e)| e["type"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// Established TCP connections whose local port is `port` (the server's ends of its clients' connections).
+pub fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16) == Ok(port) && fields[3] == "01"
+        })
+        .count()
+}

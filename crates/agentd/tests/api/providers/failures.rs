@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{CANVAS, ORG, USER, answer_of, setup};
 use crate::common::upstream::{FakeUpstream, Reply, anthropic, openai};
-use crate::common::{Agentd, Events, deltas, types};
+use crate::common::{Agentd, Events, deltas, established_to, types};
 use agentd::grpc::proto::DescribeAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 
@@ -389,12 +389,14 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
     assert_eq!(s.latest_status(&chat).await, "completed");
 }
 
-/// Asks `asks` times for a provider stream that stalls after its first text, on a server with 300 descriptors
-/// (128 kept in reserve: 172 for streams); how many were admitted (each reached its provider) and how many refused.
+/// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
+/// (128 kept in reserve: 172 for streams of 300); how many were admitted (each reached its provider), how many
+/// refused, and the connections to the provider while the admitted ones were open.
 async fn parked_past_the_file_limit(
     asks: usize,
+    limit: u32,
     extra: &[(&str, &str)],
-) -> (usize, usize, FakeUpstream) {
+) -> (usize, usize, usize, FakeUpstream) {
     let fake = FakeUpstream::start().await;
     let stalls = (0..asks).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
     fake.script(stalls);
@@ -406,7 +408,7 @@ async fn parked_past_the_file_limit(
         ("OPENAI_API_KEY", "sk-test-key"),
     ];
     env.extend_from_slice(extra);
-    let server = Agentd::spawn_with_open_file_limit(300, &env).await;
+    let server = Agentd::spawn_with_open_file_limit(limit, &env).await;
     let secret = agentd::secret::Secret::new(super::SECRET);
     let token = agentd::auth::mint(
         &secret,
@@ -440,14 +442,16 @@ async fn parked_past_the_file_limit(
         assert_eq!(first["type"], "model_delta", "{first}");
         open.push(events);
     }
-    (open.len(), refused, fake)
+    let connections = established_to(port_of(&fake.base));
+    (open.len(), refused, connections, fake)
 }
 
 #[tokio::test]
 async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
-    let (open, refused, fake) = parked_past_the_file_limit(100, &[]).await;
+    let (open, refused, connections, fake) = parked_past_the_file_limit(100, 300, &[]).await;
     assert_eq!(open, 86, "172 descriptors, two per stream");
     assert_eq!(refused, 14);
+    assert_eq!(connections, 86);
     assert!(
         fake.seen("/v1/")
             .iter()
@@ -456,15 +460,38 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
 }
 
 #[tokio::test]
-async fn streams_to_a_provider_over_h2c_share_its_connection_and_are_admitted_as_one_descriptor() {
-    let (open, refused, fake) = parked_past_the_file_limit(190, &[("OPENAI_H2C", "1")]).await;
-    assert_eq!(open, 172, "172 descriptors, one per stream");
-    assert_eq!(refused, 18);
+async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_with_their_share() {
+    let (open, refused, connections, fake) =
+        parked_past_the_file_limit(190, 300, &[("OPENAI_H2C", "1")]).await;
+    // Each stream holds its client's socket and a hundredth of a provider connection (100 streams at most on each):
+    // 170 streams, 170 sockets and two connections, the 172 descriptors there are.
+    assert_eq!(open, 170, "172 descriptors, 1.01 per stream");
+    assert_eq!(refused, 20);
+    assert_eq!(connections, 2);
     let seen = fake.seen("/v1/");
-    assert_eq!(seen.len(), 172);
+    assert_eq!(seen.len(), 170);
     assert!(
         seen.iter()
             .all(|s| s.version == axum::http::Version::HTTP_2),
         "every answer came over HTTP/2"
     );
+}
+
+#[tokio::test]
+async fn streams_to_a_provider_past_what_one_http2_connection_carries_go_on_another() {
+    // The fake's HTTP/2 connections carry at most 200 streams at a time (hyper's default): a 201st stream on one
+    // would wait for one of the others to end. agentd puts at most 100 on each.
+    let (open, refused, connections, _) =
+        parked_past_the_file_limit(210, 1000, &[("OPENAI_H2C", "1")]).await;
+    assert_eq!(
+        (open, refused),
+        (210, 0),
+        "every stream reached its provider"
+    );
+    assert_eq!(connections, 3);
+}
+
+/// The port of a `http://host:port` base URL.
+fn port_of(base: &str) -> u16 {
+    base.rsplit(':').next().unwrap().parse().unwrap()
 }
