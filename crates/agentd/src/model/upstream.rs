@@ -10,10 +10,11 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream;
+use tokio::time::Instant;
 
 use super::{ModelError, ModelEvent, ModelStream};
 use crate::secret::Secret;
@@ -45,9 +46,11 @@ pub struct Endpoint {
 /// many clients as its streams need, each carrying at most this many. Over HTTP/1.1 each stream has its own
 /// connection anyway.
 pub const STREAMS_PER_CONNECTION: usize = 100;
-/// A lane's client other than its first, idle this long, is dropped with its connection (the HTTP client closes a
-/// connection idle this long in any case).
-const IDLE_CLIENT: Duration = Duration::from_secs(90);
+/// A lane's client other than its first, idle this long, is dropped with its connection: the connections a burst
+/// opened do not outlast it for long (each keeps its buffers and tables), and a load that comes and goes around a
+/// multiple of 100 streams does not open and close one for each stream. (The first client's connection is closed
+/// by the HTTP client after 90 s idle.)
+const SPARE_IDLE: Duration = Duration::from_secs(10);
 
 /// How requests reach one provider: HTTP clients, each carrying at most [`STREAMS_PER_CONNECTION`] streams, and
 /// whether the provider's answers share a connection (HTTP/2), so that a stream to it holds a share of a descriptor
@@ -117,13 +120,25 @@ fn tls_settings() -> rustls::ClientConfig {
 impl Lane {
     fn new(client: ClientSettings, multiplexed: bool) -> Self {
         let first = Carrier::new(client.client());
-        Self {
-            inner: Arc::new(LaneInner {
-                client,
-                carriers: Mutex::new(vec![first]),
-                multiplexed: AtomicBool::new(multiplexed),
-            }),
+        let inner = Arc::new(LaneInner {
+            client,
+            carriers: Mutex::new(vec![first]),
+            multiplexed: AtomicBool::new(multiplexed),
+        });
+        // Every half of SPARE_IDLE, for as long as the lane is in use.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let lane = Arc::downgrade(&inner);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(SPARE_IDLE / 2).await;
+                    let Some(inner) = lane.upgrade() else {
+                        return;
+                    };
+                    Lane { inner }.drop_idle(SPARE_IDLE);
+                }
+            });
         }
+        Self { inner }
     }
 
     /// Whether this provider's streams share connections: configured (h2c), or seen (it answered over HTTP/2).
@@ -134,21 +149,11 @@ impl Lane {
     /// A place for one more stream: the first client with room, or a new one when all are full. The stream counts on
     /// its client until the slot is dropped.
     pub fn slot(&self) -> Slot {
-        self.slot_dropping_idle(IDLE_CLIENT)
-    }
-
-    /// [`Self::slot`], dropping first the clients other than the first idle for `idle`.
-    fn slot_dropping_idle(&self, idle: Duration) -> Slot {
         let mut carriers = self
             .inner
             .carriers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut index = 0;
-        carriers.retain(|carrier| {
-            index += 1;
-            index == 1 || !carrier.idle_for(idle)
-        });
         let found = carriers
             .iter()
             .find(|carrier| carrier.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
@@ -161,6 +166,20 @@ impl Lane {
         // Counted under the lock, so no client is given more than its share; released without it.
         carrier.streams.fetch_add(1, Ordering::Relaxed);
         Slot { carrier }
+    }
+
+    /// Drops the clients other than the first that have carried nothing for `idle`, and their connections.
+    fn drop_idle(&self, idle: Duration) {
+        let mut carriers = self
+            .inner
+            .carriers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut index = 0;
+        carriers.retain(|carrier| {
+            index += 1;
+            index == 1 || !carrier.idle_for(idle)
+        });
     }
 
     /// How many clients the lane has now (each with at most one connection over HTTP/2).
@@ -575,14 +594,18 @@ mod tests {
         assert!(began.elapsed() >= idle * 5, "{:?}", began.elapsed());
     }
 
-    #[test]
-    fn a_lane_adds_a_client_when_each_carries_its_share_and_drops_idle_ones_but_its_first() {
+    fn h2c_lane() -> Lane {
         let settings = ClientSettings {
             connect_timeout: Duration::from_secs(1),
             h2c: true,
             tls: tls_settings(),
         };
-        let lane = Lane::new(settings, true);
+        Lane::new(settings, true)
+    }
+
+    #[test]
+    fn a_lane_adds_a_client_when_each_carries_its_share_and_drops_idle_ones_but_its_first() {
+        let lane = h2c_lane();
         let same = |a: &Slot, b: &Slot| Arc::ptr_eq(&a.carrier, &b.carrier);
         let mut first: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
         assert_eq!(lane.clients(), 1);
@@ -597,18 +620,32 @@ mod tests {
         assert!(same(&also, &second));
         // A client carrying a stream stays, however long it has been since it was idle.
         drop(second);
-        drop(lane.slot_dropping_idle(Duration::ZERO));
+        lane.drop_idle(Duration::ZERO);
         assert_eq!(lane.clients(), 2);
         // Idle, it goes; the first stays, idle or not.
         drop((also, first, again));
-        drop(lane.slot_dropping_idle(Duration::ZERO));
+        lane.drop_idle(Duration::ZERO);
         assert_eq!(lane.clients(), 1);
         // Idle for less than the wait, a client stays.
         let full: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
         drop(lane.slot());
         drop(full);
-        drop(lane.slot());
+        lane.drop_idle(SPARE_IDLE);
         assert_eq!(lane.clients(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lanes_spare_clients_are_dropped_once_idle_for_a_while() {
+        let lane = h2c_lane();
+        let streams: Vec<Slot> = (0..=STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
+        assert_eq!(lane.clients(), 2);
+        tokio::time::sleep(SPARE_IDLE * 3).await;
+        assert_eq!(lane.clients(), 2, "carrying a stream");
+        drop(streams);
+        tokio::time::sleep(SPARE_IDLE / 2).await;
+        assert_eq!(lane.clients(), 2, "not idle for long enough");
+        tokio::time::sleep(SPARE_IDLE).await;
+        assert_eq!(lane.clients(), 1, "the first stays");
     }
 
     #[test]
