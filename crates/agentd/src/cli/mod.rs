@@ -90,8 +90,8 @@ pub struct ModelArgs {
         default_value = "https://api.openai.com/v1"
     )]
     pub openai_base_url: String,
-    /// Speak HTTP/2 without TLS (prior knowledge) to OPENAI_BASE_URL, for a local server that supports it: many
-    /// streams then share one connection.
+    /// Speak HTTP/2 without TLS (prior knowledge) to OPENAI_BASE_URL, for a local server that supports it: streams
+    /// then share connections, at most 100 on each.
     #[arg(long = "openai-h2c", env = "OPENAI_H2C", action = clap::ArgAction::SetTrue,
         value_parser = clap::builder::BoolishValueParser::new())]
     pub openai_h2c: bool,
