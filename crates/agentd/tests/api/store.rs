@@ -6,8 +6,8 @@ use crate::common::db::{TestDb, runs_of};
 use crate::common::{Agentd, new_chat, types};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
-    ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
-    STALE_RUN_ERROR, StoreError,
+    Chat, ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
+    STALE_RUN_ERROR, SessionStore, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -49,6 +49,14 @@ fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
         first_event: None,
         agent_context: None,
     }
+}
+
+/// A new chat of o/u/c with a run started in it.
+async fn started_run(store: &SessionStore) -> (Chat, NewRun) {
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let run = new_run(chat.id, "q");
+    store.start_run(&run).await.unwrap();
+    (chat, run)
 }
 
 fn end(status: RunStatus, output: &str, usage: Usage, messages: Vec<Message>) -> RunEnd {
@@ -258,9 +266,7 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
 
 async fn deleting_a_chat_deletes_its_messages_runs_and_run_log(db: TestDb) {
     let store = db.open().await;
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (chat, run) = started_run(&store).await;
     let events = LogRow {
         run_id: run.id,
         epoch: 1,
@@ -550,9 +556,7 @@ async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
     use sqlx::Connection;
     let db = TestDb::postgres().await;
     let store = db.open().await;
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (_, run) = started_run(&store).await;
     // Text that compresses well, well over the 2 KB at which PostgreSQL compresses a value by default.
     let answer = "the same words again and again ".repeat(400);
     let events: Vec<String> = (0..100)
@@ -845,9 +849,7 @@ fn log_row(run_id: Uuid, epoch: u64, seq: u64, json: &str) -> LogRow {
 
 async fn a_claim_fences_the_old_producer_and_exactly_one_claimer_wins(db: TestDb) {
     let store = db.open().await;
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (_, run) = started_run(&store).await;
     let lease = Duration::from_secs(30);
     // A live producer's run cannot be claimed.
     assert!(store.claim(&[run.id], lease, "b").await.unwrap().is_empty());
@@ -926,9 +928,7 @@ async fn a_claim_fences_the_old_producer_and_exactly_one_claimer_wins(db: TestDb
 
 async fn a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once(db: TestDb) {
     let store = db.open().await;
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (_, run) = started_run(&store).await;
     let lease = Duration::from_secs(30);
 
     // Released by its draining producer: claimable at once, though its heartbeat is fresh.
@@ -1068,9 +1068,7 @@ async fn once_a_connection_is_found_lost_the_others_are_checked_before_use() {
 async fn the_run_logs_kept_connection_is_checked_after_a_pause_or_a_loss() {
     let db = TestDb::postgres().await;
     let store = db.open().await;
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (_, run) = started_run(&store).await;
     let append = |seq: u64| {
         let store = &store;
         let row = log_row(run.id, 1, seq, "{}");
@@ -1164,9 +1162,7 @@ async fn a_follower_noted_elsewhere_waits_for_the_commit_in_flight_then_the_even
     let db = TestDb::postgres().await;
     let store = db.open().await;
     let mut listener = store.listen(&[EVENTS_CHANNEL]).await.unwrap().unwrap();
-    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
-    let run = new_run(chat.id, "q");
-    store.start_run(&run).await.unwrap();
+    let (_, run) = started_run(&store).await;
     // A group commit in flight holds the run key-share-locked, as the append does.
     let mut in_flight = sqlx::PgConnection::connect(db.url()).await.unwrap();
     begin_commit_in_flight(&mut in_flight, run.id).await;
