@@ -392,12 +392,12 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
 /// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
 /// (128 kept in reserve: 172 for streams of 300); how many were admitted (each reached its provider), how many
 /// refused, and the connections to the provider while the admitted ones were open.
-async fn parked_past_the_file_limit(
+pub(super) async fn parked_past_the_file_limit(
+    fake: FakeUpstream,
     asks: usize,
     limit: u32,
     extra: &[(&str, &str)],
 ) -> (usize, usize, usize, FakeUpstream) {
-    let fake = FakeUpstream::start().await;
     let stalls = (0..asks).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
     fake.script(stalls);
     let openai_base = format!("{}/v1", fake.base);
@@ -442,13 +442,14 @@ async fn parked_past_the_file_limit(
         assert_eq!(first["type"], "model_delta", "{first}");
         open.push(events);
     }
-    let connections = established_to(port_of(&fake.base));
+    let connections = established_to(fake.port());
     (open.len(), refused, connections, fake)
 }
 
 #[tokio::test]
 async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
-    let (open, refused, connections, fake) = parked_past_the_file_limit(100, 300, &[]).await;
+    let (open, refused, connections, fake) =
+        parked_past_the_file_limit(FakeUpstream::start().await, 100, 300, &[]).await;
     assert_eq!(open, 86, "172 descriptors, two per stream");
     assert_eq!(refused, 14);
     assert_eq!(connections, 86);
@@ -461,8 +462,13 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
 
 #[tokio::test]
 async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_with_their_share() {
-    let (open, refused, connections, fake) =
-        parked_past_the_file_limit(190, 300, &[("OPENAI_H2C", "1")]).await;
+    let (open, refused, connections, fake) = parked_past_the_file_limit(
+        FakeUpstream::start().await,
+        190,
+        300,
+        &[("OPENAI_H2C", "1")],
+    )
+    .await;
     // Each stream holds its client's socket and a hundredth of a provider connection (100 streams at most on each):
     // 170 streams, 170 sockets and two connections, the 172 descriptors there are.
     assert_eq!(open, 170, "172 descriptors, 1.01 per stream");
@@ -481,17 +487,17 @@ async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_w
 async fn streams_to_a_provider_past_what_one_http2_connection_carries_go_on_another() {
     // The fake's HTTP/2 connections carry at most 200 streams at a time (hyper's default): a 201st stream on one
     // would wait for one of the others to end. agentd puts at most 100 on each.
-    let (open, refused, connections, _) =
-        parked_past_the_file_limit(210, 1000, &[("OPENAI_H2C", "1")]).await;
+    let (open, refused, connections, _) = parked_past_the_file_limit(
+        FakeUpstream::start().await,
+        210,
+        1000,
+        &[("OPENAI_H2C", "1")],
+    )
+    .await;
     assert_eq!(
         (open, refused),
         (210, 0),
         "every stream reached its provider"
     );
     assert_eq!(connections, 3);
-}
-
-/// The port of a `http://host:port` base URL.
-fn port_of(base: &str) -> u16 {
-    base.rsplit(':').next().unwrap().parse().unwrap()
 }

@@ -72,7 +72,11 @@ async fn setup() -> Setup {
 
 /// The setup, with more settings.
 async fn setup_with(extra: &[(&str, &str)]) -> Setup {
-    let fake = FakeUpstream::start().await;
+    setup_on(FakeUpstream::start().await, extra).await
+}
+
+/// The setup, with `fake` as the provider and more settings.
+async fn setup_on(fake: FakeUpstream, extra: &[(&str, &str)]) -> Setup {
     let tools = tools_file(&fake);
     let tools_path = tools.path().join("tools.yaml");
     let openai_base = format!("{}/v1", fake.base);
@@ -208,3 +212,4 @@ fn answer_of(events: &[(String, Value)]) -> &Value {
 mod answers;
 mod failures;
 mod instructed;
+mod tls;
