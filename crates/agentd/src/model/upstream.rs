@@ -1,5 +1,5 @@
-//! What the HTTP providers share: the client, retries, reading an upstream SSE stream with an idle timeout, and the
-//! messages users see when a provider fails.
+//! What the HTTP providers share: the clients (a provider's streams 100 to a connection), retries, reading an
+//! upstream SSE stream with an idle timeout, and the messages users see when a provider fails.
 //!
 //! Retries: a request answered 429, 500–504 or 529, or that cannot connect, is tried again, up to [`ATTEMPTS`] in
 //! all, after an exponential backoff with jitter (or the provider's `Retry-After`). This happens before the upstream
@@ -183,7 +183,8 @@ impl Lane {
     }
 
     /// How many clients the lane has now (each with at most one connection over HTTP/2).
-    pub fn clients(&self) -> usize {
+    #[cfg(test)]
+    fn clients(&self) -> usize {
         self.inner
             .carriers
             .lock()
