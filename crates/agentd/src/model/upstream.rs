@@ -66,6 +66,9 @@ struct LaneInner {
     /// The first is made with the lane and kept; the others are made when every one before is full.
     carriers: Mutex<Vec<Arc<Carrier>>>,
     multiplexed: AtomicBool,
+    /// Seen answering over HTTP/1.1 (and not over HTTP/2): each stream has a connection of its own whatever the
+    /// client, so the first client carries them all, and its pool keeps their connections for the next ones.
+    over_http1: AtomicBool,
 }
 
 /// One HTTP client of a lane and the streams it carries now.
@@ -124,6 +127,7 @@ impl Lane {
             client,
             carriers: Mutex::new(vec![first]),
             multiplexed: AtomicBool::new(multiplexed),
+            over_http1: AtomicBool::new(false),
         });
         // Every half of SPARE_IDLE, for as long as the lane is in use.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -146,17 +150,34 @@ impl Lane {
         self.inner.multiplexed.load(Ordering::Relaxed)
     }
 
-    /// A place for one more stream: the first client with room, or a new one when all are full. The stream counts on
-    /// its client until the slot is dropped.
+    /// Notes the protocol the provider answered with.
+    fn saw(&self, version: reqwest::Version) {
+        if version == reqwest::Version::HTTP_2 {
+            self.inner.multiplexed.store(true, Ordering::Relaxed);
+        } else if matches!(
+            version,
+            reqwest::Version::HTTP_11 | reqwest::Version::HTTP_10
+        ) {
+            self.inner.over_http1.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A place for one more stream: the first client with room, or a new one when all are full (or the first client,
+    /// over HTTP/1.1). The stream counts on its client until the slot is dropped.
     pub fn slot(&self) -> Slot {
         let mut carriers = self
             .inner
             .carriers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let room = if self.inner.over_http1.load(Ordering::Relaxed) && !self.multiplexed() {
+            usize::MAX
+        } else {
+            STREAMS_PER_CONNECTION
+        };
         let found = carriers
             .iter()
-            .find(|carrier| carrier.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
+            .find(|carrier| carrier.streams.load(Ordering::Relaxed) < room)
             .cloned();
         let carrier = found.unwrap_or_else(|| {
             let carrier = Carrier::new(self.inner.client.client());
@@ -452,9 +473,7 @@ pub fn post_and_stream<P: WireParser + Default>(
             let slot = lane.slot();
             let response =
                 send(provider, || authorize(slot.client().post(&url).json(&body))).await?;
-            if response.version() == reqwest::Version::HTTP_2 {
-                lane.inner.multiplexed.store(true, Ordering::Relaxed);
-            }
+            lane.saw(response.version());
             let mut events = parse_stream(provider, response, P::default(), idle);
             // An overload told inside the stream before anything came (Anthropic's `event: error` right after
             // `message_start`) is the streaming form of a 529: retried like the status, since nothing was shown yet.
@@ -633,6 +652,28 @@ mod tests {
         drop(full);
         lane.drop_idle(SPARE_IDLE);
         assert_eq!(lane.clients(), 2);
+    }
+
+    #[test]
+    fn over_http1_a_lanes_first_client_carries_every_stream_until_the_provider_answers_over_http2()
+    {
+        let settings = ClientSettings {
+            connect_timeout: Duration::from_secs(1),
+            h2c: false,
+            tls: tls_settings(),
+        };
+        let lane = Lane::new(settings, false);
+        lane.saw(reqwest::Version::HTTP_11);
+        let streams: Vec<Slot> = (0..=2 * STREAMS_PER_CONNECTION)
+            .map(|_| lane.slot())
+            .collect();
+        assert_eq!(lane.clients(), 1);
+        assert!(!lane.multiplexed());
+        lane.saw(reqwest::Version::HTTP_2);
+        assert!(lane.multiplexed());
+        let next = lane.slot();
+        assert_eq!(lane.clients(), 2);
+        assert!(!Arc::ptr_eq(&next.carrier, &streams[0].carrier));
     }
 
     #[tokio::test(start_paused = true)]
