@@ -35,7 +35,8 @@ pub struct Endpoint {
     pub base_url: String,
     pub api_key: Option<Secret>,
     /// Speak HTTP/2 without TLS, by prior knowledge (`OPENAI_H2C`): for a local server that supports it, so that
-    /// many streams share a connection (at most [`STREAMS_PER_CONNECTION`] on each). Over TLS, HTTP/2 is offered anyway (ALPN) and used when the provider takes it.
+    /// many streams share a connection (at most [`STREAMS_PER_CONNECTION`] on each). Over TLS, HTTP/2 is offered
+    /// anyway (ALPN) and used when the provider takes it.
     pub h2c: bool,
 }
 
