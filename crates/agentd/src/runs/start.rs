@@ -75,9 +75,6 @@ impl RunService {
             .tracker
             .try_admit_holding(descriptors)
             .map_err(|r| self.rejected(r))?;
-        if missing {
-            parts.store.ensure_chat(chat_id, &owner).await?;
-        }
         let system = self.instructions_for(chat_id, &owner, &request.context);
         let run_id = Uuid::new_v4();
         let model_id = model.to_string();
@@ -88,21 +85,24 @@ impl RunService {
             canvas_id: Some(owner.canvas_id.clone()),
         })
         .expect("run events always serialize");
-        let history = parts
-            .store
-            .start_run(&NewRun {
-                id: run_id,
-                chat_id,
-                owner,
-                model: model_id.clone(),
-                owner_instance: parts.instance_id.to_string(),
-                prompt: request.question.clone(),
-                first_event: Some(run_started.clone()),
-                agent_context: Some(
-                    serde_json::to_string(&request.context).expect("a context serializes"),
-                ),
-            })
-            .await?;
+        let run = NewRun {
+            id: run_id,
+            chat_id,
+            owner,
+            model: model_id.clone(),
+            owner_instance: parts.instance_id.to_string(),
+            prompt: request.question.clone(),
+            first_event: Some(run_started.clone()),
+            agent_context: Some(
+                serde_json::to_string(&request.context).expect("a context serializes"),
+            ),
+        };
+        // Dev mode: a chat nobody made is made with the run's start.
+        let history = if missing {
+            parts.store.start_run_making_its_chat(&run).await?
+        } else {
+            parts.store.start_run(&run).await?
+        };
         parts.metrics.stream_admitted();
 
         let writer = parts.log.produce(run_id, 1, vec![run_started.into()]);

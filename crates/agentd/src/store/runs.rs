@@ -133,8 +133,26 @@ impl SessionStore {
     /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
     /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread).
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
+        self.start(run, false).await
+    }
+
+    /// [`Self::start_run`], making first the chat (of `run.owner`) if none has its id, as dev mode does for a stream to
+    /// a chat nobody made. On SQLite the chat is made in the start's own transaction: one turn of its one writer, not
+    /// two.
+    pub async fn start_run_making_its_chat(
+        &self,
+        run: &NewRun,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.start(run, true).await
+    }
+
+    async fn start(&self, run: &NewRun, make_chat: bool) -> Result<Vec<Message>, StoreError> {
         if self.db.is_postgres() {
-            return start_run_postgres(&mut self.db.write().await?, run).await;
+            let mut conn = self.db.write().await?;
+            if make_chat {
+                super::chats::insert_chat_on(&mut conn, run.chat_id, &run.owner).await?;
+            }
+            return start_run_postgres(&mut conn, run).await;
         }
         let prompt = Message::User {
             content: run.prompt.clone(),
@@ -149,6 +167,8 @@ impl SessionStore {
             .await?
             .script(
                 "BEGIN IMMEDIATE; \
+                 INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
+                 SELECT $2, $9, $10, $11, {now}, {now} WHERE $12 = 1 ON CONFLICT (id) DO NOTHING; \
                  SELECT 'chat' AS kind, NULL AS value FROM agent_chats \
                  WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11; \
                  SELECT 'busy' AS kind, id AS value FROM agent_chat_runs \
@@ -182,6 +202,7 @@ impl SessionStore {
                     Arg::Text(&run.owner.org_id),
                     Arg::Text(&run.owner.user_id),
                     Arg::Text(&run.owner.canvas_id),
+                    Arg::Int(i64::from(make_chat)),
                 ],
             )
             .await?;

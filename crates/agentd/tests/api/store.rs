@@ -22,6 +22,7 @@ on_both_backends!(
     a_run_starts_only_in_a_chat_of_the_owner_it_names,
     a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on,
     ensure_chat_creates_once,
+    a_start_can_make_its_chat_and_leaves_another_owners_alone,
     stale_runs_are_interrupted_and_live_ones_are_not,
     concurrent_starts_on_one_chat_admit_exactly_one,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
@@ -667,6 +668,36 @@ async fn ensure_chat_creates_once(db: TestDb) {
         .unwrap();
     assert_eq!(first.id, id);
     assert_eq!(again, first, "an existing chat keeps its owner");
+    store.close().await;
+}
+
+async fn a_start_can_make_its_chat_and_leaves_another_owners_alone(db: TestDb) {
+    let store = db.open().await;
+    // No chat has this id: the start makes it, of the run's owner, and starts the run in it.
+    let run = new_run(Uuid::new_v4(), "q");
+    let history = store.start_run_making_its_chat(&run).await.unwrap();
+    assert!(history.is_empty());
+    let chat = store.get_chat(run.chat_id).await.unwrap().unwrap();
+    assert_eq!(chat.owner, owner("o", "u", "c"));
+    let runs = runs_of(&store, run.chat_id).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Running);
+    // The chat exists now: made again, it is left as it is, and its run is still going.
+    let next = new_run(run.chat_id, "q2");
+    assert!(matches!(
+        store.start_run_making_its_chat(&next).await,
+        Err(StoreError::ChatBusy(id)) if id == run.id
+    ));
+    // Another owner's chat is not theirs to start in, made or not: nothing is written.
+    let theirs = store.create_chat(&owner("o", "else", "c")).await.unwrap();
+    assert!(matches!(
+        store
+            .start_run_making_its_chat(&new_run(theirs.id, "q"))
+            .await,
+        Err(StoreError::ChatNotFound(_))
+    ));
+    assert!(runs_of(&store, theirs.id).await.is_empty());
+    assert_eq!(store.get_chat(theirs.id).await.unwrap(), Some(theirs));
     store.close().await;
 }
 
