@@ -46,14 +46,6 @@ impl SessionStore {
             .ok_or(StoreError::ChatNotFound(id))
     }
 
-    /// Creates the chat with this id unless it exists; returns the chat either way.
-    pub async fn ensure_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Chat, StoreError> {
-        if let Some(chat) = self.insert_chat(id, owner).await? {
-            return Ok(chat);
-        }
-        self.get_chat(id).await?.ok_or(StoreError::ChatNotFound(id))
-    }
-
     /// Inserts the chat unless its id exists; the new chat, or `None` when it existed.
     async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Option<Chat>, StoreError> {
         insert_chat_on(&mut self.db.write().await?, id, owner).await

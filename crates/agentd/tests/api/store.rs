@@ -21,7 +21,6 @@ on_both_backends!(
     a_run_needs_an_existing_chat,
     a_run_starts_only_in_a_chat_of_the_owner_it_names,
     a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on,
-    ensure_chat_creates_once,
     a_start_can_make_its_chat_and_leaves_another_owners_alone,
     stale_runs_are_interrupted_and_live_ones_are_not,
     concurrent_starts_on_one_chat_admit_exactly_one,
@@ -652,22 +651,6 @@ async fn a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on(db: 
         store.finish_run(next.id, 1, &answered("a")).await.unwrap();
     }
     assert_eq!(store.messages(second.id).await.unwrap().len(), 6);
-    store.close().await;
-}
-
-async fn ensure_chat_creates_once(db: TestDb) {
-    let store = db.open().await;
-    let id = Uuid::new_v4();
-    let first = store
-        .ensure_chat(id, &owner("dev", "dev", "dev"))
-        .await
-        .unwrap();
-    let again = store
-        .ensure_chat(id, &owner("someone", "else", "entirely"))
-        .await
-        .unwrap();
-    assert_eq!(first.id, id);
-    assert_eq!(again, first, "an existing chat keeps its owner");
     store.close().await;
 }
 
