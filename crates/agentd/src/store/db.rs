@@ -101,6 +101,14 @@ impl Db {
         self.waited(acquiring).await
     }
 
+    /// SQLite's one writer, its wait not counted: the run starts queued for it count theirs ([`super::starts`]).
+    pub async fn writer(&self) -> Result<Conn, StoreError> {
+        Ok(match &self.pools {
+            Pools::Sqlite(db) => Conn::Sqlite(db.writer.acquire().await?),
+            Pools::Postgres(db) => Conn::Postgres(db.pool.acquire().await?),
+        })
+    }
+
     /// The connection for the run log's group commits: in SQLite the one writer, in PostgreSQL a connection of their
     /// own.
     pub async fn log_write(&self) -> Result<Conn, StoreError> {
@@ -162,6 +170,19 @@ impl Db {
 pub struct PoolWaits {
     pub seconds: Histogram,
     pub timeouts: Counter,
+}
+
+impl PoolWaits {
+    /// A request waiting since `since` got its connection.
+    pub(super) fn waited(&self, since: std::time::Instant) {
+        self.seconds.observe(since.elapsed().as_secs_f64());
+    }
+
+    /// A request waiting since `since` gave up.
+    pub(super) fn gave_up(&self, since: std::time::Instant) {
+        self.waited(since);
+        self.timeouts.inc();
+    }
 }
 
 impl Default for PoolWaits {

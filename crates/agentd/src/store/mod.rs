@@ -8,7 +8,8 @@
 //!
 //! Writes that must agree happen in one transaction: starting a run stores the run row and the user's prompt (and
 //! sets the chat's `initial_message` from its first prompt; on PostgreSQL this one is a single call of a function
-//! doing the same statements, to save the round trips, see `runs.rs`); finishing a run stores its messages, its end state and
+//! doing the same statements, to save the round trips, see `runs.rs`; on SQLite the starts waiting for its one writer
+//! are committed together, each as if alone, see `starts.rs`); finishing a run stores its messages, its end state and
 //! usage, and adds the usage to the chat's totals. Each transaction first updates the chat row, which takes the write
 //! lock up front (so concurrent runs of one chat never race for a message index) and checks the chat still exists.
 //!
@@ -25,6 +26,7 @@ mod listen;
 mod postgres;
 mod runs;
 mod sqlite;
+mod starts;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -64,7 +66,9 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
         StoreConfig::Sqlite(options) => Pools::Sqlite(sqlite::open(options.clone()).await?),
         StoreConfig::Postgres(options) => Pools::Postgres(postgres::open(options.clone()).await?),
     };
-    Ok(SessionStore { db: Db::new(db) })
+    let db = Db::new(db);
+    let starts = (!db.is_postgres()).then(|| starts::Starts::spawn(db.clone()));
+    Ok(SessionStore { db, starts })
 }
 
 /// The session store, on whichever backend was configured; cheap to clone (the pools are shared).
@@ -75,6 +79,8 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
 #[derive(Debug, Clone)]
 pub struct SessionStore {
     db: Db,
+    /// SQLite: where run starts queue for the one writer, to be committed together.
+    starts: Option<starts::Starts>,
 }
 
 impl SessionStore {

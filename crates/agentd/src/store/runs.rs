@@ -147,78 +147,15 @@ impl SessionStore {
     }
 
     async fn start(&self, run: &NewRun, make_chat: bool) -> Result<Vec<Message>, StoreError> {
-        if self.db.is_postgres() {
-            let mut conn = self.db.write().await?;
-            if make_chat {
-                super::chats::insert_chat_on(&mut conn, run.chat_id, &run.owner).await?;
-            }
-            return start_run_postgres(&mut conn, run).await;
+        // SQLite: queued for its one writer, committed with the starts queued beside it (`starts.rs`).
+        if let Some(starts) = &self.starts {
+            return starts.start(run.clone(), make_chat).await;
         }
-        let prompt = Message::User {
-            content: run.prompt.clone(),
-        };
-        // SQLite: the same steps as one script, its transaction included, sent to the connection's thread in one
-        // trip: the single writer is not held while this task waits to be scheduled between statements. The reads
-        // come first, tagged by `kind`; the writes that follow happen only for a chat that exists and has no run
-        // going (a refused start commits an empty transaction).
-        let rows = self
-            .db
-            .write()
-            .await?
-            .script(
-                "BEGIN IMMEDIATE; \
-                 INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
-                 SELECT $2, $9, $10, $11, {now}, {now} WHERE $12 = 1 ON CONFLICT (id) DO NOTHING; \
-                 SELECT 'chat' AS kind, NULL AS value FROM agent_chats \
-                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11; \
-                 SELECT 'busy' AS kind, id AS value FROM agent_chat_runs \
-                 WHERE chat_id = $2 AND status = 'running' AND EXISTS (SELECT 1 FROM agent_chats \
-                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) LIMIT 1; \
-                 SELECT 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
-                 AND EXISTS (SELECT 1 FROM agent_chats \
-                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) ORDER BY message_index; \
-                 INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, \
-                 heartbeat_at, created_at) SELECT $3, $2, $4, 'running', $5, $6, {now}, {now} \
-                 WHERE EXISTS (SELECT 1 FROM agent_chats \
-                 WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) AND NOT EXISTS \
-                 (SELECT 1 FROM agent_chat_runs WHERE chat_id = $2 AND status = 'running'); \
-                 UPDATE agent_chats SET updated_at = {now}, initial_message = COALESCE(initial_message, $1) \
-                 WHERE id = $2 AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
-                 INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
-                 SELECT $2, next, $7, $3, {now} FROM (SELECT COALESCE(MAX(message_index) + 1, 0) AS next \
-                 FROM agent_chat_messages WHERE chat_id = $2) WHERE EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
-                 INSERT INTO agent_run_events (run_id, seq, last_seq, events) SELECT $3, 1, 1, $8 \
-                 WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
-                 COMMIT",
-                &[
-                    Arg::Text(&run.prompt),
-                    Arg::Id(run.chat_id),
-                    Arg::Id(run.id),
-                    Arg::Text(&run.model),
-                    Arg::Text(&run.owner_instance),
-                    Arg::OptText(run.agent_context.as_deref()),
-                    Arg::Message(&prompt),
-                    Arg::OptText(run.first_event.as_deref()),
-                    Arg::Text(&run.owner.org_id),
-                    Arg::Text(&run.owner.user_id),
-                    Arg::Text(&run.owner.canvas_id),
-                    Arg::Int(i64::from(make_chat)),
-                ],
-            )
-            .await?;
-        let mut found = false;
-        let mut history = Vec::new();
-        for row in &rows {
-            match row.get::<String>("kind")?.as_str() {
-                "chat" => found = true,
-                "busy" => return Err(StoreError::ChatBusy(row.uuid("value")?)),
-                _ => history.push(row.message("value")?),
-            }
+        let mut conn = self.db.write().await?;
+        if make_chat {
+            super::chats::insert_chat_on(&mut conn, run.chat_id, &run.owner).await?;
         }
-        if !found {
-            return Err(StoreError::ChatNotFound(run.chat_id));
-        }
-        Ok(history)
+        start_run_postgres(&mut conn, run).await
     }
 
     /// Saves the answer so far of a running run.

@@ -24,6 +24,7 @@ on_both_backends!(
     a_start_can_make_its_chat_and_leaves_another_owners_alone,
     stale_runs_are_interrupted_and_live_ones_are_not,
     concurrent_starts_on_one_chat_admit_exactly_one,
+    starts_arriving_together_each_get_their_own_answer,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
     a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once,
     agentd_serves_a_store_a_newer_agentd_migrated,
@@ -77,6 +78,12 @@ fn answered(text: &str) -> RunEnd {
         Usage::new(1, 1),
         vec![assistant(text)],
     )
+}
+
+fn user(text: &str) -> Message {
+    Message::User {
+        content: text.into(),
+    }
 }
 
 fn assistant(text: &str) -> Message {
@@ -782,6 +789,105 @@ async fn concurrent_starts_on_one_chat_admit_exactly_one(db: TestDb) {
     store.close().await;
 }
 
+/// Starts that arrive together (on SQLite, committed together: see `store/starts.rs`) are each answered as if alone.
+async fn starts_arriving_together_each_get_their_own_answer(db: TestDb) {
+    let store = db.open().await;
+    let (asked, earlier) = started_run(&store).await;
+    store
+        .finish_run(earlier.id, 1, &answered("a"))
+        .await
+        .unwrap();
+    let mut chats = Vec::new();
+    for _ in 0..12 {
+        chats.push(store.create_chat(&owner("o", "u", "c")).await.unwrap().id);
+    }
+    let untouched = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let theirs = store.create_chat(&owner("o", "else", "c")).await.unwrap();
+    let made = Uuid::new_v4();
+
+    // (the start, whether it makes its chat); each of `chats` and `made` is asked twice at once.
+    let mut starts: Vec<(NewRun, bool)> =
+        chats.iter().map(|c| (new_run(*c, "one"), false)).collect();
+    // A run's id again, in another chat: the store refuses its insert, and nothing else of it is kept.
+    starts.insert(
+        1,
+        (
+            NewRun {
+                chat_id: untouched.id,
+                ..earlier.clone()
+            },
+            false,
+        ),
+    );
+    starts.extend(chats.iter().map(|c| (new_run(*c, "two"), false)));
+    starts.push((new_run(asked.id, "q2"), false));
+    starts.push((new_run(made, "one"), true));
+    starts.push((new_run(made, "two"), true));
+    starts.push((new_run(theirs.id, "q"), true));
+    let missing = new_run(Uuid::new_v4(), "q");
+    starts.push((missing.clone(), false));
+
+    let answers = futures_util::future::join_all(starts.iter().map(|(run, make)| async {
+        if *make {
+            store.start_run_making_its_chat(run).await
+        } else {
+            store.start_run(run).await
+        }
+    }))
+    .await;
+    let answered: Vec<(&NewRun, Result<Vec<Message>, StoreError>)> =
+        starts.iter().map(|(run, _)| run).zip(answers).collect();
+    let of = |chat: Uuid| answered.iter().filter(move |(run, _)| run.chat_id == chat);
+
+    // Of two starts in one chat, one started and the other was told it is going.
+    for chat in chats.iter().chain([&made]) {
+        let started: Vec<&NewRun> = of(*chat)
+            .filter(|(_, answer)| matches!(answer, Ok(history) if history.is_empty()))
+            .map(|(run, _)| *run)
+            .collect();
+        assert_eq!(started.len(), 1, "{:?}", of(*chat).collect::<Vec<_>>());
+        assert!(of(*chat).any(
+            |(_, answer)| matches!(answer, Err(StoreError::ChatBusy(id)) if *id == started[0].id)
+        ));
+        assert_eq!(runs_of(&store, *chat).await.len(), 1);
+        let messages = store.messages(*chat).await.unwrap();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(
+            (messages[0].index, &messages[0].message),
+            (0, &user(&started[0].prompt))
+        );
+    }
+    assert!(matches!(
+        of(asked.id).collect::<Vec<_>>()[..],
+        [(_, Ok(history))] if history == &[user("q"), assistant("a")]
+    ));
+    assert_eq!(store.messages(asked.id).await.unwrap().len(), 3);
+    assert!(matches!(
+        of(untouched.id).collect::<Vec<_>>()[..],
+        [(_, Err(StoreError::Database(_)))]
+    ));
+    assert_eq!(
+        store.get_chat(untouched.id).await.unwrap(),
+        Some(untouched.clone())
+    );
+    assert!(runs_of(&store, untouched.id).await.is_empty());
+    assert!(store.messages(untouched.id).await.unwrap().is_empty());
+    for chat in [theirs.id, missing.chat_id] {
+        assert!(matches!(
+            of(chat).collect::<Vec<_>>()[..],
+            [(_, Err(StoreError::ChatNotFound(id)))] if *id == chat
+        ));
+        assert!(runs_of(&store, chat).await.is_empty());
+    }
+    assert_eq!(store.get_chat(theirs.id).await.unwrap(), Some(theirs));
+    assert_eq!(store.get_chat(missing.chat_id).await.unwrap(), None);
+    assert_eq!(
+        store.get_run(earlier.id).await.unwrap().unwrap().chat_id,
+        asked.id
+    );
+    store.close().await;
+}
+
 async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: TestDb) {
     let store = db.open().await;
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
@@ -1317,5 +1423,59 @@ async fn a_sqlite_run_log_written_before_its_rows_moved_out_of_the_key_is_kept()
     );
     assert!(store.delete_chat(chat).await.unwrap());
     assert!(store.events_after(run, 0).await.unwrap().is_empty());
+    store.close().await;
+}
+
+/// A run start on SQLite waits for the one writer as long as a request waits for any pooled connection (3 s), then
+/// is refused as unavailable and counted, and leaves nothing; a start whose request is given up is not made; the store
+/// starts runs again once the writer is free.
+#[tokio::test]
+async fn a_sqlite_start_waits_for_the_writer_no_longer_than_for_a_connection() {
+    use sqlx::Connection;
+
+    let db = TestDb::sqlite();
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    // Another process holds the database's write lock: the writer's next statement waits for it in SQLite's busy
+    // handler (up to 5 s), holding the writer.
+    let mut other = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let store = store.clone();
+        async move { store.heartbeat("instance-a", &[Uuid::new_v4()]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let run = new_run(chat.id, "q");
+    let asked = std::time::Instant::now();
+    let refused = store.start_run(&run).await;
+    assert!(
+        matches!(&refused, Err(error) if error.is_busy() && error.is_unavailable()),
+        "{refused:?}"
+    );
+    assert!(asked.elapsed() >= Duration::from_millis(2_900));
+    assert!(
+        !held.is_finished(),
+        "refused while the writer was still held"
+    );
+    assert_eq!(store.pool_waits().timeouts.get(), 1);
+    // A start whose request is given up while it waits (its client left) is not made once the writer is free.
+    let abandoned = new_run(chat.id, "gone");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), store.start_run(&abandoned))
+            .await
+            .is_err()
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    held.await.unwrap().unwrap();
+    assert!(runs_of(&store, chat.id).await.is_empty());
+    assert!(store.messages(chat.id).await.unwrap().is_empty());
+    let next = new_run(chat.id, "q2");
+    store.start_run(&next).await.unwrap();
+    assert_eq!(runs_of(&store, chat.id).await.len(), 1);
     store.close().await;
 }

@@ -1,0 +1,340 @@
+//! Run starts on SQLite, committed together when they arrive together.
+//!
+//! Every write of a SQLite store goes through its one writer connection, and a run start is a transaction of its own:
+//! each commit appends every page it touched to the WAL (a dozen: the tails of four tables, their indexes), and takes
+//! a trip to the connection's thread. In a burst (a deploy's clients coming back, thousands of new streams a second)
+//! the starts queued for the writer faster than it committed them, and past 3 s of waiting they were refused. Here
+//! the starts waiting when the writer is free are committed in one transaction (in scripts of 1, 2, 4, 8 or 16
+//! starts, each one trip), the pages they share written once. A start alone is one script of one, as before.
+//!
+//! Nothing about a start changes: each one's statements run in order after the ones queued before it, in the same
+//! transaction, so two starts of one chat see each other (the second finds the chat busy). A script that fails
+//! leaves nothing: its transaction rolls back, and its starts are run again one by one, so only the start the store
+//! refuses fails.
+
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::db::{Arg, Conn, Db, Row};
+use super::sqlite::ACQUIRE_TIMEOUT;
+use super::{NewRun, StoreError};
+use crate::model::Message;
+
+/// The most starts committed in one batch; a batch is run as scripts of these sizes, the largest first.
+const SCRIPT_SIZES: [usize; 5] = [16, 8, 4, 2, 1];
+const MAX_BATCH: usize = SCRIPT_SIZES[0];
+
+/// The arguments of one start in a script: `$1`..`$12` for the first, `$13`..`$24` for the second, and so on.
+const ARGS_PER_START: usize = 12;
+
+/// One start's statements (`{start}`: its place in the script, which tags the rows it reads). The reads come first,
+/// tagged by `kind`; the writes that follow happen only for a chat that exists and has no run going (a refused start
+/// writes nothing). The chat is made first when `$12` is 1 (dev mode, a chat nobody made).
+const START: &str = "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
+     SELECT $2, $9, $10, $11, {now}, {now} WHERE $12 = 1 ON CONFLICT (id) DO NOTHING; \
+     SELECT {start} AS start, 'chat' AS kind, NULL AS value FROM agent_chats \
+     WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11; \
+     SELECT {start} AS start, 'busy' AS kind, id AS value FROM agent_chat_runs \
+     WHERE chat_id = $2 AND status = 'running' AND EXISTS (SELECT 1 FROM agent_chats \
+     WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) LIMIT 1; \
+     SELECT {start} AS start, 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
+     AND EXISTS (SELECT 1 FROM agent_chats \
+     WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) ORDER BY message_index; \
+     INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, \
+     heartbeat_at, created_at) SELECT $3, $2, $4, 'running', $5, $6, {now}, {now} \
+     WHERE EXISTS (SELECT 1 FROM agent_chats \
+     WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) AND NOT EXISTS \
+     (SELECT 1 FROM agent_chat_runs WHERE chat_id = $2 AND status = 'running'); \
+     UPDATE agent_chats SET updated_at = {now}, initial_message = COALESCE(initial_message, $1) \
+     WHERE id = $2 AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
+     INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
+     SELECT $2, next, $7, $3, {now} FROM (SELECT COALESCE(MAX(message_index) + 1, 0) AS next \
+     FROM agent_chat_messages WHERE chat_id = $2) WHERE EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); \
+     INSERT INTO agent_run_events (run_id, seq, last_seq, events) SELECT $3, 1, 1, $8 \
+     WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); ";
+
+/// A start waiting for the writer.
+#[derive(Debug)]
+struct Pending {
+    run: NewRun,
+    make_chat: bool,
+    queued: Instant,
+    answer: oneshot::Sender<Result<Vec<Message>, StoreError>>,
+}
+
+/// Where SQLite run starts queue for the writer; cheap to clone. The task committing them ends when the last clone
+/// is dropped.
+#[derive(Debug, Clone)]
+pub(super) struct Starts(mpsc::UnboundedSender<Pending>);
+
+impl Starts {
+    /// Starts committing the starts queued here, on `db`'s writer.
+    pub fn spawn(db: Db) -> Self {
+        let (queue, queued) = mpsc::unbounded_channel();
+        tokio::spawn(commit_starts(db, queued));
+        Self(queue)
+    }
+
+    /// Starts `run` (making its chat first when `make_chat` and none has its id): the chat's history before its
+    /// prompt, once the start is committed.
+    pub async fn start(&self, run: NewRun, make_chat: bool) -> Result<Vec<Message>, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let pending = Pending {
+            run,
+            make_chat,
+            queued: Instant::now(),
+            answer,
+        };
+        if self.0.send(pending).is_err() {
+            return Err(sqlx::Error::PoolClosed.into());
+        }
+        // The task ends with the store; a start it had not reached finds the store closed.
+        answered
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
+    }
+}
+
+/// Commits what is queued, a batch at a time, until every [`Starts`] is dropped.
+async fn commit_starts(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
+    let mut waiting: VecDeque<Pending> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match queued.recv().await {
+                Some(first) => waiting.push_back(first),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_BATCH {
+            match queued.try_recv() {
+                Ok(next) => waiting.push_back(next),
+                Err(_) => break,
+            }
+        }
+        // A start waits for the writer as long as a request waits for any pooled connection, then is refused as
+        // one is (503 `store_unavailable`).
+        let limit = ACQUIRE_TIMEOUT;
+        while waiting.front().is_some_and(|p| p.queued.elapsed() >= limit) {
+            let late = waiting.pop_front().expect("checked above");
+            db.waits().gave_up(late.queued);
+            let _ = late.answer.send(Err(sqlx::Error::PoolTimedOut.into()));
+        }
+        let Some(oldest) = waiting.front().map(|p| p.queued) else {
+            continue;
+        };
+        let deadline = tokio::time::Instant::from_std(oldest + limit);
+        let conn = match tokio::time::timeout_at(deadline, db.writer()).await {
+            Ok(Ok(conn)) => conn,
+            // The oldest start's time is up (the pool's own limit, counted from later, is no sooner): it is refused
+            // above, and the others wait on.
+            Err(_) | Ok(Err(StoreError::Database(sqlx::Error::PoolTimedOut))) => continue,
+            // The store is closed: every start waiting finds it so.
+            Ok(Err(error)) => {
+                for pending in waiting.drain(..) {
+                    let _ = pending.answer.send(Err(like(&error)));
+                }
+                continue;
+            }
+        };
+        // A start whose request is gone (its client left while it waited) is not made: nobody would drive its run.
+        waiting.retain(|p| !p.answer.is_closed());
+        let batch: Vec<Pending> = waiting.drain(..waiting.len().min(MAX_BATCH)).collect();
+        for pending in &batch {
+            db.waits().waited(pending.queued);
+        }
+        commit_batch(conn, batch).await;
+    }
+}
+
+/// Commits `batch` on the writer `conn`, in scripts of the sizes above, and answers each start.
+async fn commit_batch(mut conn: Conn, mut batch: Vec<Pending>) {
+    for size in SCRIPT_SIZES {
+        while batch.len() >= size {
+            let rest = batch.split_off(size);
+            let script = std::mem::replace(&mut batch, rest);
+            match commit_script(&mut conn, &script).await {
+                Ok(answers) => {
+                    for (pending, answer) in script.into_iter().zip(answers) {
+                        let _ = pending.answer.send(answer);
+                    }
+                }
+                // The store is busy (another process holds SQLite's lock past the busy timeout) or unreachable, and
+                // nothing was written: every start left finds it so, rather than each script wait as long again.
+                Err(error) => {
+                    let mut left = script.into_iter().chain(batch);
+                    if let Some(first) = left.next() {
+                        for pending in left {
+                            let _ = pending.answer.send(Err(like(&error)));
+                        }
+                        let _ = first.answer.send(Err(error));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Commits the starts of `script` in one transaction: each one's answer. When that fails, nothing of it is left (its
+/// transaction rolled back), and each start is run again alone, so only one the store refuses fails; unless the
+/// store is unavailable, which is the error.
+async fn commit_script(
+    conn: &mut Conn,
+    script: &[Pending],
+) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
+    let runs: Vec<(&NewRun, bool)> = script.iter().map(|p| (&p.run, p.make_chat)).collect();
+    match run_script(conn, &runs).await {
+        Ok(answers) => Ok(answers),
+        Err(error) if error.is_unavailable() => Err(error),
+        Err(error) if runs.len() == 1 => Ok(vec![Err(error)]),
+        Err(_) => {
+            let mut answers = Vec::with_capacity(runs.len());
+            for run in &runs {
+                let alone = run_script(conn, std::slice::from_ref(run)).await;
+                answers
+                    .push(alone.and_then(|mut answer| answer.pop().expect("one answer per start")));
+            }
+            Ok(answers)
+        }
+    }
+}
+
+/// The same error as `error`, for another start that found the store as unavailable (the store's errors are not
+/// `Clone`): a pool's own, or its text as an I/O error, which counts as unavailable too.
+fn like(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Database(sqlx::Error::PoolTimedOut) => sqlx::Error::PoolTimedOut.into(),
+        StoreError::Database(sqlx::Error::PoolClosed) => sqlx::Error::PoolClosed.into(),
+        StoreError::Database(sqlx::Error::WorkerCrashed) => sqlx::Error::WorkerCrashed.into(),
+        other => sqlx::Error::Io(std::io::Error::other(other.to_string())).into(),
+    }
+}
+
+/// Runs the starts `runs` as one script, its own transaction: each one's history, or why it was refused.
+async fn run_script(
+    conn: &mut Conn,
+    runs: &[(&NewRun, bool)],
+) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
+    let prompts: Vec<Message> = runs
+        .iter()
+        .map(|(run, _)| Message::User {
+            content: run.prompt.clone(),
+        })
+        .collect();
+    let mut args = Vec::with_capacity(runs.len() * ARGS_PER_START);
+    for ((run, make_chat), prompt) in runs.iter().zip(&prompts) {
+        args.extend([
+            Arg::Text(&run.prompt),
+            Arg::Id(run.chat_id),
+            Arg::Id(run.id),
+            Arg::Text(&run.model),
+            Arg::Text(&run.owner_instance),
+            Arg::OptText(run.agent_context.as_deref()),
+            Arg::Message(prompt),
+            Arg::OptText(run.first_event.as_deref()),
+            Arg::Text(&run.owner.org_id),
+            Arg::Text(&run.owner.user_id),
+            Arg::Text(&run.owner.canvas_id),
+            Arg::Int(i64::from(*make_chat)),
+        ]);
+    }
+    let rows = match conn.script(script(runs.len()), &args).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            // A statement that failed leaves its transaction open on the connection (which is closed rather than
+            // given back): roll it back, so the starts can be run again on it. Nothing to roll back is no harm.
+            let _ = conn.execute("ROLLBACK", &[]).await;
+            return Err(error);
+        }
+    };
+    read_answers(runs, &rows)
+}
+
+/// Each start's answer from the rows of its script.
+fn read_answers(
+    runs: &[(&NewRun, bool)],
+    rows: &[Row],
+) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
+    let mut found = vec![false; runs.len()];
+    let mut answers: Vec<Result<Vec<Message>, StoreError>> =
+        runs.iter().map(|_| Ok(Vec::new())).collect();
+    for row in rows {
+        let start = usize::try_from(row.get::<i64>("start")?)
+            .ok()
+            .filter(|&start| start < runs.len())
+            .ok_or_else(|| StoreError::Corrupt("a run start's row of no start".to_owned()))?;
+        match (row.get::<String>("kind")?.as_str(), &mut answers[start]) {
+            ("chat", _) => found[start] = true,
+            ("busy", answer) => *answer = Err(StoreError::ChatBusy(row.uuid("value")?)),
+            (_, Ok(history)) => history.push(row.message("value")?),
+            (_, Err(_)) => {}
+        }
+    }
+    for ((answer, found), (run, _)) in answers.iter_mut().zip(found).zip(runs) {
+        if !found {
+            *answer = Err(StoreError::ChatNotFound(run.chat_id));
+        }
+    }
+    Ok(answers)
+}
+
+/// The script of `starts` starts (one of [`SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with its own
+/// arguments, `COMMIT`.
+fn script(starts: usize) -> &'static str {
+    static SCRIPTS: OnceLock<Vec<String>> = OnceLock::new();
+    let scripts = SCRIPTS.get_or_init(|| {
+        SCRIPT_SIZES
+            .iter()
+            .map(|&size| {
+                let mut script = String::from("BEGIN IMMEDIATE; ");
+                for start in 0..size {
+                    let statements = START.replace("{start}", &start.to_string());
+                    script.push_str(&renumbered(&statements, start * ARGS_PER_START));
+                }
+                script.push_str("COMMIT");
+                script
+            })
+            .collect()
+    });
+    let at = SCRIPT_SIZES
+        .iter()
+        .position(|&size| size == starts)
+        .expect("a script of one of the sizes");
+    &scripts[at]
+}
+
+/// `sql` with each `$N` made `$(N + offset)`.
+fn renumbered(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: usize = rest[..digits].parse().expect("a placeholder's number");
+        out.push_str(&(n + offset).to_string());
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_start_of_a_script_reads_its_own_arguments() {
+        assert_eq!(
+            renumbered("a = $1 AND b = $12, $2", 12),
+            "a = $13 AND b = $24, $14"
+        );
+        let two = script(2);
+        assert!(two.starts_with("BEGIN IMMEDIATE; ") && two.ends_with("COMMIT"));
+        assert!(two.contains("$24") && !two.contains("$25"));
+        assert!(two.contains("SELECT 1 AS start"));
+    }
+}
