@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::db::{Arg, Conn, Row};
 use super::{Chat, ChatOwner, SessionStore, StoreError, StoredMessage, usage_from};
-use crate::model::{Message, Usage};
+use crate::model::Usage;
 
 /// The columns [`chat_from`] reads; the status of the chat's newest run comes along.
 macro_rules! chat_columns {
@@ -146,26 +146,6 @@ impl SessionStore {
 /// The chat's messages in order, with their index, run and time.
 const MESSAGES: &str = "SELECT CAST(message_index AS BIGINT) AS message_index, message, run_id, created_at \
                         FROM agent_chat_messages WHERE chat_id = $1 ORDER BY message_index";
-
-/// Appends `messages` to the chat after its last message, inside the caller's transaction (which already holds the
-/// chat row's write lock, so no other run of the chat takes the same index).
-pub(super) async fn append_messages(
-    tx: &mut Conn,
-    chat_id: Uuid,
-    run_id: Uuid,
-    messages: &[Message],
-) -> Result<(), StoreError> {
-    for message in messages {
-        tx.execute(
-            "INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
-             SELECT $1, COALESCE(MAX(message_index) + 1, 0), $2, $3, {now} FROM agent_chat_messages \
-             WHERE chat_id = $1",
-            &[Arg::Id(chat_id), Arg::Message(message), Arg::Id(run_id)],
-        )
-        .await?;
-    }
-    Ok(())
-}
 
 /// Inserts the chat on `conn` unless its id exists; the new chat, or `None` when it existed.
 pub(super) async fn insert_chat_on(

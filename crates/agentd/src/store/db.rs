@@ -132,7 +132,7 @@ impl Db {
         }
     }
 
-    /// A write transaction; it rolls back unless [`Conn::commit`] is called.
+    /// A write transaction, rolled back by [`Conn::rollback`] or when dropped (nothing here commits one).
     pub async fn begin(&self) -> Result<Conn, StoreError> {
         let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
@@ -380,17 +380,6 @@ impl Conn {
             }
         }
         ran
-    }
-
-    /// Commits a transaction; a plain connection has nothing to commit.
-    pub async fn commit(self) -> Result<(), StoreError> {
-        let postgres = self.is_postgres();
-        let committing: BoxFuture<'static, Result<(), sqlx::Error>> = match self {
-            Self::SqliteTx(tx) => Box::pin(tx.commit()),
-            Self::PostgresTx(tx) => Box::pin(tx.commit()),
-            Self::Sqlite(_) | Self::Postgres(_) => return Ok(()),
-        };
-        noted(postgres, committing.await)
     }
 
     fn is_postgres(&self) -> bool {

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::chats::append_messages;
 use super::db::{Arg, Conn, Row};
 use super::{
     ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms,
@@ -130,8 +129,9 @@ impl SessionStore {
     /// Stores the run as `running` and its prompt as the chat's next message, in one transaction; returns the chat's
     /// messages before the prompt (the history the run goes on from), read under the same lock.
     ///
-    /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as below: see its
-    /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread).
+    /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as SQLite's: see its
+    /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread), with
+    /// the other starts waiting for its writer (`starts.rs`).
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
         self.start(run, false).await
     }
@@ -182,30 +182,45 @@ impl SessionStore {
         if self.db.is_postgres() {
             return finish_run_postgres(&mut self.db.write().await?, run_id, epoch, end).await;
         }
-        let args = end_args(run_id, epoch, end);
-        let (input, output, total) = (
-            to_i64(end.usage.input_tokens),
-            to_i64(end.usage.output_tokens),
-            to_i64(end.usage.total_tokens),
-        );
-        let mut tx = self.db.begin().await?;
-        let row = tx
-            .fetch_optional(
-                "UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
+        // SQLite: one script with its transaction, one trip to the writer's thread (not one per statement, the
+        // writer held while this task waits its turn between them). Each statement goes on only if the one before
+        // it changed its row: a run no longer held here (`Fenced`) changes nothing, and its empty transaction commits.
+        // The messages go as a JSON array of their JSON texts, stored as they are, in order after the chat's last.
+        let texts = end
+            .messages
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<String>, _>>()
+            .and_then(|texts| serde_json::to_string(&texts))
+            .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
+        let mut args = end_args(run_id, epoch, end);
+        args.push(Arg::Text(&texts));
+        let rows = self
+            .db
+            .write()
+            .await?
+            .script(
+                "BEGIN IMMEDIATE; \
+                 UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
                  output_tokens = $7, total_tokens = $8, finished_at = {now} \
-                 WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING chat_id",
+                 WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING chat_id; \
+                 UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $6, \
+                 total_output_tokens = total_output_tokens + $7, total_tokens = total_tokens + $8 \
+                 WHERE id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1; \
+                 INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
+                 SELECT c.id, n.next + m.key, m.value, $1, {now} FROM agent_chats c, \
+                 (SELECT COALESCE(MAX(message_index) + 1, 0) AS next FROM agent_chat_messages \
+                 WHERE chat_id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1)) n, json_each($9) m \
+                 WHERE c.id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1 \
+                 ORDER BY m.key; \
+                 COMMIT",
                 &args,
             )
             .await?;
-        let chat_id = row.ok_or(StoreError::Fenced(run_id))?.uuid("chat_id")?;
-        tx.execute(
-            "UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $1, \
-             total_output_tokens = total_output_tokens + $2, total_tokens = total_tokens + $3 WHERE id = $4",
-            &[Arg::Int(input), Arg::Int(output), Arg::Int(total), Arg::Id(chat_id)],
-        )
-        .await?;
-        append_messages(&mut tx, chat_id, run_id, &end.messages).await?;
-        tx.commit().await
+        if rows.is_empty() {
+            return Err(StoreError::Fenced(run_id));
+        }
+        Ok(())
     }
 
     pub async fn get_run(&self, id: Uuid) -> Result<Option<Run>, StoreError> {

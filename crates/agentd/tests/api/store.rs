@@ -173,7 +173,8 @@ async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
             tool_call_id: "call_1".into(),
             content: "{\"utc\":\"now\"}".into(),
         },
-        assistant("It is now."),
+        // Stored as it was written: quotes, a line break, accents and an emoji.
+        assistant("It is now: \"12:00\"\n\u{e9}t\u{e9} \u{1F550} \\ ok."),
     ];
     let usage = Usage::new(10, 4);
     store
@@ -258,6 +259,28 @@ async fn runs_go_through_every_status_and_add_to_the_chat_totals(db: TestDb) {
     assert_eq!(other.latest_run_status, None);
     assert_eq!(store.org_usage("o").await.unwrap(), Usage::new(15, 8));
     assert_eq!(store.org_usage("nobody").await.unwrap(), Usage::default());
+    // A run that has ended is not ended again: nothing more is added to it or its chat.
+    assert!(matches!(
+        store
+            .finish_run(
+                ids[0].0,
+                1,
+                &end(
+                    RunStatus::Completed,
+                    "again",
+                    Usage::new(7, 7),
+                    vec![assistant("again")]
+                )
+            )
+            .await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(
+        store.get_chat(chat.id).await.unwrap().unwrap().totals,
+        Usage::new(15, 8)
+    );
+    assert_eq!(store.messages(chat.id).await.unwrap().len(), 4);
+    assert_eq!(runs_of(&store, chat.id).await[0].output, "partial answer");
     assert!(matches!(
         store
             .finish_run(
