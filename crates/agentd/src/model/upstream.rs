@@ -615,18 +615,19 @@ mod tests {
         assert!(began.elapsed() >= idle * 5, "{:?}", began.elapsed());
     }
 
-    fn h2c_lane() -> Lane {
+    /// A lane as `Providers` makes one: `h2c` configured, or not (then HTTP/2 only once seen).
+    fn test_lane(h2c: bool) -> Lane {
         let settings = ClientSettings {
             connect_timeout: Duration::from_secs(1),
-            h2c: true,
+            h2c,
             tls: tls_settings(),
         };
-        Lane::new(settings, true)
+        Lane::new(settings, h2c)
     }
 
     #[test]
     fn a_lane_adds_a_client_when_each_carries_its_share_and_drops_idle_ones_but_its_first() {
-        let lane = h2c_lane();
+        let lane = test_lane(true);
         let same = |a: &Slot, b: &Slot| Arc::ptr_eq(&a.carrier, &b.carrier);
         let mut first: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
         assert_eq!(lane.clients(), 1);
@@ -658,12 +659,7 @@ mod tests {
     #[test]
     fn over_http1_a_lanes_first_client_carries_every_stream_until_the_provider_answers_over_http2()
     {
-        let settings = ClientSettings {
-            connect_timeout: Duration::from_secs(1),
-            h2c: false,
-            tls: tls_settings(),
-        };
-        let lane = Lane::new(settings, false);
+        let lane = test_lane(false);
         lane.saw(reqwest::Version::HTTP_11);
         let streams: Vec<Slot> = (0..=2 * STREAMS_PER_CONNECTION)
             .map(|_| lane.slot())
@@ -679,7 +675,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lanes_spare_clients_are_dropped_once_idle_for_a_while() {
-        let lane = h2c_lane();
+        let lane = test_lane(true);
         let streams: Vec<Slot> = (0..=STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
         assert_eq!(lane.clients(), 2);
         tokio::time::sleep(SPARE_IDLE * 3).await;

@@ -421,7 +421,6 @@ async fn the_sqlite_wal_stays_bounded_while_readers_never_stop() {
 
 #[tokio::test]
 async fn a_run_goes_on_when_the_store_is_busy_longer_than_a_pool_wait() {
-    use sqlx::Connection;
     let db = TestDb::sqlite();
     let server = std::sync::Arc::new(Agentd::spawn_on(db.url(), &[]).await);
     let mut slow = server
@@ -436,11 +435,7 @@ async fn a_run_goes_on_when_the_store_is_busy_longer_than_a_pool_wait() {
     // Another process takes SQLite's write lock for 4.5 s. A run start (or a lease refresh) then waits for it holding
     // agentd's one writer connection, and the slow run's next group commits wait for that connection longer than
     // the pool's 3 s.
-    let mut other = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = db.hold_write_lock().await;
     let starting = tokio::spawn({
         let server = std::sync::Arc::clone(&server);
         async move {

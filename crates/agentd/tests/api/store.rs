@@ -1454,18 +1454,12 @@ async fn a_sqlite_run_log_written_before_its_rows_moved_out_of_the_key_is_kept()
 /// starts runs again once the writer is free.
 #[tokio::test]
 async fn a_sqlite_start_waits_for_the_writer_no_longer_than_for_a_connection() {
-    use sqlx::Connection;
-
     let db = TestDb::sqlite();
     let store = db.open().await;
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
     // Another process holds the database's write lock: the writer's next statement waits for it in SQLite's busy
     // handler (up to 5 s), holding the writer.
-    let mut other = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = db.hold_write_lock().await;
     let held = tokio::spawn({
         let store = store.clone();
         async move { store.heartbeat("instance-a", &[Uuid::new_v4()]).await }

@@ -70,6 +70,20 @@ impl TestDb {
         .unwrap();
     }
 
+    /// Another process's connection to this SQLite database, holding its write lock (`BEGIN IMMEDIATE`) until it
+    /// ends the transaction or is dropped.
+    pub async fn hold_write_lock(&self) -> sqlx::SqliteConnection {
+        let Self::Sqlite { url, .. } = self else {
+            panic!("the write lock held here is SQLite's");
+        };
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    }
+
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite { url, .. } | Self::Postgres { url } => url,
