@@ -101,8 +101,9 @@ impl Db {
         self.waited(acquiring).await
     }
 
-    /// SQLite's one writer, its wait not counted: the run starts queued for it count theirs ([`super::starts`]).
-    pub async fn writer(&self) -> Result<Conn, StoreError> {
+    /// A connection for run starts (SQLite's one writer, a pooled PostgreSQL connection), its wait not counted: the
+    /// starts queued for it count theirs ([`super::starts`]).
+    pub async fn starter(&self) -> Result<Conn, StoreError> {
         Ok(match &self.pools {
             Pools::Sqlite(db) => Conn::Sqlite(db.writer.acquire().await?),
             Pools::Postgres(db) => Conn::Postgres(db.pool.acquire().await?),
@@ -382,7 +383,7 @@ impl Conn {
         ran
     }
 
-    fn is_postgres(&self) -> bool {
+    pub fn is_postgres(&self) -> bool {
         matches!(self, Self::Postgres(_) | Self::PostgresTx(_))
     }
 

@@ -7,9 +7,9 @@
 //! the same behaviour on both.
 //!
 //! Writes that must agree happen in one transaction: starting a run stores the run row and the user's prompt (and
-//! sets the chat's `initial_message` from its first prompt; on PostgreSQL this one is a single call of a function
-//! doing the same statements, to save the round trips, see `runs.rs`; on SQLite the starts waiting for its one writer
-//! are committed together, each as if alone, see `starts.rs`); finishing a run stores its messages, its end state and
+//! sets the chat's `initial_message` from its first prompt; the starts waiting for a connection at the same moment
+//! are committed together, each as if alone, on PostgreSQL in one call of a function doing the same statements, see
+//! `starts.rs`); finishing a run stores its messages, its end state and
 //! usage, and adds the usage to the chat's totals. Each transaction first updates the chat row, which takes the write
 //! lock up front (so concurrent runs of one chat never race for a message index) and checks the chat still exists.
 //!
@@ -44,6 +44,10 @@ pub use events::{
 };
 pub use listen::Listener;
 
+/// How long a request waits for a pooled connection (a run start, for its turn: see `starts.rs`) before the store
+/// counts as unavailable (503 `store_unavailable`).
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where the store lives, as configured; nothing is opened until [`open`].
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
@@ -67,7 +71,7 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
         StoreConfig::Postgres(options) => Pools::Postgres(postgres::open(options.clone()).await?),
     };
     let db = Db::new(db);
-    let starts = (!db.is_postgres()).then(|| starts::Starts::spawn(db.clone()));
+    let starts = starts::Starts::spawn(db.clone());
     Ok(SessionStore { db, starts })
 }
 
@@ -79,8 +83,8 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
 #[derive(Debug, Clone)]
 pub struct SessionStore {
     db: Db,
-    /// SQLite: where run starts queue for the one writer, to be committed together.
-    starts: Option<starts::Starts>,
+    /// Where run starts queue for a connection, to be committed together.
+    starts: starts::Starts,
 }
 
 impl SessionStore {
@@ -129,6 +133,8 @@ impl SessionStore {
             );
             drop(transactions);
             db.resize(granted).await;
+            // The starts' task took its connections from the pool replaced.
+            self.starts = starts::Starts::spawn(self.db.clone());
             transactions = self.begin_all(granted).await;
         }
         let warmed =
@@ -210,7 +216,10 @@ async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
         first_event: Some("{}".to_owned()),
         agent_context: None,
     };
-    runs::start_run_postgres(conn, &run).await?;
+    starts::start_runs_postgres(conn, &[(&run, false)])
+        .await?
+        .pop()
+        .expect("one answer per start")?;
     let end = RunEnd {
         status: RunStatus::Completed,
         error: None,

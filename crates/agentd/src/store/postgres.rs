@@ -9,10 +9,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::{Connection, Executor};
 
-use super::StoreError;
+use super::{ACQUIRE_TIMEOUT, StoreError};
 
-/// How long a request waits for a connection before the store counts as unavailable.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) const MAX_CONNECTIONS: u32 = 16;
 /// The run log's group commits: one at a time per process, so one connection.
 const LOG_CONNECTIONS: u32 = 1;

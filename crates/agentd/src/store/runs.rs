@@ -49,43 +49,6 @@ fn id_and_epoch(row: &Row) -> Result<(Uuid, u64), StoreError> {
     ))
 }
 
-/// The PostgreSQL run start on `conn`: one call of `agent_start_run` (one round trip, the same statements as SQLite's
-/// script: see its migration).
-pub(super) async fn start_run_postgres(
-    conn: &mut Conn,
-    run: &NewRun,
-) -> Result<Vec<Message>, StoreError> {
-    let prompt = Message::User {
-        content: run.prompt.clone(),
-    };
-    let row = conn
-        .fetch_one(
-            "SELECT found, busy_run, history \
-             FROM agent_start_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                Arg::Id(run.id),
-                Arg::Id(run.chat_id),
-                Arg::Text(&run.owner.org_id),
-                Arg::Text(&run.owner.user_id),
-                Arg::Text(&run.owner.canvas_id),
-                Arg::Text(&run.model),
-                Arg::Text(&run.owner_instance),
-                Arg::Text(&run.prompt),
-                Arg::Message(&prompt),
-                Arg::OptText(run.agent_context.as_deref()),
-                Arg::OptText(run.first_event.as_deref()),
-            ],
-        )
-        .await?;
-    if !row.get::<bool>("found")? {
-        return Err(StoreError::ChatNotFound(run.chat_id));
-    }
-    if let Some(going) = row.opt_uuid("busy_run")? {
-        return Err(StoreError::ChatBusy(going));
-    }
-    row.messages("history")
-}
-
 /// The run, its epoch and how it ended: `$1` to `$8` of both backends' statements that end a run.
 fn end_args(run_id: Uuid, epoch: u64, end: &RunEnd) -> Vec<Arg<'_>> {
     vec![
@@ -129,33 +92,20 @@ impl SessionStore {
     /// Stores the run as `running` and its prompt as the chat's next message, in one transaction; returns the chat's
     /// messages before the prompt (the history the run goes on from), read under the same lock.
     ///
-    /// On PostgreSQL this is one call of `agent_start_run` (one round trip, the same statements as SQLite's: see its
-    /// migration); SQLite runs them as one script with its transaction (one trip to its connection's thread), with
-    /// the other starts waiting for its writer (`starts.rs`).
+    /// The starts waiting for a connection at the same moment are committed together, each answered as if alone
+    /// (`starts.rs`): on PostgreSQL in one call of `agent_start_runs` (one round trip, the same statements as SQLite's:
+    /// see its migration), on SQLite in scripts of its statements, each one trip to its writer's thread.
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
-        self.start(run, false).await
+        self.starts.start(run.clone(), false).await
     }
 
     /// [`Self::start_run`], making first the chat (of `run.owner`) if none has its id, as dev mode does for a stream to
-    /// a chat nobody made. On SQLite the chat is made in the start's own transaction: one turn of its one writer, not
-    /// two.
+    /// a chat nobody made, in the start's own transaction.
     pub async fn start_run_making_its_chat(
         &self,
         run: &NewRun,
     ) -> Result<Vec<Message>, StoreError> {
-        self.start(run, true).await
-    }
-
-    async fn start(&self, run: &NewRun, make_chat: bool) -> Result<Vec<Message>, StoreError> {
-        // SQLite: queued for its one writer, committed with the starts queued beside it (`starts.rs`).
-        if let Some(starts) = &self.starts {
-            return starts.start(run.clone(), make_chat).await;
-        }
-        let mut conn = self.db.write().await?;
-        if make_chat {
-            super::chats::insert_chat_on(&mut conn, run.chat_id, &run.owner).await?;
-        }
-        start_run_postgres(&mut conn, run).await
+        self.starts.start(run.clone(), true).await
     }
 
     /// Saves the answer so far of a running run.

@@ -12,12 +12,10 @@ use sqlx::sqlite::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::StoreError;
+use super::{ACQUIRE_TIMEOUT, StoreError};
 
 /// How long a writer waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a request waits for a free connection before the store counts as unavailable.
-pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CONNECTIONS: u32 = 8;
 
 /// How often the WAL is checkpointed into the database file.

@@ -1,15 +1,18 @@
-//! Run starts on SQLite, committed together when they arrive together.
+//! Run starts, committed together when they arrive together.
 //!
-//! Every write of a SQLite store goes through its one writer connection, and a run start is a transaction of its own:
-//! each commit appends every page it touched to the WAL (a dozen: the tails of four tables, their indexes), and takes
-//! a trip to the connection's thread. In a burst (a deploy's clients coming back, thousands of new streams a second)
-//! the starts queued for the writer faster than it committed them, and past 3 s of waiting they were refused. Here
-//! the starts waiting when the writer is free are committed in one transaction (in scripts of 1, 2, 4, 8 or 16
-//! starts, each one trip), the pages they share written once. A start alone is one script of one, as before.
+//! A run start is a transaction of its own. On SQLite every write goes through its one writer connection: each
+//! commit appends every page it touched to the WAL (a dozen: the tails of four tables, their indexes) and takes a trip
+//! to the connection's thread. On PostgreSQL each start took a pooled connection, a round trip and a commit, and the
+//! server's process its share of the box's cores. In a burst (a deploy's clients coming back, thousands of new
+//! streams a second) the starts queued for connections faster than they were committed, and past 3 s of waiting they
+//! were refused. Here the starts waiting when a connection is free are committed in one transaction: on SQLite in
+//! scripts of 1, 2, 4, 8 or 16 starts (each one trip), the pages they share written once; on PostgreSQL in one call of
+//! `agent_start_runs` (see its migration), several such calls at once on as many connections. A start alone is a
+//! batch of one, as before.
 //!
-//! Nothing about a start changes: each one's statements run in order after the ones queued before it, in the same
-//! transaction, so two starts of one chat see each other (the second finds the chat busy). A script that fails
-//! leaves nothing: its transaction rolls back, and its starts are run again one by one, so only the start the store
+//! Nothing about a start changes: each one's statements run in order after the ones before it in its batch, in the
+//! same transaction, so two starts of one chat see each other (the second finds the chat busy). A batch that fails
+//! leaves nothing: its transaction rolls back, and its starts are made again one by one, so only the start the store
 //! refuses fails.
 
 use std::collections::VecDeque;
@@ -17,13 +20,13 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::sqlite::ACQUIRE_TIMEOUT;
-use super::{NewRun, StoreError};
+use super::{ACQUIRE_TIMEOUT, NewRun, StoreError};
 use crate::model::Message;
 
-/// The most starts committed in one batch; a batch is run as scripts of these sizes, the largest first.
+/// The most starts committed in one batch; on SQLite a batch is run as scripts of these sizes, the largest first.
 const SCRIPT_SIZES: [usize; 5] = [16, 8, 4, 2, 1];
 const MAX_BATCH: usize = SCRIPT_SIZES[0];
 
@@ -65,13 +68,13 @@ struct Pending {
     answer: oneshot::Sender<Result<Vec<Message>, StoreError>>,
 }
 
-/// Where SQLite run starts queue for the writer; cheap to clone. The task committing them ends when the last clone
-/// is dropped.
+/// Where run starts queue for a connection; cheap to clone. The task committing them ends when the last clone is
+/// dropped.
 #[derive(Debug, Clone)]
 pub(super) struct Starts(mpsc::UnboundedSender<Pending>);
 
 impl Starts {
-    /// Starts committing the starts queued here, on `db`'s writer.
+    /// Starts committing the starts queued here, on `db`'s connections for them ([`Db::starter`]).
     pub fn spawn(db: Db) -> Self {
         let (queue, queued) = mpsc::unbounded_channel();
         tokio::spawn(commit_starts(db, queued));
@@ -126,7 +129,7 @@ async fn commit_starts(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
             continue;
         };
         let deadline = tokio::time::Instant::from_std(oldest + limit);
-        let conn = match tokio::time::timeout_at(deadline, db.writer()).await {
+        let conn = match tokio::time::timeout_at(deadline, db.starter()).await {
             Ok(Ok(conn)) => conn,
             // The oldest start's time is up (the pool's own limit, counted from later, is no sooner): it is refused
             // above, and the others wait on.
@@ -145,34 +148,43 @@ async fn commit_starts(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
         for pending in &batch {
             db.waits().waited(pending.queued);
         }
-        commit_batch(conn, batch).await;
+        // On its own task, so that the next batch can take another connection meanwhile (PostgreSQL; SQLite's next
+        // one waits for the writer to come back).
+        tokio::spawn(commit_batch(conn, batch));
     }
 }
 
-/// Commits `batch` on the writer `conn`, in scripts of the sizes above, and answers each start.
+/// Commits `batch` on `conn` and answers each start: on PostgreSQL in one call, on SQLite in scripts of the sizes
+/// above.
 async fn commit_batch(mut conn: Conn, mut batch: Vec<Pending>) {
-    for size in SCRIPT_SIZES {
-        while batch.len() >= size {
-            let rest = batch.split_off(size);
-            let script = std::mem::replace(&mut batch, rest);
-            match commit_script(&mut conn, &script).await {
-                Ok(answers) => {
-                    for (pending, answer) in script.into_iter().zip(answers) {
-                        let _ = pending.answer.send(answer);
-                    }
+    while !batch.is_empty() {
+        let size = if conn.is_postgres() {
+            batch.len()
+        } else {
+            SCRIPT_SIZES
+                .into_iter()
+                .find(|&size| size <= batch.len())
+                .expect("a script of one start")
+        };
+        let rest = batch.split_off(size);
+        let script = std::mem::replace(&mut batch, rest);
+        match commit_script(&mut conn, &script).await {
+            Ok(answers) => {
+                for (pending, answer) in script.into_iter().zip(answers) {
+                    let _ = pending.answer.send(answer);
                 }
-                // The store is busy (another process holds SQLite's lock past the busy timeout) or unreachable, and
-                // nothing was written: every start left finds it so, rather than each script wait as long again.
-                Err(error) => {
-                    let mut left = script.into_iter().chain(batch);
-                    if let Some(first) = left.next() {
-                        for pending in left {
-                            let _ = pending.answer.send(Err(like(&error)));
-                        }
-                        let _ = first.answer.send(Err(error));
+            }
+            // The store is busy (another process holds SQLite's lock past the busy timeout) or unreachable, and
+            // nothing was written: every start left finds it so, rather than each script wait as long again.
+            Err(error) => {
+                let mut left = script.into_iter().chain(batch);
+                if let Some(first) = left.next() {
+                    for pending in left {
+                        let _ = pending.answer.send(Err(like(&error)));
                     }
-                    return;
+                    let _ = first.answer.send(Err(error));
                 }
+                return;
             }
         }
     }
@@ -213,11 +225,14 @@ fn like(error: &StoreError) -> StoreError {
     }
 }
 
-/// Runs the starts `runs` as one script, its own transaction: each one's history, or why it was refused.
+/// Runs the starts `runs` in one transaction of their own: each one's history, or why it was refused.
 async fn run_script(
     conn: &mut Conn,
     runs: &[(&NewRun, bool)],
 ) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
+    if conn.is_postgres() {
+        return start_runs_postgres(conn, runs).await;
+    }
     let prompts: Vec<Message> = runs
         .iter()
         .map(|(run, _)| Message::User {
@@ -253,7 +268,78 @@ async fn run_script(
     read_answers(runs, &rows)
 }
 
-/// Each start's answer from the rows of its script.
+/// One start as `agent_start_runs` reads it (see its migration).
+#[derive(serde::Serialize)]
+struct PgStart<'a> {
+    run: Uuid,
+    chat: Uuid,
+    org: &'a str,
+    user: &'a str,
+    canvas: &'a str,
+    model: &'a str,
+    owner: &'a str,
+    prompt: &'a str,
+    message: Message,
+    context: Option<&'a str>,
+    first_event: Option<&'a str>,
+    make_chat: bool,
+}
+
+/// The PostgreSQL starts `runs` on `conn` (a pooled connection, or a transaction the caller rolls back): one call of
+/// `agent_start_runs`, one round trip and, on a pooled connection, one commit. Each start's history, or why it was
+/// refused; when the call fails, nothing of it is kept.
+pub(super) async fn start_runs_postgres(
+    conn: &mut Conn,
+    runs: &[(&NewRun, bool)],
+) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
+    let starts: Vec<PgStart<'_>> = runs
+        .iter()
+        .map(|&(run, make_chat)| PgStart {
+            run: run.id,
+            chat: run.chat_id,
+            org: &run.owner.org_id,
+            user: &run.owner.user_id,
+            canvas: &run.owner.canvas_id,
+            model: &run.model,
+            owner: &run.owner_instance,
+            prompt: &run.prompt,
+            message: Message::User {
+                content: run.prompt.clone(),
+            },
+            context: run.agent_context.as_deref(),
+            first_event: run.first_event.as_deref(),
+            make_chat,
+        })
+        .collect();
+    let starts = serde_json::to_string(&starts)
+        .map_err(|e| StoreError::Corrupt(format!("run starts do not serialize: {e}")))?;
+    let rows = conn
+        .fetch_all(
+            "SELECT place, chat_found, busy_run, history FROM agent_start_runs($1::jsonb)",
+            &[Arg::Text(&starts)],
+        )
+        .await?;
+    let mut answers: Vec<Result<Vec<Message>, StoreError>> = runs
+        .iter()
+        .map(|_| Err(StoreError::Corrupt("a run start with no answer".to_owned())))
+        .collect();
+    for row in &rows {
+        let place = usize::try_from(row.get::<i32>("place")?)
+            .ok()
+            .filter(|&place| place < runs.len())
+            .ok_or_else(|| StoreError::Corrupt("an answer of no run start".to_owned()))?;
+        answers[place] = if !row.get::<bool>("chat_found")? {
+            Err(StoreError::ChatNotFound(runs[place].0.chat_id))
+        } else if let Some(going) = row.opt_uuid("busy_run")? {
+            Err(StoreError::ChatBusy(going))
+        } else {
+            Ok(row.messages("history")?)
+        };
+    }
+    Ok(answers)
+}
+
+/// Each start's answer from the rows of its SQLite script.
 fn read_answers(
     runs: &[(&NewRun, bool)],
     rows: &[Row],

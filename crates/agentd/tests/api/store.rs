@@ -462,15 +462,15 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     .await
     .unwrap();
     assert_eq!((chats, runs, messages, events), (0, 0, 0, 0));
-    // A backend reports its function calls when it exits: stop agentd and wait for all of them (each overload of
-    // agent_start_run is called once per start: the one taking the owner checks it, then calls the other).
+    // A backend reports its function calls when it exits: stop agentd and wait for all of them (a start is a call of
+    // agent_start_runs, which calls agent_start_run for each of its starts).
     server.signal("TERM");
     assert!(server.exit_status().await.success());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let calls: Vec<(String, i64)> = sqlx::query_as(
             "SELECT DISTINCT funcname::TEXT, calls FROM pg_stat_user_functions \
-             WHERE funcname IN ('agent_start_run', 'agent_finish_run') ORDER BY funcname",
+             WHERE funcname IN ('agent_start_run', 'agent_start_runs', 'agent_finish_run') ORDER BY funcname",
         )
         .fetch_all(&mut conn)
         .await
@@ -478,6 +478,7 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
         let expected = vec![
             ("agent_finish_run".to_owned(), POOL),
             ("agent_start_run".to_owned(), POOL),
+            ("agent_start_runs".to_owned(), POOL),
         ];
         if calls == expected {
             break;
@@ -908,6 +909,129 @@ async fn starts_arriving_together_each_get_their_own_answer(db: TestDb) {
         store.get_run(earlier.id).await.unwrap().unwrap().chat_id,
         asked.id
     );
+    store.close().await;
+}
+
+/// On PostgreSQL, starts that arrive while others wait for a connection go to the server together: one call of
+/// `agent_start_runs` (one round trip, one commit) for up to 16 of them, each answered as if alone.
+#[tokio::test]
+async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    db.alter_database("SET track_functions = 'pl'").await;
+    let store = db.open().await;
+    let mut runs = Vec::new();
+    for i in 0..40 {
+        let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+        runs.push(new_run(chat.id, &format!("question {i}")));
+    }
+    let answers = futures_util::future::join_all(runs.iter().map(|run| store.start_run(run))).await;
+    for (run, answer) in runs.iter().zip(answers) {
+        assert_eq!(answer.unwrap(), Vec::<Message>::new());
+        assert_eq!(
+            store.messages(run.chat_id).await.unwrap()[0].message,
+            user(&run.prompt)
+        );
+    }
+    // A server process reports its function calls when it exits.
+    store.close().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = 'agent_start_runs'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        // The first start takes a connection alone while the others queue behind it: 16, 16, then 8.
+        if calls == Some(3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline && calls.is_none_or(|calls| calls < 3),
+            "{calls:?} calls for 40 starts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts made together lock their chats in the order of the chats' ids, whatever the order they came in, so two
+/// such calls on other connections never wait for each other in a circle.
+#[tokio::test]
+async fn starts_made_together_lock_their_chats_in_one_order_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let mut chats = [
+        store.create_chat(&owner("o", "u", "c")).await.unwrap().id,
+        store.create_chat(&owner("o", "u", "c")).await.unwrap().id,
+    ];
+    chats.sort();
+    let [first, second] = chats;
+    // Another transaction holds the later chat.
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM agent_chats WHERE id = $1 FOR UPDATE")
+        .bind(second)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // Two starts, the later chat's first: the call locks the earlier chat, then waits for the later one.
+    let start = |chat: Uuid| {
+        json!({"run": Uuid::new_v4(), "chat": chat, "org": "o", "user": "u", "canvas": "c", "model": "m",
+               "owner": "here", "prompt": "q", "message": {"role": "user", "content": "q"}, "make_chat": false})
+    };
+    let starts = json!([start(second), start(first)]).to_string();
+    let mut caller = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let caller_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut caller)
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        sqlx::query_as::<_, (i32, bool)>(
+            "SELECT place, chat_found FROM agent_start_runs($1::jsonb) WHERE busy_run IS NULL",
+        )
+        .bind(starts)
+        .fetch_all(&mut caller)
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+        )
+        .bind(caller_pid)
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never waited for the held chat"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The earlier chat, though second in the call, is locked already.
+    let taken = sqlx::query("SELECT 1 FROM agent_chats WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(first)
+        .execute(&mut holder)
+        .await;
+    let refused = taken.unwrap_err().into_database_error().unwrap();
+    assert_eq!(
+        refused.code().as_deref(),
+        Some("55P03"),
+        "lock_not_available"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    // Let go, both start, each answered at its own place.
+    let mut answered = call.await.unwrap().unwrap();
+    answered.sort();
+    assert_eq!(answered, [(0, true), (1, true)]);
+    assert_eq!(runs_of(&store, first).await.len(), 1);
+    assert_eq!(runs_of(&store, second).await.len(), 1);
     store.close().await;
 }
 
