@@ -5,6 +5,7 @@
 //! conversation as a stream of [`ModelEvent`]s: text as it arrives, the tool calls it wants, and its token usage.
 
 mod anthropic;
+mod lane;
 mod openai;
 mod test;
 pub mod upstream;
@@ -212,7 +213,7 @@ impl ModelSpec {
 
     /// The file descriptors a stream of this model holds: its client's socket, and its own connection to the
     /// provider, or its share of one when the provider's streams share connections (HTTP/2, at most
-    /// [`upstream::STREAMS_PER_CONNECTION`] on each).
+    /// [`lane::STREAMS_PER_CONNECTION`] on each).
     pub fn descriptors(&self, providers: &Providers) -> Held {
         let lane = match self {
             Self::Test(_) => return Held::descriptors(1),
@@ -220,7 +221,7 @@ impl ModelSpec {
             Self::Anthropic(_) => &providers.anthropic_lane,
         };
         let provider = if lane.multiplexed() {
-            Held::share_of_one(upstream::STREAMS_PER_CONNECTION)
+            Held::share_of_one(lane::STREAMS_PER_CONNECTION)
         } else {
             Held::descriptors(1)
         };
