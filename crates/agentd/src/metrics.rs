@@ -19,6 +19,8 @@
 //! | `agentd_drain_duration_seconds` | gauge | how long the last drain took (0 until one ran) |
 //! | `agentd_store_acquire_seconds` | histogram | how long a request waited for a pooled store connection |
 //! | `agentd_store_acquire_timeouts_total` | counter | requests that gave up waiting for one (answered "store unavailable") |
+//! | `agentd_provider_clients{provider}` | gauge | HTTP clients open to a provider (over HTTP/2, a connection each, carrying up to 100 streams) |
+//! | `agentd_provider_streams{provider}` | gauge | streams to a provider now |
 
 use std::sync::atomic::AtomicU64;
 
@@ -32,6 +34,20 @@ use prometheus_client::registry::Registry;
 use crate::error::ErrorCode;
 use crate::store::PoolWaits;
 use crate::stream_tracker::Rejection;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: &'static str,
+}
+
+/// A provider's HTTP clients and the streams they carry, read when the metrics are scraped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderLoad {
+    /// As a model spec names it: `openai`, `anthropic`.
+    pub provider: &'static str,
+    pub clients: usize,
+    pub streams: usize,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RejectLabels {
@@ -106,6 +122,9 @@ pub struct Metrics {
     taken_over: Counter,
     continued_tokens: Counter,
     fencing_rejections: Counter,
+    /// Set from the providers' lanes when scraped, like `open_streams`.
+    provider_clients: Family<ProviderLabels, Gauge>,
+    provider_streams: Family<ProviderLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -215,6 +234,18 @@ impl Default for Metrics {
             "How long the last drain of open streams took",
             drain_seconds.clone(),
         );
+        let provider_clients = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "agentd_provider_clients",
+            "HTTP clients open to a provider (over HTTP/2, a connection each)",
+            provider_clients.clone(),
+        );
+        let provider_streams = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "agentd_provider_streams",
+            "Streams to a provider now",
+            provider_streams.clone(),
+        );
         Self {
             registry,
             open_streams,
@@ -235,6 +266,8 @@ impl Default for Metrics {
             taken_over,
             continued_tokens,
             fencing_rejections,
+            provider_clients,
+            provider_streams,
         }
     }
 }
@@ -333,10 +366,22 @@ impl Metrics {
         self.drain_seconds.set(took.as_secs_f64());
     }
 
-    /// The exposition text, with the open-stream gauge set to `open_streams` first.
-    pub fn render(&self, open_streams: usize) -> String {
-        self.open_streams
-            .set(i64::try_from(open_streams).unwrap_or(i64::MAX));
+    /// The exposition text, with the gauges read at scrape time set first: the open streams, and each provider's
+    /// clients and streams.
+    pub fn render(&self, open_streams: usize, providers: &[ProviderLoad]) -> String {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.open_streams.set(count(open_streams));
+        for load in providers {
+            let labels = ProviderLabels {
+                provider: load.provider,
+            };
+            self.provider_clients
+                .get_or_create(&labels)
+                .set(count(load.clients));
+            self.provider_streams
+                .get_or_create(&labels)
+                .set(count(load.streams));
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -358,7 +403,12 @@ mod tests {
         metrics.run_finished(RunOutcome::Failed, Some(ErrorCode::ProviderRefused));
         metrics.tool_failed("timeout");
         metrics.drain_finished(std::time::Duration::from_millis(1500));
-        let text = metrics.render(3);
+        let providers = [ProviderLoad {
+            provider: "openai",
+            clients: 2,
+            streams: 170,
+        }];
+        let text = metrics.render(3, &providers);
         for line in [
             "agentd_open_streams 3",
             "agentd_streams_admitted_total 1",
@@ -368,6 +418,8 @@ mod tests {
             "agentd_run_failures_total{code=\"provider_refused\"} 1",
             "agentd_tool_failures_total{kind=\"timeout\"} 1",
             "agentd_drain_duration_seconds 1.5",
+            "agentd_provider_clients{provider=\"openai\"} 2",
+            "agentd_provider_streams{provider=\"openai\"} 170",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

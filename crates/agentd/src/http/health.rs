@@ -53,6 +53,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.tracker.open()),
+        state
+            .metrics
+            .render(state.tracker.open(), &state.runs.provider_load()),
     )
 }

@@ -180,13 +180,23 @@ impl Lane {
     }
 
     /// How many clients the lane has now (each with at most one connection over HTTP/2).
-    #[cfg(test)]
-    fn clients(&self) -> usize {
+    pub fn clients(&self) -> usize {
         self.inner
             .carriers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// How many streams its clients carry now.
+    pub fn streams(&self) -> usize {
+        self.inner
+            .carriers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|carrier| carrier.streams.load(Ordering::Relaxed))
+            .sum()
     }
 }
 

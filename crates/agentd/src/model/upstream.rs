@@ -66,6 +66,14 @@ impl Providers {
             idle_timeout,
         }
     }
+
+    /// Each provider's lane, by the name a model spec gives the provider (`openai:…`, `anthropic:…`).
+    pub fn lanes(&self) -> [(&'static str, &Lane); 2] {
+        [
+            ("openai", &self.openai_lane),
+            ("anthropic", &self.anthropic_lane),
+        ]
+    }
 }
 
 fn retryable(status: reqwest::StatusCode) -> bool {

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::instructions::{Instructions, OutputSchema};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProviderLoad};
 use crate::model::{ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
 use crate::store::{Chat, ChatOwner, Run, RunStatus, SessionStore, StoreError, StoredMessage};
@@ -289,6 +289,21 @@ impl RunService {
         }
         tracing::info!(%run_id, %chat_id, "run cancel requested");
         Ok(())
+    }
+
+    /// Each provider's HTTP clients and the streams they carry now, for the metrics.
+    pub fn provider_load(&self) -> Vec<ProviderLoad> {
+        self.inner
+            .parts
+            .providers
+            .lanes()
+            .into_iter()
+            .map(|(provider, lane)| ProviderLoad {
+                provider,
+                clients: lane.clients(),
+                streams: lane.streams(),
+            })
+            .collect()
     }
 
     /// Which models requests may name, and the default.

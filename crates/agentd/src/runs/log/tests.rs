@@ -8,7 +8,7 @@ use crate::runs::follow::Follower;
 use crate::store::{ChatOwner, LogRow, NewRun, StoreConfig};
 
 fn reads(metrics: &Metrics) -> u64 {
-    let text = metrics.render(0);
+    let text = metrics.render(0, &[]);
     let line = text
         .lines()
         .find(|line| line.starts_with("agentd_run_log_reads_total "))

@@ -363,7 +363,8 @@ pub async fn create_chat(server: &Agentd, org: &str, user: &str, canvas: &str) -
         .id
 }
 
-/// The value of the unlabelled metric `name` in a `/metrics` text; 0 when it is absent.
+/// The value of the metric `name` (with its labels, if any: `name{label="value"}`) in a `/metrics` text; 0 when it
+/// is absent.
 pub fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{CANVAS, ORG, USER, answer_of, setup};
 use crate::common::upstream::{FakeUpstream, Reply, anthropic, openai};
-use crate::common::{Agentd, Events, deltas, established_to, types};
+use crate::common::{Agentd, Events, deltas, established_to, metric, types};
 use agentd::grpc::proto::DescribeAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 
@@ -392,12 +392,23 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
 /// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
 /// (128 kept in reserve: 172 for streams of 300); how many were admitted (each reached its provider), how many
 /// refused, and the connections to the provider while the admitted ones were open.
+/// What [`parked_past_the_file_limit`] saw with every stream it could open parked at the provider.
+pub(super) struct Parked {
+    pub open: usize,
+    pub refused: usize,
+    /// Connections to the fake provider, counted by the system.
+    pub connections: usize,
+    /// The provider's HTTP clients, by agentd's metrics.
+    pub clients: u64,
+    pub fake: FakeUpstream,
+}
+
 pub(super) async fn parked_past_the_file_limit(
     fake: FakeUpstream,
     asks: usize,
     limit: u32,
     extra: &[(&str, &str)],
-) -> (usize, usize, usize, FakeUpstream) {
+) -> Parked {
     let stalls = (0..asks).map(|_| Reply::FramesThenStall(vec![openai::text("Hi")]));
     fake.script(stalls);
     let openai_base = format!("{}/v1", fake.base);
@@ -443,18 +454,30 @@ pub(super) async fn parked_past_the_file_limit(
         open.push(events);
     }
     let connections = established_to(fake.port());
-    (open.len(), refused, connections, fake)
+    // agentd counts the streams its provider clients carry, and the clients.
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    let streams = metric(&metrics, "agentd_provider_streams{provider=\"openai\"}");
+    assert_eq!(streams, open.len() as u64, "{metrics}");
+    Parked {
+        open: open.len(),
+        refused,
+        connections,
+        clients: metric(&metrics, "agentd_provider_clients{provider=\"openai\"}"),
+        fake,
+    }
 }
 
 #[tokio::test]
 async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
-    let (open, refused, connections, fake) =
-        parked_past_the_file_limit(FakeUpstream::start().await, 100, 300, &[]).await;
-    assert_eq!(open, 86, "172 descriptors, two per stream");
-    assert_eq!(refused, 14);
-    assert_eq!(connections, 86);
+    let parked = parked_past_the_file_limit(FakeUpstream::start().await, 100, 300, &[]).await;
+    assert_eq!(parked.open, 86, "172 descriptors, two per stream");
+    assert_eq!(parked.refused, 14);
+    // Over HTTP/1.1 each stream has a connection of its own, all from the lane's one client.
+    assert_eq!((parked.connections, parked.clients), (86, 1));
     assert!(
-        fake.seen("/v1/")
+        parked
+            .fake
+            .seen("/v1/")
             .iter()
             .all(|s| s.version == axum::http::Version::HTTP_11)
     );
@@ -462,7 +485,7 @@ async fn past_the_file_limit_provider_streams_are_refused_before_they_start_neve
 
 #[tokio::test]
 async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_with_their_share() {
-    let (open, refused, connections, fake) = parked_past_the_file_limit(
+    let parked = parked_past_the_file_limit(
         FakeUpstream::start().await,
         190,
         300,
@@ -471,10 +494,10 @@ async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_w
     .await;
     // Each stream holds its client's socket and a hundredth of a provider connection (100 streams at most on each):
     // 170 streams, 170 sockets and two connections, the 172 descriptors there are.
-    assert_eq!(open, 170, "172 descriptors, 1.01 per stream");
-    assert_eq!(refused, 20);
-    assert_eq!(connections, 2);
-    let seen = fake.seen("/v1/");
+    assert_eq!(parked.open, 170, "172 descriptors, 1.01 per stream");
+    assert_eq!(parked.refused, 20);
+    assert_eq!((parked.connections, parked.clients), (2, 2));
+    let seen = parked.fake.seen("/v1/");
     assert_eq!(seen.len(), 170);
     assert!(
         seen.iter()
@@ -487,7 +510,7 @@ async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_w
 async fn streams_to_a_provider_past_what_one_http2_connection_carries_go_on_another() {
     // The fake's HTTP/2 connections carry at most 200 streams at a time (hyper's default): a 201st stream on one
     // would wait for one of the others to end. agentd puts at most 100 on each.
-    let (open, refused, connections, _) = parked_past_the_file_limit(
+    let parked = parked_past_the_file_limit(
         FakeUpstream::start().await,
         210,
         1000,
@@ -495,9 +518,9 @@ async fn streams_to_a_provider_past_what_one_http2_connection_carries_go_on_anot
     )
     .await;
     assert_eq!(
-        (open, refused),
+        (parked.open, parked.refused),
         (210, 0),
         "every stream reached its provider"
     );
-    assert_eq!(connections, 3);
+    assert_eq!((parked.connections, parked.clients), (3, 3));
 }

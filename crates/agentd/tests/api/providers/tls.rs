@@ -51,7 +51,7 @@ async fn a_provider_whose_certificate_is_not_trusted_is_sent_nothing() {
 #[tokio::test]
 async fn streams_to_a_provider_over_tls_and_http2_go_100_to_a_connection() {
     let ca = trusting_the_test_ca();
-    let (open, refused, connections, fake) = parked_past_the_file_limit(
+    let parked = parked_past_the_file_limit(
         FakeUpstream::start_tls().await,
         150,
         1000,
@@ -59,13 +59,15 @@ async fn streams_to_a_provider_over_tls_and_http2_go_100_to_a_connection() {
     )
     .await;
     assert_eq!(
-        (open, refused),
+        (parked.open, parked.refused),
         (150, 0),
         "every stream reached its provider"
     );
-    assert_eq!(connections, 2);
+    assert_eq!((parked.connections, parked.clients), (2, 2));
     assert!(
-        fake.seen("/v1/")
+        parked
+            .fake
+            .seen("/v1/")
             .iter()
             .all(|seen| seen.version == Version::HTTP_2)
     );
