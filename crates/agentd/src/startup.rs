@@ -297,6 +297,7 @@ impl Application {
             live_runs: state.runs.live().clone(),
             grpc_health,
             stages: Arc::new(stages),
+            store: state.store,
         };
         shutdown.run(config.budget, first, &mut signals).await
     }

@@ -6,7 +6,8 @@
 //!    balancers can take the replica out while it still serves.
 //! 2. Draining: new streams are refused (503, `Retry-After`, `Connection: close`); the listener stays open so that
 //!    answer can be given, and the other routes keep working. Open streams run on; every 5 s a log line says how many,
-//!    and names the oldest runs. The drain ends when none is left or at `DRAIN_TIMEOUT`.
+//!    and names the oldest runs. The drain ends when none is left or at `DRAIN_TIMEOUT`. The store is told the process
+//!    will close (SQLite keeps its WAL small from then on, so that emptying it at the end is short).
 //! 3. Closing, stage by stage ([`Stage`]; components register in theirs at build time, see [`Stages`]): every run
 //!    still going ends with `run_interrupted` + `done` and records its end, and their bodies are released; the HTTP
 //!    server stops (idle keep-alive connections close) and the gRPC server stops (in-flight calls get
@@ -41,6 +42,7 @@ use crate::grpc;
 use crate::metrics::Metrics;
 use crate::runs::LiveRuns;
 use crate::stages::{PROGRESS_EVERY, Stage, Stages};
+use crate::store::SessionStore;
 use crate::stream_tracker::{DrainOutcome, StreamTracker};
 pub use signals::{Signal, os_signals};
 
@@ -97,6 +99,8 @@ pub struct Shutdown {
     /// Says NOT_SERVING from the first signal.
     pub grpc_health: HealthReporter,
     pub stages: Arc<Stages>,
+    /// Told when the drain begins that it will close (it closes in the last stage).
+    pub store: SessionStore,
 }
 
 /// How long the sequence leaves the watchdog to end the process once the hard deadline is reached.
@@ -120,6 +124,7 @@ impl Shutdown {
             live_runs,
             grpc_health,
             stages,
+            store,
         } = self;
         let hard_deadline = Instant::now() + budget.timeout;
         lifecycle.enter(Phase::Stopping);
@@ -150,6 +155,7 @@ impl Shutdown {
         // (handoff).
         tracker.begin_shutdown();
         lifecycle.enter(Phase::Draining);
+        store.closing_soon();
         if budget.mode == ShutdownMode::Handoff {
             lifecycle.handoff.cancel();
             tracing::info!(

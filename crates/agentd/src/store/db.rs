@@ -157,6 +157,13 @@ impl Db {
         noted(self.is_postgres(), taken)
     }
 
+    /// See [`SqliteDb::closing_soon`]; PostgreSQL has nothing to prepare.
+    pub fn closing_soon(&self) {
+        if let Pools::Sqlite(db) = &self.pools {
+            db.closing_soon();
+        }
+    }
+
     pub async fn close(&self) {
         match &self.pools {
             Pools::Sqlite(db) => db.close().await,

@@ -160,6 +160,12 @@ impl SessionStore {
         self.db.waits()
     }
 
+    /// The process will close soon: the shutdown's drain began. On SQLite the WAL is kept small from then on, so that
+    /// emptying it into the database file at the end (`close`) is short.
+    pub fn closing_soon(&self) {
+        self.db.closing_soon();
+    }
+
     /// Closes every connection; waits for those in use to be returned.
     pub async fn close(&self) {
         self.db.close().await;

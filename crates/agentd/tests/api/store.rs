@@ -1620,3 +1620,45 @@ async fn a_sqlite_start_waits_for_the_writer_no_longer_than_for_a_connection() {
     assert_eq!(runs_of(&store, chat.id).await.len(), 1);
     store.close().await;
 }
+
+/// Once the process is closing (its drain began), a SQLite store keeps its WAL small, so that emptying it at exit is
+/// short; while serving, the WAL is started over only past 32 MiB.
+#[tokio::test]
+async fn a_closing_sqlite_store_keeps_its_wal_small() {
+    let db = TestDb::sqlite();
+    let store = db.open().await;
+    let (_, run) = started_run(&store).await;
+    let wal = std::path::PathBuf::from(format!("{}-wal", db.url().trim_start_matches("sqlite://")));
+    let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let delta = json!({"type": "model_delta", "delta": "x".repeat(60_000)}).to_string();
+    let mut seq = 1;
+    let mut write = async |rows: u64| {
+        for _ in 0..rows {
+            seq += 1;
+            let row = log_row(run.id, 1, seq, &delta);
+            assert!(store.append_events(&[row]).await.unwrap().is_empty());
+        }
+    };
+    // About 6 MiB, checkpointed in the background but not started over.
+    write(100).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    write(1).await;
+    assert!(wal_size() > 4 << 20, "{} bytes", wal_size());
+    store.closing_soon();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // The checkpointer starts the WAL over, and the next write trims it to 1 MiB.
+    while wal_size() > 2 << 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the WAL is still {} bytes",
+            wal_size()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        write(1).await;
+    }
+    // Nothing written was lost.
+    let written = usize::try_from(seq - 1).unwrap();
+    assert_eq!(store.events_after(run.id, 1).await.unwrap().len(), written);
+    store.close().await;
+    assert_eq!(wal_size(), 0, "emptied at the end");
+}
