@@ -9,9 +9,9 @@
 //! Writes that must agree happen in one transaction: starting a run stores the run row and the user's prompt (and
 //! sets the chat's `initial_message` from its first prompt; the starts waiting for a connection at the same moment
 //! are committed together, each as if alone, on PostgreSQL in one call of a function doing the same statements, see
-//! `starts.rs`); finishing a run stores its messages, its end state and
-//! usage, and adds the usage to the chat's totals. Each transaction first updates the chat row, which takes the write
-//! lock up front (so concurrent runs of one chat never race for a message index) and checks the chat still exists.
+//! `starts.rs`); finishing a run stores its messages, its end state and usage, and adds the usage to the chat's
+//! totals. Each transaction first updates the chat row, which takes the write lock up front (so concurrent runs of
+//! one chat never race for a message index) and checks the chat still exists.
 //!
 //! Crash recovery works by lease: each process has an instance id (stored as the run's owner) and refreshes
 //! `heartbeat_at` of the runs it is driving, three times per lease; a run still `running` whose heartbeat is older

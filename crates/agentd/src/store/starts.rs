@@ -59,7 +59,7 @@ const START: &str = "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, cr
      INSERT INTO agent_run_events (run_id, seq, last_seq, events) SELECT $3, 1, 1, $8 \
      WHERE $8 IS NOT NULL AND EXISTS (SELECT 1 FROM agent_chat_runs WHERE id = $3); ";
 
-/// A start waiting for the writer.
+/// A start waiting for its turn.
 #[derive(Debug)]
 struct Pending {
     run: NewRun,
@@ -117,8 +117,8 @@ async fn commit_starts(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
                 Err(_) => break,
             }
         }
-        // A start waits for the writer as long as a request waits for any pooled connection, then is refused as
-        // one is (503 `store_unavailable`).
+        // A start waits for its turn as long as a request waits for any pooled connection, then is refused as one
+        // is (503 `store_unavailable`).
         let limit = ACQUIRE_TIMEOUT;
         while waiting.front().is_some_and(|p| p.queued.elapsed() >= limit) {
             let late = waiting.pop_front().expect("checked above");
