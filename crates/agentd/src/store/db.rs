@@ -94,20 +94,20 @@ impl Db {
 
     /// The connection for a write outside a transaction (in SQLite, the one writer).
     pub async fn write(&self) -> Result<Conn, StoreError> {
-        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
-            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
-            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.pool.acquire().await?)) }),
-        };
-        self.waited(acquiring).await
+        self.waited(self.acquire_writer()).await
     }
 
-    /// A connection for run starts (SQLite's one writer, a pooled PostgreSQL connection), its wait not counted: the
-    /// starts queued for it count theirs ([`super::starts`]).
+    /// [`Self::write`]'s connection for run starts, its wait not counted: the starts queued for it count theirs
+    /// ([`super::starts`]).
     pub async fn starter(&self) -> Result<Conn, StoreError> {
-        Ok(match &self.pools {
-            Pools::Sqlite(db) => Conn::Sqlite(db.writer.acquire().await?),
-            Pools::Postgres(db) => Conn::Postgres(db.pool.acquire().await?),
-        })
+        noted(self.is_postgres(), self.acquire_writer().await)
+    }
+
+    fn acquire_writer(&self) -> BoxFuture<'_, Result<Conn, sqlx::Error>> {
+        match &self.pools {
+            Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.writer.acquire().await?)) }),
+            Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.pool.acquire().await?)) }),
+        }
     }
 
     /// The connection for the run log's group commits: in SQLite the one writer, in PostgreSQL a connection of their
@@ -149,9 +149,10 @@ impl Db {
     ) -> Result<Conn, StoreError> {
         let started = std::time::Instant::now();
         let taken = acquiring.await;
-        self.waits.seconds.observe(started.elapsed().as_secs_f64());
         if matches!(taken, Err(sqlx::Error::PoolTimedOut)) {
-            self.waits.timeouts.inc();
+            self.waits.gave_up(started);
+        } else {
+            self.waits.waited(started);
         }
         // A transaction's `BEGIN` is its first statement.
         noted(self.is_postgres(), taken)
