@@ -315,7 +315,7 @@ pub(super) async fn start_runs_postgres(
         .map_err(|e| StoreError::Corrupt(format!("run starts do not serialize: {e}")))?;
     let rows = conn
         .fetch_all(
-            "SELECT place, chat_found, busy_run, history FROM agent_start_runs($1::jsonb)",
+            "SELECT place::BIGINT AS place, chat_found, busy_run, history FROM agent_start_runs($1::jsonb)",
             &[Arg::Text(&starts)],
         )
         .await?;
@@ -324,10 +324,7 @@ pub(super) async fn start_runs_postgres(
         .map(|_| Err(StoreError::Corrupt("a run start with no answer".to_owned())))
         .collect();
     for row in &rows {
-        let place = usize::try_from(row.get::<i32>("place")?)
-            .ok()
-            .filter(|&place| place < runs.len())
-            .ok_or_else(|| StoreError::Corrupt("an answer of no run start".to_owned()))?;
+        let place = place_of(row, "place", runs.len())?;
         answers[place] = if !row.get::<bool>("chat_found")? {
             Err(StoreError::ChatNotFound(runs[place].0.chat_id))
         } else if let Some(going) = row.opt_uuid("busy_run")? {
@@ -339,6 +336,14 @@ pub(super) async fn start_runs_postgres(
     Ok(answers)
 }
 
+/// The start (of `starts`) that `row` answers, by its place in the batch in `column`.
+fn place_of(row: &Row, column: &str, starts: usize) -> Result<usize, StoreError> {
+    usize::try_from(row.get::<i64>(column)?)
+        .ok()
+        .filter(|&place| place < starts)
+        .ok_or_else(|| StoreError::Corrupt("a run start's answer of no start".to_owned()))
+}
+
 /// Each start's answer from the rows of its SQLite script.
 fn read_answers(
     runs: &[(&NewRun, bool)],
@@ -348,10 +353,7 @@ fn read_answers(
     let mut answers: Vec<Result<Vec<Message>, StoreError>> =
         runs.iter().map(|_| Ok(Vec::new())).collect();
     for row in rows {
-        let start = usize::try_from(row.get::<i64>("start")?)
-            .ok()
-            .filter(|&start| start < runs.len())
-            .ok_or_else(|| StoreError::Corrupt("a run start's row of no start".to_owned()))?;
+        let start = place_of(row, "start", runs.len())?;
         match (row.get::<String>("kind")?.as_str(), &mut answers[start]) {
             ("chat", _) => found[start] = true,
             ("busy", answer) => *answer = Err(StoreError::ChatBusy(row.uuid("value")?)),
