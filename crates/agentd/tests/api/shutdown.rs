@@ -262,8 +262,6 @@ async fn an_impossible_budget_exits_64_naming_the_values() {
 async fn the_drain_keeps_a_sqlite_wal_small() {
     let db = crate::common::db::TestDb::sqlite();
     let mut server = Agentd::spawn_on(db.url(), &[("DRAIN_TIMEOUT", "60")]).await;
-    let wal = std::path::PathBuf::from(format!("{}-wal", db.url().trim_start_matches("sqlite://")));
-    let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     // Runs of many events grow the WAL, which is started over only past 32 MiB while serving.
     for _ in 0..4 {
         let many = json!({"question": "q", "model": "test:deltas=20000,delay_ms=0"});
@@ -271,7 +269,7 @@ async fn the_drain_keeps_a_sqlite_wal_small() {
         assert_eq!(types(&events).last().map(String::as_str), Some("done"));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let grown = wal_size();
+    let grown = db.wal_bytes();
     assert!(grown > 4 << 20, "{grown} bytes");
     let mut writing = server.stream(&new_chat(), slow(6)).await;
     assert_eq!(writing.next_data().await["type"], "run_started");
@@ -279,16 +277,16 @@ async fn the_drain_keeps_a_sqlite_wal_small() {
     server.signal("TERM");
     server.wait_for_log("draining").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
-    while wal_size() > 2 << 20 {
+    while db.wal_bytes() > 2 << 20 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the WAL is still {} bytes ({grown} before the drain)",
-            wal_size()
+            db.wal_bytes()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let events = writing.rest().await;
     assert_eq!(types(&events).last().map(String::as_str), Some("done"));
     assert!(server.exit_status().await.success());
-    assert_eq!(wal_size(), 0, "emptied at exit");
+    assert_eq!(db.wal_bytes(), 0, "emptied at exit");
 }

@@ -1628,8 +1628,6 @@ async fn a_closing_sqlite_store_keeps_its_wal_small() {
     let db = TestDb::sqlite();
     let store = db.open().await;
     let (_, run) = started_run(&store).await;
-    let wal = std::path::PathBuf::from(format!("{}-wal", db.url().trim_start_matches("sqlite://")));
-    let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     let delta = json!({"type": "model_delta", "delta": "x".repeat(60_000)}).to_string();
     let mut seq = 1;
     let mut write = async |rows: u64| {
@@ -1643,15 +1641,15 @@ async fn a_closing_sqlite_store_keeps_its_wal_small() {
     write(100).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     write(1).await;
-    assert!(wal_size() > 4 << 20, "{} bytes", wal_size());
+    assert!(db.wal_bytes() > 4 << 20, "{} bytes", db.wal_bytes());
     store.closing_soon();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     // The checkpointer starts the WAL over, and the next write trims it to 1 MiB.
-    while wal_size() > 2 << 20 {
+    while db.wal_bytes() > 2 << 20 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the WAL is still {} bytes",
-            wal_size()
+            db.wal_bytes()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         write(1).await;
@@ -1660,5 +1658,5 @@ async fn a_closing_sqlite_store_keeps_its_wal_small() {
     let written = usize::try_from(seq - 1).unwrap();
     assert_eq!(store.events_after(run.id, 1).await.unwrap().len(), written);
     store.close().await;
-    assert_eq!(wal_size(), 0, "emptied at the end");
+    assert_eq!(db.wal_bytes(), 0, "emptied at the end");
 }

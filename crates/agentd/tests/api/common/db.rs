@@ -84,6 +84,15 @@ impl TestDb {
         conn
     }
 
+    /// The size of this SQLite database's WAL file now (0 when there is none).
+    pub fn wal_bytes(&self) -> u64 {
+        let Self::Sqlite { url, .. } = self else {
+            panic!("the WAL is SQLite's");
+        };
+        let wal = format!("{}-wal", url.trim_start_matches("sqlite://"));
+        std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    }
+
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite { url, .. } | Self::Postgres { url } => url,
