@@ -295,14 +295,15 @@ pub async fn run(plan: Plan) -> Report {
             let due = started_at + Duration::from_secs_f64(i as f64 / plan.ramp_per_sec);
             tokio::time::sleep_until(due.into()).await;
         }
-        if stats.failed.load(Ordering::Relaxed) >= plan.stop_after_errors {
-            stopped_by = dominant_error(&stats);
-            break;
-        }
         let permit = Arc::clone(&slots)
             .acquire_owned()
             .await
             .expect("the semaphore stays open");
+        // Counted once a slot is free: the stream that held it has counted its error by then.
+        if stats.failed.load(Ordering::Relaxed) >= plan.stop_after_errors {
+            stopped_by = dominant_error(&stats);
+            break;
+        }
         let (plan_, stats_, stop_) = (Arc::clone(&plan), Arc::clone(&stats), stop.clone());
         tasks.spawn(async move {
             if plan_.follow_reconnect {
