@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::drive::drive;
 use super::engine::{Prompt, Resumed};
 use super::{AgentContext, RunService};
+use crate::metrics::RunOutcome;
 use crate::model::{Message, ModelSpec, ToolCall};
 use crate::store::StoreError;
 use crate::stream_tracker::{Held, Rejection};
@@ -47,24 +48,41 @@ impl RunService {
                 return;
             }
         };
+        // Each run is continued on a task of its own, and counts as driven here (its lease kept fresh) from the claim
+        // on: a peer's deploy releases all its runs at once, and continuing them one after another (several reads of
+        // the store each) held up this loop, which notes the runs followed here, and kept the last ones past the
+        // lease with no heartbeat, so that a third replica marked them interrupted under their followers.
         for (run_id, epoch) in claimed {
             let Some((_, caller)) = followed.iter().find(|(id, _)| *id == run_id) else {
                 continue;
             };
-            if let Err(error) = self.continue_run(run_id, epoch, caller.clone()).await {
-                // Nothing refreshes its lease here, so it runs out: another claim, or the run is interrupted.
-                tracing::error!(%run_id, %error, "claimed a run but could not continue it");
-            }
+            let held = self.live().enter(run_id);
+            let (runs, caller) = (self.clone(), caller.clone());
+            self.inner.component.tasks.spawn(async move {
+                match runs.continuation(run_id, epoch, caller).await {
+                    Ok(driven) => {
+                        // The run's task counts it from here.
+                        drop(held);
+                        driven.await;
+                    }
+                    // Nothing refreshes its lease once `held` is dropped, so it runs out: another claim, or the run
+                    // is interrupted.
+                    Err(error) => {
+                        tracing::error!(%run_id, %error, "claimed a run but could not continue it");
+                    }
+                }
+            });
         }
     }
 
-    /// Continues run `run_id`, just claimed under `epoch`, acting for `caller`.
-    async fn continue_run(
+    /// The task that continues run `run_id`, just claimed under `epoch`, acting for `caller`, once what it needs is
+    /// read from the store.
+    async fn continuation(
         &self,
         run_id: Uuid,
         epoch: u64,
         caller: ToolContext,
-    ) -> Result<(), StoreError> {
+    ) -> Result<impl Future<Output = RunOutcome> + Send + use<>, StoreError> {
         let parts = &self.inner.parts;
         let store = &parts.store;
         let run = store
@@ -116,7 +134,7 @@ impl RunService {
         parts.metrics.run_taken_over();
         tracing::info!(%run_id, chat_id = %run.chat_id, epoch, after_seq = after,
             "took over a run whose producer was gone; continuing it");
-        self.inner.component.tasks.spawn(drive(
+        Ok(drive(
             ctx,
             Prompt {
                 history,
@@ -124,8 +142,7 @@ impl RunService {
             },
             writer,
             resumed,
-        ));
-        Ok(())
+        ))
     }
 }
 

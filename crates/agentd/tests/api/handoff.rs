@@ -141,6 +141,48 @@ async fn a_handoff_moves_the_followers_to_a_peer_which_continues_the_run_at_the_
     assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
 }
 
+/// A deploy releases all of a replica's runs at once; the peer that follows them continues every one within the lease,
+/// while a third replica watches for runs nobody holds. (Continued one after another, the last of 200 runs waited past
+/// the lease with no heartbeat, and the third replica marked them interrupted under their followers.)
+#[tokio::test]
+async fn a_peer_continues_every_run_a_deploy_releases_at_once() {
+    const RUNS: usize = 200;
+    let db = TestDb::postgres().await;
+    let env = [
+        ("SHUTDOWN_MODE", "handoff"),
+        ("DRAIN_TIMEOUT", "1"),
+        ("SHUTDOWN_TIMEOUT", "10"),
+        ("RUN_LEASE", "1"),
+    ];
+    let mut a = Agentd::spawn_on(db.url(), &env).await;
+    let b = Agentd::spawn_on(db.url(), &env).await;
+    let _watching = Agentd::spawn_on(db.url(), &env).await;
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let chat = new_chat();
+        let mut own = a.stream(&chat, paced(600, 20)).await;
+        let run = run_id_of(&take(&mut own, 1).await);
+        let on_b = b.follow(&chat, &run, None).await;
+        runs.push((run, own, on_b));
+    }
+
+    a.signal("TERM");
+    assert!(a.exit_status().await.success());
+    let store = db.open().await;
+    for (run, own, mut on_b) in runs {
+        drop(own);
+        let seen = on_b.rest().await;
+        assert_whole_and_completed(&run, &seen);
+        assert_eq!(deltas(&seen), answer(600));
+        assert_eq!(ended(&store, &run).await.status, RunStatus::Completed);
+    }
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    assert_eq!(
+        metric(&metrics, "agentd_runs_taken_over_total"),
+        RUNS as u64
+    );
+}
+
 #[tokio::test]
 async fn a_follower_on_a_peer_gets_the_rest_of_the_answer_when_the_producer_is_killed() {
     let db = TestDb::postgres().await;
