@@ -10,20 +10,29 @@ use uuid::Uuid;
 
 /// The runs this process is driving now, with when each started; their leases are the ones it keeps fresh.
 #[derive(Debug, Clone, Default)]
-pub struct LiveRuns(Arc<Mutex<HashMap<Uuid, Instant>>>);
+pub struct LiveRuns(Arc<Mutex<Entries>>);
+
+#[derive(Debug, Default)]
+struct Entries {
+    /// When each run entered, and the number of that entry.
+    runs: HashMap<Uuid, (Instant, u64)>,
+    /// The number of the next entry.
+    next: u64,
+}
 
 impl LiveRuns {
     pub fn ids(&self) -> Vec<Uuid> {
         self.0
             .lock()
             .expect("live runs lock")
+            .runs
             .keys()
             .copied()
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().expect("live runs lock").len()
+        self.0.lock().expect("live runs lock").runs.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -37,39 +46,50 @@ impl LiveRuns {
             .0
             .lock()
             .expect("live runs lock")
+            .runs
             .iter()
-            .map(|(id, started)| (*id, now.saturating_duration_since(*started)))
+            .map(|(id, (started, _))| (*id, now.saturating_duration_since(*started)))
             .collect();
         runs.sort_by_key(|run| std::cmp::Reverse(run.1));
         runs.truncate(n);
         runs
     }
 
-    /// Counts the run as live until the returned guard is dropped.
+    /// Counts the run as live until the returned guard is dropped, or until it enters again and that guard is
+    /// dropped: a run entered twice (claimed here, then driven; or claimed again while a fenced task of it ends)
+    /// stays live as long as its latest entry.
     pub(super) fn enter(&self, run_id: Uuid) -> LiveRun {
-        self.0
-            .lock()
-            .expect("live runs lock")
-            .insert(run_id, Instant::now());
+        let mut entries = self.0.lock().expect("live runs lock");
+        let entry = entries.next;
+        entries.next += 1;
+        entries.runs.insert(run_id, (Instant::now(), entry));
         LiveRun {
             runs: self.clone(),
             run_id,
+            entry,
         }
     }
 }
 
-/// Removes its run from [`LiveRuns`] when dropped.
+/// Removes its run from [`LiveRuns`] when dropped, unless the run entered again since.
 #[derive(Debug)]
 pub(super) struct LiveRun {
     runs: LiveRuns,
     run_id: Uuid,
+    entry: u64,
 }
 
 impl Drop for LiveRun {
     fn drop(&mut self) {
-        let mut runs = self.runs.0.lock().expect("live runs lock");
-        runs.remove(&self.run_id);
-        shrink_if_sparse(&mut runs);
+        let mut entries = self.runs.0.lock().expect("live runs lock");
+        if entries
+            .runs
+            .get(&self.run_id)
+            .is_some_and(|(_, entry)| *entry == self.entry)
+        {
+            entries.runs.remove(&self.run_id);
+            shrink_if_sparse(&mut entries.runs);
+        }
     }
 }
 
@@ -103,16 +123,35 @@ mod tests {
     }
 
     #[test]
+    fn a_run_entered_again_stays_live_until_its_latest_entry_leaves() {
+        let live = LiveRuns::default();
+        let run = Uuid::new_v4();
+        let first = live.enter(run);
+        let again = live.enter(run);
+        drop(first);
+        assert_eq!(live.ids(), vec![run], "the earlier entry leaving");
+        drop(again);
+        assert!(live.is_empty());
+
+        let first = live.enter(run);
+        let again = live.enter(run);
+        drop(again);
+        assert!(live.is_empty(), "the latest entry left");
+        drop(first);
+        assert!(live.is_empty());
+    }
+
+    #[test]
     fn the_map_gives_back_its_room_after_a_burst() {
         let live = LiveRuns::default();
         let burst: Vec<LiveRun> = (0..10_000).map(|_| live.enter(Uuid::new_v4())).collect();
-        let peak = live.0.lock().unwrap().capacity();
+        let peak = live.0.lock().unwrap().runs.capacity();
         assert!(peak >= 10_000);
         let stays = live.enter(Uuid::new_v4());
         drop(burst);
         assert_eq!(live.len(), 1);
         assert!(
-            live.0.lock().unwrap().capacity() <= 64,
+            live.0.lock().unwrap().runs.capacity() <= 64,
             "room kept after the burst"
         );
         drop(stays);
