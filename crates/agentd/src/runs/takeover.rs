@@ -59,14 +59,14 @@ impl RunService {
             let held = self.live().enter(run_id);
             let (runs, caller) = (self.clone(), caller.clone());
             self.inner.component.tasks.spawn(async move {
+                // Counts the run until its own task enters it (the latest entry is the one that counts).
+                let _held = held;
                 match runs.continuation(run_id, epoch, caller).await {
                     Ok(driven) => {
-                        // The run's task counts it from here.
-                        drop(held);
                         driven.await;
                     }
-                    // Nothing refreshes its lease once `held` is dropped, so it runs out: another claim, or the run
-                    // is interrupted.
+                    // Nothing refreshes its lease once this task ends, so it runs out: another claim, or the run is
+                    // interrupted.
                     Err(error) => {
                         tracing::error!(%run_id, %error, "claimed a run but could not continue it");
                     }
