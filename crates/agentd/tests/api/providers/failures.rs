@@ -389,11 +389,9 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
     assert_eq!(s.latest_status(&chat).await, "completed");
 }
 
-/// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
-/// (128 kept in reserve: 172 for streams of 300); how many were admitted (each reached its provider), how many
-/// refused, and the connections to the provider while the admitted ones were open.
 /// What [`parked_past_the_file_limit`] saw with every stream it could open parked at the provider.
 pub(super) struct Parked {
+    /// Streams admitted (each reached its provider).
     pub open: usize,
     pub refused: usize,
     /// Connections to the fake provider, counted by the system.
@@ -403,6 +401,10 @@ pub(super) struct Parked {
     pub fake: FakeUpstream,
 }
 
+/// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
+/// (128 kept in reserve: 172 for streams of 300); how many were admitted, how many refused, and the connections and
+/// clients to the provider while the admitted ones were open; checks that agentd counts the streams its provider
+/// clients carry as the ones open.
 pub(super) async fn parked_past_the_file_limit(
     fake: FakeUpstream,
     asks: usize,
