@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -15,6 +17,10 @@ use crate::store::{LogRow, SessionStore, StoreError};
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// How many logs of stopped processes' runs are ended at once (four store operations each), leaving the rest of the
+/// store's connections to the runs.
+const ENDING_AT_ONCE: usize = 4;
+
 /// From now until `stop`, three times per lease (and at once when a run followed here is released): keeps the
 /// leases of this process's runs fresh (a run whose lease another process took stops here), notes the runs followed
 /// here but produced elsewhere, takes over those whose producer is gone, and marks `interrupted` the runs of stopped
@@ -22,16 +28,21 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Once a minute, sweeps the events of runs that finished more than `retention` ago.
 ///
 /// The heartbeat has a loop of its own, beside the rest: taking over or ending many runs at once (a peer's deploy) must
-/// not delay this process's own heartbeats past the lease, or its peers would think it gone.
+/// not delay this process's own heartbeats past the lease, or its peers would think it gone. The logs of stopped runs
+/// are ended beside both, several at a time: a crashed peer may leave thousands, and ending them must not hold up the
+/// loop that notes the runs followed here and claims the ones released, or a third replica would mark those
+/// interrupted under their followers.
 pub async fn maintain(
     runs: RunService,
     lease: Duration,
     retention: Duration,
     stop: CancellationToken,
 ) {
+    let (stopped, to_end) = mpsc::unbounded_channel();
     tokio::join!(
         keep_leases(&runs, lease, &stop),
-        look_after_others(&runs, lease, retention, &stop)
+        look_after_others(&runs, lease, retention, &stop, stopped),
+        end_logs(&runs, to_end),
     );
 }
 
@@ -61,13 +72,14 @@ async fn keep_leases(runs: &RunService, lease: Duration, stop: &CancellationToke
     }
 }
 
-/// Notes the runs followed here, takes over those whose producer is gone, ends the runs of stopped processes that
-/// nobody follows, and sweeps old logs.
+/// Notes the runs followed here, takes over those whose producer is gone, marks interrupted the runs of stopped
+/// processes that nobody follows (handing them to `stopped`, whose logs are ended), and sweeps old logs.
 async fn look_after_others(
     runs: &RunService,
     lease: Duration,
     retention: Duration,
     stop: &CancellationToken,
+    stopped: mpsc::UnboundedSender<Vec<(Uuid, u64)>>,
 ) {
     let (store, log) = (runs.store(), runs.log());
     let mut tick = tokio::time::interval(lease / 3);
@@ -84,19 +96,9 @@ async fn look_after_others(
         }
         runs.take_over_followed().await;
         match store.interrupt_stale(lease).await {
-            Ok(stopped) if !stopped.is_empty() => {
-                for &(run_id, epoch) in &stopped {
-                    match end_log(store, run_id, epoch, runs.seed_clients()).await {
-                        // Followers here of the dead run read its end at once.
-                        Ok(last) => log.committed_elsewhere(run_id, last),
-                        Err(error) => {
-                            tracing::warn!(%run_id, %error, "could not end the log of a stopped run")
-                        }
-                    }
-                }
-                let ids: Vec<Uuid> = stopped.iter().map(|(id, _)| *id).collect();
-                tracing::warn!(count = ids.len(), runs = ?ids,
-                    "marked interrupted the runs of a stopped process that nobody follows");
+            Ok(interrupted) if !interrupted.is_empty() => {
+                // The receiver lives as long as this loop.
+                let _ = stopped.send(interrupted);
             }
             Ok(_) => {}
             Err(error) => {
@@ -111,6 +113,28 @@ async fn look_after_others(
                 Err(error) => tracing::warn!(%error, "could not sweep the run log"),
             }
         }
+    }
+}
+
+/// Ends the logs of the runs marked interrupted, each batch [`ENDING_AT_ONCE`] at a time, until the loop that marks
+/// them stops.
+async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uuid, u64)>>) {
+    let (store, log) = (runs.store(), runs.log());
+    while let Some(interrupted) = to_end.recv().await {
+        let ids: Vec<Uuid> = interrupted.iter().map(|(id, _)| *id).collect();
+        futures_util::stream::iter(interrupted)
+            .for_each_concurrent(ENDING_AT_ONCE, |(run_id, epoch)| async move {
+                match end_log(store, run_id, epoch, runs.seed_clients()).await {
+                    // Followers here of the dead run read its end at once.
+                    Ok(last) => log.committed_elsewhere(run_id, last),
+                    Err(error) => {
+                        tracing::warn!(%run_id, %error, "could not end the log of a stopped run")
+                    }
+                }
+            })
+            .await;
+        tracing::warn!(count = ids.len(), runs = ?ids,
+            "marked interrupted the runs of a stopped process that nobody follows");
     }
 }
 
@@ -147,7 +171,7 @@ async fn end_log(
         .collect::<Vec<_>>()
         .join("\n");
     store
-        .append_events(&[LogRow {
+        .append_events_apart(&[LogRow {
             run_id,
             epoch,
             seq: last + 1,

@@ -49,15 +49,38 @@ pub struct LogRow {
     pub events: String,
 }
 
+/// Whose connection an append takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Appender {
+    /// The run log's writer: its group commits go on the run log's connection, which it keeps from one to the next.
+    LogWriter,
+    /// Anyone else: a connection of the pool.
+    Other,
+}
+
 impl SessionStore {
-    /// Appends `rows` in one transaction (and, with PostgreSQL, notifies the replicas when it commits). A row whose
-    /// run is no longer held under its epoch (claimed by another process, or gone) is not stored: returns those runs.
+    /// The run log's group commit: appends `rows` in one transaction (and, with PostgreSQL, notifies the replicas when
+    /// it commits), on the run log's connection. A row whose run is no longer held under its epoch (claimed by another
+    /// process, or gone) is not stored: returns those runs.
+    ///
+    /// Only the run log's writer calls it, one commit at a time: PostgreSQL keeps the connection out of its pool
+    /// between commits, so a second caller would wait in the pool for it. Others use [`Self::append_events_apart`].
     pub async fn append_events(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {
+        self.append(rows, Appender::LogWriter).await
+    }
+
+    /// Appends `rows` as [`Self::append_events`] does, on a connection of the pool: for rows written apart from the
+    /// run log's writer (the end of a stopped process's run, which another replica writes).
+    pub async fn append_events_apart(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {
+        self.append(rows, Appender::Other).await
+    }
+
+    async fn append(&self, rows: &[LogRow], appender: Appender) -> Result<Vec<Uuid>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         if self.db.is_postgres() {
-            return self.append_events_postgres(rows).await;
+            return self.append_events_postgres(rows, appender).await;
         }
         // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite unpacks
         // itself (binding thousands of values, in a statement whose text changes with every batch size, costs more
@@ -77,11 +100,12 @@ impl SessionStore {
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
         // One statement: atomic as it is, no transaction around it (a BEGIN and a COMMIT are two more trips to the
-        // connection's thread per group commit).
-        let inserted = self
-            .db
-            .log_write()
-            .await?
+        // connection's thread per group commit). Both connections are SQLite's one writer.
+        let mut conn = match appender {
+            Appender::LogWriter => self.db.log_write().await?,
+            Appender::Other => self.db.write().await?,
+        };
+        let inserted = conn
             .fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) \
@@ -100,6 +124,7 @@ impl SessionStore {
     pub(super) async fn append_events_postgres(
         &self,
         rows: &[LogRow],
+        appender: Appender,
     ) -> Result<Vec<Uuid>, StoreError> {
         let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
         let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
@@ -113,7 +138,10 @@ impl SessionStore {
         // the run for update, is seen here once it commits).
         let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
         let separator = RECORD_SEPARATOR.to_string();
-        let mut conn = self.db.log_write().await?;
+        let mut conn = match appender {
+            Appender::LogWriter => self.db.log_write().await?,
+            Appender::Other => self.db.write().await?,
+        };
         let inserted = conn
             .fetch_all(
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
@@ -144,8 +172,10 @@ impl SessionStore {
                 ],
             )
             .await?;
-        let bytes: usize = rows.iter().map(|row| row.events.len() + 64).sum();
-        self.db.done_with_log(conn, bytes);
+        if appender == Appender::LogWriter {
+            let bytes: usize = rows.iter().map(|row| row.events.len() + 64).sum();
+            self.db.done_with_log(conn, bytes);
+        }
         refused_of(rows, &inserted)
     }
 

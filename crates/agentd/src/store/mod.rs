@@ -145,7 +145,10 @@ impl SessionStore {
                 warmed
             }));
         // The run log's connection: a group commit of nothing (its statement planned, nothing stored or notified).
-        let (warmed, logged) = tokio::join!(warmed, self.append_events_postgres(&[]));
+        let (warmed, logged) = tokio::join!(
+            warmed,
+            self.append_events_postgres(&[], events::Appender::LogWriter)
+        );
         logged?;
         warmed.into_iter().collect()
     }

@@ -183,6 +183,108 @@ async fn a_peer_continues_every_run_a_deploy_releases_at_once() {
     );
 }
 
+/// A replica that ends the logs of a crashed process's runs (thousands, nobody following them) still claims a run a
+/// peer's deploy releases meanwhile, and keeps noting the runs it follows, while a third replica watches for runs nobody
+/// holds. (Ended one after another in the loop that claims runs, they held it for seconds, and the third replica marked
+/// the released run interrupted under its follower.)
+#[tokio::test]
+async fn a_peer_claims_a_released_run_while_it_ends_the_runs_of_a_crashed_process() {
+    use sqlx::Connection;
+    const CRASHED_RUNS: i64 = 5_000;
+    let db = TestDb::postgres().await;
+    let leased = |lease| {
+        [
+            ("SHUTDOWN_MODE", "handoff"),
+            ("DRAIN_TIMEOUT", "1"),
+            ("SHUTDOWN_TIMEOUT", "10"),
+            ("RUN_LEASE", lease),
+        ]
+    };
+    // The follower's lease is the shortest, so it is the one that finds the crashed process's runs; the producer's is
+    // long, so it leaves them alone.
+    let mut producer = Agentd::spawn_on(db.url(), &leased("30")).await;
+    let follower = Agentd::spawn_on(db.url(), &leased("1")).await;
+    let _watching = Agentd::spawn_on(db.url(), &leased("3")).await;
+    let chat = new_chat();
+    let mut own = producer.stream(&chat, paced(300, 20)).await;
+    let run = run_id_of(&take(&mut own, 1).await);
+    let mut on_follower = follower.follow(&chat, &run, None).await;
+    let mut seen = take(&mut on_follower, 5).await;
+
+    // A process that stopped two seconds ago left its runs, on a chat of their own.
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let crashed_chat = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) VALUES ($1, 'o', 'u', 'c')",
+    )
+    .bind(crashed_chat)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, heartbeat_at) \
+         SELECT gen_random_uuid(), $1, 'test', 'running', 'crashed', now() - interval '2 seconds' \
+         FROM generate_series(1, $2)",
+    )
+    .bind(crashed_chat)
+    .bind(CRASHED_RUNS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let interrupted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM agent_chat_runs WHERE chat_id = $1 AND status = 'interrupted'",
+        )
+        .bind(crashed_chat)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if interrupted == CRASHED_RUNS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked interrupted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // While the follower ends their logs, the producer is deployed: it releases its run at its drain's deadline.
+    producer.signal("TERM");
+    assert!(producer.exit_status().await.success());
+    drop(own);
+    seen.extend(on_follower.rest().await);
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(300));
+    let store = db.open().await;
+    assert_eq!(ended(&store, &run).await.status, RunStatus::Completed);
+    // Every crashed run's log ends, for a client that comes late.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let unended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM agent_chat_runs r WHERE r.chat_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM agent_run_events e WHERE e.run_id = r.id)",
+        )
+        .bind(crashed_chat)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if unended == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{unended} logs never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = follower.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
+    // Ending them took no connection that the run log's group commits were waiting for.
+    assert_eq!(metric(&metrics, "agentd_store_acquire_timeouts_total"), 0);
+}
+
 #[tokio::test]
 async fn a_follower_on_a_peer_gets_the_rest_of_the_answer_when_the_producer_is_killed() {
     let db = TestDb::postgres().await;
