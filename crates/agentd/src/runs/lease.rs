@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -31,7 +30,7 @@ const ENDING_AT_ONCE: usize = 4;
 /// not delay this process's own heartbeats past the lease, or its peers would think it gone. The logs of stopped runs
 /// are ended beside both, several at a time: a crashed peer may leave thousands, and ending them must not hold up the
 /// loop that notes the runs followed here and claims the ones released, or a third replica would mark those
-/// interrupted under their followers.
+/// interrupted under their followers. The sweep has a loop of its own too.
 pub async fn maintain(
     runs: RunService,
     lease: Duration,
@@ -41,8 +40,9 @@ pub async fn maintain(
     let (stopped, to_end) = mpsc::unbounded_channel();
     tokio::join!(
         keep_leases(&runs, lease, &stop),
-        look_after_others(&runs, lease, retention, &stop, stopped),
+        look_after_others(&runs, lease, &stop, stopped),
         end_logs(&runs, to_end),
+        sweep(runs.store(), retention, &stop),
     );
 }
 
@@ -72,19 +72,17 @@ async fn keep_leases(runs: &RunService, lease: Duration, stop: &CancellationToke
     }
 }
 
-/// Notes the runs followed here, takes over those whose producer is gone, marks interrupted the runs of stopped
-/// processes that nobody follows (handing them to `stopped`, whose logs are ended), and sweeps old logs.
+/// Notes the runs followed here, takes over those whose producer is gone, and marks interrupted the runs of stopped
+/// processes that nobody follows (handing them to `stopped`, whose logs are ended).
 async fn look_after_others(
     runs: &RunService,
     lease: Duration,
-    retention: Duration,
     stop: &CancellationToken,
     stopped: mpsc::UnboundedSender<Vec<(Uuid, u64)>>,
 ) {
     let (store, log) = (runs.store(), runs.log());
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sweep: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -105,13 +103,22 @@ async fn look_after_others(
                 tracing::warn!(%error, "could not look for the runs of stopped processes")
             }
         }
-        if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
-            last_sweep = Some(Instant::now());
-            match store.sweep_events(retention).await {
-                Ok(0) => {}
-                Ok(rows) => tracing::info!(rows, "swept the events of finished runs"),
-                Err(error) => tracing::warn!(%error, "could not sweep the run log"),
-            }
+    }
+}
+
+/// From now until `stop`, once a minute: deletes the events of runs that finished more than `retention` ago.
+async fn sweep(store: &SessionStore, retention: Duration, stop: &CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match store.sweep_events(retention).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "swept the events of finished runs"),
+            Err(error) => tracing::warn!(%error, "could not sweep the run log"),
         }
     }
 }

@@ -213,9 +213,10 @@ impl Default for PoolWaits {
 /// | `{id_in_list}` | `id IN` the JSON array bound | `id = ANY` the array bound |
 /// | `{order}` | `rowid` (insertion order) | `id` |
 /// | `{for_update}` | nothing (one writer at a time) | `FOR UPDATE` |
+/// | `{time}` | `INTEGER` (Unix milliseconds) | `TIMESTAMPTZ` |
 fn sql(conn: &Conn, template: &str) -> String {
     let sqlite = matches!(conn, Conn::Sqlite(_) | Conn::SqliteTx(_));
-    let fragments: [(&str, &str); 6] = if sqlite {
+    let fragments: [(&str, &str); 7] = if sqlite {
         [
             ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
             ("{ms1}", "$1"),
@@ -223,6 +224,7 @@ fn sql(conn: &Conn, template: &str) -> String {
             ("{id_in_list}", "id IN (SELECT value FROM json_each($1))"),
             ("{order}", "rowid"),
             ("{for_update}", ""),
+            ("{time}", "INTEGER"),
         ]
     } else {
         [
@@ -238,6 +240,7 @@ fn sql(conn: &Conn, template: &str) -> String {
             ("{id_in_list}", "id = ANY($1)"),
             ("{order}", "id"),
             ("{for_update}", "FOR UPDATE"),
+            ("{time}", "TIMESTAMPTZ"),
         ]
     };
     // Most queries hold one token or none: replace only what is there, rather than copy the text once per token.

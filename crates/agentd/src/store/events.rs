@@ -27,6 +27,12 @@ pub const CANCEL_CHANNEL: &str = "agentd_run_cancel";
 /// The channel a released run is announced on (its producer drained in handoff mode): the run id.
 pub const RELEASED_CHANNEL: &str = "agentd_run_released";
 
+/// How far before where the last sweep got to the next one looks again: a stopped process's run is marked finished a
+/// moment before a peer appends its last events, and PostgreSQL stamps a run's end with the time its transaction began.
+const SWEEP_OVERLAP: Duration = Duration::from_secs(60);
+/// Runs a sweep reads per step.
+const SWEEP_STEP: i64 = 1_000;
+
 /// Events read per query when replaying.
 const REPLAY_PAGE: i64 = 1_000;
 
@@ -247,17 +253,62 @@ impl SessionStore {
     }
 
     /// Deletes the events of runs that finished more than `retention` ago; how many rows went.
+    ///
+    /// It reads on from where the last sweep got to (`agent_run_log_sweep`, shared by the replicas), less
+    /// [`SWEEP_OVERLAP`], so each sweep reads the runs that finished since the last one rather than every run the
+    /// store holds (SQLite held its one writer for about a second per million finished runs, once a minute, and every
+    /// run's events waited for it). It goes [`SWEEP_STEP`] runs at a time, each step short: the first sweep after an
+    /// upgrade, or after a long stop, catches up on many.
     pub async fn sweep_events(&self, retention: Duration) -> Result<u64, StoreError> {
-        let ms = to_ms(retention);
-        self.db
-            .write()
-            .await?
-            .execute(
-                "DELETE FROM agent_run_events WHERE run_id IN (SELECT id FROM agent_chat_runs \
-                 WHERE finished_at IS NOT NULL AND finished_at <= {now} - {ms1})",
-                &[Arg::Int(ms)],
+        let (retention, overlap) = (to_ms(retention), to_ms(SWEEP_OVERLAP));
+        // Where the last step stopped, as the store writes a time (`None`: where the last sweep got to, less the overlap).
+        let mut from: Option<String> = None;
+        let mut rows = 0;
+        loop {
+            let mut conn = self.db.write().await?;
+            // The next runs past `from`, up to the retention: the last one's end is where this step stops.
+            let step = conn
+                .fetch_one(
+                    "SELECT CAST(max(finished_at) AS TEXT) AS upto, count(*) AS runs FROM \
+                     (SELECT finished_at FROM agent_chat_runs WHERE finished_at IS NOT NULL \
+                     AND finished_at > COALESCE(CAST($3 AS {time}), (SELECT swept_to FROM agent_run_log_sweep) - {ms2}) \
+                     AND finished_at <= {now} - {ms1} ORDER BY finished_at LIMIT $4) AS step",
+                    &[
+                        Arg::Int(retention),
+                        Arg::Int(overlap),
+                        Arg::OptText(from.as_deref()),
+                        Arg::Int(SWEEP_STEP),
+                    ],
+                )
+                .await?;
+            let runs: i64 = step.get("runs")?;
+            let Some(upto) = step.get::<Option<String>>("upto")? else {
+                return Ok(rows);
+            };
+            // Every run that ended by then, those ended at the same time as the step's last one included.
+            rows += conn
+                .execute(
+                    "DELETE FROM agent_run_events WHERE run_id IN (SELECT id FROM agent_chat_runs \
+                     WHERE finished_at IS NOT NULL \
+                     AND finished_at > COALESCE(CAST($1 AS {time}), (SELECT swept_to FROM agent_run_log_sweep) - {ms2}) \
+                     AND finished_at <= CAST($3 AS {time}))",
+                    &[
+                        Arg::OptText(from.as_deref()),
+                        Arg::Int(overlap),
+                        Arg::Text(&upto),
+                    ],
+                )
+                .await?;
+            conn.execute(
+                "UPDATE agent_run_log_sweep SET swept_to = CAST($1 AS {time}) WHERE swept_to < CAST($1 AS {time})",
+                &[Arg::Text(&upto)],
             )
-            .await
+            .await?;
+            if runs < SWEEP_STEP {
+                return Ok(rows);
+            }
+            from = Some(upto);
+        }
     }
 
     /// Tells the replicas that the run was released, so one that follows it takes it over at once (PostgreSQL).

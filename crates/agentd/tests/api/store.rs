@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 on_both_backends!(
     the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs,
+    a_sweep_goes_through_thousands_of_finished_runs_and_reads_on_from_where_it_got,
     chats_are_created_found_listed_newest_first_and_deleted,
     a_run_stores_its_prompt_then_its_messages_in_order,
     runs_go_through_every_status_and_add_to_the_chat_totals,
@@ -1101,6 +1102,64 @@ async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: Tes
         1,
         "a running run keeps its log"
     );
+    store.close().await;
+}
+
+/// A sweep deletes the events of every run past the retention however many there are (it reads a step of runs at a
+/// time), the runs that ended at the same moment as a step's last one included; the next sweep reads on from where
+/// this one got to, not from the first run the store holds.
+async fn a_sweep_goes_through_thousands_of_finished_runs_and_reads_on_from_where_it_got(
+    db: TestDb,
+) {
+    let store = db.open().await;
+    let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
+    let going = new_run(chat.id, "q");
+    store.start_run(&going).await.unwrap();
+    // 2,500 runs with an event each: 1,000 that ended two hours ago one millisecond apart, 1,500 an hour ago at
+    // the same moment (as a stopped process's runs are marked), and one that ended just now.
+    db.execute(
+        &format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2501) \
+             INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, heartbeat_at, created_at, \
+             finished_at) SELECT 'old-' || i, '{chat}', 'test', 'completed', 'x', 0, 0, \
+             CASE WHEN i <= 1000 THEN unixepoch() * 1000 - 7200000 + i \
+             WHEN i <= 2500 THEN unixepoch() * 1000 - 3600000 ELSE unixepoch() * 1000 END FROM n; \
+             INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+             SELECT id, 1, 1, '{{}}' FROM agent_chat_runs WHERE id LIKE 'old-%';",
+            chat = chat.id
+        ),
+        &format!(
+            "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, finished_at) \
+             SELECT gen_random_uuid(), '{chat}', 'test', 'completed', 'x', \
+             CASE WHEN i <= 1000 THEN now() - interval '2 hours' + i * interval '1 millisecond' \
+             WHEN i <= 2500 THEN now() - interval '1 hour' ELSE now() END FROM generate_series(1, 2501) i; \
+             INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+             SELECT id, 1, 1, '{{}}' FROM agent_chat_runs WHERE owner_instance = 'x';",
+            chat = chat.id
+        ),
+    )
+    .await;
+    store
+        .append_events(&[log_row(going.id, 1, 1, r#"{"type":"run_started"}"#)])
+        .await
+        .unwrap();
+
+    let retention = Duration::from_secs(1800);
+    assert_eq!(store.sweep_events(retention).await.unwrap(), 2_500);
+    assert_eq!(store.sweep_events(retention).await.unwrap(), 0);
+    assert_eq!(
+        store.events_after(going.id, 0).await.unwrap().len(),
+        1,
+        "a running run keeps its log"
+    );
+    // A row left behind by a run that ended long before where the sweeps got to stays: no sweep reads back there.
+    let left = "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+                SELECT id, 2, 2, '{}' FROM agent_chat_runs WHERE finished_at IS NOT NULL \
+                ORDER BY finished_at LIMIT 1";
+    db.execute(left, left).await;
+    assert_eq!(store.sweep_events(retention).await.unwrap(), 0);
+    // The run that ended just now goes once it is past the retention.
+    assert_eq!(store.sweep_events(Duration::ZERO).await.unwrap(), 1);
     store.close().await;
 }
 

@@ -135,6 +135,27 @@ impl TestDb {
         }
     }
 
+    /// Runs `sqlite` or `postgres`, whichever is this database's dialect, on a connection of its own: rows put there as
+    /// no agentd would, or in numbers its API would take long to make.
+    pub async fn execute(&self, sqlite: &str, postgres: &str) {
+        match self {
+            Self::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite.to_owned()))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            Self::Postgres { url } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(postgres.to_owned()))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// Makes every run's heartbeat `seconds` older, as if its process had stopped refreshing it that long ago.
     pub async fn age_heartbeats(&self, seconds: i64) {
         match self {
