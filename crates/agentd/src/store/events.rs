@@ -285,13 +285,20 @@ impl SessionStore {
             let Some(upto) = step.get::<Option<String>>("upto")? else {
                 return Ok(rows);
             };
-            // Every run that ended by then, those ended at the same time as the step's last one included.
+            // Every run that ended by then, those ended at the same time as the step's last one included. PostgreSQL
+            // gets the runs as an array, so that it looks each one up by the log's key: on its plan for any parameters
+            // a semi-join read the whole log to find a step's runs.
+            let runs_of_step = "SELECT id FROM agent_chat_runs WHERE finished_at IS NOT NULL \
+                 AND finished_at > COALESCE(CAST($1 AS {time}), (SELECT swept_to FROM agent_run_log_sweep) - {ms2}) \
+                 AND finished_at <= CAST($3 AS {time})";
+            let delete = if self.db.is_postgres() {
+                format!("DELETE FROM agent_run_events WHERE run_id = ANY(ARRAY({runs_of_step}))")
+            } else {
+                format!("DELETE FROM agent_run_events WHERE run_id IN ({runs_of_step})")
+            };
             rows += conn
                 .execute(
-                    "DELETE FROM agent_run_events WHERE run_id IN (SELECT id FROM agent_chat_runs \
-                     WHERE finished_at IS NOT NULL \
-                     AND finished_at > COALESCE(CAST($1 AS {time}), (SELECT swept_to FROM agent_run_log_sweep) - {ms2}) \
-                     AND finished_at <= CAST($3 AS {time}))",
+                    &delete,
                     &[
                         Arg::OptText(from.as_deref()),
                         Arg::Int(overlap),
