@@ -31,6 +31,15 @@ impl LiveRuns {
             .collect()
     }
 
+    /// Whether this process drives the run now.
+    pub fn contains(&self, run_id: Uuid) -> bool {
+        self.0
+            .lock()
+            .expect("live runs lock")
+            .runs
+            .contains_key(&run_id)
+    }
+
     pub fn len(&self) -> usize {
         self.0.lock().expect("live runs lock").runs.len()
     }

@@ -32,7 +32,11 @@ impl RunService {
         ) {
             return;
         }
-        let followed = self.log().followed_with_callers();
+        // Not the runs driven here: a follower here of a run this process took over still reads it as it did before,
+        // and should the run's heartbeat fall behind (a busy machine), claiming it again would start a second
+        // producer of it beside the first.
+        let mut followed = self.log().followed_with_callers();
+        followed.retain(|(id, _)| !self.live().contains(*id));
         if followed.is_empty() {
             return;
         }

@@ -183,6 +183,47 @@ async fn a_peer_continues_every_run_a_deploy_releases_at_once() {
     );
 }
 
+/// A replica that continues a run it took over never claims it again while it drives it, however late its heartbeat:
+/// claimed again, the run had two producers in one process, whose events interleaved in its log. (On a busy machine
+/// the heartbeat of a run taken over can fall behind the lease; here the heartbeats are made old on purpose.)
+#[tokio::test]
+async fn a_run_taken_over_is_not_claimed_again_by_the_replica_that_drives_it() {
+    let db = TestDb::postgres().await;
+    let env = [
+        ("SHUTDOWN_MODE", "handoff"),
+        ("DRAIN_TIMEOUT", "1"),
+        ("SHUTDOWN_TIMEOUT", "10"),
+        ("RUN_LEASE", "1"),
+    ];
+    let mut a = Agentd::spawn_on(db.url(), &env).await;
+    let b = Agentd::spawn_on(db.url(), &env).await;
+    let chat = new_chat();
+    let mut own = a.stream(&chat, paced(300, 20)).await;
+    let run = run_id_of(&take(&mut own, 1).await);
+    let mut on_b = b.follow(&chat, &run, None).await;
+    let mut seen = take(&mut on_b, 5).await;
+    a.signal("TERM");
+    assert!(a.exit_status().await.success());
+    drop(own);
+    // B drives the run now; its heartbeat looks older than the lease again and again while it does.
+    let run_id: Uuid = run.parse().unwrap();
+    let store = db.open().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while store.get_run(run_id).await.unwrap().unwrap().epoch < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "never taken over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..40 {
+        db.age_heartbeats(10).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.extend(on_b.rest().await);
+    assert_whole_and_completed(&run, &seen);
+    assert_eq!(deltas(&seen), answer(300));
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
+}
+
 /// A replica that ends the logs of a crashed process's runs (thousands, nobody following them) still claims a run a
 /// peer's deploy releases meanwhile, and keeps noting the runs it follows, while a third replica watches for runs nobody
 /// holds. (Ended one after another in the loop that claims runs, they held it for seconds, and the third replica marked

@@ -226,7 +226,8 @@ impl RunLog {
     }
 
     /// Starts the in-memory log of a run produced here under `epoch`, and its writer; `events` are the run's events
-    /// so far, already stored (`run_started` for a new run; everything before a takeover).
+    /// so far, already stored (`run_started` for a new run; everything before a takeover). An earlier producer of the
+    /// run here stops.
     pub fn produce(&self, run_id: Uuid, epoch: u64, events: Vec<Arc<str>>) -> RunWriter {
         let seq = events.len() as u64;
         let live = Arc::new(LiveLog {
@@ -235,11 +236,18 @@ impl RunLog {
             halts: Default::default(),
             halted: CancellationToken::new(),
         });
-        self.inner
+        let before = self
+            .inner
             .live
             .lock()
             .expect("run log lock")
             .insert(run_id, Arc::clone(&live));
+        // One producer of a run per process: one still going here (which the claim that started this one fenced)
+        // stops, its followers reading on from the store.
+        if let Some(before) = before {
+            tracing::warn!(%run_id, "a run produced here was produced again; the earlier producer stops");
+            before.halt(Halt::Moved);
+        }
         RunWriter {
             log: self.clone(),
             run_id,

@@ -123,3 +123,22 @@ fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
     );
     assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
 }
+
+/// One producer of a run per process: a run produced here again (a claim under a newer epoch) stops the producer
+/// before it, whose followers read on from the store, and its new followers follow the new one.
+#[tokio::test]
+async fn a_run_produced_here_again_stops_its_earlier_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
+    let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
+        .await
+        .unwrap();
+    let (log, _queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    let run_id = Uuid::new_v4();
+    let first = log.produce(run_id, 2, vec!["{\"type\":\"run_started\"}".into()]);
+    assert!(!first.live().halted_for(Halt::Moved).is_cancelled());
+    let second = log.produce(run_id, 3, vec!["{\"type\":\"run_started\"}".into()]);
+    assert!(first.live().halted_for(Halt::Moved).is_cancelled());
+    assert!(!second.live().halted_for(Halt::Moved).is_cancelled());
+    assert!(Arc::ptr_eq(&log.live(run_id).unwrap(), second.live()));
+}
