@@ -20,7 +20,7 @@ use crate::store::SessionStore;
 const POLL_EVERY: Duration = Duration::from_secs(5);
 
 /// The JSON of the last event of every run.
-const DONE: &str = r#"{"type":"done"}"#;
+pub(super) const DONE: &str = r#"{"type":"done"}"#;
 
 /// One run's events for one client, from a given seq on.
 #[derive(Debug)]

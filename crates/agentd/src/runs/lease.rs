@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::RunService;
 use super::engine::Resumed;
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
-use crate::store::{LogRow, SessionStore, StoreError};
+use crate::store::{LogRow, Run, SessionStore, StoreError};
 
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -131,7 +131,7 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
         let ids: Vec<Uuid> = interrupted.iter().map(|(id, _)| *id).collect();
         futures_util::stream::iter(interrupted)
             .for_each_concurrent(ENDING_AT_ONCE, |(run_id, epoch)| async move {
-                match end_log(store, run_id, epoch, runs.seed_clients()).await {
+                match end_stopped(store, run_id, epoch, runs.seed_clients()).await {
                     // Followers here of the dead run read its end at once.
                     Ok(last) => log.committed_elsewhere(run_id, last),
                     Err(error) => {
@@ -145,26 +145,36 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
     }
 }
 
-/// Ends the log of a run whose process stopped: stores the answer so far, read back from its log, and appends
-/// `run_interrupted` (reason `stopped`) and `done` after its last event, under the `epoch` the stop raised it to.
-/// Returns the seq of the new last event.
-async fn end_log(
+/// Ends the log of run `run_id`, marked interrupted under `epoch` because its process stopped.
+async fn end_stopped(
     store: &SessionStore,
     run_id: Uuid,
     epoch: u64,
     seed_clients: bool,
 ) -> Result<u64, StoreError> {
-    let Some(run) = store.get_run(run_id).await? else {
-        return Ok(0);
-    };
-    let events = store.events_of(run_id).await?;
+    match store.get_run(run_id).await? {
+        Some(run) if run.epoch == epoch => end_log(store, &run, seed_clients).await,
+        // Deleted with its chat, or moved on since.
+        _ => Ok(0),
+    }
+}
+
+/// Ends the log of a run marked interrupted because its process stopped: stores the answer so far, read back from its
+/// log, and appends `run_interrupted` (reason `stopped`) and `done` after its last event, under the run's epoch (the
+/// one the mark raised it to). Returns the seq of the new last event.
+pub(super) async fn end_log(
+    store: &SessionStore,
+    run: &Run,
+    seed_clients: bool,
+) -> Result<u64, StoreError> {
+    let events = store.events_of(run.id).await?;
     let last = events.last().map_or(0, |(seq, _)| *seq);
     store
-        .save_partial(run_id, &Resumed::from_log(&events).output)
+        .save_partial(run.id, &Resumed::from_log(&events).output)
         .await?;
     let interrupted = RunEvent::RunInterrupted {
         reason: "stopped",
-        resume: resume_path(run.chat_id, run_id),
+        resume: resume_path(run.chat_id, run.id),
     };
     let mut ending = vec![interrupted];
     if seed_clients {
@@ -179,8 +189,8 @@ async fn end_log(
         .join("\n");
     store
         .append_events_apart(&[LogRow {
-            run_id,
-            epoch,
+            run_id: run.id,
+            epoch: run.epoch,
             seq: last + 1,
             last_seq: last + count,
             events,

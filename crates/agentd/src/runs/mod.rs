@@ -35,7 +35,9 @@ use crate::instructions::{Instructions, OutputSchema};
 use crate::metrics::{Metrics, ProviderLoad};
 use crate::model::{ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
-use crate::store::{Chat, ChatOwner, Run, RunStatus, SessionStore, StoreError, StoredMessage};
+use crate::store::{
+    Chat, ChatOwner, Run, RunStatus, STALE_RUN_ERROR, SessionStore, StoreError, StoredMessage,
+};
 use crate::stream_tracker::{Held, Rejection, StreamGuard, StreamTracker};
 use crate::tools::{ToolContext, ToolRegistry};
 pub use engine::Failure;
@@ -251,6 +253,9 @@ impl RunService {
         if last == 0 && run.status != RunStatus::Running {
             return Err(RunError::LogSwept);
         }
+        if run.status == RunStatus::Interrupted && run.error.as_deref() == Some(STALE_RUN_ERROR) {
+            self.end_if_left_open(&run, last).await?;
+        }
         let guard = parts.tracker.try_admit().map_err(|r| self.rejected(r))?;
         parts.metrics.replay_served();
         let follower = self.follower(run_id, resume.after);
@@ -344,6 +349,27 @@ impl RunService {
             .live(run_id)
             .map_or(stored, |live| live.last_seq());
         Ok((run, last))
+    }
+
+    /// Ends the log of `run`, marked interrupted because its process stopped, if `done` is not its last event (`last`):
+    /// the replica that marked it could not end its log, or has not yet, and its followers would wait for a `done` that
+    /// never comes. Nothing else writes to its log (the mark raised its epoch), and both write the same end, so
+    /// whichever comes second only finds the seqs taken. (A run that ended otherwise is left alone: its producer
+    /// writes its last events after it stores the end.)
+    async fn end_if_left_open(&self, run: &Run, last: u64) -> Result<(), RunError> {
+        let parts = &self.inner.parts;
+        let tail = parts.store.events_after(run.id, last - 1).await?;
+        if tail.last().is_some_and(|(_, json)| json == follow::DONE) {
+            return Ok(());
+        }
+        match lease::end_log(&parts.store, run, self.seed_clients()).await {
+            Ok(ended) => parts.log.committed_elsewhere(run.id, ended),
+            // Ended elsewhere meanwhile (its seqs taken): the follower reads that end from the store.
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, %error, "could not end the log of an ended run")
+            }
+        }
+        Ok(())
     }
 
     /// The run's last committed seq: from memory when it is produced here, else from the store.

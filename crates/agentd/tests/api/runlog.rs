@@ -3,18 +3,19 @@
 
 use std::time::Duration;
 
-use agentd::store::{ChatOwner, RunStatus};
+use agentd::store::{ChatOwner, RunStatus, STALE_RUN_ERROR};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::db::TestDb;
 use crate::common::runs::{assert_whole, ended, final_output, paced, run_id_of, take};
-use crate::common::{Agentd, Events, deltas, metric, new_chat, types};
+use crate::common::{Agentd, Events, PATIENCE, deltas, metric, new_chat, types};
 
 on_both_backends!(
     a_client_that_reconnects_gets_exactly_the_missing_events_then_the_live_ones,
     a_finished_run_replays_the_same_events_and_ends,
     every_event_a_client_received_is_in_the_log_after_a_kill,
+    attaching_to_an_ended_run_whose_log_was_left_open_ends_it,
     a_run_nobody_follows_stops_after_the_detach_grace,
     a_run_re_attached_within_the_grace_completes,
     cancel_busy_chats_and_bad_resume_inputs_get_their_statuses,
@@ -77,6 +78,56 @@ async fn every_event_a_client_received_is_in_the_log_after_a_kill(db: TestDb) {
         assert_eq!(id, &format!("{run}:{seq}"));
         assert_eq!(event, &serde_json::from_str::<Value>(json).unwrap());
     }
+}
+
+/// A run marked ended whose log has no `done` (its process was killed, and the replica that marked it interrupted
+/// could not end its log) is ended when a client attaches: the events so far, then `run_interrupted` and `done`, now
+/// in the log for every later client. (A follower used to wait for a `done` that never came.)
+async fn attaching_to_an_ended_run_whose_log_was_left_open_ends_it(db: TestDb) {
+    let mut first = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut stream = first.stream(&chat, paced(1000, 20)).await;
+    let received = take(&mut stream, 15).await;
+    first.kill().await;
+    drop(stream);
+    let run = run_id_of(&received);
+    // Marked interrupted as a replica marks the runs of a stopped process, which then failed to end its log.
+    let mark = |now: &str| {
+        format!(
+            "UPDATE agent_chat_runs SET status = 'interrupted', error = '{STALE_RUN_ERROR}', \
+             epoch = epoch + 1, finished_at = {now}"
+        )
+    };
+    db.execute(
+        &mark("CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
+        &mark("now()"),
+    )
+    .await;
+
+    let second = Agentd::spawn_on(db.url(), &[]).await;
+    let attached = tokio::time::timeout(PATIENCE, async {
+        second.follow(&chat, &run, None).await.rest().await
+    })
+    .await
+    .expect("the stream ends");
+    assert_whole(&run, &attached);
+    assert_eq!(attached[..received.len()], received[..]);
+    let kinds = types(&attached);
+    assert_eq!(&kinds[kinds.len() - 2..], ["run_interrupted", "done"]);
+    let interrupted = &attached[attached.len() - 2].1;
+    assert_eq!(interrupted["reason"], "stopped");
+    assert_eq!(
+        interrupted["resume"],
+        format!("/agents/chats/{chat}/runs/{run}/stream")
+    );
+    // The end is in the log: a later client gets the same events, and the answer so far is stored.
+    assert_eq!(
+        second.follow(&chat, &run, None).await.rest().await,
+        attached
+    );
+    let stored = ended(&db.open().await, &run).await;
+    assert_eq!(stored.status, RunStatus::Interrupted);
+    assert_eq!(stored.output, deltas(&attached));
 }
 
 async fn a_run_nobody_follows_stops_after_the_detach_grace(db: TestDb) {
