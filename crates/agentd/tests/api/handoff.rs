@@ -65,12 +65,17 @@ async fn until_reconnect(stream: &mut Events) -> (Vec<(String, Value)>, Value) {
     }
 }
 
-const HANDOFF: [(&str, &str); 4] = [
-    ("SHUTDOWN_MODE", "handoff"),
-    ("DRAIN_TIMEOUT", "1"),
-    ("SHUTDOWN_TIMEOUT", "10"),
-    ("RUN_LEASE", "2"),
-];
+const HANDOFF: [(&str, &str); 4] = handoff_with_lease("2");
+
+/// Handoff mode, a one-second drain, and a lease of `lease` seconds.
+const fn handoff_with_lease(lease: &'static str) -> [(&'static str, &'static str); 4] {
+    [
+        ("SHUTDOWN_MODE", "handoff"),
+        ("DRAIN_TIMEOUT", "1"),
+        ("SHUTDOWN_TIMEOUT", "10"),
+        ("RUN_LEASE", lease),
+    ]
+}
 
 #[tokio::test]
 async fn a_handoff_drain_sends_reconnect_and_a_restarted_process_continues_the_run() {
@@ -148,12 +153,7 @@ async fn a_handoff_moves_the_followers_to_a_peer_which_continues_the_run_at_the_
 async fn a_peer_continues_every_run_a_deploy_releases_at_once() {
     const RUNS: usize = 200;
     let db = TestDb::postgres().await;
-    let env = [
-        ("SHUTDOWN_MODE", "handoff"),
-        ("DRAIN_TIMEOUT", "1"),
-        ("SHUTDOWN_TIMEOUT", "10"),
-        ("RUN_LEASE", "1"),
-    ];
+    let env = handoff_with_lease("1");
     let mut a = Agentd::spawn_on(db.url(), &env).await;
     let b = Agentd::spawn_on(db.url(), &env).await;
     let _watching = Agentd::spawn_on(db.url(), &env).await;
@@ -189,12 +189,7 @@ async fn a_peer_continues_every_run_a_deploy_releases_at_once() {
 #[tokio::test]
 async fn a_run_taken_over_is_not_claimed_again_by_the_replica_that_drives_it() {
     let db = TestDb::postgres().await;
-    let env = [
-        ("SHUTDOWN_MODE", "handoff"),
-        ("DRAIN_TIMEOUT", "1"),
-        ("SHUTDOWN_TIMEOUT", "10"),
-        ("RUN_LEASE", "1"),
-    ];
+    let env = handoff_with_lease("1");
     let mut a = Agentd::spawn_on(db.url(), &env).await;
     let b = Agentd::spawn_on(db.url(), &env).await;
     let chat = new_chat();
@@ -233,19 +228,11 @@ async fn a_peer_claims_a_released_run_while_it_ends_the_runs_of_a_crashed_proces
     use sqlx::Connection;
     const CRASHED_RUNS: i64 = 5_000;
     let db = TestDb::postgres().await;
-    let leased = |lease| {
-        [
-            ("SHUTDOWN_MODE", "handoff"),
-            ("DRAIN_TIMEOUT", "1"),
-            ("SHUTDOWN_TIMEOUT", "10"),
-            ("RUN_LEASE", lease),
-        ]
-    };
     // The follower's lease is the shortest, so it is the one that finds the crashed process's runs; the producer's is
     // long, so it leaves them alone.
-    let mut producer = Agentd::spawn_on(db.url(), &leased("30")).await;
-    let follower = Agentd::spawn_on(db.url(), &leased("1")).await;
-    let _watching = Agentd::spawn_on(db.url(), &leased("3")).await;
+    let mut producer = Agentd::spawn_on(db.url(), &handoff_with_lease("30")).await;
+    let follower = Agentd::spawn_on(db.url(), &handoff_with_lease("1")).await;
+    let _watching = Agentd::spawn_on(db.url(), &handoff_with_lease("3")).await;
     let chat = new_chat();
     let mut own = producer.stream(&chat, paced(300, 20)).await;
     let run = run_id_of(&take(&mut own, 1).await);
