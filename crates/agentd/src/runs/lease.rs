@@ -16,6 +16,9 @@ use crate::store::{LogRow, Run, SessionStore, StoreError};
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// How many of the runs marked interrupted at once a log line names.
+const LOGGED_RUNS: usize = 20;
+
 /// How many logs of stopped processes' runs are ended at once (four store operations each), leaving the rest of the
 /// store's connections to the runs.
 const ENDING_AT_ONCE: usize = 4;
@@ -140,7 +143,8 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
                 }
             })
             .await;
-        tracing::warn!(count = ids.len(), runs = ?ids,
+        // A crashed replica may leave thousands: the line names the first few.
+        tracing::warn!(count = ids.len(), runs = ?&ids[..ids.len().min(LOGGED_RUNS)],
             "marked interrupted the runs of a stopped process that nobody follows");
     }
 }

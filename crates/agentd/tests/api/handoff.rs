@@ -231,7 +231,7 @@ async fn a_peer_claims_a_released_run_while_it_ends_the_runs_of_a_crashed_proces
     // The follower's lease is the shortest, so it is the one that finds the crashed process's runs; the producer's is
     // long, so it leaves them alone.
     let mut producer = Agentd::spawn_on(db.url(), &handoff_with_lease("30")).await;
-    let follower = Agentd::spawn_on(db.url(), &handoff_with_lease("1")).await;
+    let mut follower = Agentd::spawn_on(db.url(), &handoff_with_lease("1")).await;
     let _watching = Agentd::spawn_on(db.url(), &handoff_with_lease("3")).await;
     let chat = new_chat();
     let mut own = producer.stream(&chat, paced(300, 20)).await;
@@ -309,6 +309,18 @@ async fn a_peer_claims_a_released_run_while_it_ends_the_runs_of_a_crashed_proces
     }
     let metrics = follower.get("/metrics").await.text().await.unwrap();
     assert_eq!(metric(&metrics, "agentd_runs_taken_over_total"), 1);
+    // The log says how many it marked, and names the first few.
+    let marked = follower
+        .wait_for_log_where(|l| {
+            l["message"] == "marked interrupted the runs of a stopped process that nobody follows"
+        })
+        .await
+        .unwrap();
+    assert_eq!(marked["count"], CRASHED_RUNS);
+    assert_eq!(
+        marked["runs"].as_str().unwrap().matches('-').count(),
+        20 * 4
+    );
     // Ending them took no connection that the run log's group commits were waiting for.
     assert_eq!(metric(&metrics, "agentd_store_acquire_timeouts_total"), 0);
 }
