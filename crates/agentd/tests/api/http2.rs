@@ -16,11 +16,13 @@ use crate::common::{Agentd, Events, established_to, metric, new_chat, types};
 fn assert_completed(events: &[(String, Value)], deltas: usize) {
     assert_whole(&run_id_of(events), events);
     let kinds = types(events);
-    assert_eq!(kinds.iter().filter(|t| *t == "model_delta").count(), deltas);
     assert_eq!(
         kinds[kinds.len() - 3..],
-        ["final_answer", "run_completed", "done"]
+        ["final_answer", "run_completed", "done"],
+        "{:?}",
+        &events[events.len().saturating_sub(3)..]
     );
+    assert_eq!(kinds.iter().filter(|t| *t == "model_delta").count(), deltas);
 }
 
 #[tokio::test]
@@ -160,6 +162,8 @@ async fn until_reconnect(stream: &mut Events, seen: &mut Vec<(String, Value)>) -
 #[tokio::test]
 async fn behind_haproxy_speaking_http2_clients_share_connections_and_a_handoff_loses_nothing() {
     const CLIENTS: usize = 20;
+    // Long enough that streams are still going when the replica stops, however long the clients took to start.
+    const DELTAS: u32 = 160;
     let db = TestDb::postgres().await;
     let (addrs, mut replicas) = handoff_replicas(db.url(), &[]).await;
     let lb = Haproxy::start_http2(&addrs).await;
@@ -169,7 +173,7 @@ async fn behind_haproxy_speaking_http2_clients_share_connections_and_a_handoff_l
         let chat = new_chat();
         let response = http
             .post(format!("{}/agents/chats/{chat}/stream", lb.base))
-            .json(&paced(60, 50))
+            .json(&paced(DELTAS, 50))
             .send()
             .await
             .unwrap();
@@ -194,33 +198,43 @@ async fn behind_haproxy_speaking_http2_clients_share_connections_and_a_handoff_l
     }
     let mut stopping = replicas.remove(producer.expect("a replica streams"));
     stopping.signal("TERM");
-    let mut moved = 0;
-    for (mut stream, mut seen) in clients {
-        loop {
-            let (id, event) = stream
-                .next()
-                .await
-                .expect("the stream goes on to done or reconnect");
-            if event["type"] == "reconnect" {
-                moved += 1;
-                let response = http
-                    .get(format!("{}{}", lb.base, event["resume"].as_str().unwrap()))
-                    .header("last-event-id", event["last_event_id"].as_str().unwrap())
-                    .send()
+    // Every client reads on at once, as real ones do: a client that re-attaches only once another's stream has ended
+    // comes after its run was released and, nobody following it, interrupted.
+    let followed = clients.into_iter().map(|(mut stream, mut seen)| {
+        let (http, base) = (&http, &lb.base);
+        async move {
+            let mut moved = 0;
+            loop {
+                let (id, event) = stream
+                    .next()
                     .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                stream = Events::new(response);
-                continue;
+                    .expect("the stream goes on to done or reconnect");
+                if event["type"] == "reconnect" {
+                    moved += 1;
+                    let response = http
+                        .get(format!("{base}{}", event["resume"].as_str().unwrap()))
+                        .header("last-event-id", event["last_event_id"].as_str().unwrap())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    stream = Events::new(response);
+                    continue;
+                }
+                let done = event["type"] == "done";
+                seen.push((id, event));
+                if done {
+                    break;
+                }
             }
-            let done = event["type"] == "done";
-            seen.push((id, event));
-            if done {
-                break;
-            }
+            assert_completed(&seen, DELTAS as usize);
+            moved
         }
-        assert_completed(&seen, 60);
-    }
+    });
+    let moved: usize = futures_util::future::join_all(followed)
+        .await
+        .into_iter()
+        .sum();
     assert!(moved > 0, "the stopped replica's clients were handed over");
     assert!(stopping.exit_status().await.success());
 }
