@@ -131,7 +131,13 @@ async fn sweep(store: &SessionStore, retention: Duration, stop: &CancellationTok
 async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uuid, u64)>>) {
     let (store, log) = (runs.store(), runs.log());
     while let Some(interrupted) = to_end.recv().await {
-        let ids: Vec<Uuid> = interrupted.iter().map(|(id, _)| *id).collect();
+        // A crashed replica may leave thousands: the log line names the first few.
+        let count = interrupted.len();
+        let named: Vec<Uuid> = interrupted
+            .iter()
+            .take(LOGGED_RUNS)
+            .map(|(id, _)| *id)
+            .collect();
         futures_util::stream::iter(interrupted)
             .for_each_concurrent(ENDING_AT_ONCE, |(run_id, epoch)| async move {
                 match end_stopped(store, run_id, epoch, runs.seed_clients()).await {
@@ -143,8 +149,7 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
                 }
             })
             .await;
-        // A crashed replica may leave thousands: the line names the first few.
-        tracing::warn!(count = ids.len(), runs = ?&ids[..ids.len().min(LOGGED_RUNS)],
+        tracing::warn!(count, runs = ?named,
             "marked interrupted the runs of a stopped process that nobody follows");
     }
 }

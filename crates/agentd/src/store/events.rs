@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::{Arg, Row};
+use super::db::{Arg, Conn, Row};
 use super::{SessionStore, StoreError, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
@@ -81,6 +81,14 @@ impl SessionStore {
         self.append(rows, Appender::Other).await
     }
 
+    /// The connection `appender` appends on (in SQLite both are the one writer).
+    async fn appending(&self, appender: Appender) -> Result<Conn, StoreError> {
+        match appender {
+            Appender::LogWriter => self.db.log_write().await,
+            Appender::Other => self.db.write().await,
+        }
+    }
+
     async fn append(&self, rows: &[LogRow], appender: Appender) -> Result<Vec<Uuid>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -106,11 +114,8 @@ impl SessionStore {
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
         // One statement: atomic as it is, no transaction around it (a BEGIN and a COMMIT are two more trips to the
-        // connection's thread per group commit). Both connections are SQLite's one writer.
-        let mut conn = match appender {
-            Appender::LogWriter => self.db.log_write().await?,
-            Appender::Other => self.db.write().await?,
-        };
+        // connection's thread per group commit).
+        let mut conn = self.appending(appender).await?;
         let inserted = conn
             .fetch_all(
                 "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
@@ -144,10 +149,7 @@ impl SessionStore {
         // the run for update, is seen here once it commits).
         let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
         let separator = RECORD_SEPARATOR.to_string();
-        let mut conn = match appender {
-            Appender::LogWriter => self.db.log_write().await?,
-            Appender::Other => self.db.write().await?,
-        };
+        let mut conn = self.appending(appender).await?;
         let inserted = conn
             .fetch_all(
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
