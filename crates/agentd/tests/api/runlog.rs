@@ -64,13 +64,18 @@ async fn a_finished_run_replays_the_same_events_and_ends(db: TestDb) {
     );
 }
 
-async fn every_event_a_client_received_is_in_the_log_after_a_kill(db: TestDb) {
+/// A chat whose run's process was killed after its client received 15 events: the chat, and those events.
+async fn killed_mid_run(db: &TestDb) -> (String, Vec<(String, Value)>) {
     let mut server = Agentd::spawn_on(db.url(), &[]).await;
     let chat = new_chat();
     let mut stream = server.stream(&chat, paced(1000, 20)).await;
     let received = take(&mut stream, 15).await;
     server.kill().await;
-    drop(stream);
+    (chat, received)
+}
+
+async fn every_event_a_client_received_is_in_the_log_after_a_kill(db: TestDb) {
+    let (_, received) = killed_mid_run(&db).await;
     let run: Uuid = run_id_of(&received).parse().unwrap();
     let logged = db.open().await.events_after(run, 0).await.unwrap();
     assert!(logged.len() >= received.len(), "{} logged", logged.len());
@@ -84,12 +89,7 @@ async fn every_event_a_client_received_is_in_the_log_after_a_kill(db: TestDb) {
 /// could not end its log) is ended when a client attaches: the events so far, then `run_interrupted` and `done`, now
 /// in the log for every later client. (A follower used to wait for a `done` that never came.)
 async fn attaching_to_an_ended_run_whose_log_was_left_open_ends_it(db: TestDb) {
-    let mut first = Agentd::spawn_on(db.url(), &[]).await;
-    let chat = new_chat();
-    let mut stream = first.stream(&chat, paced(1000, 20)).await;
-    let received = take(&mut stream, 15).await;
-    first.kill().await;
-    drop(stream);
+    let (chat, received) = killed_mid_run(&db).await;
     let run = run_id_of(&received);
     // Marked interrupted as a replica marks the runs of a stopped process, which then failed to end its log.
     let mark = |now: &str| {
