@@ -12,7 +12,8 @@
 //! | `agentd_run_log_rows_total` | counter | rows written to the run log (consecutive events of a run share one) |
 //! | `agentd_run_log_batch_events` | histogram | events per group commit |
 //! | `agentd_run_log_commit_seconds` | histogram | how long a group commit took |
-//! | `agentd_run_log_commit_failures_total` | counter | group commits that failed (their events were released unlogged) |
+//! | `agentd_run_log_commit_failures_total` | counter | group commits that failed (their events were released, and kept to commit again) |
+//! | `agentd_run_log_kept_events` | gauge | events the store did not take, kept to commit again until it does |
 //! | `agentd_run_log_reads_total` | counter | pages of the run log read from the store by followers (replays, and runs produced elsewhere whose events the notifications did not carry) |
 //! | `agentd_run_failures_total{code}` | counter | runs failed, by error code (see [`crate::error::ErrorCode`]) |
 //! | `agentd_tool_failures_total{kind}` | counter | tool calls that gave the model an error, by kind |
@@ -118,6 +119,7 @@ pub struct Metrics {
     log_batch: Histogram,
     log_commit: Histogram,
     log_failures: Counter,
+    log_kept: Gauge,
     log_reads: Counter,
     taken_over: Counter,
     continued_tokens: Counter,
@@ -148,6 +150,7 @@ impl Default for Metrics {
         let log_batch = Histogram::new(exponential_buckets(1.0, 4.0, 9));
         let log_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let log_failures = Counter::default();
+        let log_kept = Gauge::default();
         let log_reads = Counter::default();
         let taken_over = Counter::default();
         let continued_tokens = Counter::default();
@@ -197,6 +200,11 @@ impl Default for Metrics {
             "agentd_run_log_commit_failures",
             "Group commits that failed",
             log_failures.clone(),
+        );
+        registry.register(
+            "agentd_run_log_kept_events",
+            "Events the store did not take, kept to commit again",
+            log_kept.clone(),
         );
         registry.register(
             "agentd_run_log_reads",
@@ -262,6 +270,7 @@ impl Default for Metrics {
             log_batch,
             log_commit,
             log_failures,
+            log_kept,
             log_reads,
             taken_over,
             continued_tokens,
@@ -342,6 +351,11 @@ impl Metrics {
 
     pub fn log_commit_failed(&self) {
         self.log_failures.inc();
+    }
+
+    /// The run log's writer keeps `events` the store did not take.
+    pub fn log_kept(&self, events: u64) {
+        self.log_kept.set(i64::try_from(events).unwrap_or(i64::MAX));
     }
 
     /// A follower read a page of the run log from the store.

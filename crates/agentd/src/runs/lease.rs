@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::RunService;
 use super::engine::Resumed;
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
+use super::follow::DONE;
 use crate::store::{LogRow, Run, SessionStore, StoreError};
 
 /// How often the events of long-finished runs are swept.
@@ -170,7 +171,8 @@ async fn end_stopped(
 
 /// Ends the log of a run marked interrupted because its process stopped: stores the answer so far, read back from its
 /// log, and appends `run_interrupted` (reason `stopped`) and `done` after its last event, under the run's epoch (the
-/// one the mark raised it to). Returns the seq of the new last event.
+/// one the mark raised it to). A log that ends with `done` already (its process stored its last events late, once the
+/// store took them again, but not how the run ended) is left as it is. Returns the seq of the log's last event.
 pub(super) async fn end_log(
     store: &SessionStore,
     run: &Run,
@@ -181,6 +183,9 @@ pub(super) async fn end_log(
     store
         .save_partial(run.id, &Resumed::from_log(&events).output)
         .await?;
+    if events.last().is_some_and(|(_, json)| json == DONE) {
+        return Ok(last);
+    }
     let interrupted = RunEvent::RunInterrupted {
         reason: "stopped",
         resume: resume_path(run.chat_id, run.id),

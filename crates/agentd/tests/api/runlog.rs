@@ -16,6 +16,7 @@ on_both_backends!(
     a_finished_run_replays_the_same_events_and_ends,
     every_event_a_client_received_is_in_the_log_after_a_kill,
     attaching_to_an_ended_run_whose_log_was_left_open_ends_it,
+    a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it,
     a_run_nobody_follows_stops_after_the_detach_grace,
     a_run_re_attached_within_the_grace_completes,
     cancel_busy_chats_and_bad_resume_inputs_get_their_statuses,
@@ -128,6 +129,70 @@ async fn attaching_to_an_ended_run_whose_log_was_left_open_ends_it(db: TestDb) {
     let stored = ended(&db.open().await, &run).await;
     assert_eq!(stored.status, RunStatus::Interrupted);
     assert_eq!(stored.output, deltas(&attached));
+}
+
+/// A run whose last events the store would not take for a while (its end was stored a moment before): its client
+/// gets them at once, and the writer keeps them and commits them again until the store takes them, so a client that
+/// attached meanwhile gets the run's end then, and a later one the very same events. (They were dropped: the log
+/// had no `done`, and every later client waited for one forever.)
+async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    // The store refuses any row with a run's `done` until the trigger goes.
+    db.execute(
+        "CREATE TRIGGER refuse_ends BEFORE INSERT ON agent_run_events \
+         WHEN NEW.events LIKE '%\"type\":\"done\"%' BEGIN SELECT RAISE(ABORT, 'ends refused'); END",
+        "CREATE FUNCTION refuse_ends() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.events LIKE '%\"type\":\"done\"%' THEN RAISE EXCEPTION 'ends refused'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_ends BEFORE INSERT ON agent_run_events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_ends()",
+    )
+    .await;
+    let chat = new_chat();
+    let original = server
+        .stream(&chat, json!({"question": "q", "model": "test:deltas=5"}))
+        .await
+        .rest()
+        .await;
+    let kinds = types(&original);
+    assert_eq!(
+        &kinds[kinds.len() - 3..],
+        ["final_answer", "run_completed", "done"]
+    );
+    let run = run_id_of(&original);
+    let store = db.open().await;
+    assert_eq!(ended(&store, &run).await.status, RunStatus::Completed);
+    let logged = store.events_after(run.parse().unwrap(), 0).await.unwrap();
+    assert!(logged.len() < original.len(), "{logged:?}");
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metric(&text, "agentd_run_log_commit_failures_total") >= 1,
+        "{text}"
+    );
+    assert!(metric(&text, "agentd_run_log_kept_events") >= 1, "{text}");
+
+    // A client attaching now gets what is logged, then waits for the rest.
+    let mut waiting = server.follow(&chat, &run, None).await;
+    assert_eq!(
+        take(&mut waiting, logged.len()).await,
+        original[..logged.len()]
+    );
+    db.execute(
+        "DROP TRIGGER refuse_ends",
+        "DROP TRIGGER refuse_ends ON agent_run_events",
+    )
+    .await;
+    let rest = tokio::time::timeout(PATIENCE, waiting.rest())
+        .await
+        .expect("the run's end reaches the client once the store takes it");
+    assert_eq!(rest, original[logged.len()..]);
+    assert_eq!(
+        server.follow(&chat, &run, None).await.rest().await,
+        original
+    );
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, "agentd_run_log_kept_events"), 0, "{text}");
+    store.close().await;
 }
 
 async fn a_run_nobody_follows_stops_after_the_detach_grace(db: TestDb) {

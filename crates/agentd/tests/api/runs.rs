@@ -7,6 +7,8 @@ use agentd::grpc::proto::ListAgentChatsRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
 use agentd::store::{ChatOwner, RunStatus};
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -317,7 +319,7 @@ async fn migrate_applies_the_migrations_and_exits() {
 async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() {
     let pg = PgServer::start();
     let db = TestDb::postgres_on(&pg.admin_url()).await;
-    let server = Agentd::spawn_on(db.url(), &[]).await;
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
     let chat = new_chat();
     let events = server
         .stream(&chat, json!({"question": "q"}))
@@ -325,8 +327,9 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
         .rest()
         .await;
     assert_eq!(types(&events).last().unwrap(), "done");
-    let mut streaming = server.stream(&new_chat(), slow(1000)).await;
-    read_deltas(&mut streaming, 1).await;
+    let failing = new_chat();
+    let mut streaming = server.stream(&failing, slow(1000)).await;
+    let (failed_run, _) = read_deltas(&mut streaming, 1).await;
 
     pg.stop();
     // The run in flight cannot save its answer any more: it ends visibly instead of streaming into the void.
@@ -376,6 +379,46 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
     assert_eq!(runs_of(&store, chat.parse().unwrap()).await.len(), 2);
     let ready: Value = server.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready");
+    // The events the store could not take during the outage were kept and are stored now: a client attaching to the
+    // failed run gets every event its first client got, its end included.
+    let replay = tokio::time::timeout(Duration::from_secs(15), async {
+        server
+            .follow(&failing, &failed_run.to_string(), None)
+            .await
+            .rest()
+            .await
+    })
+    .await
+    .expect("the replay ends");
+    assert_eq!(replay.len(), rest.len() + 2, "{replay:?}");
+    assert_eq!(replay[2..], rest[..]);
+    // Its end could not be stored in the outage, so it is still `running` with no heartbeat: once nobody has followed
+    // it for a lease, it is marked interrupted as a stopped process's runs are, and its log, which has its end, is left
+    // as it is.
+    db.execute(
+        "UPDATE agent_chat_runs SET heartbeat_at = heartbeat_at - 3600000, followed_at = followed_at - 3600000",
+        "UPDATE agent_chat_runs SET heartbeat_at = heartbeat_at - interval '1 hour', \
+         followed_at = followed_at - interval '1 hour'",
+    )
+    .await;
+    server
+        .wait_for_log("marked interrupted the runs of a stopped process")
+        .await;
+    assert_eq!(
+        store.get_run(failed_run).await.unwrap().unwrap().status,
+        RunStatus::Interrupted
+    );
+    let again = server
+        .follow(&failing, &failed_run.to_string(), None)
+        .await
+        .rest()
+        .await;
+    assert_eq!(again, replay);
+    assert_eq!(
+        store.events_after(failed_run, 0).await.unwrap().len(),
+        replay.len(),
+        "one end in the log"
+    );
     store.close().await;
 }
 

@@ -12,8 +12,9 @@
 //!
 //! If a commit fails, its runs are committed one by one, so one run whose rows cannot be stored (its chat was deleted
 //! mid-run) does not cost the others their durability. What still fails (the store is down) is released anyway, and
-//! the failure logged and counted: the clients that are following see their run end visibly (it fails at its next
-//! write) rather than hang, though those events are not in the log for a later replay.
+//! the failure logged and counted: the clients that are following see their run end visibly (it stops, and fails)
+//! rather than hang. The writer keeps those rows, with the run's later events behind them, and commits them again
+//! until the store takes them, so a client that attaches later replays the same events, the run's end included.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
