@@ -14,10 +14,11 @@ use uuid::Uuid;
 
 use super::drive::drive;
 use super::engine::{Prompt, Resumed};
+use super::follow::DONE;
 use super::{AgentContext, RunService};
 use crate::metrics::RunOutcome;
-use crate::model::{Message, ModelSpec, ToolCall};
-use crate::store::StoreError;
+use crate::model::{Message, ModelSpec, ToolCall, Usage};
+use crate::store::{RunEnd, RunStatus, StoreError};
 use crate::stream_tracker::{Held, Rejection};
 use crate::tools::ToolContext;
 
@@ -66,9 +67,10 @@ impl RunService {
                 // Counts the run until its own task enters it (the latest entry is the one that counts).
                 let _held = held;
                 match runs.continuation(run_id, epoch, caller).await {
-                    Ok(driven) => {
+                    Ok(Some(driven)) => {
                         driven.await;
                     }
+                    Ok(None) => {}
                     // Nothing refreshes its lease once this task ends, so it runs out: another claim, or the run is
                     // interrupted.
                     Err(error) => {
@@ -80,13 +82,13 @@ impl RunService {
     }
 
     /// The task that continues run `run_id`, just claimed under `epoch`, acting for `caller`, once what it needs is
-    /// read from the store.
+    /// read from the store; `None` when the run's log has its end already (see [`logged_end`]).
     async fn continuation(
         &self,
         run_id: Uuid,
         epoch: u64,
         caller: ToolContext,
-    ) -> Result<impl Future<Output = RunOutcome> + Send + use<>, StoreError> {
+    ) -> Result<Option<impl Future<Output = RunOutcome> + Send + use<>>, StoreError> {
         let parts = &self.inner.parts;
         let store = &parts.store;
         let run = store
@@ -124,6 +126,21 @@ impl RunService {
             .map_err(|e| StoreError::Corrupt(format!("run {run_id}: {e}")))?;
         let events = store.events_of(run_id).await?;
         let resumed = Resumed::from_log(&events);
+        if let Some((status, error)) = logged_end(&events) {
+            // Its process logged the run's end but could not store it (the store was down): the end is stored now,
+            // as the log tells it, rather than the run continued past its `done`.
+            let end = RunEnd {
+                status,
+                error,
+                output: resumed.output,
+                usage: Usage::default(),
+                messages: Vec::new(),
+            };
+            store.finish_run(run_id, epoch, &end).await?;
+            tracing::info!(%run_id, status = status.as_str(),
+                "claimed a run whose log had its end; stored that end rather than continue it");
+            return Ok(None);
+        }
         let after = events.last().map_or(0, |(seq, _)| *seq);
         let writer = parts.log.produce(
             run_id,
@@ -138,7 +155,7 @@ impl RunService {
         parts.metrics.run_taken_over();
         tracing::info!(%run_id, chat_id = %run.chat_id, epoch, after_seq = after,
             "took over a run whose producer was gone; continuing it");
-        Ok(drive(
+        Ok(Some(drive(
             ctx,
             Prompt {
                 history,
@@ -146,8 +163,52 @@ impl RunService {
             },
             writer,
             resumed,
-        ))
+        )))
     }
+}
+
+/// How a run ended, by its log, when the log ends with `done`: the status and error to store. A run whose log has its
+/// end but is still `running` in the store is one whose end its process could not store (the store was down; the
+/// run failed for it, and its log got its last events once the store took them again).
+fn logged_end(events: &[(u64, String)]) -> Option<(RunStatus, Option<String>)> {
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Ending {
+        RunFailed {
+            error: String,
+        },
+        RunInterrupted {
+            reason: String,
+        },
+        RunCompleted {},
+        #[serde(other)]
+        Other,
+    }
+    let (last, before) = events.split_last()?;
+    if last.1 != DONE {
+        return None;
+    }
+    // The events that end a run come last, before `done`, the first of them the one that counts (a `run_failed` may
+    // follow a `run_interrupted` for the seed's clients).
+    let mut ending = None;
+    for (_, json) in before.iter().rev() {
+        match serde_json::from_str::<Ending>(json) {
+            Ok(Ending::Other) | Err(_) => break,
+            Ok(found) => ending = Some(found),
+        }
+    }
+    Some(match ending {
+        Some(Ending::RunCompleted {}) => (RunStatus::Completed, None),
+        Some(Ending::RunFailed { error }) => (RunStatus::Failed, Some(error)),
+        Some(Ending::RunInterrupted { reason }) => (
+            RunStatus::Interrupted,
+            Some(format!("the run was interrupted ({reason})")),
+        ),
+        Some(Ending::Other) | None => (
+            RunStatus::Failed,
+            Some("the run ended without saying how".to_owned()),
+        ),
+    })
 }
 
 /// The events whose content matters to continue a run.
@@ -262,6 +323,40 @@ mod tests {
     }
 
     const STARTED: &str = r#"{"type":"run_started"}"#;
+
+    #[test]
+    fn a_logged_end_is_the_first_of_the_events_that_end_the_run() {
+        let delta = r#"{"type":"model_delta","content":"a"}"#;
+        assert_eq!(logged_end(&log(&[STARTED, delta])), None);
+        assert_eq!(logged_end(&log(&[])), None);
+        let failed = r#"{"type":"run_failed","error":"the store failed","code":"store_failed"}"#;
+        assert_eq!(
+            logged_end(&log(&[STARTED, delta, failed, DONE])),
+            Some((RunStatus::Failed, Some("the store failed".to_owned())))
+        );
+        // The seed's clients also get a `run_failed` after `run_interrupted`: the interruption is what happened.
+        let interrupted = r#"{"type":"run_interrupted","reason":"cancelled","resume":"/r"}"#;
+        assert_eq!(
+            logged_end(&log(&[STARTED, delta, interrupted, failed, DONE])),
+            Some((
+                RunStatus::Interrupted,
+                Some("the run was interrupted (cancelled)".to_owned())
+            ))
+        );
+        let answer = r#"{"type":"final_answer","output":"a","usage":{}}"#;
+        let completed = r#"{"type":"run_completed","elapsed_ms":3}"#;
+        assert_eq!(
+            logged_end(&log(&[STARTED, delta, answer, completed, DONE])),
+            Some((RunStatus::Completed, None))
+        );
+        assert_eq!(
+            logged_end(&log(&[STARTED, DONE])),
+            Some((
+                RunStatus::Failed,
+                Some("the run ended without saying how".to_owned())
+            ))
+        );
+    }
 
     #[test]
     fn a_cut_answer_is_the_partial_text() {

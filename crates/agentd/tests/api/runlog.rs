@@ -17,6 +17,7 @@ on_both_backends!(
     every_event_a_client_received_is_in_the_log_after_a_kill,
     attaching_to_an_ended_run_whose_log_was_left_open_ends_it,
     a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it,
+    a_claimed_run_whose_log_has_its_end_is_ended_not_continued,
     a_run_nobody_follows_stops_after_the_detach_grace,
     a_run_re_attached_within_the_grace_completes,
     cancel_busy_chats_and_bad_resume_inputs_get_their_statuses,
@@ -192,6 +193,42 @@ async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db:
     );
     let text = server.get("/metrics").await.text().await.unwrap();
     assert_eq!(metric(&text, "agentd_run_log_kept_events"), 0, "{text}");
+    store.close().await;
+}
+
+/// A run whose log has its end while the store still has it `running`, released (its process could not store the end,
+/// the store being down then) is not continued past its `done` by the replica a client attaches to: it stores the end
+/// the log tells, and the log stays as it is. (The claim continued it: a second answer after `done`.)
+async fn a_claimed_run_whose_log_has_its_end_is_ended_not_continued(db: TestDb) {
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut stream = server.stream(&chat, paced(1000, 20)).await;
+    let mut original = take(&mut stream, 5).await;
+    let run = run_id_of(&original);
+    assert_eq!(server.cancel(&chat, &run).await.status(), 202);
+    original.extend(stream.rest().await);
+    ended(&db.open().await, &run).await;
+    db.execute(
+        "UPDATE agent_chat_runs SET status = 'running', owner_instance = '', finished_at = NULL",
+        "UPDATE agent_chat_runs SET status = 'running', owner_instance = '', finished_at = NULL",
+    )
+    .await;
+
+    let replay = tokio::time::timeout(PATIENCE, async {
+        server.follow(&chat, &run, None).await.rest().await
+    })
+    .await
+    .expect("the replay ends");
+    assert_eq!(replay, original);
+    let store = db.open().await;
+    let stored = ended(&store, &run).await;
+    assert_eq!(stored.status, RunStatus::Interrupted);
+    assert_eq!(stored.output, deltas(&original));
+    let logged = store.events_after(run.parse().unwrap(), 0).await.unwrap();
+    assert_eq!(logged.len(), original.len());
+    server
+        .wait_for_log("claimed a run whose log had its end")
+        .await;
     store.close().await;
 }
 
