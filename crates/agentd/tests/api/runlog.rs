@@ -193,6 +193,12 @@ async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db:
     );
     let text = server.get("/metrics").await.text().await.unwrap();
     assert_eq!(metric(&text, "agentd_run_log_kept_events"), 0, "{text}");
+    // Every event but `run_started` (stored with the run) went through the writer, the kept ones too.
+    assert_eq!(
+        metric(&text, "agentd_run_log_events_total"),
+        original.len() as u64 - 1,
+        "{text}"
+    );
     store.close().await;
 }
 

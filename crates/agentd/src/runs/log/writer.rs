@@ -227,6 +227,13 @@ fn notify_followed_here(log: &RunLog, rows: &[LogRow], stored: impl Fn(Uuid) -> 
     }
 }
 
+/// How many events `rows` hold.
+fn events_in(rows: &[LogRow]) -> usize {
+    rows.iter()
+        .map(|row| (row.last_seq + 1 - row.seq) as usize)
+        .sum()
+}
+
 /// The first wait before kept rows are committed again; it doubles after each failed try, up to [`KEPT_RETRY_MAX`].
 const KEPT_RETRY_FIRST: Duration = Duration::from_millis(500);
 const KEPT_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -246,7 +253,7 @@ struct Kept {
 
 impl Kept {
     fn events(&self) -> u64 {
-        self.rows.iter().map(|row| row.last_seq + 1 - row.seq).sum()
+        events_in(&self.rows) as u64
     }
 
     /// Keeps `rows`, and tries them again soon.
@@ -292,12 +299,19 @@ impl Kept {
     /// Commits the kept rows again; the ones that fail again are kept, and tried again after a longer wait.
     async fn retry(&mut self, log: &RunLog) {
         let rows = std::mem::take(&mut self.rows);
+        let events = events_in(&rows);
+        let started = Instant::now();
         let Stored {
+            whole,
             moved,
             failed,
             error,
-            ..
         } = store(log, &rows).await;
+        if whole {
+            log.inner
+                .metrics
+                .log_committed(events, rows.len(), started.elapsed());
+        }
         let taken = rows
             .iter()
             .filter(|row| !moved.contains(&row.run_id) && !failed.contains(&row.run_id))
