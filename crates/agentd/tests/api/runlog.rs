@@ -132,13 +132,8 @@ async fn attaching_to_an_ended_run_whose_log_was_left_open_ends_it(db: TestDb) {
     assert_eq!(stored.output, deltas(&attached));
 }
 
-/// A run whose last events the store would not take for a while (its end was stored a moment before): its client
-/// gets them at once, and the writer keeps them and commits them again until the store takes them, so a client that
-/// attached meanwhile gets the run's end then, and a later one the very same events. (They were dropped: the log
-/// had no `done`, and every later client waited for one forever.)
-async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db: TestDb) {
-    let server = Agentd::spawn_on(db.url(), &[]).await;
-    // The store refuses any row with a run's `done` until the trigger goes.
+/// Makes the store refuse every row that carries a run's `done`, until the trigger is dropped.
+async fn refuse_ends(db: &TestDb) {
     db.execute(
         "CREATE TRIGGER refuse_ends BEFORE INSERT ON agent_run_events \
          WHEN NEW.events LIKE '%\"type\":\"done\"%' BEGIN SELECT RAISE(ABORT, 'ends refused'); END",
@@ -149,6 +144,44 @@ async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db:
          FOR EACH ROW EXECUTE FUNCTION refuse_ends()",
     )
     .await;
+}
+
+/// Events the store still does not take when the process stops are lost, and the log names their runs; the process
+/// does not wait for the store to take them.
+#[tokio::test]
+async fn events_the_store_never_took_are_said_lost_when_the_process_stops() {
+    let db = TestDb::sqlite();
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    refuse_ends(&db).await;
+    let events = server
+        .stream(
+            &new_chat(),
+            json!({"question": "q", "model": "test:deltas=3"}),
+        )
+        .await
+        .rest()
+        .await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+    let run = run_id_of(&events);
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    let lost = server
+        .log_text()
+        .lines()
+        .find(|line| line.contains("stopping with run events the store did not take"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no line on the lost events:\n{}", server.log_text()));
+    assert!(lost.contains(&run), "{lost}");
+}
+
+/// A run whose last events the store would not take for a while (its end was stored a moment before): its client
+/// gets them at once, and the writer keeps them and commits them again until the store takes them, so a client that
+/// attached meanwhile gets the run's end then, and a later one the very same events. (They were dropped: the log
+/// had no `done`, and every later client waited for one forever.)
+async fn a_runs_end_the_store_refused_for_a_while_is_logged_once_it_takes_it(db: TestDb) {
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    // The store refuses any row with a run's `done` until the trigger goes.
+    refuse_ends(&db).await;
     let chat = new_chat();
     let original = server
         .stream(&chat, json!({"question": "q", "model": "test:deltas=5"}))
