@@ -8,17 +8,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::RunService;
 use super::engine::Resumed;
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
 use super::follow::DONE;
+use super::{LOGGED_RUNS, RunService};
 use crate::store::{LogRow, Run, SessionStore, StoreError};
 
 /// How often the events of long-finished runs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-
-/// How many of the runs marked interrupted at once a log line names.
-const LOGGED_RUNS: usize = 20;
 
 /// How many logs of stopped processes' runs are ended at once (four store operations each), leaving the rest of the
 /// store's connections to the runs.

@@ -25,6 +25,10 @@ mod recorder;
 mod start;
 mod takeover;
 
+/// How many runs a log line about many of them names (it gives their count too): a crashed peer, or a store outage,
+/// can concern thousands.
+const LOGGED_RUNS: usize = 20;
+
 use std::sync::Arc;
 use std::time::Duration;
 

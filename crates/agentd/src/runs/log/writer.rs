@@ -1,6 +1,6 @@
 //! The one writer task of a process: group commits of what all runs have ready, then their release to followers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{Append, Halt, RunLog};
 use crate::metrics::Metrics;
+use crate::runs::LOGGED_RUNS;
 use crate::runs::live::shrink_if_sparse;
 use crate::store::{LogRow, StoreError};
 
@@ -113,14 +114,14 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>, kept: &mut Kept) {
     } = stored;
     if let Some(error) = error {
         log.inner.metrics.log_commit_failed();
-        tracing::error!(%error, runs = ?failed,
+        tracing::error!(%error, runs = failed.len(), first = ?named(&failed),
             "could not commit run events; released to their followers, kept to commit again, and those runs stopped");
     }
     // Runs whose chat was deleted: what they still emit goes to their followers here, unlogged.
-    let mut deleted = Vec::new();
+    let mut deleted = HashSet::new();
     for &run_id in &moved {
         if fenced(log, run_id).await {
-            deleted.push(run_id);
+            deleted.insert(run_id);
         }
     }
     for &run_id in &failed {
@@ -163,9 +164,9 @@ struct Stored {
     /// Committed in one go.
     whole: bool,
     /// Runs whose rows were refused: the run moved on (claimed by another process, or gone).
-    moved: Vec<Uuid>,
+    moved: HashSet<Uuid>,
     /// Runs whose rows the store did not take, and why.
-    failed: Vec<Uuid>,
+    failed: HashSet<Uuid>,
     error: Option<StoreError>,
 }
 
@@ -192,7 +193,7 @@ async fn store(log: &RunLog, rows: &[LogRow]) -> Stored {
         Ok(moved) => {
             return Stored {
                 whole: true,
-                moved,
+                moved: moved.into_iter().collect(),
                 ..Stored::default()
             };
         }
@@ -206,7 +207,9 @@ async fn store(log: &RunLog, rows: &[LogRow]) -> Stored {
         for row in rows {
             match store.append_events(std::slice::from_ref(row)).await {
                 Ok(moved) => stored.moved.extend(moved),
-                Err(_) => stored.failed.push(row.run_id),
+                Err(_) => {
+                    stored.failed.insert(row.run_id);
+                }
             }
         }
     }
@@ -225,6 +228,11 @@ fn notify_followed_here(log: &RunLog, rows: &[LogRow], stored: impl Fn(Uuid) -> 
     for row in rows.iter().filter(|row| stored(row.run_id)) {
         log.notified(row.run_id, row.seq, row.last_seq, Some(&row.events));
     }
+}
+
+/// The first few of `runs`, for a log line.
+fn named(runs: &HashSet<Uuid>) -> Vec<Uuid> {
+    runs.iter().take(LOGGED_RUNS).copied().collect()
 }
 
 /// How many events `rows` hold.
@@ -246,6 +254,8 @@ const KEPT_RETRY_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 struct Kept {
     rows: Vec<LogRow>,
+    /// Where each run's row is in `rows`: a store outage can leave thousands, and every event of theirs looks it up.
+    row_of: HashMap<Uuid, usize>,
     /// How long after a failed try the next one comes.
     wait: Duration,
     next_try: Option<tokio::time::Instant>,
@@ -259,7 +269,10 @@ impl Kept {
     /// Keeps `rows`, and tries them again soon.
     fn keep<'a>(&mut self, metrics: &Metrics, rows: impl Iterator<Item = &'a LogRow>) {
         let before = self.rows.len();
-        self.rows.extend(rows.cloned());
+        for row in rows {
+            self.row_of.insert(row.run_id, self.rows.len());
+            self.rows.push(row.clone());
+        }
         if self.rows.len() > before && self.next_try.is_none() {
             self.wait = KEPT_RETRY_FIRST;
             self.next_try = Some(tokio::time::Instant::now() + self.wait);
@@ -270,10 +283,9 @@ impl Kept {
     /// Adds `append` behind its run's kept rows, if it has any.
     fn join(&mut self, append: &Append) -> bool {
         let Some(row) = self
-            .rows
-            .iter_mut()
-            .rev()
-            .find(|row| row.run_id == append.run_id)
+            .row_of
+            .get(&append.run_id)
+            .map(|&at| &mut self.rows[at])
         else {
             return false;
         };
@@ -299,6 +311,7 @@ impl Kept {
     /// Commits the kept rows again; the ones that fail again are kept, and tried again after a longer wait.
     async fn retry(&mut self, log: &RunLog) {
         let rows = std::mem::take(&mut self.rows);
+        self.row_of.clear();
         let events = events_in(&rows);
         let started = Instant::now();
         let Stored {
@@ -323,7 +336,8 @@ impl Kept {
             );
         }
         if !moved.is_empty() {
-            tracing::warn!(runs = ?moved, "runs moved on before their kept events were stored; dropped them");
+            tracing::warn!(runs = moved.len(), first = ?named(&moved),
+                "runs moved on before their kept events were stored; dropped them");
         }
         notify_followed_here(log, &rows, |run_id| {
             !moved.contains(&run_id) && !failed.contains(&run_id)
@@ -331,6 +345,12 @@ impl Kept {
         self.rows = rows
             .into_iter()
             .filter(|row| failed.contains(&row.run_id))
+            .collect();
+        self.row_of = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(at, row)| (row.run_id, at))
             .collect();
         if self.rows.is_empty() {
             self.next_try = None;
@@ -352,9 +372,15 @@ impl Kept {
         }
         self.retry(log).await;
         if !self.rows.is_empty() {
-            let runs: Vec<Uuid> = self.rows.iter().map(|row| row.run_id).collect();
+            let first: Vec<Uuid> = self
+                .rows
+                .iter()
+                .take(LOGGED_RUNS)
+                .map(|row| row.run_id)
+                .collect();
             tracing::error!(
-                ?runs,
+                runs = self.rows.len(),
+                ?first,
                 events = self.events(),
                 "stopping with run events the store did not take; their logs end without them"
             );
