@@ -22,6 +22,11 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 /// The JSON of the last event of every run.
 pub(super) const DONE: &str = r#"{"type":"done"}"#;
 
+/// Whether a run's events, `(seq, json)` as the store gives them, end with its `done`.
+pub(super) fn ends(events: &[(u64, String)]) -> bool {
+    events.last().is_some_and(|(_, json)| json == DONE)
+}
+
 /// One run's events for one client, from a given seq on.
 #[derive(Debug)]
 pub struct Follower {

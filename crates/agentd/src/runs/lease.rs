@@ -10,8 +10,7 @@ use uuid::Uuid;
 
 use super::engine::Resumed;
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
-use super::follow::DONE;
-use super::{LOGGED_RUNS, RunService};
+use super::{RunService, follow, named};
 use crate::store::{LogRow, Run, SessionStore, StoreError};
 
 /// How often the events of long-finished runs are swept.
@@ -131,11 +130,7 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
     while let Some(interrupted) = to_end.recv().await {
         // A crashed replica may leave thousands: the log line names the first few.
         let count = interrupted.len();
-        let named: Vec<Uuid> = interrupted
-            .iter()
-            .take(LOGGED_RUNS)
-            .map(|(id, _)| *id)
-            .collect();
+        let first = named(interrupted.iter().map(|(id, _)| *id));
         futures_util::stream::iter(interrupted)
             .for_each_concurrent(ENDING_AT_ONCE, |(run_id, epoch)| async move {
                 match end_stopped(store, run_id, epoch, runs.seed_clients()).await {
@@ -147,7 +142,7 @@ async fn end_logs(runs: &RunService, mut to_end: mpsc::UnboundedReceiver<Vec<(Uu
                 }
             })
             .await;
-        tracing::warn!(count, runs = ?named,
+        tracing::warn!(count, runs = ?first,
             "marked interrupted the runs of a stopped process that nobody follows");
     }
 }
@@ -180,7 +175,7 @@ pub(super) async fn end_log(
     store
         .save_partial(run.id, &Resumed::from_log(&events).output)
         .await?;
-    if events.last().is_some_and(|(_, json)| json == DONE) {
+    if follow::ends(&events) {
         return Ok(last);
     }
     let interrupted = RunEvent::RunInterrupted {

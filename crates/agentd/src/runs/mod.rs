@@ -25,10 +25,6 @@ mod recorder;
 mod start;
 mod takeover;
 
-/// How many runs a log line about many of them names (it gives their count too): a crashed peer, or a store outage,
-/// can concern thousands.
-const LOGGED_RUNS: usize = 20;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +44,15 @@ pub use engine::Failure;
 use follow::Follower;
 pub use live::LiveRuns;
 use log::{Halt, RunLog};
+
+/// How many runs a log line about many of them names (it gives their count too): a crashed peer, or a store outage,
+/// can concern thousands.
+const LOGGED_RUNS: usize = 20;
+
+/// The first [`LOGGED_RUNS`] of `runs`, for a log line that also gives their count.
+fn named(runs: impl IntoIterator<Item = Uuid>) -> Vec<Uuid> {
+    runs.into_iter().take(LOGGED_RUNS).collect()
+}
 
 /// What a run needs from the process, given once at start.
 #[derive(Debug)]
@@ -363,7 +368,7 @@ impl RunService {
     async fn end_if_left_open(&self, run: &Run, last: u64) -> Result<(), RunError> {
         let parts = &self.inner.parts;
         let tail = parts.store.events_after(run.id, last - 1).await?;
-        if tail.last().is_some_and(|(_, json)| json == follow::DONE) {
+        if follow::ends(&tail) {
             return Ok(());
         }
         match lease::end_log(&parts.store, run, self.seed_clients()).await {

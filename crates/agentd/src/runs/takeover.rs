@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::drive::drive;
 use super::engine::{Prompt, Resumed};
-use super::follow::DONE;
+use super::follow;
 use super::{AgentContext, RunService};
 use crate::metrics::RunOutcome;
 use crate::model::{Message, ModelSpec, ToolCall, Usage};
@@ -184,10 +184,10 @@ fn logged_end(events: &[(u64, String)]) -> Option<(RunStatus, Option<String>)> {
         #[serde(other)]
         Other,
     }
-    let (last, before) = events.split_last()?;
-    if last.1 != DONE {
+    if !follow::ends(events) {
         return None;
     }
+    let before = &events[..events.len() - 1];
     // The events that end a run come last, before `done`, the first of them the one that counts (a `run_failed` may
     // follow a `run_interrupted` for the seed's clients).
     let mut ending = None;
@@ -313,6 +313,7 @@ fn close_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runs::follow::DONE;
 
     fn log(events: &[&str]) -> Vec<(u64, String)> {
         events

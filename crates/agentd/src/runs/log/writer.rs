@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use super::{Append, Halt, RunLog};
 use crate::metrics::Metrics;
-use crate::runs::LOGGED_RUNS;
 use crate::runs::live::shrink_if_sparse;
+use crate::runs::named;
 use crate::store::{LogRow, StoreError};
 
 /// Most events in one commit.
@@ -106,40 +106,33 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>, kept: &mut Kept) {
             started.elapsed(),
         );
     }
-    let Stored {
-        moved,
-        failed,
-        error,
-        ..
-    } = stored;
-    if let Some(error) = error {
+    if let Some(error) = &stored.error {
         log.inner.metrics.log_commit_failed();
-        tracing::error!(%error, runs = failed.len(), first = ?named(&failed),
+        tracing::error!(%error, runs = stored.failed.len(), first = ?named(stored.failed.iter().copied()),
             "could not commit run events; released to their followers, kept to commit again, and those runs stopped");
     }
     // Runs whose chat was deleted: what they still emit goes to their followers here, unlogged.
     let mut deleted = HashSet::new();
-    for &run_id in &moved {
+    for &run_id in &stored.moved {
         if fenced(log, run_id).await {
             deleted.insert(run_id);
         }
     }
-    for &run_id in &failed {
+    for &run_id in &stored.failed {
         if let Some(run) = log.live(run_id) {
             run.halt(Halt::Unlogged);
         }
     }
-    if !failed.is_empty() {
-        kept.keep(
-            &log.inner.metrics,
-            rows.iter().filter(|row| failed.contains(&row.run_id)),
-        );
-    }
+    kept.keep(
+        &log.inner.metrics,
+        rows.iter()
+            .filter(|row| stored.failed.contains(&row.run_id)),
+    );
     {
         let mut live = log.inner.live.lock().expect("run log lock");
         let released = rows
             .iter()
-            .filter(|row| !moved.contains(&row.run_id) || deleted.contains(&row.run_id))
+            .filter(|row| !stored.moved.contains(&row.run_id) || deleted.contains(&row.run_id))
             .map(|row| (row.run_id, row.last_seq))
             .chain(held_back);
         for (run_id, last_seq) in released {
@@ -152,9 +145,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>, kept: &mut Kept) {
         }
         shrink_if_sparse(&mut live);
     }
-    notify_followed_here(log, &rows, |run_id| {
-        !moved.contains(&run_id) && !failed.contains(&run_id)
-    });
+    notify_followed_here(log, &rows, &stored);
     batch.clear();
 }
 
@@ -168,6 +159,13 @@ struct Stored {
     /// Runs whose rows the store did not take, and why.
     failed: HashSet<Uuid>,
     error: Option<StoreError>,
+}
+
+impl Stored {
+    /// Whether the store took the rows of `run_id`.
+    fn took(&self, run_id: Uuid) -> bool {
+        !self.moved.contains(&run_id) && !self.failed.contains(&run_id)
+    }
 }
 
 /// Stores `rows` in one group commit. One run's rows can fail the whole commit (a value the store refuses): then it
@@ -220,26 +218,14 @@ async fn store(log: &RunLog, rows: &[LogRow]) -> Stored {
 }
 
 /// Tells the followers here of runs produced elsewhere (a run taken over here may also have followers that attached
-/// while it was produced elsewhere) of the rows now stored: those of the runs `stored` says.
-fn notify_followed_here(log: &RunLog, rows: &[LogRow], stored: impl Fn(Uuid) -> bool) {
+/// while it was produced elsewhere) of the rows the store took.
+fn notify_followed_here(log: &RunLog, rows: &[LogRow], stored: &Stored) {
     if log.inner.remote.lock().expect("run log lock").is_empty() {
         return;
     }
-    for row in rows.iter().filter(|row| stored(row.run_id)) {
+    for row in rows.iter().filter(|row| stored.took(row.run_id)) {
         log.notified(row.run_id, row.seq, row.last_seq, Some(&row.events));
     }
-}
-
-/// The first few of `runs`, for a log line.
-fn named(runs: &HashSet<Uuid>) -> Vec<Uuid> {
-    runs.iter().take(LOGGED_RUNS).copied().collect()
-}
-
-/// How many events `rows` hold.
-fn events_in(rows: &[LogRow]) -> usize {
-    rows.iter()
-        .map(|row| (row.last_seq + 1 - row.seq) as usize)
-        .sum()
 }
 
 /// The first wait before kept rows are committed again; it doubles after each failed try, up to [`KEPT_RETRY_MAX`].
@@ -253,9 +239,8 @@ const KEPT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// holds it, which writes its log now, or its chat was deleted) are dropped.
 #[derive(Debug, Default)]
 struct Kept {
-    rows: Vec<LogRow>,
-    /// Where each run's row is in `rows`: a store outage can leave thousands, and every event of theirs looks it up.
-    row_of: HashMap<Uuid, usize>,
+    /// One row per run: a store outage can leave thousands, and every later event of theirs joins its run's row.
+    rows: HashMap<Uuid, LogRow>,
     /// How long after a failed try the next one comes.
     wait: Duration,
     next_try: Option<tokio::time::Instant>,
@@ -263,17 +248,20 @@ struct Kept {
 
 impl Kept {
     fn events(&self) -> u64 {
-        events_in(&self.rows) as u64
+        self.rows
+            .values()
+            .map(|row| row.last_seq + 1 - row.seq)
+            .sum()
     }
 
     /// Keeps `rows`, and tries them again soon.
     fn keep<'a>(&mut self, metrics: &Metrics, rows: impl Iterator<Item = &'a LogRow>) {
         let before = self.rows.len();
-        for row in rows {
-            self.row_of.insert(row.run_id, self.rows.len());
-            self.rows.push(row.clone());
+        self.rows.extend(rows.map(|row| (row.run_id, row.clone())));
+        if self.rows.len() == before {
+            return;
         }
-        if self.rows.len() > before && self.next_try.is_none() {
+        if self.next_try.is_none() {
             self.wait = KEPT_RETRY_FIRST;
             self.next_try = Some(tokio::time::Instant::now() + self.wait);
         }
@@ -282,11 +270,7 @@ impl Kept {
 
     /// Adds `append` behind its run's kept rows, if it has any.
     fn join(&mut self, append: &Append) -> bool {
-        let Some(row) = self
-            .row_of
-            .get(&append.run_id)
-            .map(|&at| &mut self.rows[at])
-        else {
+        let Some(row) = self.rows.get_mut(&append.run_id) else {
             return false;
         };
         row.last_seq = append.seq;
@@ -310,54 +294,38 @@ impl Kept {
 
     /// Commits the kept rows again; the ones that fail again are kept, and tried again after a longer wait.
     async fn retry(&mut self, log: &RunLog) {
-        let rows = std::mem::take(&mut self.rows);
-        self.row_of.clear();
-        let events = events_in(&rows);
+        let events = self.events();
+        let rows: Vec<LogRow> = self.rows.drain().map(|(_, row)| row).collect();
         let started = Instant::now();
-        let Stored {
-            whole,
-            moved,
-            failed,
-            error,
-        } = store(log, &rows).await;
-        if whole {
+        let stored = store(log, &rows).await;
+        if stored.whole {
             log.inner
                 .metrics
-                .log_committed(events, rows.len(), started.elapsed());
+                .log_committed(events as usize, rows.len(), started.elapsed());
         }
-        let taken = rows
-            .iter()
-            .filter(|row| !moved.contains(&row.run_id) && !failed.contains(&row.run_id))
-            .count();
+        let taken = rows.iter().filter(|row| stored.took(row.run_id)).count();
         if taken > 0 {
             tracing::info!(
                 runs = taken,
                 "stored the events of runs that an earlier group commit could not"
             );
         }
-        if !moved.is_empty() {
-            tracing::warn!(runs = moved.len(), first = ?named(&moved),
+        if !stored.moved.is_empty() {
+            tracing::warn!(runs = stored.moved.len(), first = ?named(stored.moved.iter().copied()),
                 "runs moved on before their kept events were stored; dropped them");
         }
-        notify_followed_here(log, &rows, |run_id| {
-            !moved.contains(&run_id) && !failed.contains(&run_id)
-        });
+        notify_followed_here(log, &rows, &stored);
         self.rows = rows
             .into_iter()
-            .filter(|row| failed.contains(&row.run_id))
-            .collect();
-        self.row_of = self
-            .rows
-            .iter()
-            .enumerate()
-            .map(|(at, row)| (row.run_id, at))
+            .filter(|row| stored.failed.contains(&row.run_id))
+            .map(|row| (row.run_id, row))
             .collect();
         if self.rows.is_empty() {
             self.next_try = None;
         } else {
             self.wait = (self.wait * 2).min(KEPT_RETRY_MAX);
             self.next_try = Some(tokio::time::Instant::now() + self.wait);
-            if let Some(error) = error {
+            if let Some(error) = &stored.error {
                 tracing::warn!(%error, runs = self.rows.len(), events = self.events(),
                     retry_in_ms = self.wait.as_millis() as u64, "the store still does not take the kept run events");
             }
@@ -372,15 +340,9 @@ impl Kept {
         }
         self.retry(log).await;
         if !self.rows.is_empty() {
-            let first: Vec<Uuid> = self
-                .rows
-                .iter()
-                .take(LOGGED_RUNS)
-                .map(|row| row.run_id)
-                .collect();
             tracing::error!(
                 runs = self.rows.len(),
-                ?first,
+                first = ?named(self.rows.keys().copied()),
                 events = self.events(),
                 "stopping with run events the store did not take; their logs end without them"
             );
