@@ -97,6 +97,36 @@ impl Db {
         self.waited(self.acquire_writer()).await
     }
 
+    /// [`Self::write`] for a run's end, which no client can be told to retry: when every connection of the pool is
+    /// open and in use past the acquire timeout (thousands of runs ending at once, each end a commit), it waits on,
+    /// up to [`PATIENT_WAIT`] in all, where a request would be refused. A pool that has not all its connections open
+    /// when it times out could not open one (the store is unreachable), and the end fails as a request would.
+    pub async fn write_patiently(&self) -> Result<Conn, StoreError> {
+        let started = std::time::Instant::now();
+        let patient = async {
+            loop {
+                match self.acquire_writer().await {
+                    Err(sqlx::Error::PoolTimedOut)
+                        if self.writers_saturated() && started.elapsed() < PATIENT_WAIT => {}
+                    taken => return taken,
+                }
+            }
+        };
+        self.waited(Box::pin(patient)).await
+    }
+
+    /// Whether every connection the pool of [`Self::write`] may open is open (all of them in use, if a wait for one
+    /// just timed out).
+    fn writers_saturated(&self) -> bool {
+        fn saturated<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> bool {
+            pool.size() >= pool.options().get_max_connections()
+        }
+        match &self.pools {
+            Pools::Sqlite(db) => saturated(&db.writer),
+            Pools::Postgres(db) => saturated(&db.pool),
+        }
+    }
+
     /// [`Self::write`]'s connection for run starts, its wait not counted: the starts queued for it count theirs
     /// ([`super::starts`]).
     pub async fn starter(&self) -> Result<Conn, StoreError> {
@@ -172,6 +202,9 @@ impl Db {
         }
     }
 }
+
+/// How long [`Db::write_patiently`] waits in all for a connection of a pool whose every connection is in use.
+const PATIENT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long requests waited to take a pooled connection, and how many gave up ([`super::StoreError::is_unavailable`]),
 /// for the metrics.

@@ -11,6 +11,11 @@ use super::{
 };
 use crate::model::Message;
 
+/// The most runs whose heartbeat one statement refreshes. One statement for all of them, with 10,000 running,
+/// took 0.7 s on PostgreSQL, and every run ending meanwhile waited for it (the store's connections with them, until
+/// other runs' ends gave up waiting for one).
+const HEARTBEATS_AT_ONCE: usize = 500;
+
 /// The columns [`run_from`] reads.
 macro_rules! run_columns {
     () => {
@@ -130,7 +135,8 @@ impl SessionStore {
         end: &RunEnd,
     ) -> Result<(), StoreError> {
         if self.db.is_postgres() {
-            return finish_run_postgres(&mut self.db.write().await?, run_id, epoch, end).await;
+            return finish_run_postgres(&mut self.db.write_patiently().await?, run_id, epoch, end)
+                .await;
         }
         // SQLite: one script with its transaction, one trip to the writer's thread (not one per statement, the
         // writer held while this task waits its turn between them). Each statement goes on only if the one before
@@ -147,7 +153,7 @@ impl SessionStore {
         args.push(Arg::Text(&texts));
         let rows = self
             .db
-            .write()
+            .write_patiently()
             .await?
             .script(
                 "BEGIN IMMEDIATE; \
@@ -232,21 +238,28 @@ impl SessionStore {
 
     /// Refreshes the heartbeat of these runs (the ones `owner` is driving); returns the ones it still holds: a run
     /// missing from the answer was claimed by another process or ended, and its producer here must stop.
+    ///
+    /// The runs are refreshed [`HEARTBEATS_AT_ONCE`] to a statement, each its own transaction: a statement holds the
+    /// row of every run it refreshed until it commits, and a run that ends meanwhile waits for it to store its end.
     pub async fn heartbeat(&self, owner: &str, runs: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self
-            .db
-            .write()
-            .await?
-            .fetch_all(
-                "UPDATE agent_chat_runs SET heartbeat_at = {now} \
-                 WHERE status = 'running' AND {id_in_list} AND owner_instance = $2 RETURNING id",
-                &[Arg::Ids(runs), Arg::Text(owner)],
-            )
-            .await?;
-        rows.iter().map(|row| row.uuid("id")).collect()
+        let mut conn = self.db.write().await?;
+        let mut held = Vec::with_capacity(runs.len());
+        for some in runs.chunks(HEARTBEATS_AT_ONCE) {
+            let rows = conn
+                .fetch_all(
+                    "UPDATE agent_chat_runs SET heartbeat_at = {now} \
+                     WHERE status = 'running' AND {id_in_list} AND owner_instance = $2 RETURNING id",
+                    &[Arg::Ids(some), Arg::Text(owner)],
+                )
+                .await?;
+            for row in &rows {
+                held.push(row.uuid("id")?);
+            }
+        }
+        Ok(held)
     }
 
     /// Claims for `owner` those of `runs` that are running and whose producer is gone (released, or its heartbeat

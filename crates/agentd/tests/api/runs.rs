@@ -422,6 +422,56 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
     store.close().await;
 }
 
+/// Runs ending together while every connection of the store's pool is taken by ends that wait (thousands of clients
+/// leaving at once, each end a commit behind the others) store their ends, however long past a request's wait for a
+/// connection (3 s) their turn comes. Before, the ends that waited longer failed: a completed answer reached its
+/// client as `run_failed`, and the store kept the run `running` until it was marked stale.
+#[tokio::test]
+async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than_a_request_waits() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let server = Agentd::spawn_on(db.url(), &[]).await;
+    // More runs than the pool has connections (16), each running for 3 s.
+    let opened = (0..24).map(|_| async {
+        let chat = new_chat();
+        let mut stream = server.stream(&chat, slow(30)).await;
+        let (run, _) = read_deltas(&mut stream, 1).await;
+        (run, stream)
+    });
+    let mut runs = futures_util::future::join_all(opened).await;
+    // Their rows locked as a slow commit would hold them: the first ends to come take the pool's connections and wait
+    // here, the others wait for a connection.
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    let locked =
+        sqlx::query("SELECT id FROM agent_chat_runs WHERE status = 'running' FOR NO KEY UPDATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(locked.rows_affected(), 24);
+    // The runs end within 3 s; the last ends wait for a connection past 3 s more.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+
+    let store = db.open().await;
+    for (run, stream) in &mut runs {
+        let rest = stream.rest().await;
+        assert_eq!(
+            types(&rest)[types(&rest).len() - 2..],
+            ["run_completed", "done"],
+            "{rest:?}"
+        );
+        let stored = store.get_run(*run).await.unwrap().unwrap();
+        assert_eq!(stored.status, RunStatus::Completed);
+    }
+    assert!(
+        !server
+            .log_text()
+            .contains("could not store how the run ended")
+    );
+    store.close().await;
+}
+
 #[tokio::test]
 async fn two_replicas_on_one_postgres_each_recover_only_dead_runs() {
     let db = TestDb::postgres().await;

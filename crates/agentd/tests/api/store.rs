@@ -24,6 +24,7 @@ on_both_backends!(
     a_start_that_fails_part_way_writes_nothing_and_the_store_writes_on,
     a_start_can_make_its_chat_and_leaves_another_owners_alone,
     stale_runs_are_interrupted_and_live_ones_are_not,
+    a_heartbeat_of_more_runs_than_one_statement_refreshes_each,
     concurrent_starts_on_one_chat_admit_exactly_one,
     starts_arriving_together_each_get_their_own_answer,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
@@ -769,6 +770,33 @@ async fn stale_runs_are_interrupted_and_live_ones_are_not(db: TestDb) {
             .is_empty()
     );
     assert!(store.heartbeat("instance-a", &[]).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn a_heartbeat_of_more_runs_than_one_statement_refreshes_each(db: TestDb) {
+    use futures_util::StreamExt;
+    let store = db.open().await;
+    // Two statements' worth and one more (500 a statement).
+    let mut runs: Vec<Uuid> = futures_util::stream::iter(0..1_001)
+        .map(|_| async { started_run(&store).await.1.id })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    db.age_heartbeats(60).await;
+    let mut asked = runs.clone();
+    asked.insert(700, Uuid::new_v4());
+    let mut held = store.heartbeat("instance-a", &asked).await.unwrap();
+    held.sort_unstable();
+    runs.sort_unstable();
+    assert_eq!(held, runs, "every run held here, and no other");
+    assert!(
+        store
+            .interrupt_stale(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "every heartbeat is fresh"
+    );
     store.close().await;
 }
 
