@@ -11,6 +11,13 @@ use super::{
 };
 use crate::model::Message;
 
+/// `running`, for the statements that find runs by their key. Bound, not written in the statement: PostgreSQL plans
+/// each statement once per connection for any parameters, as a replica starts, maybe on a store with no run running;
+/// a statement saying `status = 'running'` could then be planned to read every running run through the index of the
+/// running runs (its predicate is the statement's), and kept that plan however many ran later (see the migration
+/// `run_ends_read_their_row`).
+const RUNNING: Arg<'static> = Arg::Text("running");
+
 /// The most runs whose heartbeat one statement refreshes. One statement for all of them, with 10,000 running,
 /// took 0.7 s on PostgreSQL, and every run ending meanwhile waited for it (the store's connections with them, until
 /// other runs' ends gave up waiting for one).
@@ -251,8 +258,8 @@ impl SessionStore {
             let rows = conn
                 .fetch_all(
                     "UPDATE agent_chat_runs SET heartbeat_at = {now} \
-                     WHERE status = 'running' AND {id_in_list} AND owner_instance = $2 RETURNING id",
-                    &[Arg::Ids(some), Arg::Text(owner)],
+                     WHERE status = $3 AND {id_in_list} AND owner_instance = $2 RETURNING id",
+                    &[Arg::Ids(some), Arg::Text(owner), RUNNING],
                 )
                 .await?;
             for row in &rows {
@@ -282,9 +289,9 @@ impl SessionStore {
             .await?
             .fetch_all(
                 "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
-                 WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = 'running' AND {id_in_list} \
+                 WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
                  AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) {for_update}) RETURNING id, epoch",
-                &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner)],
+                &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner), RUNNING],
             )
             .await?;
         rows.iter().map(id_and_epoch).collect()
@@ -299,8 +306,8 @@ impl SessionStore {
             .await?
             .execute(
                 "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
-                 WHERE id = $1 AND epoch = $2 AND status = 'running'",
-                &[Arg::Id(run_id), Arg::Int(to_i64(epoch))],
+                 WHERE id = $1 AND epoch = $2 AND status = $3",
+                &[Arg::Id(run_id), Arg::Int(to_i64(epoch)), RUNNING],
             )
             .await?;
         Ok(released == 1)
@@ -354,11 +361,11 @@ impl SessionStore {
             .write()
             .await?
             .execute(
-                "WITH locked AS (SELECT id FROM agent_chat_runs WHERE id = $1 AND status = 'running' \
+                "WITH locked AS (SELECT id FROM agent_chat_runs WHERE id = $1 AND status = $2 \
                  AND followed_at IS NULL FOR UPDATE) \
-                 UPDATE agent_chat_runs SET followed_at = now() WHERE id = $1 AND status = 'running' \
+                 UPDATE agent_chat_runs SET followed_at = now() WHERE id = $1 AND status = $2 \
                  AND (SELECT count(*) FROM locked) >= 0",
-                &[Arg::Id(run_id)],
+                &[Arg::Id(run_id), RUNNING],
             )
             .await?;
         Ok(())
@@ -373,8 +380,8 @@ impl SessionStore {
             .write()
             .await?
             .execute(
-                "UPDATE agent_chat_runs SET followed_at = {now} WHERE status = 'running' AND {id_in_list}",
-                &[Arg::Ids(runs)],
+                "UPDATE agent_chat_runs SET followed_at = {now} WHERE status = $2 AND {id_in_list}",
+                &[Arg::Ids(runs), RUNNING],
             )
             .await?;
         Ok(())

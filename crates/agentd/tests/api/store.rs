@@ -493,6 +493,61 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     }
 }
 
+/// A run's end on PostgreSQL reads its own row, however many runs are running. A connection plans the end once for any
+/// parameters, when agentd readies it, maybe on a store with no run running: planned there, the end read every
+/// running run (through the index of the running runs) for as long as the connection lived.
+#[tokio::test]
+async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    db.open().await.close().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let end = |run: Uuid| {
+        format!(
+            "SELECT agent_finish_run('{run}', 1, 'completed', NULL, 'an answer', 1, 2, 3, '[]'::jsonb)"
+        )
+    };
+    // Planned on an empty store, as agentd readies its connections on a new database.
+    let ended: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(end(Uuid::new_v4())))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(!ended);
+    for statement in [
+        "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
+         SELECT gen_random_uuid(), 'o', 'u', 'c' FROM generate_series(1, 2000)",
+        "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance) \
+         SELECT gen_random_uuid(), id, 'test', 'running', 'instance-a' FROM agent_chats",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    let run: Uuid = sqlx::query_scalar("SELECT id FROM agent_chat_runs LIMIT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let plan: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+        format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", end(run)),
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let top = &plan.0[0]["Plan"];
+    let blocks =
+        top["Shared Hit Blocks"].as_u64().unwrap() + top["Shared Read Blocks"].as_u64().unwrap();
+    // Its row, the chat's, the indexes they are in: a few dozen blocks. Through every running run: over 2,000.
+    assert!(blocks < 200, "the end read {blocks} blocks: {plan:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM agent_chat_runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+}
+
 /// A PostgreSQL server that takes fewer connections than agentd's pool: agentd shrinks its pool to the connections
 /// the server granted and says so, and runs that together need more connections than that all complete, each waiting
 /// for one of the pool's connections rather than for one the server refuses.
