@@ -153,10 +153,15 @@ fn pool_options(connections: u32) -> PgPoolOptions {
         // The server plans a prepared statement anew for each of its first five runs on a connection before it
         // settles on a plan for any parameters; agentd's statements find rows by key, so the plan for any parameters
         // is the plan, and a connection has it from its first run (its warm-up) rather than after five of a burst's.
+        // That plan is made once, maybe on a store with no run yet (a new database), where reading a whole table
+        // looks cheapest: made so, the run log's group commit read every run there was at each commit for the
+        // connection's life. Sequential scans are off, so a plan reads by key whatever the table held when it was
+        // made (a statement with no index to use still scans).
         .after_connect(|conn, _| {
             Box::pin(async move {
                 conn.execute("SET plan_cache_mode = force_generic_plan")
                     .await?;
+                conn.execute("SET enable_seqscan = off").await?;
                 Ok(())
             })
         })

@@ -548,6 +548,54 @@ async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
     assert_eq!(status, "completed");
 }
 
+/// agentd started on a new PostgreSQL database reads the runs by key however many there come to be. Its connections
+/// plan each statement once, on the empty store, where reading the whole table looks cheapest: planned so, the run
+/// log's group commit read every run there was at each commit for as long as the connection lived.
+#[tokio::test]
+async fn agentd_started_on_an_empty_store_reads_runs_by_key_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    for _ in 0..20 {
+        let events = server
+            .stream(&new_chat(), json!({"question": "q"}))
+            .await
+            .rest()
+            .await;
+        assert_eq!(types(&events).last().unwrap(), "done");
+    }
+    // A backend reports what it read when it exits: stop agentd and wait for all of its backends to be gone.
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if others == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{others} backends left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (scanned, by_key): (i64, i64) = sqlx::query_as(
+        "SELECT seq_tup_read, idx_scan FROM pg_stat_user_tables WHERE relname = 'agent_chat_runs'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    // Each run is looked up by key several times: its start, its log's commits, its end.
+    assert!(by_key >= 60, "{by_key} lookups by key");
+    assert_eq!(scanned, 0, "runs read by scanning the table");
+}
+
 /// A PostgreSQL server that takes fewer connections than agentd's pool: agentd shrinks its pool to the connections
 /// the server granted and says so, and runs that together need more connections than that all complete, each waiting
 /// for one of the pool's connections rather than for one the server refuses.
