@@ -7,13 +7,16 @@ use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
-use sqlx::{Connection, Executor};
+use sqlx::{AssertSqlSafe, Connection, Executor};
 
 use super::{ACQUIRE_TIMEOUT, StoreError};
 
 pub(super) const MAX_CONNECTIONS: u32 = 16;
 /// The run log's group commits: one at a time per process, so one connection.
 const LOG_CONNECTIONS: u32 = 1;
+
+/// How the connections other than the run log's plan their statements (see [`pool_options`]).
+const GENERIC_PLANS: &str = "force_generic_plan";
 /// The run log's kept connection keeps its buffers as a statement up to this size grew them; a larger one shrinks them.
 const KEPT_BUFFERS: usize = 256 * 1024;
 /// A pooled connection idle longer than this is pinged before use.
@@ -118,20 +121,20 @@ impl PgDb {
     pub async fn resize(&mut self, connections: u32) {
         let options = self.pool.connect_options();
         self.pool.close().await;
-        self.pool = pool_options(connections).connect_lazy_with((*options).clone());
+        self.pool = pool_options(connections, GENERIC_PLANS).connect_lazy_with((*options).clone());
     }
 }
 
 /// Connects and applies the PostgreSQL migrations.
 pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> {
-    let pool = pool_options(MAX_CONNECTIONS)
+    let pool = pool_options(MAX_CONNECTIONS, GENERIC_PLANS)
         .connect_with(options.clone())
         .await?;
     super::migrate(sqlx::migrate!("../../migrations/postgres"), &pool).await?;
-    let log = pool_options(LOG_CONNECTIONS)
+    let log = pool_options(LOG_CONNECTIONS, "force_custom_plan")
         .connect_with(options.clone())
         .await?;
-    let listen = pool_options(1).connect_with(options).await?;
+    let listen = pool_options(1, GENERIC_PLANS).connect_with(options).await?;
     Ok(PgDb {
         pool,
         log,
@@ -140,7 +143,7 @@ pub(super) async fn open(options: PgConnectOptions) -> Result<PgDb, StoreError> 
     })
 }
 
-fn pool_options(connections: u32) -> PgPoolOptions {
+fn pool_options(connections: u32, plans: &'static str) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -153,15 +156,14 @@ fn pool_options(connections: u32) -> PgPoolOptions {
         // The server plans a prepared statement anew for each of its first five runs on a connection before it
         // settles on a plan for any parameters; agentd's statements find rows by key, so the plan for any parameters
         // is the plan, and a connection has it from its first run (its warm-up) rather than after five of a burst's.
-        // That plan is made once, maybe on a store with no run yet (a new database), where reading a whole table
-        // looks cheapest: made so, the run log's group commit read every run there was at each commit for the
-        // connection's life. Sequential scans are off, so a plan reads by key whatever the table held when it was
-        // made (a statement with no index to use still scans).
-        .after_connect(|conn, _| {
+        // The run log's group commit is planned at each commit instead (`plans`): it joins thousands of rows to their
+        // runs, where reading the runs whole is the better plan while they are few and the worse by far once they are
+        // many, and a plan for any parameters, made once on a new database's empty store, read every run there was at
+        // each commit for as long as the connection lived.
+        .after_connect(move |conn, _| {
             Box::pin(async move {
-                conn.execute("SET plan_cache_mode = force_generic_plan")
+                conn.execute(AssertSqlSafe(format!("SET plan_cache_mode = {plans}")))
                     .await?;
-                conn.execute("SET enable_seqscan = off").await?;
                 Ok(())
             })
         })
@@ -195,7 +197,7 @@ mod tests {
     #[test]
     fn connections_are_kept_however_long_they_sit_idle() {
         for connections in [1, MAX_CONNECTIONS] {
-            let options = pool_options(connections);
+            let options = pool_options(connections, GENERIC_PLANS);
             assert_eq!(options.get_idle_timeout(), None);
             assert_eq!(options.get_max_lifetime(), None);
             assert_eq!(options.get_max_connections(), connections);
