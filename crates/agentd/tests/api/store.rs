@@ -517,14 +517,7 @@ async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
         .await
         .unwrap();
     assert!(!ended);
-    for statement in [
-        "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
-         SELECT gen_random_uuid(), 'o', 'u', 'c' FROM generate_series(1, 2000)",
-        "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance) \
-         SELECT gen_random_uuid(), id, 'test', 'running', 'instance-a' FROM agent_chats",
-    ] {
-        sqlx::query(statement).execute(&mut conn).await.unwrap();
-    }
+    add_runs(&mut conn, 2_000, true).await;
     let run: Uuid = sqlx::query_scalar("SELECT id FROM agent_chat_runs LIMIT 1")
         .fetch_one(&mut conn)
         .await
@@ -548,6 +541,22 @@ async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
     assert_eq!(status, "completed");
 }
 
+/// Adds `count` chats to the PostgreSQL store of `conn`, each with a run: running (instance-a's), or completed.
+async fn add_runs(conn: &mut sqlx::PgConnection, count: i64, running: bool) {
+    sqlx::query(
+        "WITH chats AS (INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
+         SELECT gen_random_uuid(), 'o', 'u', 'c' FROM generate_series(1, $1) RETURNING id) \
+         INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, finished_at) \
+         SELECT gen_random_uuid(), id, 'test', CASE WHEN $2 THEN 'running' ELSE 'completed' END, \
+         CASE WHEN $2 THEN 'instance-a' ELSE 'gone' END, CASE WHEN $2 THEN NULL ELSE now() END FROM chats",
+    )
+    .bind(count)
+    .bind(running)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 /// agentd started on a new PostgreSQL database commits the run log reading each run by key once the store holds many.
 /// Its connections planned each statement once, on the empty store, where reading the whole table of runs looks
 /// cheapest: planned so, every group commit read every run there was, for as long as the connection lived.
@@ -558,14 +567,7 @@ async fn the_run_log_reads_its_runs_by_key_once_the_store_holds_many_postgres() 
     let db = TestDb::postgres().await;
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
     let mut server = Agentd::spawn_on(db.url(), &[]).await;
-    for statement in [
-        "INSERT INTO agent_chats (id, org_id, user_id, canvas_id) \
-         SELECT gen_random_uuid(), 'o', 'u', 'c' FROM generate_series(1, 5000)",
-        "INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, finished_at) \
-         SELECT gen_random_uuid(), id, 'test', 'completed', 'gone', now() FROM agent_chats",
-    ] {
-        sqlx::query(statement).execute(&mut conn).await.unwrap();
-    }
+    add_runs(&mut conn, MANY, false).await;
     for _ in 0..10 {
         let events = server
             .stream(&new_chat(), json!({"question": "q"}))
