@@ -231,6 +231,8 @@ async fn release(ctx: &RunContext, out: &RunWriter) -> RunOutcome {
 }
 
 /// Completes when nobody has followed the run for `DETACH_GRACE`: no follower here, and no other replica noted one.
+/// A store that cannot say (busy past a request's wait, or unreachable) is asked again later: a run is detached only
+/// when nobody is known to follow it, never because a follower elsewhere could not be looked up.
 async fn unfollowed(ctx: &RunContext, live: &LiveLog) {
     loop {
         live.unfollowed().await;
@@ -241,15 +243,14 @@ async fn unfollowed(ctx: &RunContext, live: &LiveLog) {
         let window = ctx.lease.max(ctx.detach_grace);
         // Boxed: rarely reached, and inline it would enlarge every run's task.
         match Box::pin(ctx.store.followed_within(ctx.run_id, window)).await {
-            Ok(true) => {
-                // Someone follows it elsewhere; look again after another grace.
-                tokio::time::sleep(ctx.detach_grace.max(Duration::from_secs(1))).await;
-            }
+            Ok(true) => {}
             Ok(false) => return,
             Err(error) => {
-                tracing::warn!(run_id = %ctx.run_id, %error, "could not tell whether the run is followed elsewhere");
-                return;
+                tracing::warn!(run_id = %ctx.run_id, %error,
+                    "could not tell whether the run is followed elsewhere; the run goes on and is looked at again");
             }
         }
+        // Someone follows it elsewhere, or may: look again after another grace.
+        tokio::time::sleep(ctx.detach_grace.max(Duration::from_secs(1))).await;
     }
 }

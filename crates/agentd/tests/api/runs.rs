@@ -428,30 +428,16 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
 /// client as `run_failed`, and the store kept the run `running` until it was marked stale.
 #[tokio::test]
 async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than_a_request_waits() {
-    use sqlx::Connection;
     let db = TestDb::postgres().await;
     let server = Agentd::spawn_on(db.url(), &[]).await;
-    // More runs than the pool has connections (16), each running for 3 s.
-    let opened = (0..24).map(|_| async {
-        let chat = new_chat();
-        let mut stream = server.stream(&chat, slow(30)).await;
-        let (run, _) = read_deltas(&mut stream, 1).await;
-        (run, stream)
-    });
-    let mut runs = futures_util::future::join_all(opened).await;
-    // Their rows locked as a slow commit would hold them: the first ends to come take the pool's connections and wait
-    // here, the others wait for a connection.
-    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-    let locked =
-        sqlx::query("SELECT id FROM agent_chat_runs WHERE status = 'running' FOR NO KEY UPDATE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(locked.rows_affected(), 24);
+    let mut runs = runs_ending_in_3_s(&server).await;
+    let locked = lock_runs(&db, &runs).await;
     // The runs end within 3 s; the last ends wait for a connection past 3 s more.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    sqlx::query("ROLLBACK")
+        .execute(&mut { locked })
+        .await
+        .unwrap();
 
     let store = db.open().await;
     for (run, stream) in &mut runs {
@@ -470,6 +456,75 @@ async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than
             .contains("could not store how the run ended")
     );
     store.close().await;
+}
+
+/// A run whose only follower is on another replica goes on while its producer cannot ask the store whether anyone
+/// follows it (every connection of the pool taken past a request's wait): the follower gets the whole answer. Before,
+/// the producer took the failed look-up for "nobody follows" and detached the run, and the follower got
+/// `run_interrupted`.
+#[tokio::test]
+async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_store() {
+    let db = TestDb::postgres().await;
+    let mut producer = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "2")]).await;
+    let follower = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    let mut first = producer.stream(&chat, slow(150)).await;
+    let (run, _) = read_deltas(&mut first, 1).await;
+    let mut elsewhere = follower.follow(&chat, &run.to_string(), None).await;
+    assert_eq!(elsewhere.next_data().await["type"], "run_started");
+
+    let busy = runs_ending_in_3_s(&producer).await;
+    let locked = lock_runs(&db, &busy).await;
+    // Past 3 s the ends hold every connection; the producer's client leaves, and after the grace the producer asks
+    // whether a follower elsewhere was noted, which waits 3 s for a connection and fails.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(first);
+    producer
+        .wait_for_log("could not tell whether the run is followed elsewhere")
+        .await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut { locked })
+        .await
+        .unwrap();
+
+    let rest = elsewhere.rest().await;
+    assert_eq!(
+        types(&rest)[types(&rest).len() - 2..],
+        ["run_completed", "done"]
+    );
+    let store = db.open().await;
+    assert_eq!(
+        store.get_run(run).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    store.close().await;
+}
+
+/// More runs than the PostgreSQL pool has connections (16), each running for 3 s, their first delta read.
+async fn runs_ending_in_3_s(server: &Agentd) -> Vec<(Uuid, Events)> {
+    let opened = (0..24).map(|_| async {
+        let chat = new_chat();
+        let mut stream = server.stream(&chat, slow(30)).await;
+        let (run, _) = read_deltas(&mut stream, 1).await;
+        (run, stream)
+    });
+    futures_util::future::join_all(opened).await
+}
+
+/// Locks the rows of `runs` as a slow commit would hold them, until the returned connection rolls back: the first of
+/// their ends to come take the pool's connections and wait here, the others wait for a connection.
+async fn lock_runs(db: &TestDb, runs: &[(Uuid, Events)]) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    let ids: Vec<Uuid> = runs.iter().map(|(run, _)| *run).collect();
+    let locked = sqlx::query("SELECT id FROM agent_chat_runs WHERE id = ANY($1) FOR NO KEY UPDATE")
+        .bind(&ids)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(locked.rows_affected(), ids.len() as u64);
+    conn
 }
 
 #[tokio::test]
