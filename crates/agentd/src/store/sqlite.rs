@@ -57,6 +57,7 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqliteDb, Stor
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .acquire_slow_level(log::LevelFilter::Off)
         .test_before_acquire(false)
         .connect_with(
             options
@@ -69,6 +70,7 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqliteDb, Stor
     let readers = SqlitePoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .acquire_slow_level(log::LevelFilter::Off)
         .test_before_acquire(false)
         .connect_with(options.clone().read_only(true))
         .await?;
