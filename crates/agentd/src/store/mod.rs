@@ -27,6 +27,7 @@ mod postgres;
 mod runs;
 mod sqlite;
 mod starts;
+mod waits;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -37,12 +38,12 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::model::{Message, Usage};
-pub use db::PoolWaits;
 use db::{Db, Pools};
 pub use events::{
     CANCEL_CHANNEL, EVENTS_CHANNEL, EventsPage, LogRow, RECORD_SEPARATOR, RELEASED_CHANNEL,
 };
 pub use listen::Listener;
+pub use waits::PoolWaits;
 
 /// How long a request waits for a pooled connection (a run start, for its turn: see `starts.rs`) before the store
 /// counts as unavailable (503 `store_unavailable`).

@@ -147,7 +147,7 @@ fn pool_options(connections: u32, plans: &'static str) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        // agentd notes slow waits itself, a few lines for a burst's thousands (`PoolWaits::waited`).
+        // agentd notes slow waits itself, a few lines for a burst's thousands (`waits::PoolWaits::waited`).
         .acquire_slow_level(log::LevelFilter::Off)
         // The connections are opened and readied before the process serves (`SessionStore::warm_up`) and kept: closed
         // after some idle minutes or at an age, as the pool does by default, a quiet replica's next requests would
