@@ -247,7 +247,7 @@ impl SessionStore {
             .read()
             .await?
             .fetch_one(
-                "SELECT CAST(COALESCE(MAX(last_seq), 0) AS BIGINT) AS last FROM agent_run_events WHERE run_id = $1",
+                concat!("SELECT ", last_seq_of!("$1"), " AS last"),
                 &[Arg::Id(run_id)],
             )
             .await?;

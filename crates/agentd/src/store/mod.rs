@@ -19,6 +19,20 @@
 //! it `interrupted`, keeping its partial answer. A live run always has a fresh heartbeat, so no replica marks another
 //! live replica's runs, nor its own.
 
+/// SQL for the seq of the last event stored for the run whose id is the SQL expression `$run` (0 when it has none):
+/// the `last_seq` of its last row, found by the log's key. Not the largest `last_seq` of its rows, which reads every
+/// row: a run paced as a model answers stores about one event to a row, thousands by its end, and every client
+/// attaching to it (all of a replica's at once, at a handoff) read them all.
+macro_rules! last_seq_of {
+    ($run:literal) => {
+        concat!(
+            "CAST(COALESCE((SELECT e.last_seq FROM agent_run_events e WHERE e.run_id = ",
+            $run,
+            " ORDER BY e.seq DESC LIMIT 1), 0) AS BIGINT)"
+        )
+    };
+}
+
 mod chats;
 mod db;
 mod events;

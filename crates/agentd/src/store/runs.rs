@@ -216,9 +216,9 @@ impl SessionStore {
             .await?
             .fetch_optional(
                 concat!(
-                    "SELECT c.org_id, c.user_id, c.canvas_id, r.*, (SELECT CAST(COALESCE(MAX(e.last_seq), 0) AS \
-                     BIGINT) FROM agent_run_events e WHERE e.run_id = r.id) AS last FROM agent_chats c \
-                     LEFT JOIN (SELECT ",
+                    "SELECT c.org_id, c.user_id, c.canvas_id, r.*, ",
+                    last_seq_of!("r.id"),
+                    " AS last FROM agent_chats c LEFT JOIN (SELECT ",
                     run_columns!(),
                     " FROM agent_chat_runs WHERE id = $2) r ON r.chat_id = c.id WHERE c.id = $1"
                 ),

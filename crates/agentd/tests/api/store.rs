@@ -684,23 +684,7 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
     // A backend reports what it read when it exits: stop agentd and wait for all of its backends to be gone.
     server.signal("TERM");
     assert!(server.exit_status().await.success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let others: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if others == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{others} backends left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    other_backends_gone(&mut conn).await;
     // Each table holds at least 5,000 rows: reading one whole once reads 5,000.
     let scanned: Vec<(String, i64)> = sqlx::query_as(
         "SELECT relname::text, seq_tup_read FROM pg_stat_user_tables WHERE relname LIKE 'agent\\_%' \
@@ -714,6 +698,76 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
         scanned.iter().all(|(_, rows)| *rows < MANY),
         "rows read by reading tables whole: {scanned:?}"
     );
+}
+
+/// Waits until `conn` is the only connection to its database: a backend reports what it read (`pg_stat_*`) as it
+/// exits.
+async fn other_backends_gone(conn: &mut sqlx::PgConnection) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if others == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{others} backends left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Following or cancelling a run looks up the seq of its last stored event in the last row of its log, not in every
+/// row: a run paced as a model answers stores about one event to a row, thousands by its end, and every client
+/// attaching to it (all of a replica's at once, at a handoff) read them all.
+#[tokio::test]
+async fn the_last_seq_of_a_run_is_read_from_its_last_row_postgres() {
+    use sqlx::Connection;
+    const ROWS: i64 = 2_000;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    add_runs(&mut conn, 1, false).await;
+    let (chat, run): (Uuid, Uuid) = sqlx::query_as("SELECT chat_id, id FROM agent_chat_runs")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    // Rows of one event each, about 600 bytes: 13 to a page.
+    sqlx::query(
+        "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+         SELECT $1, i, i, json_build_object('type', 'model_delta', 'content', repeat('x', 560))::text \
+         FROM generate_series(1, $2) i",
+    )
+    .bind(run)
+    .bind(ROWS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for reset in [
+        "SELECT pg_stat_force_next_flush()",
+        "SELECT pg_stat_reset()",
+    ] {
+        sqlx::query(reset).execute(&mut conn).await.unwrap();
+    }
+
+    let (_, found) = store.chat_run(chat, run).await.unwrap().unwrap();
+    assert_eq!(found.unwrap().1, ROWS as u64);
+    assert_eq!(store.last_seq(run).await.unwrap(), ROWS as u64);
+    store.close().await;
+    other_backends_gone(&mut conn).await;
+    let blocks: i64 = sqlx::query_scalar(
+        "SELECT heap_blks_hit + heap_blks_read FROM pg_statio_user_tables WHERE relname = 'agent_run_events'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    // Both look-ups, each the last row's page: a few blocks. Reading every row: the log's 154 pages, twice.
+    assert!(blocks < 20, "{blocks} blocks of the run log read");
 }
 
 /// A PostgreSQL server that takes fewer connections than agentd's pool: agentd shrinks its pool to the connections
