@@ -197,14 +197,20 @@ impl SessionStore {
     }
 
     /// A page of the run's events after `after`, and whether it was full (there may be more stored after it).
+    ///
+    /// The page starts at the row holding event `after + 1`: the last row whose first seq is at most that, found by
+    /// the log's key, like every row after it. A filter on `last_seq` alone (not in the key) read the run's log from
+    /// its first row to skip what came before: every client re-attaching near the end of a long run read all of it,
+    /// and replaying one page after another read the log once per page.
     pub async fn events_page(&self, run_id: Uuid, after: u64) -> Result<EventsPage, StoreError> {
         let rows = self
             .db
             .read()
             .await?
             .fetch_all(
-                "SELECT seq, events FROM agent_run_events WHERE run_id = $1 AND last_seq > $2 \
-                 ORDER BY seq LIMIT $3",
+                "SELECT seq, events FROM agent_run_events WHERE run_id = $1 AND seq >= COALESCE(\
+                 (SELECT MAX(seq) FROM agent_run_events WHERE run_id = $1 AND seq <= $2 + 1), 0) \
+                 AND last_seq > $2 ORDER BY seq LIMIT $3",
                 &[
                     Arg::Id(run_id),
                     Arg::Int(to_i64(after)),

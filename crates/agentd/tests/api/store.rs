@@ -722,11 +722,12 @@ async fn other_backends_gone(conn: &mut sqlx::PgConnection) {
     }
 }
 
-/// Following or cancelling a run looks up the seq of its last stored event in the last row of its log, not in every
-/// row: a run paced as a model answers stores about one event to a row, thousands by its end, and every client
-/// attaching to it (all of a replica's at once, at a handoff) read them all.
+/// A client re-attaching near the end of a long run reads the end of its log, not all of it: the look-up of the run's
+/// last seq (also a cancel's) reads its last row, and the replay starts at the row holding the next event. A run
+/// paced as a model answers stores about one event to a row, thousands by its end, and at a handoff every client of
+/// the replica re-attaches at once: each read its run's whole log, twice.
 #[tokio::test]
-async fn the_last_seq_of_a_run_is_read_from_its_last_row_postgres() {
+async fn re_attaching_near_the_end_of_a_long_run_reads_the_end_of_its_log_postgres() {
     use sqlx::Connection;
     const ROWS: i64 = 2_000;
     let db = TestDb::postgres().await;
@@ -758,6 +759,9 @@ async fn the_last_seq_of_a_run_is_read_from_its_last_row_postgres() {
     let (_, found) = store.chat_run(chat, run).await.unwrap().unwrap();
     assert_eq!(found.unwrap().1, ROWS as u64);
     assert_eq!(store.last_seq(run).await.unwrap(), ROWS as u64);
+    let replayed = store.events_after(run, ROWS as u64 - 10).await.unwrap();
+    let seqs: Vec<u64> = replayed.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (ROWS as u64 - 9..=ROWS as u64).collect::<Vec<_>>());
     store.close().await;
     other_backends_gone(&mut conn).await;
     let blocks: i64 = sqlx::query_scalar(
@@ -766,7 +770,8 @@ async fn the_last_seq_of_a_run_is_read_from_its_last_row_postgres() {
     .fetch_one(&mut conn)
     .await
     .unwrap();
-    // Both look-ups, each the last row's page: a few blocks. Reading every row: the log's 154 pages, twice.
+    // The three reads, each of the last row's page or two: a few blocks. Reading every row: the log's 154 pages, each
+    // time.
     assert!(blocks < 20, "{blocks} blocks of the run log read");
 }
 
@@ -1376,7 +1381,9 @@ async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: Tes
             (3, r#"{"type":"c"}"#.to_owned()),
         ]
     );
+    // From within a row, from its end, from the log's end.
     assert_eq!(store.events_after(done.id, 1).await.unwrap(), all[1..]);
+    assert_eq!(store.events_after(done.id, 2).await.unwrap(), all[2..]);
     assert_eq!(store.events_after(done.id, 3).await.unwrap(), []);
     assert_eq!(store.last_seq(done.id).await.unwrap(), 3);
     assert_eq!(store.last_seq(Uuid::new_v4()).await.unwrap(), 0);
