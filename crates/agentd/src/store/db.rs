@@ -6,6 +6,8 @@
 //! text; PostgreSQL has `uuid`, `timestamptz` and `jsonb`. Times come from the database (`{now}`), so PostgreSQL
 //! replicas with skewed clocks still agree on which heartbeats are stale.
 
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgRow, Postgres};
@@ -13,6 +15,7 @@ use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Decode, Row as _, Transaction, Type};
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -26,6 +29,36 @@ use crate::model::Message;
 pub(super) struct Db {
     pub pools: Pools,
     waits: PoolWaits,
+    turns: Turns,
+}
+
+/// The turns requests take to wait for a pooled connection (see [`Db::in_turn`]): as many as the pool has connections,
+/// for the reads' pool and the writes' (on PostgreSQL one pool, so the same turns).
+#[derive(Debug, Clone)]
+struct Turns {
+    read: Arc<Semaphore>,
+    write: Arc<Semaphore>,
+}
+
+impl Turns {
+    fn of(pools: &Pools) -> Self {
+        fn turns<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Arc<Semaphore> {
+            Arc::new(Semaphore::new(pool.options().get_max_connections() as usize))
+        }
+        match pools {
+            Pools::Sqlite(db) => Self {
+                read: turns(&db.readers),
+                write: turns(&db.writer),
+            },
+            Pools::Postgres(db) => {
+                let both = turns(&db.pool);
+                Self {
+                    read: both.clone(),
+                    write: both,
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +102,7 @@ pub(super) enum Row {
 impl Db {
     pub fn new(pools: Pools) -> Self {
         Self {
+            turns: Turns::of(&pools),
             pools,
             waits: PoolWaits::default(),
         }
@@ -84,16 +118,19 @@ impl Db {
 
     /// A connection for reads (in SQLite, one of the read-only pool, beside the writer).
     pub async fn read(&self) -> Result<Conn, StoreError> {
-        let acquiring: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+        let acquiring = Self::in_turn(&self.turns.read, || match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::Sqlite(db.readers.acquire().await?)) }),
             Pools::Postgres(db) => Box::pin(async { Ok(Conn::Postgres(db.pool.acquire().await?)) }),
-        };
-        self.waited(acquiring).await
+        });
+        self.waited(Box::pin(acquiring)).await
     }
 
     /// The connection for a write outside a transaction (in SQLite, the one writer).
     pub async fn write(&self) -> Result<Conn, StoreError> {
-        self.waited(self.acquire_writer()).await
+        self.waited(Box::pin(Self::in_turn(&self.turns.write, || {
+            self.acquire_writer()
+        })))
+        .await
     }
 
     /// [`Self::write`] for a run's end, which no client can be told to retry: when every connection of the pool is
@@ -104,7 +141,7 @@ impl Db {
         let started = std::time::Instant::now();
         let patient = async {
             loop {
-                match self.acquire_writer().await {
+                match Self::in_turn(&self.turns.write, || self.acquire_writer()).await {
                     Err(sqlx::Error::PoolTimedOut)
                         if self.writers_saturated() && started.elapsed() < PATIENT_WAIT => {}
                     taken => return taken,
@@ -164,11 +201,30 @@ impl Db {
 
     /// A write transaction, rolled back by [`Conn::rollback`] or when dropped (nothing here commits one).
     pub async fn begin(&self) -> Result<Conn, StoreError> {
-        let beginning: BoxFuture<'_, Result<Conn, sqlx::Error>> = match &self.pools {
+        let beginning = Self::in_turn(&self.turns.write, || match &self.pools {
             Pools::Sqlite(db) => Box::pin(async { Ok(Conn::SqliteTx(db.writer.begin().await?)) }),
             Pools::Postgres(db) => Box::pin(async { Ok(Conn::PostgresTx(db.pool.begin().await?)) }),
-        };
-        self.waited(beginning).await
+        });
+        self.waited(Box::pin(beginning)).await
+    }
+
+    /// Takes a connection with `acquire` once a turn among `turns` is free, within the acquire timeout in all (then
+    /// [`sqlx::Error::PoolTimedOut`], as the pool's own wait gives).
+    ///
+    /// The pool's wait for a connection is a large future (about 14.5 KB on PostgreSQL, boxed by `acquire`), made here
+    /// only in a turn, and given back with the turn as soon as it has its connection (the wait for a turn is boxed
+    /// too, by the callers, so that their own futures stay small, but it is a few hundred bytes). Thousands of requests waiting at
+    /// once (the clients of a burst leaving together, each run's end a write, and before it a read) each held one:
+    /// 145 MB for 10,000, each an allocation of its own in the allocator, whose record of it it keeps for good.
+    async fn in_turn<'a>(
+        turns: &Semaphore,
+        acquire: impl FnOnce() -> BoxFuture<'a, Result<Conn, sqlx::Error>>,
+    ) -> Result<Conn, sqlx::Error> {
+        let taken = tokio::time::timeout(super::ACQUIRE_TIMEOUT, async {
+            let _turn = turns.acquire().await.expect("the turns are never closed");
+            acquire().await
+        });
+        taken.await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
     }
 
     /// Takes a connection, counting the wait (a transaction's `BEGIN` included).
@@ -543,5 +599,73 @@ impl Row {
                 Ok(value)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Requests waiting together make the pool's large wait for a connection only in a turn: as many at once as there
+    /// are turns, however many wait; the others wait for a turn, and get theirs as the first are served.
+    #[tokio::test]
+    async fn only_requests_in_a_turn_make_the_pools_wait() {
+        #[derive(Default)]
+        struct Counts {
+            made: AtomicUsize,
+            in_flight: AtomicUsize,
+            most: AtomicUsize,
+        }
+        let turns = Arc::new(Semaphore::new(4));
+        let counts = Arc::new(Counts::default());
+        let served = Arc::new(tokio::sync::Notify::new());
+        let requests: Vec<_> = (0..100)
+            .map(|_| {
+                let (turns, counts, served) = (turns.clone(), counts.clone(), served.clone());
+                tokio::spawn(async move {
+                    Db::in_turn(&turns, || {
+                        counts.made.fetch_add(1, Ordering::SeqCst);
+                        let now = counts.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        counts.most.fetch_max(now, Ordering::SeqCst);
+                        Box::pin(async {
+                            served.notified().await;
+                            counts.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            Err(sqlx::Error::PoolClosed)
+                        })
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Every request is waiting: four made the pool's wait.
+        assert_eq!(counts.made.load(Ordering::SeqCst), 4);
+        for _ in 0..1_000 {
+            if requests.iter().all(|request| request.is_finished()) {
+                break;
+            }
+            served.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+        for request in requests {
+            assert!(matches!(
+                request.await.unwrap(),
+                Err(sqlx::Error::PoolClosed)
+            ));
+        }
+        assert_eq!(counts.made.load(Ordering::SeqCst), 100);
+        assert_eq!(counts.most.load(Ordering::SeqCst), 4);
+    }
+
+    /// A request that waits for a turn past the acquire timeout gives up as the pool's own wait does.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_past_the_timeout_for_a_turn_gives_up() {
+        let turns = Semaphore::new(0);
+        let taken = Db::in_turn(&turns, || unreachable!("no turn was free")).await;
+        assert!(matches!(taken, Err(sqlx::Error::PoolTimedOut)), "{taken:?}");
     }
 }
