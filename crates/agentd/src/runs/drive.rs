@@ -245,6 +245,12 @@ async fn unfollowed(ctx: &RunContext, live: &LiveLog) {
         match Box::pin(ctx.store.followed_within(ctx.run_id, window)).await {
             Ok(true) => {}
             Ok(false) => return,
+            // A store too busy to answer in time is noted once for all its waiting requests (`store::waits`): every
+            // run detaching in a burst saying so, every second, would flood the log.
+            Err(error) if error.is_unavailable() => {
+                tracing::debug!(run_id = %ctx.run_id, %error,
+                    "could not tell whether the run is followed elsewhere; the run goes on and is looked at again");
+            }
             Err(error) => {
                 tracing::warn!(run_id = %ctx.run_id, %error,
                     "could not tell whether the run is followed elsewhere; the run goes on and is looked at again");

@@ -473,7 +473,15 @@ async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than
 #[tokio::test]
 async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_store() {
     let db = TestDb::postgres().await;
-    let mut producer = Agentd::spawn_on(db.url(), &[("DETACH_GRACE", "2")]).await;
+    // The failed look-up is logged at debug level (the busy store itself is noted once for all its waits).
+    let mut producer = Agentd::spawn_on(
+        db.url(),
+        &[
+            ("DETACH_GRACE", "2"),
+            ("RUST_LOG", "info,agentd::runs=debug"),
+        ],
+    )
+    .await;
     let follower = Agentd::spawn_on(db.url(), &[]).await;
     let chat = new_chat();
     let mut first = producer.stream(&chat, slow(150)).await;
