@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::common::db::{TestDb, runs_of};
-use crate::common::{Agentd, new_chat, types};
+use crate::common::{Agentd, PATIENCE, new_chat, types};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
     Chat, ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
@@ -638,27 +638,29 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
         .await
         .unwrap();
 
+    // The chats are dev mode's, all of one owner.
     let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();
-    let (org_id, user_id, canvas_id) = ("dev-org".to_string(), "dev-user", "dev-canvas");
-    let owner = |chat_id: &str| DescribeAgentChatRequest {
-        org_id: org_id.clone(),
-        canvas_id: canvas_id.into(),
-        user_id: user_id.into(),
-        chat_id: chat_id.into(),
-    };
+    let (org_id, user_id, canvas_id) = ("dev-org", "dev-user", "dev-canvas");
     let listed = grpc
         .list_agent_chats(ListAgentChatsRequest {
-            org_id: org_id.clone(),
+            org_id: org_id.into(),
             canvas_id: canvas_id.into(),
             user_id: user_id.into(),
         })
         .await
         .unwrap();
     assert_eq!(listed.into_inner().chats.len(), 3);
-    grpc.describe_agent_chat(owner(&chat)).await.unwrap();
+    grpc.describe_agent_chat(DescribeAgentChatRequest {
+        org_id: org_id.into(),
+        canvas_id: canvas_id.into(),
+        user_id: user_id.into(),
+        chat_id: chat.clone(),
+    })
+    .await
+    .unwrap();
     let messages = grpc
         .list_agent_chat_messages(ListAgentChatMessagesRequest {
-            org_id: org_id.clone(),
+            org_id: org_id.into(),
             canvas_id: canvas_id.into(),
             user_id: user_id.into(),
             chat_id: chat.clone(),
@@ -667,16 +669,15 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
         .unwrap();
     assert_eq!(messages.into_inner().messages.len(), 20);
     grpc.describe_organization_agent_usage(DescribeOrganizationAgentUsageRequest {
-        org_id: org_id.clone(),
+        org_id: org_id.into(),
     })
     .await
     .unwrap();
-    let deleted = owner(&cancelled);
     grpc.delete_agent_chat(DeleteAgentChatRequest {
-        org_id: deleted.org_id,
-        canvas_id: deleted.canvas_id,
-        user_id: deleted.user_id,
-        chat_id: deleted.chat_id,
+        org_id: org_id.into(),
+        canvas_id: canvas_id.into(),
+        user_id: user_id.into(),
+        chat_id: cancelled,
     })
     .await
     .unwrap();
@@ -703,7 +704,7 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
 /// Waits until `conn` is the only connection to its database: a backend reports what it read (`pg_stat_*`) as it
 /// exits.
 async fn other_backends_gone(conn: &mut sqlx::PgConnection) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let others: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
