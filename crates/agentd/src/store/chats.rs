@@ -111,13 +111,19 @@ impl SessionStore {
         ))
     }
 
-    /// Deletes the chat with its messages and runs; false when there was none.
+    /// Deletes the chat with its messages and runs; false when there was none. Its runs are locked before it, as
+    /// every transaction locks runs before chats (see the module `store`), so that a run of it ending meanwhile does
+    /// not wait for the delete while the delete waits for it.
     pub async fn delete_chat(&self, id: Uuid) -> Result<bool, StoreError> {
         let deleted = self
             .db
             .write()
             .await?
-            .execute("DELETE FROM agent_chats WHERE id = $1", &[Arg::Id(id)])
+            .execute(
+                "WITH runs AS (SELECT id FROM agent_chat_runs WHERE chat_id = $1 ORDER BY id {for_update}) \
+                 DELETE FROM agent_chats WHERE id = $1 AND (SELECT count(*) FROM runs) >= 0",
+                &[Arg::Id(id)],
+            )
             .await?;
         Ok(deleted > 0)
     }

@@ -133,22 +133,20 @@ impl Db {
         .await
     }
 
-    /// [`Self::write`] for a run's end, which no client can be told to retry: when every connection of the pool is
-    /// open and in use past the acquire timeout (thousands of runs ending at once, each end a commit), it waits on,
-    /// up to [`PATIENT_WAIT`] in all, where a request would be refused. A pool that has not all its connections open
-    /// when it times out could not open one (the store is unreachable), and the end fails as a request would.
-    pub async fn write_patiently(&self) -> Result<Conn, StoreError> {
+    /// [`Self::write`]'s connection for run ends, which no client can be told to retry, its wait not counted: the ends
+    /// queued for it count theirs ([`super::ends`]). When every connection of the pool is open and in use past the
+    /// acquire timeout (thousands of runs ending at once, each batch of ends a commit), it waits on, up to
+    /// [`PATIENT_WAIT`] in all, where a request would be refused. A pool that has not all its connections open when it
+    /// times out could not open one (the store is unreachable), and the ends fail as a request would.
+    pub async fn ender(&self) -> Result<Conn, StoreError> {
         let started = std::time::Instant::now();
-        let patient = async {
-            loop {
-                match Self::in_turn(&self.turns.write, || self.acquire_writer()).await {
-                    Err(sqlx::Error::PoolTimedOut)
-                        if self.writers_saturated() && started.elapsed() < PATIENT_WAIT => {}
-                    taken => return taken,
-                }
+        loop {
+            match self.acquire_writer().await {
+                Err(sqlx::Error::PoolTimedOut)
+                    if self.writers_saturated() && started.elapsed() < PATIENT_WAIT => {}
+                taken => return noted(self.is_postgres(), taken),
             }
-        };
-        self.waited(Box::pin(patient)).await
+        }
     }
 
     /// Whether every connection the pool of [`Self::write`] may open is open (all of them in use, if a wait for one
@@ -258,7 +256,7 @@ impl Db {
     }
 }
 
-/// How long [`Db::write_patiently`] waits in all for a connection of a pool whose every connection is in use.
+/// How long [`Db::ender`] waits in all for a connection of a pool whose every connection is in use.
 const PATIENT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The SQL of `template` for this backend: its `{token}`s replaced by the backend's fragment.
@@ -270,10 +268,11 @@ const PATIENT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// | `{id_in_list}` | `id IN` the JSON array bound | `id = ANY` the array bound |
 /// | `{order}` | `rowid` (insertion order) | `id` |
 /// | `{for_update}` | nothing (one writer at a time) | `FOR UPDATE` |
+/// | `{for_no_key_update}` | nothing | `FOR NO KEY UPDATE` (what an update of columns other than the key takes) |
 /// | `{time}` | `INTEGER` (Unix milliseconds) | `TIMESTAMPTZ` |
 fn sql(conn: &Conn, template: &str) -> String {
     let sqlite = matches!(conn, Conn::Sqlite(_) | Conn::SqliteTx(_));
-    let fragments: [(&str, &str); 7] = if sqlite {
+    let fragments: [(&str, &str); 8] = if sqlite {
         [
             ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
             ("{ms1}", "$1"),
@@ -281,6 +280,7 @@ fn sql(conn: &Conn, template: &str) -> String {
             ("{id_in_list}", "id IN (SELECT value FROM json_each($1))"),
             ("{order}", "rowid"),
             ("{for_update}", ""),
+            ("{for_no_key_update}", ""),
             ("{time}", "INTEGER"),
         ]
     } else {
@@ -297,6 +297,7 @@ fn sql(conn: &Conn, template: &str) -> String {
             ("{id_in_list}", "id = ANY($1)"),
             ("{order}", "id"),
             ("{for_update}", "FOR UPDATE"),
+            ("{for_no_key_update}", "FOR NO KEY UPDATE"),
             ("{time}", "TIMESTAMPTZ"),
         ]
     };

@@ -10,8 +10,13 @@
 //! sets the chat's `initial_message` from its first prompt; the starts waiting for a connection at the same moment
 //! are committed together, each as if alone, on PostgreSQL in one call of a function doing the same statements, see
 //! `starts.rs`); finishing a run stores its messages, its end state and usage, and adds the usage to the chat's
-//! totals. Each transaction first updates the chat row, which takes the write lock up front (so concurrent runs of
-//! one chat never race for a message index) and checks the chat still exists.
+//! totals (the ends waiting at the same moment are committed together likewise, see `ends.rs`). A start first locks
+//! its chat (so concurrent runs of one chat never race for a message index) and checks the chat still exists.
+//!
+//! Transactions that lock several rows lock them in one order, so that none waits for another in a circle: runs
+//! before chats, each by id. Run ends committed together (`ends.rs`) lock their runs, then their chats; the heartbeat,
+//! a claim, the follower notes and the marking of stale runs lock runs only; run starts lock chats only (an existing
+//! run is only read); deleting a chat locks its runs first.
 //!
 //! Crash recovery works by lease: each process has an instance id (stored as the run's owner) and refreshes
 //! `heartbeat_at` of the runs it is driving, three times per lease; a run still `running` whose heartbeat is older
@@ -35,6 +40,7 @@ macro_rules! last_seq_of {
 
 mod chats;
 mod db;
+mod ends;
 mod events;
 mod listen;
 mod postgres;
@@ -87,7 +93,8 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
     };
     let db = Db::new(db);
     let starts = starts::Starts::spawn(db.clone());
-    Ok(SessionStore { db, starts })
+    let ends = ends::Ends::spawn(db.clone());
+    Ok(SessionStore { db, starts, ends })
 }
 
 /// The session store, on whichever backend was configured; cheap to clone (the pools are shared).
@@ -100,6 +107,8 @@ pub struct SessionStore {
     db: Db,
     /// Where run starts queue for a connection, to be committed together.
     starts: starts::Starts,
+    /// Where run ends queue for a connection, to be committed together.
+    ends: ends::Ends,
 }
 
 impl SessionStore {
@@ -121,10 +130,10 @@ impl SessionStore {
     /// Opens every pooled PostgreSQL connection and readies it for a burst of runs: on each, a chat is made, a run
     /// started in it and ended, and all of it rolled back, so nothing is left behind; the run log's connection
     /// plans its group commit. A new PostgreSQL connection is a new server process: its first run start reads the
-    /// catalog and compiles `agent_start_run` and `agent_finish_run` (tens of milliseconds under load), and a process
-    /// that just started (a deploy) would otherwise make the first burst of requests pay that on every connection at
-    /// once. A connection the pool opens later (after one was lost, or closed after 10 idle minutes) gets ready on
-    /// its first use.
+    /// catalog and compiles the run functions (`agent_start_runs`, `agent_finish_runs` and the ones they call; tens
+    /// of milliseconds under load), and a process that just started (a deploy) would otherwise make the first burst
+    /// of requests pay that on every connection at once. A connection the pool opens later (after one was lost, or
+    /// closed after 10 idle minutes) gets ready on its first use.
     ///
     /// When the server refuses some of the connections (its `max_connections`, or a limit on the role or the
     /// database), the pool shrinks to the number it granted (see [`postgres::PgDb::resize`]), with a warning.
@@ -148,8 +157,9 @@ impl SessionStore {
             );
             drop(transactions);
             db.resize(granted).await;
-            // The starts' task took its connections from the pool replaced.
+            // The tasks of the starts and ends took their connections from the pool replaced.
             self.starts = starts::Starts::spawn(self.db.clone());
+            self.ends = ends::Ends::spawn(self.db.clone());
             transactions = self.begin_all(granted).await;
         }
         let warmed =
@@ -254,7 +264,37 @@ async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
             tool_calls: Vec::new(),
         }],
     };
-    runs::finish_run_postgres(conn, run.id, 1, &end).await
+    ends::finish_runs_postgres(conn, &[(run.id, 1, &end)])
+        .await?
+        .pop()
+        .expect("one answer per end")
+}
+
+/// Queues the request `pending` makes of the channel it is answered on, and waits for its answer: how a run start or
+/// end waits for the task that commits them (`starts.rs`, `ends.rs`). That task ends with the store; a request it had
+/// not reached finds the store closed.
+async fn queued<T, A>(
+    queue: &tokio::sync::mpsc::UnboundedSender<T>,
+    pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<A, StoreError>>) -> T,
+) -> Result<A, StoreError> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    if queue.send(pending(answer)).is_err() {
+        return Err(sqlx::Error::PoolClosed.into());
+    }
+    answered
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
+}
+
+/// The same error as `error`, for another start or end that found the store as unavailable (the store's errors are not
+/// `Clone`): a pool's own, or its text as an I/O error, which counts as unavailable too.
+fn like(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Database(sqlx::Error::PoolTimedOut) => sqlx::Error::PoolTimedOut.into(),
+        StoreError::Database(sqlx::Error::PoolClosed) => sqlx::Error::PoolClosed.into(),
+        StoreError::Database(sqlx::Error::WorkerCrashed) => sqlx::Error::WorkerCrashed.into(),
+        other => sqlx::Error::Io(std::io::Error::other(other.to_string())).into(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

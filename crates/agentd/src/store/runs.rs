@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Row};
+use super::db::{Arg, Row};
 use super::{
     ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms,
     usage_from,
@@ -62,7 +62,7 @@ fn id_and_epoch(row: &Row) -> Result<(Uuid, u64), StoreError> {
 }
 
 /// The run, its epoch and how it ended: `$1` to `$8` of both backends' statements that end a run.
-fn end_args(run_id: Uuid, epoch: u64, end: &RunEnd) -> Vec<Arg<'_>> {
+pub(super) fn end_args(run_id: Uuid, epoch: u64, end: &RunEnd) -> Vec<Arg<'_>> {
     vec![
         Arg::Id(run_id),
         Arg::Int(to_i64(epoch)),
@@ -73,31 +73,6 @@ fn end_args(run_id: Uuid, epoch: u64, end: &RunEnd) -> Vec<Arg<'_>> {
         Arg::Int(to_i64(end.usage.output_tokens)),
         Arg::Int(to_i64(end.usage.total_tokens)),
     ]
-}
-
-/// The PostgreSQL run end on `conn`: one call of `agent_finish_run` (one round trip; the same statements as SQLite's:
-/// see its migration).
-pub(super) async fn finish_run_postgres(
-    conn: &mut Conn,
-    run_id: Uuid,
-    epoch: u64,
-    end: &RunEnd,
-) -> Result<(), StoreError> {
-    let messages = serde_json::to_string(&end.messages)
-        .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
-    let mut args = end_args(run_id, epoch, end);
-    args.push(Arg::Text(&messages));
-    let row = conn
-        .fetch_one(
-            "SELECT agent_finish_run($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) AS ended",
-            &args,
-        )
-        .await?;
-    if row.get::<bool>("ended")? {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced(run_id))
-    }
 }
 
 impl SessionStore {
@@ -135,55 +110,16 @@ impl SessionStore {
 
     /// Records how the run ended, its messages, and adds its usage to the chat's totals, in one transaction; refused
     /// ([`StoreError::Fenced`]) unless the run is still running under `epoch`.
+    ///
+    /// The ends waiting for a connection at the same moment are committed together, each answered as if alone
+    /// (`ends.rs`): on PostgreSQL in one call of `agent_finish_runs`, on SQLite one after another on the writer.
     pub async fn finish_run(
         &self,
         run_id: Uuid,
         epoch: u64,
         end: &RunEnd,
     ) -> Result<(), StoreError> {
-        if self.db.is_postgres() {
-            return finish_run_postgres(&mut self.db.write_patiently().await?, run_id, epoch, end)
-                .await;
-        }
-        // SQLite: one script with its transaction, one trip to the writer's thread (not one per statement, the
-        // writer held while this task waits its turn between them). Each statement goes on only if the one before
-        // it changed its row: a run no longer held here (`Fenced`) changes nothing, and its empty transaction commits.
-        // The messages go as a JSON array of their JSON texts, stored as they are, in order after the chat's last.
-        let texts = end
-            .messages
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<String>, _>>()
-            .and_then(|texts| serde_json::to_string(&texts))
-            .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
-        let mut args = end_args(run_id, epoch, end);
-        args.push(Arg::Text(&texts));
-        let rows = self
-            .db
-            .write_patiently()
-            .await?
-            .script(
-                "BEGIN IMMEDIATE; \
-                 UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
-                 output_tokens = $7, total_tokens = $8, finished_at = {now} \
-                 WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING chat_id; \
-                 UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $6, \
-                 total_output_tokens = total_output_tokens + $7, total_tokens = total_tokens + $8 \
-                 WHERE id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1; \
-                 INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
-                 SELECT c.id, n.next + m.key, m.value, $1, {now} FROM agent_chats c, \
-                 (SELECT COALESCE(MAX(message_index) + 1, 0) AS next FROM agent_chat_messages \
-                 WHERE chat_id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1)) n, json_each($9) m \
-                 WHERE c.id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1 \
-                 ORDER BY m.key; \
-                 COMMIT",
-                &args,
-            )
-            .await?;
-        if rows.is_empty() {
-            return Err(StoreError::Fenced(run_id));
-        }
-        Ok(())
+        self.ends.end(run_id, epoch, end).await
     }
 
     pub async fn get_run(&self, id: Uuid) -> Result<Option<Run>, StoreError> {
@@ -257,8 +193,9 @@ impl SessionStore {
         for some in runs.chunks(HEARTBEATS_AT_ONCE) {
             let rows = conn
                 .fetch_all(
-                    "UPDATE agent_chat_runs SET heartbeat_at = {now} \
-                     WHERE status = $3 AND {id_in_list} AND owner_instance = $2 RETURNING id",
+                    "UPDATE agent_chat_runs SET heartbeat_at = {now} WHERE {id_in_list} AND id IN \
+                     (SELECT id FROM agent_chat_runs WHERE status = $3 AND {id_in_list} AND owner_instance = $2 \
+                     ORDER BY id {for_no_key_update}) RETURNING id",
                     &[Arg::Ids(some), Arg::Text(owner), RUNNING],
                 )
                 .await?;
@@ -290,7 +227,8 @@ impl SessionStore {
             .fetch_all(
                 "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
                  WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
-                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) {for_update}) RETURNING id, epoch",
+                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) ORDER BY id {for_update}) \
+                 RETURNING id, epoch",
                 &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner), RUNNING],
             )
             .await?;
@@ -324,8 +262,10 @@ impl SessionStore {
             .await?
             .fetch_all(
                 "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now}, \
-                 epoch = epoch + 1 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
-                 AND (followed_at IS NULL OR followed_at < {now} - {ms2}) RETURNING id, epoch",
+                 epoch = epoch + 1 WHERE status = 'running' AND id IN (SELECT id FROM agent_chat_runs \
+                 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
+                 AND (followed_at IS NULL OR followed_at < {now} - {ms2}) ORDER BY id {for_no_key_update}) \
+                 RETURNING id, epoch",
                 &[Arg::Text(STALE_RUN_ERROR), Arg::Int(lease_ms)],
             )
             .await?;
@@ -380,7 +320,8 @@ impl SessionStore {
             .write()
             .await?
             .execute(
-                "UPDATE agent_chat_runs SET followed_at = {now} WHERE status = $2 AND {id_in_list}",
+                "UPDATE agent_chat_runs SET followed_at = {now} WHERE {id_in_list} AND id IN \
+                 (SELECT id FROM agent_chat_runs WHERE status = $2 AND {id_in_list} ORDER BY id {for_no_key_update})",
                 &[Arg::Ids(runs), RUNNING],
             )
             .await?;

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::{ACQUIRE_TIMEOUT, NewRun, StoreError};
+use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, like, queued};
 use crate::model::Message;
 
 /// The most starts committed in one batch; on SQLite a batch is run as scripts of these sizes, the largest first.
@@ -84,20 +84,13 @@ impl Starts {
     /// Starts `run` (making its chat first when `make_chat` and none has its id): the chat's history before its
     /// prompt, once the start is committed.
     pub async fn start(&self, run: NewRun, make_chat: bool) -> Result<Vec<Message>, StoreError> {
-        let (answer, answered) = oneshot::channel();
-        let pending = Pending {
+        queued(&self.0, |answer| Pending {
             run,
             make_chat,
             queued: Instant::now(),
             answer,
-        };
-        if self.0.send(pending).is_err() {
-            return Err(sqlx::Error::PoolClosed.into());
-        }
-        // The task ends with the store; a start it had not reached finds the store closed.
-        answered
-            .await
-            .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
+        })
+        .await
     }
 }
 
@@ -211,17 +204,6 @@ async fn commit_script(
             }
             Ok(answers)
         }
-    }
-}
-
-/// The same error as `error`, for another start that found the store as unavailable (the store's errors are not
-/// `Clone`): a pool's own, or its text as an I/O error, which counts as unavailable too.
-fn like(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Database(sqlx::Error::PoolTimedOut) => sqlx::Error::PoolTimedOut.into(),
-        StoreError::Database(sqlx::Error::PoolClosed) => sqlx::Error::PoolClosed.into(),
-        StoreError::Database(sqlx::Error::WorkerCrashed) => sqlx::Error::WorkerCrashed.into(),
-        other => sqlx::Error::Io(std::io::Error::other(other.to_string())).into(),
     }
 }
 

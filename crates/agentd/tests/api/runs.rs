@@ -516,9 +516,12 @@ async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_stor
     store.close().await;
 }
 
-/// More runs than the PostgreSQL pool has connections (16), each running for 3 s, their first delta read.
+/// Twice as many runs as the PostgreSQL pool has connections (16), each running for 3 s, their first delta read. They
+/// start 75 ms apart, so that they end apart, each end a commit of its own (ends that arrive together are committed
+/// together, on one connection).
 async fn runs_ending_in_3_s(server: &Agentd) -> Vec<(Uuid, Events)> {
-    let opened = (0..24).map(|_| async {
+    let opened = (0..32).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(75) * i).await;
         let chat = new_chat();
         let mut stream = server.stream(&chat, slow(30)).await;
         let (run, _) = read_deltas(&mut stream, 1).await;

@@ -27,6 +27,7 @@ on_both_backends!(
     a_heartbeat_of_more_runs_than_one_statement_refreshes_each,
     concurrent_starts_on_one_chat_admit_exactly_one,
     starts_arriving_together_each_get_their_own_answer,
+    ends_arriving_together_each_get_their_own_answer,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
     a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once,
     agentd_serves_a_store_a_newer_agentd_migrated,
@@ -1228,7 +1229,6 @@ async fn starts_arriving_together_each_get_their_own_answer(db: TestDb) {
 /// `agent_start_runs` (one round trip, one commit) for up to 16 of them, each answered as if alone.
 #[tokio::test]
 async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
-    use sqlx::Connection;
     let db = TestDb::postgres().await;
     db.alter_database("SET track_functions = 'pl'").await;
     let store = db.open().await;
@@ -1245,24 +1245,31 @@ async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
             user(&run.prompt)
         );
     }
-    // A server process reports its function calls when it exits.
+    // The first start takes a connection alone while the others queue behind it: 16, 16, then 8.
     store.close().await;
+    calls_come_to(&db, "agent_start_runs", 3).await;
+}
+
+/// Waits until PostgreSQL has counted `calls` calls of function `name` in `db` (a server process reports them when it
+/// exits: close the store first), and fails if it counts more.
+async fn calls_come_to(db: &TestDb, name: &str, calls: i64) {
+    use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let calls: Option<i64> = sqlx::query_scalar(
-            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = 'agent_start_runs'",
+        let counted: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = $1",
         )
+        .bind(name)
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        // The first start takes a connection alone while the others queue behind it: 16, 16, then 8.
-        if calls == Some(3) {
-            break;
+        if counted == Some(calls) {
+            return;
         }
         assert!(
-            tokio::time::Instant::now() < deadline && calls.is_none_or(|calls| calls < 3),
-            "{calls:?} calls for 40 starts"
+            tokio::time::Instant::now() < deadline && counted.is_none_or(|counted| counted < calls),
+            "{counted:?} calls of {name}, not {calls}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1344,6 +1351,244 @@ async fn starts_made_together_lock_their_chats_in_one_order_postgres() {
     assert_eq!(answered, [(0, true), (1, true)]);
     assert_eq!(runs_of(&store, first).await.len(), 1);
     assert_eq!(runs_of(&store, second).await.len(), 1);
+    store.close().await;
+}
+
+/// Ends that arrive together are committed together (on PostgreSQL in one call), each answered as if alone: a run no
+/// longer held under the epoch given, one that ended already and one that does not exist are refused, and nothing is
+/// written for them; the others store their answers, messages and usage.
+async fn ends_arriving_together_each_get_their_own_answer(db: TestDb) {
+    let store = db.open().await;
+    let mut runs = Vec::new();
+    for i in 0..30 {
+        let (chat, run) = started_run(&store).await;
+        runs.push((chat.id, run.id, answered(&format!("answer {i}"))));
+    }
+    let (claimed_chat, claimed) = started_run(&store).await;
+    let won = store
+        .claim(&[claimed.id], Duration::ZERO, "instance-b")
+        .await
+        .unwrap();
+    assert_eq!(won, [(claimed.id, 2)]);
+    let (ended_chat, ended) = started_run(&store).await;
+    store
+        .finish_run(ended.id, 1, &answered("first"))
+        .await
+        .unwrap();
+    // Under the epoch its old producer held, the end of the claimed run; the ended run's end again; a run nobody
+    // started. Among the others, so that they go in the same calls.
+    let refused = [
+        (claimed_chat.id, claimed.id, answered("stale")),
+        (ended_chat.id, ended.id, answered("again")),
+        (Uuid::new_v4(), Uuid::new_v4(), answered("nobody's")),
+    ];
+    let mut ends = runs.clone();
+    for (at, end) in [3, 17, 25].into_iter().zip(refused.clone()) {
+        ends.insert(at, end);
+    }
+    let answers = futures_util::future::join_all(
+        ends.iter()
+            .map(|(_, run, end)| store.finish_run(*run, 1, end)),
+    )
+    .await;
+    for ((_, run, _), answer) in ends.iter().zip(&answers) {
+        if refused.iter().any(|(_, refused, _)| refused == run) {
+            assert!(
+                matches!(answer, Err(StoreError::Fenced(id)) if id == run),
+                "{answer:?}"
+            );
+        } else {
+            assert!(answer.is_ok(), "{answer:?}");
+        }
+    }
+    for (chat, run, end) in &runs {
+        let stored = store.get_run(*run).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.status, &stored.output),
+            (RunStatus::Completed, &end.output)
+        );
+        let messages = store.messages(*chat).await.unwrap();
+        assert_eq!(
+            messages.iter().map(|m| &m.message).collect::<Vec<_>>(),
+            [&user("q"), &end.messages[0]]
+        );
+        assert_eq!(
+            store.get_chat(*chat).await.unwrap().unwrap().totals,
+            Usage::new(1, 1)
+        );
+    }
+    let claimed_run = store.get_run(claimed.id).await.unwrap().unwrap();
+    assert_eq!(
+        (claimed_run.status, claimed_run.epoch),
+        (RunStatus::Running, 2)
+    );
+    assert_eq!(store.messages(claimed_chat.id).await.unwrap().len(), 1);
+    assert_eq!(
+        store.get_run(ended.id).await.unwrap().unwrap().output,
+        "first"
+    );
+    assert_eq!(store.messages(ended_chat.id).await.unwrap().len(), 2);
+    assert_eq!(
+        store.get_chat(ended_chat.id).await.unwrap().unwrap().totals,
+        Usage::new(1, 1)
+    );
+    store.close().await;
+}
+
+/// On PostgreSQL, ends that arrive while others wait for a connection go to the server together: one call of
+/// `agent_finish_runs` (one round trip, one commit) for up to 16 of them. An end the server refuses (text with a NUL,
+/// which PostgreSQL's text cannot hold) fails its call, which leaves nothing; its ends are then made one by one, and
+/// only that one fails.
+#[tokio::test]
+async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alone_postgres() {
+    let db = TestDb::postgres().await;
+    db.alter_database("SET track_functions = 'pl'").await;
+    let store = db.open().await;
+    let mut runs = Vec::new();
+    for i in 0..40 {
+        let (_, run) = started_run(&store).await;
+        runs.push((run.id, answered(&format!("answer {i}"))));
+    }
+    let answers = futures_util::future::join_all(
+        runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
+    )
+    .await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    // The first end takes a connection alone while the others queue behind it: 16, 16, then 8.
+    store.close().await;
+    calls_come_to(&db, "agent_finish_runs", 3).await;
+
+    let store = db.open().await;
+    let mut runs = Vec::new();
+    for i in 0..10 {
+        let (_, run) = started_run(&store).await;
+        let text = if i == 4 {
+            "a NUL \u{0} in it".to_owned()
+        } else {
+            format!("answer {i}")
+        };
+        runs.push((run.id, answered(&text)));
+    }
+    let answers = futures_util::future::join_all(
+        runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
+    )
+    .await;
+    for (i, ((run, end), answer)) in runs.iter().zip(&answers).enumerate() {
+        let stored = store.get_run(*run).await.unwrap().unwrap();
+        if i == 4 {
+            assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            assert_eq!(stored.status, RunStatus::Running);
+        } else {
+            assert!(answer.is_ok(), "{answer:?}");
+            assert_eq!(
+                (stored.status, &stored.output),
+                (RunStatus::Completed, &end.output)
+            );
+        }
+    }
+    store.close().await;
+}
+
+/// Ends made together lock their runs in the order of the runs' ids, whatever the order they came in, and only then
+/// their chats; the heartbeat locks the runs it refreshes in that order too. So ends and heartbeats on other
+/// connections never wait for each other in a circle.
+#[tokio::test]
+async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let (_, one) = started_run(&store).await;
+    let (_, two) = started_run(&store).await;
+    let [first, second] = if one.id < two.id {
+        [one, two]
+    } else {
+        [two, one]
+    };
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    for call in ["heartbeat", "ends"] {
+        // Another transaction holds the later run; the call names it first.
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(second.id)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let made = {
+            let (store, ids) = (store.clone(), [second.id, first.id]);
+            tokio::spawn(async move {
+                if call == "heartbeat" {
+                    store
+                        .heartbeat("instance-a", &ids)
+                        .await
+                        .map(|held| held.len())
+                } else {
+                    let end = answered("a");
+                    let ends = futures_util::future::join_all(
+                        ids.iter().map(|id| store.finish_run(*id, 1, &end)),
+                    )
+                    .await;
+                    ends.into_iter()
+                        .collect::<Result<Vec<()>, _>>()
+                        .map(|ended| ended.len())
+                }
+            })
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database())",
+            )
+            .fetch_one(&mut check)
+            .await
+            .unwrap();
+            if waiting {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{call}: never waited for the held run"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Whether `sql` could lock row `id` at once.
+        async fn lockable(check: &mut sqlx::PgConnection, sql: &'static str, id: Uuid) -> bool {
+            sqlx::query("BEGIN").execute(&mut *check).await.unwrap();
+            let taken = sqlx::query(sql).bind(id).execute(&mut *check).await;
+            sqlx::query("ROLLBACK").execute(&mut *check).await.unwrap();
+            taken.is_ok()
+        }
+        // The earlier run, though second in the call, is locked already; no chat is.
+        assert!(
+            !lockable(
+                &mut check,
+                "SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE NOWAIT",
+                first.id
+            )
+            .await,
+            "{call}: the earlier run was not locked first"
+        );
+        for chat in [first.chat_id, second.chat_id] {
+            assert!(
+                lockable(
+                    &mut check,
+                    "SELECT 1 FROM agent_chats WHERE id = $1 FOR UPDATE NOWAIT",
+                    chat
+                )
+                .await,
+                "{call}: a chat was locked before the runs"
+            );
+        }
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        assert_eq!(made.await.unwrap().unwrap(), 2, "{call}");
+    }
+    for run in [&first, &second] {
+        assert_eq!(
+            store.get_run(run.id).await.unwrap().unwrap().status,
+            RunStatus::Completed
+        );
+    }
     store.close().await;
 }
 
