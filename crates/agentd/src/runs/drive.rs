@@ -206,16 +206,12 @@ async fn finish(
 }
 
 /// Lets go of the run at the shutdown deadline in handoff mode: once what it produced is committed, it is released
-/// (its epoch raised, no owner) and announced, so a replica with a follower continues it from its next seq. A run
-/// nobody follows is marked `interrupted` by any replica once its lease has run out.
+/// (its epoch raised, no owner) and announced in the same commit, so a replica with a follower continues it from its
+/// next seq. A run nobody follows is marked `interrupted` by any replica once its lease has run out.
 async fn release(ctx: &RunContext, out: &RunWriter) -> RunOutcome {
     out.flushed().await;
     let outcome = match ctx.store.release(ctx.run_id, ctx.epoch).await {
         Ok(true) => {
-            if let Err(error) = ctx.store.notify_released(ctx.run_id).await {
-                tracing::warn!(run_id = %ctx.run_id, %error,
-                    "could not announce the released run; a replica following it claims it at its next lease check");
-            }
             tracing::info!(run_id = %ctx.run_id, "run released for another replica to continue");
             RunOutcome::HandedOff
         }

@@ -12,26 +12,42 @@
 //! its epoch). A call that fails leaves nothing (its transaction rolls back), and its ends are made again one by one,
 //! so only an end the store refuses fails. The connection is waited for patiently ([`Db::ender`]): no client can be
 //! told to retry an end.
+//!
+//! Releases go the same way: at the shutdown deadline of a replica draining in handoff mode, every run it drives is
+//! released at once (its epoch raised, no owner) and announced, so that a replica following it continues it. Each was
+//! a commit and its announcement another; on PostgreSQL the releases waiting at the same moment now go in one call of
+//! `agent_release_runs`, announced with its commit.
 
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Db};
+use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
-use super::{RunEnd, StoreError, like, queued};
+use super::to_i64;
+use super::{RELEASED_CHANNEL, RunEnd, StoreError, like, queued};
 use crate::model::Message;
 
 /// The most ends committed in one call.
 const MAX_BATCH: usize = 16;
 
-/// An end waiting for its turn.
+/// What is asked of a run held under an epoch.
+#[derive(Debug)]
+enum Ask {
+    /// Its end.
+    End(RunEnd),
+    /// Its release, for another replica to continue it (see [`super::SessionStore::release`]).
+    Release,
+}
+
+/// An end or a release waiting for its turn; answered [`StoreError::Fenced`] when the run is no longer held under
+/// its epoch.
 #[derive(Debug)]
 struct Pending {
     run_id: Uuid,
     epoch: u64,
-    end: RunEnd,
+    ask: Ask,
     queued: Instant,
     answer: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -42,7 +58,7 @@ struct Pending {
 pub(super) struct Ends(mpsc::UnboundedSender<Pending>);
 
 impl Ends {
-    /// Starts committing the ends queued here, on `db`'s connections for them ([`Db::ender`]).
+    /// Starts committing the ends and releases queued here, on `db`'s connections for them ([`Db::ender`]).
     pub fn spawn(db: Db) -> Self {
         let (queue, queued) = mpsc::unbounded_channel();
         tokio::spawn(commit_ends(db, queued));
@@ -54,11 +70,28 @@ impl Ends {
         queued(&self.0, |answer| Pending {
             run_id,
             epoch,
-            end: end.clone(),
+            ask: Ask::End(end.clone()),
             queued: Instant::now(),
             answer,
         })
         .await
+    }
+
+    /// Releases run `run_id`, held under `epoch`, and announces it; whether it was still held.
+    pub async fn release(&self, run_id: Uuid, epoch: u64) -> Result<bool, StoreError> {
+        let released = queued(&self.0, |answer| Pending {
+            run_id,
+            epoch,
+            ask: Ask::Release,
+            queued: Instant::now(),
+            answer,
+        })
+        .await;
+        match released {
+            Ok(()) => Ok(true),
+            Err(StoreError::Fenced(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -95,48 +128,81 @@ async fn commit_ends(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
     }
 }
 
-/// Commits `batch` on `conn` and answers each end.
+/// Commits `batch` on `conn` and answers each end and release: on PostgreSQL the ends in one call, the releases in
+/// another; on SQLite one by one.
 async fn commit_batch(mut conn: Conn, batch: Vec<Pending>) {
     if conn.is_postgres() {
-        let ends: Vec<(Uuid, u64, &RunEnd)> = batch
-            .iter()
-            .map(|pending| (pending.run_id, pending.epoch, &pending.end))
-            .collect();
-        let answers = finish_runs_postgres(&mut conn, &ends).await;
-        let answers = match answers {
-            Ok(answers) => answers,
-            Err(error) if error.is_unavailable() || ends.len() == 1 => {
-                ends.iter().map(|_| Err(like(&error))).collect()
+        let (ends, releases): (Vec<Pending>, Vec<Pending>) = batch
+            .into_iter()
+            .partition(|pending| matches!(pending.ask, Ask::End(_)));
+        for asked in [ends, releases] {
+            if !asked.is_empty() {
+                commit_postgres(&mut conn, asked).await;
             }
-            // Nothing of the call is kept: each end alone, so that only one the store refuses fails.
-            Err(_) => {
-                let mut answers = Vec::with_capacity(ends.len());
-                for end in &ends {
-                    let alone = finish_runs_postgres(&mut conn, std::slice::from_ref(end)).await;
-                    answers.push(alone.and_then(|mut answer| answer.pop().expect("one answer")));
-                }
-                answers
-            }
-        };
-        for (pending, answer) in batch.into_iter().zip(answers) {
-            let _ = pending.answer.send(answer);
         }
         return;
     }
     let mut batch = batch.into_iter();
     while let Some(pending) = batch.next() {
-        let ended = finish_run_sqlite(&mut conn, pending.run_id, pending.epoch, &pending.end).await;
-        // The writer is busy past its timeout (another process holds the lock) or gone: the ends left find it so,
+        let done = match &pending.ask {
+            Ask::End(end) => finish_run_sqlite(&mut conn, pending.run_id, pending.epoch, end).await,
+            Ask::Release => release_run_sqlite(&mut conn, pending.run_id, pending.epoch).await,
+        };
+        // The writer is busy past its timeout (another process holds the lock) or gone: the ones left find it so,
         // rather than each wait as long again.
-        if let Err(error) = &ended
+        if let Err(error) = &done
             && error.is_unavailable()
         {
             for left in batch.by_ref() {
                 let _ = left.answer.send(Err(like(error)));
             }
         }
-        let _ = pending.answer.send(ended);
+        let _ = pending.answer.send(done);
     }
+}
+
+/// Commits `asked` (all ends, or all releases) in one PostgreSQL call and answers each. When the call fails, nothing
+/// of it is kept, and each is made again alone, so that only one the store refuses fails.
+async fn commit_postgres(conn: &mut Conn, asked: Vec<Pending>) {
+    let answers = match call_postgres(conn, &asked).await {
+        Ok(answers) => answers,
+        Err(error) if error.is_unavailable() || asked.len() == 1 => {
+            asked.iter().map(|_| Err(like(&error))).collect()
+        }
+        Err(_) => {
+            let mut answers = Vec::with_capacity(asked.len());
+            for alone in asked.chunks(1) {
+                let answer = call_postgres(conn, alone).await;
+                answers.push(answer.and_then(|mut answer| answer.pop().expect("one answer")));
+            }
+            answers
+        }
+    };
+    for (pending, answer) in asked.into_iter().zip(answers) {
+        let _ = pending.answer.send(answer);
+    }
+}
+
+/// One call for `asked`, all ends or all releases: each one's answer.
+async fn call_postgres(
+    conn: &mut Conn,
+    asked: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let ends: Vec<(Uuid, u64, &RunEnd)> = asked
+        .iter()
+        .filter_map(|pending| match &pending.ask {
+            Ask::End(end) => Some((pending.run_id, pending.epoch, end)),
+            Ask::Release => None,
+        })
+        .collect();
+    if !ends.is_empty() {
+        return finish_runs_postgres(conn, &ends).await;
+    }
+    let runs: Vec<(Uuid, u64)> = asked
+        .iter()
+        .map(|pending| (pending.run_id, pending.epoch))
+        .collect();
+    release_runs_postgres(conn, &runs).await
 }
 
 /// One end as `agent_finish_runs` reads it (see its migration).
@@ -178,23 +244,60 @@ pub(super) async fn finish_runs_postgres(
         .map_err(|e| StoreError::Corrupt(format!("run ends do not serialize: {e}")))?;
     let rows = conn
         .fetch_all(
-            "SELECT place::BIGINT AS place, ended FROM agent_finish_runs($1::jsonb)",
+            "SELECT place::BIGINT AS place, ended AS done FROM agent_finish_runs($1::jsonb)",
             &[Arg::Text(&json)],
         )
         .await?;
-    let mut answers: Vec<Result<(), StoreError>> = ends
+    answers(&rows, ends.iter().map(|&(run, _, _)| run))
+}
+
+/// One release as `agent_release_runs` reads it (see its migration).
+#[derive(serde::Serialize)]
+struct PgRelease {
+    run: Uuid,
+    epoch: u64,
+}
+
+/// The PostgreSQL releases of `runs` (id, epoch) on `conn`, announced on [`RELEASED_CHANNEL`] as the call commits: one
+/// call of `agent_release_runs`. Each one's answer ([`StoreError::Fenced`]: no longer held under that epoch).
+async fn release_runs_postgres(
+    conn: &mut Conn,
+    runs: &[(Uuid, u64)],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let json: Vec<PgRelease> = runs
         .iter()
-        .map(|_| Err(StoreError::Corrupt("a run end with no answer".to_owned())))
+        .map(|&(run, epoch)| PgRelease { run, epoch })
         .collect();
-    for row in &rows {
+    let json = serde_json::to_string(&json)
+        .map_err(|e| StoreError::Corrupt(format!("run releases do not serialize: {e}")))?;
+    let rows = conn
+        .fetch_all(
+            "SELECT place::BIGINT AS place, released AS done FROM agent_release_runs($1::jsonb, $2)",
+            &[Arg::Text(&json), Arg::Text(RELEASED_CHANNEL)],
+        )
+        .await?;
+    answers(&rows, runs.iter().map(|&(run, _)| run))
+}
+
+/// The answers in `rows` (`place`, `done`) of a call for `runs`, in their order: `Fenced` for a run not done.
+fn answers(
+    rows: &[Row],
+    runs: impl ExactSizeIterator<Item = Uuid>,
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let runs: Vec<Uuid> = runs.collect();
+    let mut answers: Vec<Result<(), StoreError>> = runs
+        .iter()
+        .map(|_| Err(StoreError::Corrupt("a run with no answer".to_owned())))
+        .collect();
+    for row in rows {
         let place = usize::try_from(row.get::<i64>("place")?)
             .ok()
-            .filter(|&place| place < ends.len())
-            .ok_or_else(|| StoreError::Corrupt("a run end answered out of place".to_owned()))?;
-        answers[place] = if row.get::<bool>("ended")? {
+            .filter(|&place| place < runs.len())
+            .ok_or_else(|| StoreError::Corrupt("a run answered out of place".to_owned()))?;
+        answers[place] = if row.get::<bool>("done")? {
             Ok(())
         } else {
-            Err(StoreError::Fenced(ends[place].0))
+            Err(StoreError::Fenced(runs[place]))
         };
     }
     Ok(answers)
@@ -252,4 +355,20 @@ async fn finish_run_sqlite(
         return Err(StoreError::Fenced(run_id));
     }
     Ok(())
+}
+
+/// The SQLite release of run `run_id` on `conn` (the writer); nobody else to announce it to.
+async fn release_run_sqlite(conn: &mut Conn, run_id: Uuid, epoch: u64) -> Result<(), StoreError> {
+    let released = conn
+        .execute(
+            "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
+             WHERE id = $1 AND epoch = $2 AND status = 'running'",
+            &[Arg::Id(run_id), Arg::Int(to_i64(epoch))],
+        )
+        .await?;
+    if released == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(run_id))
+    }
 }

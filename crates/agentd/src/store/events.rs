@@ -326,11 +326,6 @@ impl SessionStore {
         }
     }
 
-    /// Tells the replicas that the run was released, so one that follows it takes it over at once (PostgreSQL).
-    pub async fn notify_released(&self, run_id: Uuid) -> Result<(), StoreError> {
-        self.notify_run(RELEASED_CHANNEL, run_id).await
-    }
-
     /// Asks the replica producing the run to cancel it (PostgreSQL; one process has nobody else to ask).
     pub async fn notify_cancel(&self, run_id: Uuid) -> Result<(), StoreError> {
         self.notify_run(CANCEL_CHANNEL, run_id).await

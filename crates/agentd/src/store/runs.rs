@@ -236,19 +236,11 @@ impl SessionStore {
     }
 
     /// Lets go of a run held under `epoch` (its process is draining in handoff mode): it has no owner until a replica
-    /// with a follower claims it, and its epoch is raised. Returns whether the run was still held.
+    /// with a follower claims it, and its epoch is raised; the replicas are told, so one that follows it claims it at
+    /// once (PostgreSQL, as the release commits). Returns whether the run was still held. The releases waiting at the
+    /// same moment (every run of the process, at its shutdown deadline) are committed together (`ends.rs`).
     pub async fn release(&self, run_id: Uuid, epoch: u64) -> Result<bool, StoreError> {
-        let released = self
-            .db
-            .write()
-            .await?
-            .execute(
-                "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
-                 WHERE id = $1 AND epoch = $2 AND status = $3",
-                &[Arg::Id(run_id), Arg::Int(to_i64(epoch)), RUNNING],
-            )
-            .await?;
-        Ok(released == 1)
+        self.ends.release(run_id, epoch).await
     }
 
     /// Marks `interrupted` every running run whose producer is gone (heartbeat older than `lease`, or released that

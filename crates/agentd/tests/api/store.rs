@@ -6,8 +6,8 @@ use crate::common::db::{TestDb, runs_of};
 use crate::common::{Agentd, PATIENCE, new_chat, types};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
-    Chat, ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RunEnd, RunStatus,
-    STALE_RUN_ERROR, SessionStore, StoreError,
+    Chat, ChatOwner, EVENTS_CHANNEL, LogRow, NewRun, RECORD_SEPARATOR, RELEASED_CHANNEL, RunEnd,
+    RunStatus, STALE_RUN_ERROR, SessionStore, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -28,6 +28,7 @@ on_both_backends!(
     concurrent_starts_on_one_chat_admit_exactly_one,
     starts_arriving_together_each_get_their_own_answer,
     ends_arriving_together_each_get_their_own_answer,
+    releases_arriving_together_each_get_their_own_answer,
     a_claim_fences_the_old_producer_and_exactly_one_claimer_wins,
     a_followed_run_is_left_for_a_takeover_and_a_released_one_is_claimable_at_once,
     agentd_serves_a_store_a_newer_agentd_migrated,
@@ -1487,6 +1488,94 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
         }
     }
     store.close().await;
+}
+
+/// Releases that arrive together (every run of a replica at its shutdown deadline, in handoff mode) are committed
+/// together, each answered as if alone: a run held under the epoch given is released (no owner, its epoch raised),
+/// one claimed meanwhile or ended is not, and nothing is written for it. Ends arriving at the same moment go beside
+/// them.
+async fn releases_arriving_together_each_get_their_own_answer(db: TestDb) {
+    let store = db.open().await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(started_run(&store).await.1);
+    }
+    let (_, claimed) = started_run(&store).await;
+    assert_eq!(
+        store
+            .claim(&[claimed.id], Duration::ZERO, "instance-b")
+            .await
+            .unwrap(),
+        [(claimed.id, 2)]
+    );
+    let (_, ended) = started_run(&store).await;
+    store.finish_run(ended.id, 1, &answered("a")).await.unwrap();
+    let (ending_chat, ending) = started_run(&store).await;
+
+    let mut asked: Vec<Uuid> = held.iter().map(|run| run.id).collect();
+    asked.insert(5, claimed.id);
+    asked.insert(12, ended.id);
+    let end = answered("b");
+    let (released, finished) = tokio::join!(
+        futures_util::future::join_all(asked.iter().map(|run| store.release(*run, 1))),
+        store.finish_run(ending.id, 1, &end),
+    );
+    finished.unwrap();
+    for (run, released) in asked.iter().zip(released) {
+        let still_held = held.iter().any(|held| held.id == *run);
+        assert_eq!(released.unwrap(), still_held, "{run}");
+        let stored = store.get_run(*run).await.unwrap().unwrap();
+        if still_held {
+            assert_eq!((stored.owner_instance.as_str(), stored.epoch), ("", 2));
+            assert_eq!(stored.status, RunStatus::Running);
+        }
+    }
+    let claimed = store.get_run(claimed.id).await.unwrap().unwrap();
+    assert_eq!(
+        (claimed.owner_instance.as_str(), claimed.epoch),
+        ("instance-b", 2)
+    );
+    let ended = store.get_run(ended.id).await.unwrap().unwrap();
+    assert_eq!((ended.status, ended.epoch), (RunStatus::Completed, 1));
+    assert_eq!(store.messages(ending_chat.id).await.unwrap().len(), 2);
+    store.close().await;
+}
+
+/// On PostgreSQL, releases that arrive together go in calls of up to 16 (one round trip and one commit each), and
+/// each run released is announced to the replicas, once, as its call commits; a run not released is not announced.
+#[tokio::test]
+async fn releases_arriving_together_go_in_calls_and_each_is_announced_postgres() {
+    let db = TestDb::postgres().await;
+    db.alter_database("SET track_functions = 'pl'").await;
+    let store = db.open().await;
+    let mut listener = store.listen(&[RELEASED_CHANNEL]).await.unwrap().unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..40 {
+        runs.push(started_run(&store).await.1.id);
+    }
+    let released = futures_util::future::join_all(
+        runs.iter()
+            .enumerate()
+            // The last one under an epoch it is not held under.
+            .map(|(i, run)| store.release(*run, if i == 39 { 5 } else { 1 })),
+    )
+    .await;
+    let released: Vec<bool> = released.into_iter().map(Result::unwrap).collect();
+    assert_eq!(released, [vec![true; 39], vec![false]].concat());
+    let mut announced = Vec::new();
+    while let Ok(got) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        let (channel, payload) = got.unwrap().unwrap();
+        assert_eq!(channel, RELEASED_CHANNEL);
+        announced.push(payload.parse::<Uuid>().unwrap());
+    }
+    announced.sort();
+    let mut expected = runs[..39].to_vec();
+    expected.sort();
+    assert_eq!(announced, expected);
+    // The first release takes a connection alone while the others queue behind it: 16, 16, then 8.
+    drop(listener);
+    store.close().await;
+    calls_come_to(&db, "agent_release_runs", 3).await;
 }
 
 /// Ends made together lock their runs in the order of the runs' ids, whatever the order they came in, and only then
