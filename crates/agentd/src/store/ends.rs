@@ -166,9 +166,8 @@ async fn commit_batch(mut conn: Conn, batch: Vec<Pending>) {
 async fn commit_postgres(conn: &mut Conn, asked: Vec<Pending>) {
     let answers = match call_postgres(conn, &asked).await {
         Ok(answers) => answers,
-        Err(error) if error.is_unavailable() || asked.len() == 1 => {
-            asked.iter().map(|_| Err(like(&error))).collect()
-        }
+        Err(error) if asked.len() == 1 => vec![Err(error)],
+        Err(error) if error.is_unavailable() => asked.iter().map(|_| Err(like(&error))).collect(),
         Err(_) => {
             let mut answers = Vec::with_capacity(asked.len());
             for alone in asked.chunks(1) {

@@ -1366,8 +1366,10 @@ async fn ends_arriving_together_each_get_their_own_answer(db: TestDb) {
         runs.push((chat.id, run.id, answered(&format!("answer {i}"))));
     }
     let (claimed_chat, claimed) = started_run(&store).await;
+    // Its producer is gone (a heartbeat a minute old): another replica claims it.
+    db.age_heartbeats(60).await;
     let won = store
-        .claim(&[claimed.id], Duration::ZERO, "instance-b")
+        .claim(&[claimed.id], Duration::from_secs(30), "instance-b")
         .await
         .unwrap();
     assert_eq!(won, [(claimed.id, 2)]);
@@ -1477,7 +1479,10 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
     for (i, ((run, end), answer)) in runs.iter().zip(&answers).enumerate() {
         let stored = store.get_run(*run).await.unwrap().unwrap();
         if i == 4 {
-            assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            assert!(
+                matches!(answer, Err(StoreError::Database(sqlx::Error::Database(_)))),
+                "{answer:?}"
+            );
             assert_eq!(stored.status, RunStatus::Running);
         } else {
             assert!(answer.is_ok(), "{answer:?}");
@@ -1487,6 +1492,17 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
             );
         }
     }
+    // Alone, it fails as the store refused it: not as a store that could not be reached.
+    let (_, alone) = started_run(&store).await;
+    let refused = store
+        .finish_run(alone.id, 1, &answered("a NUL \u{0} alone"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Database(sqlx::Error::Database(_)))
+            && !refused.is_unavailable(),
+        "{refused:?}"
+    );
     store.close().await;
 }
 
@@ -1501,9 +1517,10 @@ async fn releases_arriving_together_each_get_their_own_answer(db: TestDb) {
         held.push(started_run(&store).await.1);
     }
     let (_, claimed) = started_run(&store).await;
+    db.age_heartbeats(60).await;
     assert_eq!(
         store
-            .claim(&[claimed.id], Duration::ZERO, "instance-b")
+            .claim(&[claimed.id], Duration::from_secs(30), "instance-b")
             .await
             .unwrap(),
         [(claimed.id, 2)]
