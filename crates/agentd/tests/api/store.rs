@@ -1640,31 +1640,7 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
                 }
             })
         };
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let waiting: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND datname = current_database())",
-            )
-            .fetch_one(&mut check)
-            .await
-            .unwrap();
-            if waiting {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{call}: never waited for the held run"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Whether `sql` could lock row `id` at once.
-        async fn lockable(check: &mut sqlx::PgConnection, sql: &'static str, id: Uuid) -> bool {
-            sqlx::query("BEGIN").execute(&mut *check).await.unwrap();
-            let taken = sqlx::query(sql).bind(id).execute(&mut *check).await;
-            sqlx::query("ROLLBACK").execute(&mut *check).await.unwrap();
-            taken.is_ok()
-        }
+        until_a_statement_waits_for_a_lock(&mut check, call).await;
         // The earlier run, though second in the call, is locked already; no chat is.
         assert!(
             !lockable(
@@ -1696,6 +1672,73 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
         );
     }
     store.close().await;
+}
+
+/// Deleting a chat locks its runs before it, as every transaction locks runs before chats: a delete waiting for a run
+/// (held by its end, say) holds no lock on the chat meanwhile, which the end then takes.
+#[tokio::test]
+async fn deleting_a_chat_locks_its_runs_before_it_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let (chat, run) = started_run(&store).await;
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(run.id)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let deleted = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete_chat(chat.id).await })
+    };
+    until_a_statement_waits_for_a_lock(&mut check, "the delete").await;
+    assert!(
+        lockable(
+            &mut check,
+            "SELECT 1 FROM agent_chats WHERE id = $1 FOR UPDATE NOWAIT",
+            chat.id
+        )
+        .await,
+        "the chat was locked before its run"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert!(deleted.await.unwrap().unwrap());
+    assert_eq!(store.get_chat(chat.id).await.unwrap(), None);
+    assert_eq!(store.get_run(run.id).await.unwrap(), None);
+    store.close().await;
+}
+
+/// Waits until a statement of the test's database waits for a row lock (`what`, for the failure's message).
+async fn until_a_statement_waits_for_a_lock(check: &mut sqlx::PgConnection, what: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database())",
+        )
+        .fetch_one(&mut *check)
+        .await
+        .unwrap();
+        if waiting {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never waited for the held row"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `sql` could lock row `id` at once (`NOWAIT`), in a transaction rolled back.
+async fn lockable(check: &mut sqlx::PgConnection, sql: &'static str, id: Uuid) -> bool {
+    sqlx::query("BEGIN").execute(&mut *check).await.unwrap();
+    let taken = sqlx::query(sql).bind(id).execute(&mut *check).await;
+    sqlx::query("ROLLBACK").execute(&mut *check).await.unwrap();
+    taken.is_ok()
 }
 
 async fn the_run_log_keeps_events_in_order_and_sweeps_only_finished_runs(db: TestDb) {
