@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
 use super::to_i64;
-use super::{RELEASED_CHANNEL, RunEnd, StoreError, like, queued};
+use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};
 use crate::model::Message;
 
 /// The most ends committed in one call.
@@ -161,24 +161,24 @@ async fn commit_batch(mut conn: Conn, batch: Vec<Pending>) {
     }
 }
 
-/// Commits `asked` (all ends, or all releases) in one PostgreSQL call and answers each. When the call fails, nothing
-/// of it is kept, and each is made again alone, so that only one the store refuses fails.
+/// Commits `asked` (all ends, or all releases) in one PostgreSQL call and answers each (see
+/// [`each_alone_if_refused`]); a store unavailable answers them all so.
 async fn commit_postgres(conn: &mut Conn, asked: Vec<Pending>) {
-    let answers = match call_postgres(conn, &asked).await {
-        Ok(answers) => answers,
-        Err(error) if asked.len() == 1 => vec![Err(error)],
-        Err(error) if error.is_unavailable() => asked.iter().map(|_| Err(like(&error))).collect(),
-        Err(_) => {
-            let mut answers = Vec::with_capacity(asked.len());
-            for alone in asked.chunks(1) {
-                let answer = call_postgres(conn, alone).await;
-                answers.push(answer.and_then(|mut answer| answer.pop().expect("one answer")));
+    match each_alone_if_refused(conn, &asked, call_postgres).await {
+        Ok(answers) => {
+            for (pending, answer) in asked.into_iter().zip(answers) {
+                let _ = pending.answer.send(answer);
             }
-            answers
         }
-    };
-    for (pending, answer) in asked.into_iter().zip(answers) {
-        let _ = pending.answer.send(answer);
+        Err(error) => {
+            let mut asked = asked.into_iter();
+            if let Some(first) = asked.next() {
+                for pending in asked {
+                    let _ = pending.answer.send(Err(like(&error)));
+                }
+                let _ = first.answer.send(Err(error));
+            }
+        }
     }
 }
 

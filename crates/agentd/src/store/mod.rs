@@ -286,6 +286,29 @@ async fn queued<T, A>(
         .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
 }
 
+/// Makes `batch` with `call` in one transaction on `conn`: each one's answer. When that fails, nothing of it is left
+/// (its transaction rolled back), and each is made again alone, so only one the store refuses fails; unless the store
+/// is unavailable, which is the error. How run starts and ends made together (`starts.rs`, `ends.rs`) fall back.
+async fn each_alone_if_refused<P, A>(
+    conn: &mut db::Conn,
+    batch: &[P],
+    mut call: impl AsyncFnMut(&mut db::Conn, &[P]) -> Result<Vec<Result<A, StoreError>>, StoreError>,
+) -> Result<Vec<Result<A, StoreError>>, StoreError> {
+    match call(conn, batch).await {
+        Ok(answers) => Ok(answers),
+        Err(error) if error.is_unavailable() => Err(error),
+        Err(error) if batch.len() == 1 => Ok(vec![Err(error)]),
+        Err(_) => {
+            let mut answers = Vec::with_capacity(batch.len());
+            for alone in batch.chunks(1) {
+                let answer = call(conn, alone).await;
+                answers.push(answer.and_then(|mut answer| answer.pop().expect("one answer each")));
+            }
+            Ok(answers)
+        }
+    }
+}
+
 /// The same error as `error`, for another start or end that found the store as unavailable (the store's errors are not
 /// `Clone`): a pool's own, or its text as an I/O error, which counts as unavailable too.
 fn like(error: &StoreError) -> StoreError {

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, like, queued};
+use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, like, queued};
 use crate::model::Message;
 
 /// The most starts committed in one batch; on SQLite a batch is run as scripts of these sizes, the largest first.
@@ -183,28 +183,13 @@ async fn commit_batch(mut conn: Conn, mut batch: Vec<Pending>) {
     }
 }
 
-/// Commits the starts of `script` in one transaction: each one's answer. When that fails, nothing of it is left (its
-/// transaction rolled back), and each start is run again alone, so only one the store refuses fails; unless the
-/// store is unavailable, which is the error.
+/// Commits the starts of `script` in one transaction: each one's answer (see [`each_alone_if_refused`]).
 async fn commit_script(
     conn: &mut Conn,
     script: &[Pending],
 ) -> Result<Vec<Result<Vec<Message>, StoreError>>, StoreError> {
     let runs: Vec<(&NewRun, bool)> = script.iter().map(|p| (&p.run, p.make_chat)).collect();
-    match run_script(conn, &runs).await {
-        Ok(answers) => Ok(answers),
-        Err(error) if error.is_unavailable() => Err(error),
-        Err(error) if runs.len() == 1 => Ok(vec![Err(error)]),
-        Err(_) => {
-            let mut answers = Vec::with_capacity(runs.len());
-            for run in &runs {
-                let alone = run_script(conn, std::slice::from_ref(run)).await;
-                answers
-                    .push(alone.and_then(|mut answer| answer.pop().expect("one answer per start")));
-            }
-            Ok(answers)
-        }
-    }
+    each_alone_if_refused(conn, &runs, run_script).await
 }
 
 /// Runs the starts `runs` in one transaction of their own: each one's history, or why it was refused.
