@@ -143,7 +143,8 @@ impl SessionStore {
         let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
         let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
         // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
-        // commit and then raises the epoch: nothing under the old one can land after it. The notifications go out
+        // commit and then raises the epoch: nothing under the old one can land after it. They are locked by id, as a
+        // claim locks them, so the two never wait for each other in a circle. The notifications go out
         // when the statement commits, and only for the rows stored; they carry the events of the runs followed on
         // another replica (`followed_at`, read from the row as locked: a note that a follower attaches, which locks
         // the run for update, is seen here once it commits).
@@ -155,7 +156,7 @@ impl SessionStore {
                 "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
                  $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
                  held AS (SELECT r.id, r.followed_at IS NOT NULL AS followed FROM agent_chat_runs r \
-                 JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch FOR KEY SHARE OF r), \
+                 JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch ORDER BY r.id FOR KEY SHARE OF r), \
                  stored AS (INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
                  SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
                  RETURNING run_id), \

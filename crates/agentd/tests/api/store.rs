@@ -1674,6 +1674,59 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
     store.close().await;
 }
 
+/// A group commit of the run log key-share-locks its runs by id, as a claim locks them for update by id, whatever the
+/// order of its rows: the two never wait for each other in a circle (which PostgreSQL would break only after a second,
+/// failing one of them, the run log's every run waiting meanwhile).
+#[tokio::test]
+async fn a_group_commit_locks_its_runs_by_id_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let (_, one) = started_run(&store).await;
+    let (_, two) = started_run(&store).await;
+    let [first, second] = if one.id < two.id {
+        [one, two]
+    } else {
+        [two, one]
+    };
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    // Another transaction holds the later run as a claim does; the commit's rows name it first.
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR UPDATE")
+        .bind(second.id)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let row = |run: Uuid| LogRow {
+        run_id: run,
+        epoch: 1,
+        seq: 1,
+        last_seq: 1,
+        events: r#"{"type":"a"}"#.into(),
+    };
+    let commit = {
+        let (store, rows) = (store.clone(), [row(second.id), row(first.id)]);
+        tokio::spawn(async move { store.append_events(&rows).await })
+    };
+    until_a_statement_waits_for_a_lock(&mut check, "group commit").await;
+    assert!(
+        !lockable(
+            &mut check,
+            "SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR UPDATE NOWAIT",
+            first.id
+        )
+        .await,
+        "the earlier run was not locked first"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(commit.await.unwrap().unwrap(), Vec::<Uuid>::new());
+    for run in [&first, &second] {
+        assert_eq!(store.events_of(run.id).await.unwrap().len(), 1);
+    }
+    store.close().await;
+}
+
 /// Deleting a chat locks its runs before it, as every transaction locks runs before chats: a delete waiting for a run
 /// (held by its end, say) holds no lock on the chat meanwhile, which the end then takes.
 #[tokio::test]
