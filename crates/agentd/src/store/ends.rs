@@ -16,7 +16,7 @@
 //! Releases go the same way: at the shutdown deadline of a replica draining in handoff mode, every run it drives is
 //! released at once (its epoch raised, no owner) and announced, so that a replica following it continues it. Each was
 //! a commit and its announcement another; on PostgreSQL the releases waiting at the same moment now go in one call of
-//! `agent_release_runs`, announced with its commit.
+//! `agent_release_runs` (up to 256), announced with its commit.
 
 use std::time::Instant;
 
@@ -30,7 +30,12 @@ use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, q
 use crate::model::Message;
 
 /// The most ends committed in one call.
-const MAX_BATCH: usize = 16;
+const MAX_ENDS: usize = 16;
+
+/// The most releases committed in one call. A release is a few bytes, and they come all at once (every run of a
+/// replica at its shutdown deadline); each call's commit announces them, and PostgreSQL commits announcements one at a
+/// time, each waiting for the one before to reach the disk: fewer, larger calls.
+const MAX_RELEASES: usize = 256;
 
 /// What is asked of a run held under an epoch.
 #[derive(Debug)]
@@ -99,13 +104,18 @@ impl Ends {
 async fn commit_ends(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
     while let Some(first) = queued.recv().await {
         let conn = db.ender().await;
-        // The ends that queued while the connection was waited for go with the first.
-        let mut batch = vec![first];
-        let limit = if conn.is_ok() { MAX_BATCH } else { usize::MAX };
-        while batch.len() < limit {
-            match queued.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        // The ends and releases that queued while the connection was waited for go with the first.
+        let mut batch = Vec::new();
+        let (mut ends, mut releases) = (0, 0);
+        let mut next = Some(first);
+        while let Some(pending) = next.take() {
+            match pending.ask {
+                Ask::End(_) => ends += 1,
+                Ask::Release => releases += 1,
+            }
+            batch.push(pending);
+            if conn.is_err() || (ends < MAX_ENDS && releases < MAX_RELEASES) {
+                next = queued.try_recv().ok();
             }
         }
         match conn {
