@@ -1600,26 +1600,17 @@ async fn releases_arriving_together_go_in_calls_and_each_is_announced_postgres()
 /// connections never wait for each other in a circle.
 #[tokio::test]
 async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
-    use sqlx::Connection;
     let db = TestDb::postgres().await;
     let store = db.open().await;
-    let (_, one) = started_run(&store).await;
-    let (_, two) = started_run(&store).await;
-    let [first, second] = if one.id < two.id {
-        [one, two]
-    } else {
-        [two, one]
-    };
-    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let ([first, second], [mut holder, mut check]) = two_runs_by_id(&db, &store).await;
     for call in ["heartbeat", "ends"] {
         // Another transaction holds the later run; the call names it first.
-        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-        sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(second.id)
-            .execute(&mut holder)
-            .await
-            .unwrap();
+        hold(
+            &mut holder,
+            "SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE",
+            second.id,
+        )
+        .await;
         let made = {
             let (store, ids) = (store.clone(), [second.id, first.id]);
             tokio::spawn(async move {
@@ -1679,25 +1670,16 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
 /// failing one of them, the run log's every run waiting meanwhile).
 #[tokio::test]
 async fn a_group_commit_locks_its_runs_by_id_postgres() {
-    use sqlx::Connection;
     let db = TestDb::postgres().await;
     let store = db.open().await;
-    let (_, one) = started_run(&store).await;
-    let (_, two) = started_run(&store).await;
-    let [first, second] = if one.id < two.id {
-        [one, two]
-    } else {
-        [two, one]
-    };
-    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let ([first, second], [mut holder, mut check]) = two_runs_by_id(&db, &store).await;
     // Another transaction holds the later run as a claim does; the commit's rows name it first.
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR UPDATE")
-        .bind(second.id)
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    hold(
+        &mut holder,
+        "SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR UPDATE",
+        second.id,
+    )
+    .await;
     let row = |run: Uuid| LogRow {
         run_id: run,
         epoch: 1,
@@ -1737,12 +1719,12 @@ async fn deleting_a_chat_locks_its_runs_before_it_postgres() {
     let (chat, run) = started_run(&store).await;
     let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
     let mut check = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(run.id)
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    hold(
+        &mut holder,
+        "SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR NO KEY UPDATE",
+        run.id,
+    )
+    .await;
     let deleted = {
         let store = store.clone();
         tokio::spawn(async move { store.delete_chat(chat.id).await })
@@ -1784,6 +1766,35 @@ async fn until_a_statement_waits_for_a_lock(check: &mut sqlx::PgConnection, what
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Two runs started on `store`, the one with the lower id first, and two connections to `db` of their own: one to
+/// hold rows ([`hold`]), one to look at the locks.
+async fn two_runs_by_id(
+    db: &TestDb,
+    store: &SessionStore,
+) -> ([NewRun; 2], [sqlx::PgConnection; 2]) {
+    use sqlx::Connection;
+    let (_, one) = started_run(store).await;
+    let (_, two) = started_run(store).await;
+    let runs = if one.id < two.id {
+        [one, two]
+    } else {
+        [two, one]
+    };
+    let holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let check = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    (runs, [holder, check])
+}
+
+/// Begins a transaction on `holder` that locks row `id` as `sql` does, until it is rolled back.
+async fn hold(holder: &mut sqlx::PgConnection, sql: &'static str, id: Uuid) {
+    sqlx::query("BEGIN").execute(&mut *holder).await.unwrap();
+    sqlx::query(sql)
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
 }
 
 /// Whether `sql` could lock row `id` at once (`NOWAIT`), in a transaction rolled back.
