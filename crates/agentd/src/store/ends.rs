@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
-use super::to_i64;
 use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};
+use super::{json_text, to_i64};
 use crate::model::Message;
 
 /// The most ends committed in one call.
@@ -249,8 +249,7 @@ pub(super) async fn finish_runs_postgres(
             messages: &end.messages,
         })
         .collect();
-    let json = serde_json::to_string(&json)
-        .map_err(|e| StoreError::Corrupt(format!("run ends do not serialize: {e}")))?;
+    let json = json_text(&json, "run ends")?;
     let rows = conn
         .fetch_all(
             "SELECT place::BIGINT AS place, ended AS done FROM agent_finish_runs($1::jsonb)",
@@ -277,8 +276,7 @@ async fn release_runs_postgres(
         .iter()
         .map(|&(run, epoch)| PgRelease { run, epoch })
         .collect();
-    let json = serde_json::to_string(&json)
-        .map_err(|e| StoreError::Corrupt(format!("run releases do not serialize: {e}")))?;
+    let json = json_text(&json, "run releases")?;
     let rows = conn
         .fetch_all(
             "SELECT place::BIGINT AS place, released AS done FROM agent_release_runs($1::jsonb, $2)",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Row};
-use super::{SessionStore, StoreError, to_i64, to_ms};
+use super::{SessionStore, StoreError, json_text, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each
 /// `<run_id> <seq> <last_seq>` followed, when the run is followed on another replica and they fit, by a newline and
@@ -111,8 +111,7 @@ impl SessionStore {
                 )
             })
             .collect();
-        let batch = serde_json::to_string(&batch)
-            .map_err(|e| StoreError::Corrupt(format!("run events do not serialize: {e}")))?;
+        let batch = json_text(&batch, "run events")?;
         // One statement: atomic as it is, no transaction around it (a BEGIN and a COMMIT are two more trips to the
         // connection's thread per group commit).
         let mut conn = self.appending(appender).await?;

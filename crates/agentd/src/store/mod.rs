@@ -513,6 +513,12 @@ pub struct RunEnd {
 /// What an interrupted run left by a stopped process is told, in its `error`.
 pub const STALE_RUN_ERROR: &str = "the process running it stopped before the run ended";
 
+/// `value` as the JSON text a statement is given; `what` names it in the error should it not serialize.
+fn json_text(value: &impl serde::Serialize, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Corrupt(format!("{what} do not serialize: {e}")))
+}
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

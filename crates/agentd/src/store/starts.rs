@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, like, queued};
+use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, json_text, like, queued};
 use crate::model::Message;
 
 /// The most starts committed in one batch; on SQLite a batch is run as scripts of these sizes, the largest first.
@@ -278,8 +278,7 @@ pub(super) async fn start_runs_postgres(
             make_chat,
         })
         .collect();
-    let starts = serde_json::to_string(&starts)
-        .map_err(|e| StoreError::Corrupt(format!("run starts do not serialize: {e}")))?;
+    let starts = json_text(&starts, "run starts")?;
     let rows = conn
         .fetch_all(
             "SELECT place::BIGINT AS place, chat_found, busy_run, history FROM agent_start_runs($1::jsonb)",
