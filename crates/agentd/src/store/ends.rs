@@ -5,8 +5,8 @@
 //! PostgreSQL each end took a pooled connection, a round trip and a commit: about 2,100 a second on a 2-core box, every
 //! connection of the pool taken by them for seconds. Here the ends waiting when a connection is free are committed
 //! together: on PostgreSQL in one call of `agent_finish_runs` (see its migration) for up to 16, several such calls at
-//! once on as many connections; on SQLite one after another on its one writer, taken once for them all. An end alone
-//! is a batch of one, as before.
+//! once on as many connections; on SQLite in scripts of 16, 8, 4, 2 or 1 ends on its one writer (`scripts.rs`), each
+//! one transaction and one trip to the writer's thread, as starts are. An end alone is a batch of one, as before.
 //!
 //! Nothing about an end changes: each is answered as if alone ([`StoreError::Fenced`] for a run no longer held under
 //! its epoch). A call that fails leaves nothing (its transaction rolls back), and its ends are made again one by one,
@@ -16,8 +16,9 @@
 //! Releases go the same way: at the shutdown deadline of a replica draining in handoff mode, every run it drives is
 //! released at once (its epoch raised, no owner) and announced, so that a replica following it continues it. Each was
 //! a commit and its announcement another; on PostgreSQL the releases waiting at the same moment now go in one call of
-//! `agent_release_runs` (up to 256), announced with its commit.
+//! `agent_release_runs` (up to 256), announced with its commit; on SQLite in scripts, as ends do.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +26,7 @@ use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
+use super::scripts::{Scripts, script_size};
 use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};
 use super::{json_text, to_i64};
 use crate::model::Message;
@@ -138,62 +140,63 @@ async fn commit_ends(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
     }
 }
 
-/// Commits `batch` on `conn` and answers each end and release: on PostgreSQL the ends in one call, the releases in
-/// another; on SQLite one by one.
+/// Commits `batch` on `conn` and answers each end and release: the ends together, then the releases; on PostgreSQL
+/// each in one call, on SQLite in scripts (`scripts.rs`).
 async fn commit_batch(mut conn: Conn, batch: Vec<Pending>) {
-    if conn.is_postgres() {
-        let (ends, releases): (Vec<Pending>, Vec<Pending>) = batch
-            .into_iter()
-            .partition(|pending| matches!(pending.ask, Ask::End(_)));
-        for asked in [ends, releases] {
-            if !asked.is_empty() {
-                commit_postgres(&mut conn, asked).await;
-            }
+    let (ends, releases): (Vec<Pending>, Vec<Pending>) = batch
+        .into_iter()
+        .partition(|pending| matches!(pending.ask, Ask::End(_)));
+    let mut calls = Vec::new();
+    for mut asked in [ends, releases] {
+        while !asked.is_empty() {
+            let size = if conn.is_postgres() {
+                asked.len()
+            } else {
+                script_size(asked.len())
+            };
+            let rest = asked.split_off(size);
+            calls.push(std::mem::replace(&mut asked, rest));
         }
-        return;
     }
-    let mut batch = batch.into_iter();
-    while let Some(pending) = batch.next() {
-        let done = match &pending.ask {
-            Ask::End(end) => finish_run_sqlite(&mut conn, pending.run_id, pending.epoch, end).await,
-            Ask::Release => release_run_sqlite(&mut conn, pending.run_id, pending.epoch).await,
-        };
-        // The writer is busy past its timeout (another process holds the lock) or gone: the ones left find it so,
-        // rather than each wait as long again.
-        if let Err(error) = &done
-            && error.is_unavailable()
-        {
-            for left in batch.by_ref() {
-                let _ = left.answer.send(Err(like(error)));
+    let mut calls = calls.into_iter();
+    while let Some(asked) = calls.next() {
+        if let Err(error) = commit_together(&mut conn, asked).await {
+            // The store is unavailable (SQLite's writer busy past its timeout, another process holding its lock; or
+            // the server gone): the ones left find it so, rather than each call wait as long again.
+            for pending in calls.by_ref().flatten() {
+                let _ = pending.answer.send(Err(like(&error)));
             }
         }
-        let _ = pending.answer.send(done);
     }
 }
 
-/// Commits `asked` (all ends, or all releases) in one PostgreSQL call and answers each (see
-/// [`each_alone_if_refused`]); a store unavailable answers them all so.
-async fn commit_postgres(conn: &mut Conn, asked: Vec<Pending>) {
-    match each_alone_if_refused(conn, &asked, call_postgres).await {
+/// Commits `asked` (all ends, or all releases) in one call and answers each (see [`each_alone_if_refused`]); a store
+/// unavailable answers them all so (the first with its own error), and is the error.
+async fn commit_together(conn: &mut Conn, asked: Vec<Pending>) -> Result<(), StoreError> {
+    match each_alone_if_refused(conn, &asked, call).await {
         Ok(answers) => {
             for (pending, answer) in asked.into_iter().zip(answers) {
                 let _ = pending.answer.send(answer);
             }
+            Ok(())
         }
         Err(error) => {
             let mut asked = asked.into_iter();
-            if let Some(first) = asked.next() {
-                for pending in asked {
-                    let _ = pending.answer.send(Err(like(&error)));
-                }
+            let first = asked.next();
+            for pending in asked {
+                let _ = pending.answer.send(Err(like(&error)));
+            }
+            let left = like(&error);
+            if let Some(first) = first {
                 let _ = first.answer.send(Err(error));
             }
+            Err(left)
         }
     }
 }
 
-/// One call for `asked`, all ends or all releases: each one's answer.
-async fn call_postgres(
+/// One call for `asked`, all ends or all releases (on SQLite, as many as a script holds): each one's answer.
+async fn call(
     conn: &mut Conn,
     asked: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
@@ -204,14 +207,23 @@ async fn call_postgres(
             Ask::Release => None,
         })
         .collect();
+    let postgres = conn.is_postgres();
     if !ends.is_empty() {
-        return finish_runs_postgres(conn, &ends).await;
+        return if postgres {
+            finish_runs_postgres(conn, &ends).await
+        } else {
+            finish_runs_sqlite(conn, &ends).await
+        };
     }
     let runs: Vec<(Uuid, u64)> = asked
         .iter()
         .map(|pending| (pending.run_id, pending.epoch))
         .collect();
-    release_runs_postgres(conn, &runs).await
+    if postgres {
+        release_runs_postgres(conn, &runs).await
+    } else {
+        release_runs_sqlite(conn, &runs).await
+    }
 }
 
 /// One end as `agent_finish_runs` reads it (see its migration).
@@ -256,7 +268,7 @@ pub(super) async fn finish_runs_postgres(
             &[Arg::Text(&json)],
         )
         .await?;
-    answers(&rows, ends.iter().map(|&(run, _, _)| run))
+    answers(&rows, ends.iter().map(|&(run, _, _)| run), unanswered)
 }
 
 /// One release as `agent_release_runs` reads it (see its migration).
@@ -283,19 +295,20 @@ async fn release_runs_postgres(
             &[Arg::Text(&json), Arg::Text(RELEASED_CHANNEL)],
         )
         .await?;
-    answers(&rows, runs.iter().map(|&(run, _)| run))
+    answers(&rows, runs.iter().map(|&(run, _)| run), unanswered)
 }
 
-/// The answers in `rows` (`place`, `done`) of a call for `runs`, in their order: `Fenced` for a run not done.
+/// The answers in `rows` (`place`, `done`) of a call for `runs`, in their order: `Fenced` for a run not done, and
+/// `missing` for a run no row answers (a SQLite script answers only the runs it changed; a PostgreSQL call answers
+/// each).
 fn answers(
     rows: &[Row],
     runs: impl ExactSizeIterator<Item = Uuid>,
+    missing: fn(Uuid) -> StoreError,
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let runs: Vec<Uuid> = runs.collect();
-    let mut answers: Vec<Result<(), StoreError>> = runs
-        .iter()
-        .map(|_| Err(StoreError::Corrupt("a run with no answer".to_owned())))
-        .collect();
+    let mut answers: Vec<Result<(), StoreError>> =
+        runs.iter().map(|&run| Err(missing(run))).collect();
     for row in rows {
         let place = usize::try_from(row.get::<i64>("place")?)
             .ok()
@@ -310,72 +323,94 @@ fn answers(
     Ok(answers)
 }
 
-/// The SQLite end of run `run_id` on `conn` (the writer): one script with its transaction, one trip to the writer's
-/// thread (not one per statement, the writer held while this task waits its turn between them). Each statement goes
-/// on only if the one before it changed its row: a run no longer held here (`Fenced`) changes nothing, and its empty
-/// transaction commits. The messages go as a JSON array of their JSON texts, stored as they are, in order after the
-/// chat's last.
-async fn finish_run_sqlite(
-    conn: &mut Conn,
-    run_id: Uuid,
-    epoch: u64,
-    end: &RunEnd,
-) -> Result<(), StoreError> {
-    let texts = end
-        .messages
-        .iter()
-        .map(serde_json::to_string)
-        .collect::<Result<Vec<String>, _>>()
-        .and_then(|texts| serde_json::to_string(&texts))
-        .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
-    let mut args = end_args(run_id, epoch, end);
-    args.push(Arg::Text(&texts));
-    let ran = conn
-        .script(
-            "BEGIN IMMEDIATE; \
-             UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
-             output_tokens = $7, total_tokens = $8, finished_at = {now} \
-             WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING chat_id; \
-             UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $6, \
-             total_output_tokens = total_output_tokens + $7, total_tokens = total_tokens + $8 \
-             WHERE id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1; \
-             INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
-             SELECT c.id, n.next + m.key, m.value, $1, {now} FROM agent_chats c, \
-             (SELECT COALESCE(MAX(message_index) + 1, 0) AS next FROM agent_chat_messages \
-             WHERE chat_id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1)) n, json_each($9) m \
-             WHERE c.id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1 \
-             ORDER BY m.key; \
-             COMMIT",
-            &args,
-        )
-        .await;
-    let rows = match ran {
-        Ok(rows) => rows,
-        Err(error) => {
-            // A statement that failed leaves its transaction open on the connection (which is closed rather than
-            // given back): roll it back, so the next ends can be made on it. Nothing to roll back is no harm.
-            let _ = conn.execute("ROLLBACK", &[]).await;
-            return Err(error);
-        }
-    };
-    if rows.is_empty() {
-        return Err(StoreError::Fenced(run_id));
-    }
-    Ok(())
+/// A run a PostgreSQL call did not answer: its functions answer each.
+fn unanswered(_: Uuid) -> StoreError {
+    StoreError::Corrupt("a run with no answer".to_owned())
 }
 
-/// The SQLite release of run `run_id` on `conn` (the writer); nobody else to announce it to.
-async fn release_run_sqlite(conn: &mut Conn, run_id: Uuid, epoch: u64) -> Result<(), StoreError> {
-    let released = conn
-        .execute(
-            "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
-             WHERE id = $1 AND epoch = $2 AND status = 'running'",
-            &[Arg::Id(run_id), Arg::Int(to_i64(epoch))],
-        )
-        .await?;
-    if released == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced(run_id))
+/// One SQLite end's statements (see [`Scripts`]). Each goes on only if the one before it changed its row: a run no
+/// longer held here (`Fenced`) changes nothing and answers no row. The messages go as a JSON array of their JSON texts,
+/// stored as they are, in order after the chat's last.
+const END: &str = "UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
+     output_tokens = $7, total_tokens = $8, finished_at = {now} \
+     WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING {place} AS place, TRUE AS done; \
+     UPDATE agent_chats SET updated_at = {now}, total_input_tokens = total_input_tokens + $6, \
+     total_output_tokens = total_output_tokens + $7, total_tokens = total_tokens + $8 \
+     WHERE id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1; \
+     INSERT INTO agent_chat_messages (chat_id, message_index, message, run_id, created_at) \
+     SELECT c.id, n.next + m.key, m.value, $1, {now} FROM agent_chats c, \
+     (SELECT COALESCE(MAX(message_index) + 1, 0) AS next FROM agent_chat_messages \
+     WHERE chat_id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1)) n, json_each($9) m \
+     WHERE c.id = (SELECT chat_id FROM agent_chat_runs WHERE id = $1) AND changes() = 1 \
+     ORDER BY m.key; ";
+
+/// The arguments of one end in a script.
+const ARGS_PER_END: usize = 9;
+
+/// One SQLite release's statement: a run no longer held under the epoch answers no row. Nobody else to announce it to.
+const RELEASE: &str = "UPDATE agent_chat_runs SET owner_instance = '', epoch = epoch + 1, heartbeat_at = {now} \
+     WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING {place} AS place, TRUE AS done; ";
+
+/// The SQLite ends `ends` on `conn` (the writer), as many as a script holds: one script, one transaction. Each end's
+/// answer; when the script fails, nothing of it is kept.
+async fn finish_runs_sqlite(
+    conn: &mut Conn,
+    ends: &[(Uuid, u64, &RunEnd)],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    let texts = ends
+        .iter()
+        .map(|(_, _, end)| {
+            let texts = end
+                .messages
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<Result<Vec<String>, _>>()?;
+            serde_json::to_string(&texts)
+        })
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
+    let mut args = Vec::with_capacity(ends.len() * ARGS_PER_END);
+    for (&(run_id, epoch, end), texts) in ends.iter().zip(&texts) {
+        args.extend(end_args(run_id, epoch, end));
+        args.push(Arg::Text(texts));
     }
+    let script = SCRIPTS.get_or_init(|| Scripts::new(END, ARGS_PER_END));
+    let rows = run_script(conn, script.of(ends.len()), &args).await?;
+    answers(
+        &rows,
+        ends.iter().map(|&(run, _, _)| run),
+        StoreError::Fenced,
+    )
+}
+
+/// The SQLite releases of `runs` (id, epoch) on `conn` (the writer), as many as a script holds: one script, one
+/// transaction. Each one's answer ([`StoreError::Fenced`]: no longer held under that epoch).
+async fn release_runs_sqlite(
+    conn: &mut Conn,
+    runs: &[(Uuid, u64)],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    let args: Vec<Arg<'_>> = runs
+        .iter()
+        .flat_map(|&(run, epoch)| [Arg::Id(run), Arg::Int(to_i64(epoch))])
+        .collect();
+    let script = SCRIPTS.get_or_init(|| Scripts::new(RELEASE, 2));
+    let rows = run_script(conn, script.of(runs.len()), &args).await?;
+    answers(&rows, runs.iter().map(|&(run, _)| run), StoreError::Fenced)
+}
+
+/// Runs `script` on `conn` (the writer): its rows. A statement that failed leaves its transaction open on the
+/// connection (which is closed rather than given back): it is rolled back, so that the script's ends or releases can
+/// be made again one by one on it. Nothing to roll back is no harm.
+async fn run_script(
+    conn: &mut Conn,
+    script: &str,
+    args: &[Arg<'_>],
+) -> Result<Vec<Row>, StoreError> {
+    let ran = conn.script(script, args).await;
+    if ran.is_err() {
+        let _ = conn.execute("ROLLBACK", &[]).await;
+    }
+    ran
 }

@@ -45,6 +45,7 @@ mod events;
 mod listen;
 mod postgres;
 mod runs;
+mod scripts;
 mod sqlite;
 mod starts;
 mod waits;

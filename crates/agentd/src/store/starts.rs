@@ -23,27 +23,27 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
+use super::scripts::{MAX_SCRIPT, Scripts, script_size};
 use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, json_text, like, queued};
 use crate::model::Message;
 
-/// The most starts committed in one batch; on SQLite a batch is run as scripts of these sizes, the largest first.
-const SCRIPT_SIZES: [usize; 5] = [16, 8, 4, 2, 1];
-const MAX_BATCH: usize = SCRIPT_SIZES[0];
+/// The most starts committed in one batch; on SQLite a batch is run as scripts (`scripts.rs`), the largest first.
+const MAX_BATCH: usize = MAX_SCRIPT;
 
 /// The arguments of one start in a script: `$1`..`$12` for the first, `$13`..`$24` for the second, and so on.
 const ARGS_PER_START: usize = 12;
 
-/// One start's statements (`{start}`: its place in the script, which tags the rows it reads). The reads come first,
+/// One start's statements (`{place}`: its place in the script, which tags the rows it reads). The reads come first,
 /// tagged by `kind`; the writes that follow happen only for a chat that exists and has no run going (a refused start
 /// writes nothing). The chat is made first when `$12` is 1 (dev mode, a chat nobody made).
 const START: &str = "INSERT INTO agent_chats (id, org_id, user_id, canvas_id, created_at, updated_at) \
      SELECT $2, $9, $10, $11, {now}, {now} WHERE $12 = 1 ON CONFLICT (id) DO NOTHING; \
-     SELECT {start} AS start, 'chat' AS kind, NULL AS value FROM agent_chats \
+     SELECT {place} AS start, 'chat' AS kind, NULL AS value FROM agent_chats \
      WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11; \
-     SELECT {start} AS start, 'busy' AS kind, id AS value FROM agent_chat_runs \
+     SELECT {place} AS start, 'busy' AS kind, id AS value FROM agent_chat_runs \
      WHERE chat_id = $2 AND status = 'running' AND EXISTS (SELECT 1 FROM agent_chats \
      WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) LIMIT 1; \
-     SELECT {start} AS start, 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
+     SELECT {place} AS start, 'message' AS kind, message AS value FROM agent_chat_messages WHERE chat_id = $2 \
      AND EXISTS (SELECT 1 FROM agent_chats \
      WHERE id = $2 AND org_id = $9 AND user_id = $10 AND canvas_id = $11) ORDER BY message_index; \
      INSERT INTO agent_chat_runs (id, chat_id, model, status, owner_instance, agent_context, \
@@ -154,10 +154,7 @@ async fn commit_batch(mut conn: Conn, mut batch: Vec<Pending>) {
         let size = if conn.is_postgres() {
             batch.len()
         } else {
-            SCRIPT_SIZES
-                .into_iter()
-                .find(|&size| size <= batch.len())
-                .expect("a script of one start")
+            script_size(batch.len())
         };
         let rest = batch.split_off(size);
         let script = std::mem::replace(&mut batch, rest);
@@ -338,42 +335,10 @@ fn read_answers(
 /// The script of `starts` starts (one of [`SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with its own
 /// arguments, `COMMIT`.
 fn script(starts: usize) -> &'static str {
-    static SCRIPTS: OnceLock<Vec<String>> = OnceLock::new();
-    let scripts = SCRIPTS.get_or_init(|| {
-        SCRIPT_SIZES
-            .iter()
-            .map(|&size| {
-                let mut script = String::from("BEGIN IMMEDIATE; ");
-                for start in 0..size {
-                    let statements = START.replace("{start}", &start.to_string());
-                    script.push_str(&renumbered(&statements, start * ARGS_PER_START));
-                }
-                script.push_str("COMMIT");
-                script
-            })
-            .collect()
-    });
-    let at = SCRIPT_SIZES
-        .iter()
-        .position(|&size| size == starts)
-        .expect("a script of one of the sizes");
-    &scripts[at]
-}
-
-/// `sql` with each `$N` made `$(N + offset)`.
-fn renumbered(sql: &str, offset: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..=at]);
-        rest = &rest[at + 1..];
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let n: usize = rest[..digits].parse().expect("a placeholder's number");
-        out.push_str(&(n + offset).to_string());
-        rest = &rest[digits..];
-    }
-    out.push_str(rest);
-    out
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS
+        .get_or_init(|| Scripts::new(START, ARGS_PER_START))
+        .of(starts)
 }
 
 #[cfg(test)]
@@ -382,10 +347,6 @@ mod tests {
 
     #[test]
     fn each_start_of_a_script_reads_its_own_arguments() {
-        assert_eq!(
-            renumbered("a = $1 AND b = $12, $2", 12),
-            "a = $13 AND b = $24, $14"
-        );
         let two = script(2);
         assert!(two.starts_with("BEGIN IMMEDIATE; ") && two.ends_with("COMMIT"));
         assert!(two.contains("$24") && !two.contains("$25"));

@@ -1506,6 +1506,112 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
     store.close().await;
 }
 
+/// On SQLite, ends that arrive while the writer is busy go to it together, in scripts of up to 16 (one transaction,
+/// one commit, one trip to the writer's thread each) rather than a commit each. An end SQLite refuses (here a trigger
+/// aborts it) fails its script, which leaves nothing; its ends are then made one by one, and only that one fails.
+#[tokio::test]
+async fn ends_arriving_together_go_in_scripts_of_sixteen_and_one_refused_fails_alone_sqlite() {
+    let db = TestDb::sqlite();
+    let store = db.open().await;
+    // Commits counted in the WAL, while a reader keeps SQLite from starting it over (tried again if it did).
+    let mut counted = None;
+    for _ in 0..5 {
+        let mut runs = Vec::new();
+        for i in 0..60 {
+            let (_, run) = started_run(&store).await;
+            runs.push((run.id, answered(&format!("answer {i}"))));
+        }
+        let pin = db.pin_wal().await;
+        let (salt, before) = db.wal_commits();
+        for (run, end) in &runs[..20] {
+            store.finish_run(*run, 1, end).await.unwrap();
+        }
+        let (_, alone) = db.wal_commits();
+        let answers = futures_util::future::join_all(
+            runs[20..]
+                .iter()
+                .map(|(run, end)| store.finish_run(*run, 1, end)),
+        )
+        .await;
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        let (salt_after, together) = db.wal_commits();
+        drop(pin);
+        for (run, end) in &runs {
+            let stored = store.get_run(*run).await.unwrap().unwrap();
+            assert_eq!(
+                (stored.status, &stored.output),
+                (RunStatus::Completed, &end.output)
+            );
+        }
+        if salt_after == salt {
+            counted = Some((alone - before, together - alone));
+            break;
+        }
+    }
+    let (alone, together) = counted.expect("the WAL was started over in each of five tries");
+    assert_eq!(alone, 20, "a commit per end made alone");
+    // All 40 queue before the first is taken: 16, 16, then 8.
+    assert!(
+        (3..=6).contains(&together),
+        "{together} commits for 40 ends arriving together"
+    );
+
+    db.execute(
+        "CREATE TRIGGER refuse_an_end BEFORE UPDATE OF status ON agent_chat_runs \
+         WHEN NEW.partial_output LIKE 'refuse%' BEGIN SELECT RAISE(ABORT, 'refused on purpose'); END",
+        "",
+    )
+    .await;
+    let mut runs = Vec::new();
+    for i in 0..10 {
+        let (chat, run) = started_run(&store).await;
+        let text = if i == 4 {
+            "refuse this one".to_owned()
+        } else {
+            format!("answer {i}")
+        };
+        runs.push((chat.id, run.id, answered(&text)));
+    }
+    let answers = futures_util::future::join_all(
+        runs.iter()
+            .map(|(_, run, end)| store.finish_run(*run, 1, end)),
+    )
+    .await;
+    for (i, ((chat, run, end), answer)) in runs.iter().zip(&answers).enumerate() {
+        let stored = store.get_run(*run).await.unwrap().unwrap();
+        let messages = store.messages(*chat).await.unwrap().len();
+        let totals = store.get_chat(*chat).await.unwrap().unwrap().totals;
+        if i == 4 {
+            assert!(
+                matches!(answer, Err(StoreError::Database(sqlx::Error::Database(_)))),
+                "{answer:?}"
+            );
+            assert_eq!(
+                (stored.status, messages, totals),
+                (RunStatus::Running, 1, Usage::default())
+            );
+        } else {
+            assert!(answer.is_ok(), "{answer:?}");
+            assert_eq!(
+                (stored.status, &stored.output, messages, totals),
+                (RunStatus::Completed, &end.output, 2, Usage::new(1, 1))
+            );
+        }
+    }
+    // Alone, it fails as the store refused it: not as a store that could not be reached.
+    let (_, alone) = started_run(&store).await;
+    let refused = store
+        .finish_run(alone.id, 1, &answered("refuse it alone"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Database(sqlx::Error::Database(_)))
+            && !refused.is_unavailable(),
+        "{refused:?}"
+    );
+    store.close().await;
+}
+
 /// Releases that arrive together (every run of a replica at its shutdown deadline, in handoff mode) are committed
 /// together, each answered as if alone: a run held under the epoch given is released (no owner, its epoch raised),
 /// one claimed meanwhile or ended is not, and nothing is written for it. Ends arriving at the same moment go beside

@@ -93,6 +93,51 @@ impl TestDb {
         std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
     }
 
+    /// This SQLite database's WAL as it is now: its salt (new whenever SQLite starts the WAL over, writing its frames
+    /// from the start again) and how many commits it holds since it started.
+    pub fn wal_commits(&self) -> (u32, usize) {
+        let Self::Sqlite { url, .. } = self else {
+            panic!("the WAL is SQLite's");
+        };
+        let wal = std::fs::read(format!("{}-wal", url.trim_start_matches("sqlite://")))
+            .unwrap_or_default();
+        if wal.len() < 32 {
+            return (0, 0);
+        }
+        // Big-endian words: the header's page size and salt; each frame's page, the database's size in pages after
+        // it when it commits a transaction (0 otherwise), and the salt of the WAL it was written in.
+        let word = |at: usize| u32::from_be_bytes(wal[at..at + 4].try_into().unwrap());
+        let page = match word(8) {
+            1 => 65_536,
+            size => size as usize,
+        };
+        let salt = (word(16), word(20));
+        let mut commits = 0;
+        let mut at = 32;
+        while at + 24 + page <= wal.len() && (word(at + 8), word(at + 12)) == salt {
+            if word(at + 4) != 0 {
+                commits += 1;
+            }
+            at += 24 + page;
+        }
+        (salt.0, commits)
+    }
+
+    /// A reader of this SQLite database in a transaction begun just after a commit of its own: while it is open,
+    /// SQLite cannot start the WAL over (new commits go after the ones in it), unless a checkpoint copied that
+    /// commit back before the reader began (the salt of [`Self::wal_commits`] tells).
+    pub async fn pin_wal(&self) -> sqlx::SqliteConnection {
+        let mut conn = sqlx::SqliteConnection::connect(self.url()).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS wal_pin (at INTEGER); INSERT INTO wal_pin VALUES (1); BEGIN; \
+             SELECT count(*) FROM wal_pin",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn
+    }
+
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite { url, .. } | Self::Postgres { url } => url,
