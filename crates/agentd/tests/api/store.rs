@@ -572,7 +572,8 @@ async fn add_runs(conn: &mut sqlx::PgConnection, count: i64, running: bool) {
 /// group commits, end, replay, cancel, detach, the lease rounds) and what the gRPC API does read no table whole.
 /// Its connections plan each statement once, and a plan made on the empty store (reading a table whole looks cheapest
 /// there) was kept: every group commit read every run there was. Deleting a chat read every message once for each of
-/// its runs (their messages are deleted with them, by `run_id`, which had no index).
+/// its runs (their messages are deleted with them, by `run_id`, which had no index). Then an agentd started on that
+/// store sweeps the events of its 5,000 runs that finished two days ago, a step of runs at a time, by key too.
 #[tokio::test]
 async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
     use agentd::grpc::proto::agents_client::AgentsClient;
@@ -593,6 +594,8 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
          generate_series(0, 1) i",
         "INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
          SELECT id, 1, 1, '{\"type\":\"done\"}' FROM agent_chat_runs",
+        // Past the retention: swept by the next agentd to start (this one swept the empty store as it started).
+        "UPDATE agent_chat_runs SET finished_at = now() - interval '2 days'",
         "ANALYZE",
         // What this connection read filling the store is not counted.
         "SELECT pg_stat_force_next_flush()",
@@ -685,6 +688,14 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
     .unwrap();
 
     // A backend reports what it read when it exits: stop agentd and wait for all of its backends to be gone.
+    server.signal("TERM");
+    assert!(server.exit_status().await.success());
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let swept = server
+        .wait_for_log_where(|l| l["message"] == "swept the events of finished runs")
+        .await
+        .unwrap();
+    assert_eq!(swept["rows"], MANY, "{swept}");
     server.signal("TERM");
     assert!(server.exit_status().await.success());
     other_backends_gone(&mut conn).await;
