@@ -714,6 +714,66 @@ async fn agentd_reads_no_table_whole_once_the_store_holds_many_postgres() {
     );
 }
 
+/// Every foreign key of the SQLite store has an index whose leading columns are the key's: deleting a chat deletes
+/// its runs, their messages and their run log through the keys (`ON DELETE CASCADE`), and SQLite finds the rows of a
+/// key without such an index by reading the whole table, once per row deleted. (The PostgreSQL store is checked by
+/// what agentd reads: `agentd_reads_no_table_whole_once_the_store_holds_many_postgres`.)
+#[tokio::test]
+async fn every_foreign_key_of_the_store_has_an_index_that_finds_its_rows_sqlite() {
+    use sqlx::Connection;
+    let db = TestDb::sqlite();
+    db.open().await.close().await;
+    let mut conn = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'agent\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut keys = 0;
+    for table in &tables {
+        // (key, position, column), and each index's columns in order.
+        let mut columns: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT id, seq, \"from\" FROM pragma_foreign_key_list($1) ORDER BY id, seq",
+        )
+        .bind(table)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let mut indexes = Vec::new();
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_index_list($1)")
+            .bind(table)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        for name in names {
+            let indexed: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM pragma_index_info($1) ORDER BY seqno")
+                    .bind(&name)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            indexes.push(indexed);
+        }
+        while let Some(&(id, _, _)) = columns.first() {
+            let key: Vec<String> = columns
+                .iter()
+                .take_while(|(of, _, _)| *of == id)
+                .map(|(_, _, column)| column.clone())
+                .collect();
+            columns.drain(..key.len());
+            keys += 1;
+            assert!(
+                indexes.iter().any(|index| index.starts_with(&key)),
+                "{table} ({}) has no index that starts with it: {indexes:?}",
+                key.join(", ")
+            );
+        }
+    }
+    // The chats' runs and messages, the runs' messages and run log.
+    assert!(keys >= 4, "{keys} foreign keys in {tables:?}");
+}
+
 /// Waits until `conn` is the only connection to its database: a backend reports what it read (`pg_stat_*`) as it
 /// exits.
 async fn other_backends_gone(conn: &mut sqlx::PgConnection) {
