@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
-use super::scripts::{Scripts, script_size};
+use super::scripts::{self, Scripts, script_size};
 use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};
 use super::{json_text, to_i64};
 use crate::model::Message;
@@ -376,7 +376,7 @@ async fn finish_runs_sqlite(
         args.push(Arg::Text(texts));
     }
     let script = SCRIPTS.get_or_init(|| Scripts::new(END, ARGS_PER_END));
-    let rows = run_script(conn, script.of(ends.len()), &args).await?;
+    let rows = scripts::run(conn, script.of(ends.len()), &args).await?;
     answers(
         &rows,
         ends.iter().map(|&(run, _, _)| run),
@@ -396,21 +396,6 @@ async fn release_runs_sqlite(
         .flat_map(|&(run, epoch)| [Arg::Id(run), Arg::Int(to_i64(epoch))])
         .collect();
     let script = SCRIPTS.get_or_init(|| Scripts::new(RELEASE, 2));
-    let rows = run_script(conn, script.of(runs.len()), &args).await?;
+    let rows = scripts::run(conn, script.of(runs.len()), &args).await?;
     answers(&rows, runs.iter().map(|&(run, _)| run), StoreError::Fenced)
-}
-
-/// Runs `script` on `conn` (the writer): its rows. A statement that failed leaves its transaction open on the
-/// connection (which is closed rather than given back): it is rolled back, so that the script's ends or releases can
-/// be made again one by one on it. Nothing to roll back is no harm.
-async fn run_script(
-    conn: &mut Conn,
-    script: &str,
-    args: &[Arg<'_>],
-) -> Result<Vec<Row>, StoreError> {
-    let ran = conn.script(script, args).await;
-    if ran.is_err() {
-        let _ = conn.execute("ROLLBACK", &[]).await;
-    }
-    ran
 }

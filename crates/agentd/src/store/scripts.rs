@@ -6,6 +6,9 @@
 //! with its own arguments, `COMMIT`. A script's text depends on how many it holds, so there are a few sizes, each
 //! prepared once, and a batch is sent as scripts of those sizes, the largest first.
 
+use super::StoreError;
+use super::db::{Arg, Conn, Row};
+
 /// How many a script holds, largest first; a batch is sent as scripts of these sizes.
 pub(super) const SCRIPT_SIZES: [usize; 5] = [16, 8, 4, 2, 1];
 
@@ -51,6 +54,21 @@ pub(super) fn script_size(waiting: usize) -> usize {
         .into_iter()
         .find(|&size| size <= waiting)
         .unwrap_or(1)
+}
+
+/// Runs `script` on `conn` (the writer): the rows of all its statements. A statement that failed leaves the script's
+/// transaction open on the connection (which is closed rather than given back): it is rolled back, so that what the
+/// script held can be made again one by one on it. Nothing to roll back is no harm.
+pub(super) async fn run(
+    conn: &mut Conn,
+    script: &str,
+    args: &[Arg<'_>],
+) -> Result<Vec<Row>, StoreError> {
+    let ran = conn.script(script, args).await;
+    if ran.is_err() {
+        let _ = conn.execute("ROLLBACK", &[]).await;
+    }
+    ran
 }
 
 /// `sql` with each `$N` made `$(N + offset)`.

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::scripts::{MAX_SCRIPT, Scripts, script_size};
+use super::scripts::{self, MAX_SCRIPT, Scripts, script_size};
 use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, json_text, like, queued};
 use crate::model::Message;
 
@@ -220,15 +220,7 @@ async fn run_script(
             Arg::Int(i64::from(*make_chat)),
         ]);
     }
-    let rows = match conn.script(script(runs.len()), &args).await {
-        Ok(rows) => rows,
-        Err(error) => {
-            // A statement that failed leaves its transaction open on the connection (which is closed rather than
-            // given back): roll it back, so the starts can be run again on it. Nothing to roll back is no harm.
-            let _ = conn.execute("ROLLBACK", &[]).await;
-            return Err(error);
-        }
-    };
+    let rows = scripts::run(conn, script(runs.len()), &args).await?;
     read_answers(runs, &rows)
 }
 
