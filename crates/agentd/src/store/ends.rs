@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
 use super::runs::end_args;
-use super::scripts::{self, Scripts, script_size};
+use super::scripts::{self, Scripts, take_call};
 use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};
 use super::{json_text, to_i64};
 use crate::model::Message;
@@ -149,13 +149,7 @@ async fn commit_batch(mut conn: Conn, batch: Vec<Pending>) {
     let mut calls = Vec::new();
     for mut asked in [ends, releases] {
         while !asked.is_empty() {
-            let size = if conn.is_postgres() {
-                asked.len()
-            } else {
-                script_size(asked.len())
-            };
-            let rest = asked.split_off(size);
-            calls.push(std::mem::replace(&mut asked, rest));
+            calls.push(take_call(conn.is_postgres(), &mut asked));
         }
     }
     let mut calls = calls.into_iter();

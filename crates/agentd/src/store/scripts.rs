@@ -48,8 +48,20 @@ impl Scripts {
     }
 }
 
+/// Takes from the front of `waiting` (not empty) what one call makes: all of it on PostgreSQL (one call of a function
+/// that takes them all), the largest script's worth that fits on SQLite.
+pub(super) fn take_call<T>(postgres: bool, waiting: &mut Vec<T>) -> Vec<T> {
+    let size = if postgres {
+        waiting.len()
+    } else {
+        script_size(waiting.len())
+    };
+    let rest = waiting.split_off(size);
+    std::mem::replace(waiting, rest)
+}
+
 /// The size of the script that takes the first of `waiting` (at least one): the largest that fits.
-pub(super) fn script_size(waiting: usize) -> usize {
+fn script_size(waiting: usize) -> usize {
     SCRIPT_SIZES
         .into_iter()
         .find(|&size| size <= waiting)
@@ -106,16 +118,18 @@ mod tests {
 
     #[test]
     fn a_batch_goes_in_the_largest_scripts_that_fit() {
-        let sizes = |mut waiting: usize| {
-            let mut sizes = Vec::new();
-            while waiting > 0 {
-                sizes.push(script_size(waiting));
-                waiting -= script_size(waiting);
+        let calls = |postgres: bool, waiting: usize| {
+            let mut waiting: Vec<usize> = (0..waiting).collect();
+            let mut calls = Vec::new();
+            while !waiting.is_empty() {
+                calls.push(take_call(postgres, &mut waiting));
             }
-            sizes
+            calls
         };
-        assert_eq!(sizes(1), [1]);
-        assert_eq!(sizes(23), [16, 4, 2, 1]);
-        assert_eq!(sizes(32), [16, 16]);
+        assert_eq!(calls(false, 1), [vec![0]]);
+        let sizes: Vec<usize> = calls(false, 23).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [16, 4, 2, 1]);
+        assert_eq!(calls(false, 32)[1], (16..32).collect::<Vec<_>>());
+        assert_eq!(calls(true, 23), [(0..23).collect::<Vec<_>>()]);
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db, Row};
-use super::scripts::{self, MAX_SCRIPT, Scripts, script_size};
+use super::scripts::{self, MAX_SCRIPT, Scripts, take_call};
 use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, json_text, like, queued};
 use crate::model::Message;
 
@@ -151,13 +151,7 @@ async fn commit_starts(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
 /// above.
 async fn commit_batch(mut conn: Conn, mut batch: Vec<Pending>) {
     while !batch.is_empty() {
-        let size = if conn.is_postgres() {
-            batch.len()
-        } else {
-            script_size(batch.len())
-        };
-        let rest = batch.split_off(size);
-        let script = std::mem::replace(&mut batch, rest);
+        let script = take_call(conn.is_postgres(), &mut batch);
         match commit_script(&mut conn, &script).await {
             Ok(answers) => {
                 for (pending, answer) in script.into_iter().zip(answers) {
