@@ -1,7 +1,7 @@
 //! Where the two backends differ, in one place: connections, how values are bound and read, and a few SQL fragments.
 //!
 //! Queries are written once, with `$N` placeholders (SQLite reads `$N` as the Nth argument too) and `{token}`s for
-//! the fragments that differ ([`Db::sql`]). Values are bound as [`Arg`]s and read through [`Row`], which turn them
+//! the fragments that differ ([`sql`]). Values are bound as [`Arg`]s and read through [`Row`], which turn them
 //! into each backend's own types: SQLite keeps ids as UUID text, times as Unix milliseconds and messages as JSON
 //! text; PostgreSQL has `uuid`, `timestamptz` and `jsonb`. Times come from the database (`{now}`), so PostgreSQL
 //! replicas with skewed clocks still agree on which heartbeats are stale.

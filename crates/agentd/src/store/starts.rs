@@ -318,7 +318,7 @@ fn read_answers(
     Ok(answers)
 }
 
-/// The script of `starts` starts (one of [`SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with its own
+/// The script of `starts` starts (one of [`scripts::SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with its own
 /// arguments, `COMMIT`.
 fn script(starts: usize) -> &'static str {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
