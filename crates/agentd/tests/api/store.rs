@@ -1533,40 +1533,53 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
     calls_come_to(&db, "agent_finish_runs", 3).await;
 
     let store = db.open().await;
+    one_refused_end_fails_alone(&store, "a NUL \u{0}").await;
+    store.close().await;
+}
+
+/// Ten ends arrive together, the fifth with an answer beginning with `refused`, which the store refuses: only that
+/// one fails, and nothing of it is kept (its run still going, its chat without its message or usage); the others are
+/// stored. Then such an end alone fails as the store refused it, not as a store that could not be reached.
+async fn one_refused_end_fails_alone(store: &SessionStore, refused: &str) {
     let mut runs = Vec::new();
     for i in 0..10 {
-        let (_, run) = started_run(&store).await;
+        let (chat, run) = started_run(store).await;
         let text = if i == 4 {
-            "a NUL \u{0} in it".to_owned()
+            format!("{refused} in a call")
         } else {
             format!("answer {i}")
         };
-        runs.push((run.id, answered(&text)));
+        runs.push((chat.id, run.id, answered(&text)));
     }
     let answers = futures_util::future::join_all(
-        runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
+        runs.iter()
+            .map(|(_, run, end)| store.finish_run(*run, 1, end)),
     )
     .await;
-    for (i, ((run, end), answer)) in runs.iter().zip(&answers).enumerate() {
+    for (i, ((chat, run, end), answer)) in runs.iter().zip(&answers).enumerate() {
         let stored = store.get_run(*run).await.unwrap().unwrap();
+        let messages = store.messages(*chat).await.unwrap().len();
+        let totals = store.get_chat(*chat).await.unwrap().unwrap().totals;
         if i == 4 {
             assert!(
                 matches!(answer, Err(StoreError::Database(sqlx::Error::Database(_)))),
                 "{answer:?}"
             );
-            assert_eq!(stored.status, RunStatus::Running);
+            assert_eq!(
+                (stored.status, messages, totals),
+                (RunStatus::Running, 1, Usage::default())
+            );
         } else {
             assert!(answer.is_ok(), "{answer:?}");
             assert_eq!(
-                (stored.status, &stored.output),
-                (RunStatus::Completed, &end.output)
+                (stored.status, &stored.output, messages, totals),
+                (RunStatus::Completed, &end.output, 2, Usage::new(1, 1))
             );
         }
     }
-    // Alone, it fails as the store refused it: not as a store that could not be reached.
-    let (_, alone) = started_run(&store).await;
+    let (_, alone) = started_run(store).await;
     let refused = store
-        .finish_run(alone.id, 1, &answered("a NUL \u{0} alone"))
+        .finish_run(alone.id, 1, &answered(&format!("{refused} alone")))
         .await
         .unwrap_err();
     assert!(
@@ -1574,7 +1587,6 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
             && !refused.is_unavailable(),
         "{refused:?}"
     );
-    store.close().await;
 }
 
 /// On SQLite, ends that arrive while the writer is busy go to it together, in scripts of up to 16 (one transaction,
@@ -1633,53 +1645,7 @@ async fn ends_arriving_together_go_in_scripts_of_sixteen_and_one_refused_fails_a
         "",
     )
     .await;
-    let mut runs = Vec::new();
-    for i in 0..10 {
-        let (chat, run) = started_run(&store).await;
-        let text = if i == 4 {
-            "refuse this one".to_owned()
-        } else {
-            format!("answer {i}")
-        };
-        runs.push((chat.id, run.id, answered(&text)));
-    }
-    let answers = futures_util::future::join_all(
-        runs.iter()
-            .map(|(_, run, end)| store.finish_run(*run, 1, end)),
-    )
-    .await;
-    for (i, ((chat, run, end), answer)) in runs.iter().zip(&answers).enumerate() {
-        let stored = store.get_run(*run).await.unwrap().unwrap();
-        let messages = store.messages(*chat).await.unwrap().len();
-        let totals = store.get_chat(*chat).await.unwrap().unwrap().totals;
-        if i == 4 {
-            assert!(
-                matches!(answer, Err(StoreError::Database(sqlx::Error::Database(_)))),
-                "{answer:?}"
-            );
-            assert_eq!(
-                (stored.status, messages, totals),
-                (RunStatus::Running, 1, Usage::default())
-            );
-        } else {
-            assert!(answer.is_ok(), "{answer:?}");
-            assert_eq!(
-                (stored.status, &stored.output, messages, totals),
-                (RunStatus::Completed, &end.output, 2, Usage::new(1, 1))
-            );
-        }
-    }
-    // Alone, it fails as the store refused it: not as a store that could not be reached.
-    let (_, alone) = started_run(&store).await;
-    let refused = store
-        .finish_run(alone.id, 1, &answered("refuse it alone"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&refused, StoreError::Database(sqlx::Error::Database(_)))
-            && !refused.is_unavailable(),
-        "{refused:?}"
-    );
+    one_refused_end_fails_alone(&store, "refuse").await;
     store.close().await;
 }
 

@@ -86,21 +86,23 @@ impl TestDb {
 
     /// The size of this SQLite database's WAL file now (0 when there is none).
     pub fn wal_bytes(&self) -> u64 {
+        std::fs::metadata(self.wal_path())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Where this SQLite database's WAL is.
+    fn wal_path(&self) -> String {
         let Self::Sqlite { url, .. } = self else {
             panic!("the WAL is SQLite's");
         };
-        let wal = format!("{}-wal", url.trim_start_matches("sqlite://"));
-        std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+        format!("{}-wal", url.trim_start_matches("sqlite://"))
     }
 
     /// This SQLite database's WAL as it is now: its salt (new whenever SQLite starts the WAL over, writing its frames
     /// from the start again) and how many commits it holds since it started.
     pub fn wal_commits(&self) -> (u32, usize) {
-        let Self::Sqlite { url, .. } = self else {
-            panic!("the WAL is SQLite's");
-        };
-        let wal = std::fs::read(format!("{}-wal", url.trim_start_matches("sqlite://")))
-            .unwrap_or_default();
+        let wal = std::fs::read(self.wal_path()).unwrap_or_default();
         if wal.len() < 32 {
             return (0, 0);
         }
