@@ -17,13 +17,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// overrides them). By default it gives freed pages back only while the process allocates, so a process left idle
 /// after a burst kept what the burst took: a background thread gives them back, one second after they were freed.
 ///
-/// Blocks of 8 KiB come four to a 32 KiB slab rather than one to each. Every HTTP/1.1 client connection holds two
-/// (hyper's read and header buffers), and jemalloc keeps a record for every slab it ever had at once, which it never
-/// gives back: after a burst of 10,000 streams that was 2 MiB more kept (see BENCHMARKS.md, "Allocators").
+/// jemalloc keeps a record for every extent (a slab of blocks of one size, or one large block) it ever had at once,
+/// and never gives it back. At the peak of a burst of 10,000 streams it had 17,900 slabs, and 11,300 of them held
+/// blocks of three sizes each stream has one or two of: 8 KiB (hyper's read and header buffers on every HTTP/1.1
+/// client connection), 1 KiB (the connection's task and the response body's state) and 3.5 KiB (a run's task). Those
+/// come 16, 32 and 32 to a slab (128, 32 and 112 KiB) rather than jemalloc's 1, 4 and 8: after such a burst RSS kept
+/// 1 MiB less above its level before (see BENCHMARKS.md, "Allocators").
 #[allow(unsafe_code)] // The symbol jemalloc reads its settings from: a C string, as jemalloc declares it.
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &u8 =
-    &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,slab_sizes:8192-8192:8\0"[0];
+static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
+       slab_sizes:1024-1024:8|3584-3584:28|8192-8192:32\0"[0];
 
 /// A worker thread's jemalloc cache of freed blocks, given back to the shared arenas each time the thread parks.
 /// Each thread keeps up to a few hundred freed blocks per size for its next allocations and only trims them as it
@@ -179,17 +182,25 @@ mod tests {
         assert_eq!(jemalloc_value::<isize>("opt.dirty_decay_ms"), 1000);
         assert_eq!(jemalloc_value::<isize>("opt.muzzy_decay_ms"), 0);
         let bins: u32 = jemalloc_value("arenas.nbins");
-        let eight = (0..bins)
-            .find(|bin| jemalloc_value::<usize>(&format!("arenas.bin.{bin}.size")) == 8192)
-            .expect("a class of 8 KiB blocks");
-        assert_eq!(
-            jemalloc_value::<u32>(&format!("arenas.bin.{eight}.nregs")),
-            4
-        );
-        assert_eq!(
-            jemalloc_value::<usize>(&format!("arenas.bin.{eight}.slab_size")),
-            32 << 10
-        );
+        for (size, blocks, slab) in [
+            (1024, 32, 32 << 10),
+            (3584, 32, 112 << 10),
+            (8192, 16, 128 << 10),
+        ] {
+            let bin = (0..bins)
+                .find(|bin| jemalloc_value::<usize>(&format!("arenas.bin.{bin}.size")) == size)
+                .unwrap_or_else(|| panic!("a class of {size}-byte blocks"));
+            assert_eq!(
+                jemalloc_value::<u32>(&format!("arenas.bin.{bin}.nregs")),
+                blocks,
+                "{size}"
+            );
+            assert_eq!(
+                jemalloc_value::<usize>(&format!("arenas.bin.{bin}.slab_size")),
+                slab,
+                "{size}"
+            );
+        }
     }
 
     /// Sets jemalloc's `name` to `value`, of the type jemalloc declares for it.
