@@ -318,8 +318,8 @@ fn read_answers(
     Ok(answers)
 }
 
-/// The script of `starts` starts (one of [`scripts::SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with its own
-/// arguments, `COMMIT`.
+/// The script of `starts` starts (one of [`scripts::SCRIPT_SIZES`]): `BEGIN IMMEDIATE`, each start's statements with
+/// its own arguments, `COMMIT`.
 fn script(starts: usize) -> &'static str {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS
