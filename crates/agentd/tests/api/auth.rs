@@ -207,6 +207,7 @@ async fn a_valid_token_streams_and_every_broken_rule_is_a_401_with_its_reason() 
         let response = ask_with(&server, &chat, header).await;
         assert_eq!(response.status(), 401, "{case}");
         let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "unauthenticated", "{case}");
         assert!(
             body["detail"].as_str().unwrap().contains(reason),
             "{case}: {body}"

@@ -76,6 +76,7 @@ async fn a_stalled_request_body_gets_408_and_does_not_hold_the_shutdown() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"detail\""), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
     assert!(server.exit_status().await.success());
     // Bounded by the body timeout (10 s), not by SHUTDOWN_TIMEOUT (120 s).
     assert!(
@@ -269,6 +270,7 @@ async fn small_protocol_abuses_get_clear_json_errors() {
         .unwrap();
     assert_eq!(two.status(), 400);
     let detail: Value = two.json().await.unwrap();
+    assert_eq!(detail["code"], "bad_request");
     assert!(
         detail["detail"].as_str().unwrap().contains("more than one"),
         "{detail}"

@@ -330,6 +330,7 @@ async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) 
     let busy = server.ask(&chat, paced(1, 0)).await;
     assert_eq!(busy.status(), 409);
     let body: Value = busy.json().await.unwrap();
+    assert_eq!(body["code"], "chat_busy");
     assert_eq!(body["run_id"], run.as_str());
     assert!(body["detail"].as_str().unwrap().contains("run going"));
 
@@ -381,6 +382,8 @@ async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) 
     server.stream(&own_chat, paced(1, 0)).await.rest().await;
     let run_of_another_chat = body(server.attach(&own_chat, &run, None, None).await).await;
     assert_eq!(missing_run, run_of_another_chat);
+    let missing_run: Value = serde_json::from_slice(&missing_run).unwrap();
+    assert_eq!(missing_run["code"], "run_not_found");
     assert_eq!(
         body(server.cancel(&theirs.id.to_string(), &run).await).await,
         missing_chat
@@ -402,6 +405,7 @@ async fn cancel_busy_chats_and_bad_resume_inputs_get_their_statuses(db: TestDb) 
     let again = server.cancel(&chat, &run).await;
     assert_eq!(again.status(), 409);
     let body: Value = again.json().await.unwrap();
+    assert_eq!(body["code"], "run_ended");
     assert_eq!(body["status"], "interrupted");
     // The chat is free again.
     assert_eq!(server.ask(&chat, paced(1, 0)).await.status(), 200);
@@ -557,6 +561,7 @@ async fn attaching_to_a_swept_run_is_410_and_its_answer_stays_in_the_history() {
     let swept = second.attach(&chat, &run, None, None).await;
     assert_eq!(swept.status(), 410);
     let body: Value = swept.json().await.unwrap();
+    assert_eq!(body["code"], "log_swept");
     assert!(body["detail"].as_str().unwrap().contains("chat's messages"));
     let history = history_of(&second, &chat).await;
     assert_eq!(history["messages"][1]["role"], "assistant");

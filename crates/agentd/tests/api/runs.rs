@@ -272,6 +272,51 @@ async fn another_owners_chat_is_not_found_and_a_bad_chat_id_is_422() {
     store.close().await;
 }
 
+/// A start the store refuses (not one it could not be reached for: a retry cannot help) is a 500 that names it; the
+/// chat keeps what it had, and takes the next run once the store does.
+#[tokio::test]
+async fn a_run_start_the_store_refuses_is_a_500_and_the_chat_keeps_what_it_had() {
+    let db = TestDb::sqlite();
+    let store = db.open().await;
+    let mut server = Agentd::spawn_on(db.url(), &[]).await;
+    let chat = new_chat();
+    server.stream(&chat, slow(2)).await.rest().await;
+    let chat_id: Uuid = chat.parse().unwrap();
+    let before = store.messages(chat_id).await.unwrap();
+    assert_eq!(before.len(), 2);
+
+    db.execute(
+        "CREATE TRIGGER refuse_runs BEFORE INSERT ON agent_chat_runs \
+         BEGIN SELECT RAISE(ABORT, 'runs refused'); END",
+        "CREATE FUNCTION refuse_runs() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         RAISE EXCEPTION 'runs refused'; END $$; \
+         CREATE TRIGGER refuse_runs BEFORE INSERT ON agent_chat_runs \
+         FOR EACH ROW EXECUTE FUNCTION refuse_runs()",
+    )
+    .await;
+    let refused = server.ask(&chat, json!({"question": "again"})).await;
+    assert_eq!(refused.status(), 500);
+    assert!(!refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        refused.json::<Value>().await.unwrap(),
+        json!({"detail": "The session store refused the request", "code": "store_refused"})
+    );
+    server.wait_for_log("session store refused a request").await;
+    assert_eq!(store.messages(chat_id).await.unwrap().len(), before.len());
+    assert_eq!(runs_of(&store, chat_id).await.len(), 1);
+
+    db.execute(
+        "DROP TRIGGER refuse_runs",
+        "DROP TRIGGER refuse_runs ON agent_chat_runs",
+    )
+    .await;
+    let events = server.stream(&chat, slow(2)).await.rest().await;
+    assert_eq!(types(&events).last().unwrap(), "done");
+    assert_eq!(store.messages(chat_id).await.unwrap().len(), 4);
+    assert_eq!(runs_of(&store, chat_id).await.len(), 2);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn migrate_applies_the_migrations_and_exits() {
     let db = TestDb::sqlite();
@@ -354,6 +399,7 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
         body["detail"],
         "Session store is unavailable; retry shortly"
     );
+    assert_eq!(body["code"], "store_unavailable");
     assert_eq!(server.get("/readyz").await.status(), 503);
     assert_eq!(server.get("/healthz").await.status(), 200);
     let mut grpc = AgentsClient::connect(server.grpc.clone()).await.unwrap();

@@ -31,6 +31,8 @@ async fn sigterm_lets_open_streams_finish_and_refuses_new_ones() {
     assert_eq!(refused.headers()["connection"], "close");
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["detail"], "Service is shutting down");
+    // The page tells a deploy from a full replica by it.
+    assert_eq!(body["code"], "shutting_down");
     assert_eq!(server.get("/readyz").await.status(), 503);
     assert_eq!(server.get("/healthz").await.status(), 200);
 

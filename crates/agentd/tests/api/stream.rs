@@ -121,9 +121,9 @@ async fn the_default_model_comes_from_ai_model() {
     );
 }
 
-/// Every refusal before the stream starts: its status and a JSON `detail`.
+/// Every refusal before the stream starts: its status, a JSON `detail` and the error's `code`.
 #[tokio::test]
-async fn bad_requests_get_their_status_and_a_json_detail() {
+async fn bad_requests_get_their_status_a_json_detail_and_a_code() {
     let server = Agentd::spawn(&[]).await;
     let stream_url = server.url(&format!("/agents/chats/{}/stream", new_chat()));
     let post = |content_type: &'static str, body: Vec<u8>| {
@@ -135,29 +135,33 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
             .send()
     };
     let json = "application/json";
-    let cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
+    let cases: Vec<(&str, reqwest::Response, u16, &str, &str)> = vec![
         (
             "malformed JSON",
             post(json, b"{\"question\":".to_vec()).await.unwrap(),
             400,
+            "malformed_json",
             "not valid JSON",
         ),
         (
             "no question",
             post(json, b"{}".to_vec()).await.unwrap(),
             422,
+            "invalid_request",
             "question",
         ),
         (
             "not an object",
             post(json, b"[]".to_vec()).await.unwrap(),
             422,
+            "invalid_request",
             "JSON object",
         ),
         (
             "empty question",
             post(json, br#"{"question":""}"#.to_vec()).await.unwrap(),
             422,
+            "invalid_request",
             "at least 1 character",
         ),
         (
@@ -171,12 +175,14 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
             .await
             .unwrap(),
             422,
+            "invalid_request",
             "at most 2000 characters",
         ),
         (
             "question not a string",
             post(json, br#"{"question":7}"#.to_vec()).await.unwrap(),
             422,
+            "invalid_request",
             "valid string",
         ),
         (
@@ -190,6 +196,7 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
             .await
             .unwrap(),
             422,
+            "invalid_request",
             "at most 200 characters",
         ),
         (
@@ -198,6 +205,7 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
                 .await
                 .unwrap(),
             422,
+            "invalid_request",
             "gpt-nine",
         ),
         (
@@ -215,23 +223,32 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
                 .await
                 .unwrap(),
             413,
+            "payload_too_large",
             "larger than 65536 bytes",
         ),
         (
             "wrong content type",
             post("text/plain", b"{}".to_vec()).await.unwrap(),
             415,
+            "unsupported_media_type",
             "application/json",
         ),
-        ("unknown route", server.get("/nope").await, 404, "Not Found"),
+        (
+            "unknown route",
+            server.get("/nope").await,
+            404,
+            "route_not_found",
+            "Not Found",
+        ),
         (
             "wrong method",
             server.http.get(&stream_url).send().await.unwrap(),
             405,
+            "method_not_allowed",
             "Method Not Allowed",
         ),
     ];
-    for (case, response, status, detail) in cases {
+    for (case, response, status, code, detail) in cases {
         assert_eq!(response.status().as_u16(), status, "{case}");
         assert_eq!(
             response.headers()["content-type"],
@@ -239,6 +256,7 @@ async fn bad_requests_get_their_status_and_a_json_detail() {
             "{case}"
         );
         let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], code, "{case}: {body}");
         assert!(
             body["detail"].to_string().contains(detail),
             "{case}: {body}"
@@ -286,6 +304,7 @@ async fn streams_over_max_streams_get_503_with_retry_after() {
         body["detail"].as_str().unwrap().contains("limit reached"),
         "{body}"
     );
+    assert_eq!(body["code"], "at_capacity");
 
     drop(open);
     let metrics = server.get("/metrics").await.text().await.unwrap();
