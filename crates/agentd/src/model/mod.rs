@@ -213,7 +213,7 @@ impl ModelSpec {
 
     /// The file descriptors a stream of this model holds: its client's socket, and its own connection to the
     /// provider, or its share of one when the provider's streams share connections (HTTP/2, at most
-    /// [`lane::STREAMS_PER_CONNECTION`] on each).
+    /// `lane::STREAMS_PER_CONNECTION` on each).
     pub fn descriptors(&self, providers: &Providers) -> Held {
         let lane = match self {
             Self::Test(_) => return Held::descriptors(1),

@@ -33,7 +33,7 @@ pub struct Endpoint {
     pub base_url: String,
     pub api_key: Option<Secret>,
     /// Speak HTTP/2 without TLS, by prior knowledge (`OPENAI_H2C`): for a local server that supports it, so that
-    /// many streams share a connection (at most [`lane::STREAMS_PER_CONNECTION`] on each). Over TLS, HTTP/2 is offered
+    /// many streams share a connection (at most `lane::STREAMS_PER_CONNECTION` on each). Over TLS, HTTP/2 is offered
     /// anyway (ALPN) and used when the provider takes it.
     pub h2c: bool,
 }

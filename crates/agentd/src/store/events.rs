@@ -263,9 +263,9 @@ impl SessionStore {
     /// Deletes the events of runs that finished more than `retention` ago; how many rows went.
     ///
     /// It reads on from where the last sweep got to (`agent_run_log_sweep`, shared by the replicas), less
-    /// [`SWEEP_OVERLAP`], so each sweep reads the runs that finished since the last one rather than every run the
+    /// `SWEEP_OVERLAP`, so each sweep reads the runs that finished since the last one rather than every run the
     /// store holds (SQLite held its one writer for about a second per million finished runs, once a minute, and every
-    /// run's events waited for it). It goes [`SWEEP_STEP`] runs at a time, each step short: the first sweep after an
+    /// run's events waited for it). It goes `SWEEP_STEP` runs at a time, each step short: the first sweep after an
     /// upgrade, or after a long stop, catches up on many.
     pub async fn sweep_events(&self, retention: Duration) -> Result<u64, StoreError> {
         let (retention, overlap) = (to_ms(retention), to_ms(SWEEP_OVERLAP));

@@ -137,7 +137,7 @@ impl SessionStore {
     /// closed after 10 idle minutes) gets ready on its first use.
     ///
     /// When the server refuses some of the connections (its `max_connections`, or a limit on the role or the
-    /// database), the pool shrinks to the number it granted (see [`postgres::PgDb::resize`]), with a warning.
+    /// database), the pool shrinks to the number it granted (see `postgres::PgDb::resize`), with a warning.
     ///
     /// SQLite has nothing to ready (its connections are in this process).
     pub async fn warm_up(&mut self) -> Result<(), StoreError> {

@@ -182,7 +182,7 @@ impl SessionStore {
     /// Refreshes the heartbeat of these runs (the ones `owner` is driving); returns the ones it still holds: a run
     /// missing from the answer was claimed by another process or ended, and its producer here must stop.
     ///
-    /// The runs are refreshed [`HEARTBEATS_AT_ONCE`] to a statement, each its own transaction: a statement holds the
+    /// The runs are refreshed `HEARTBEATS_AT_ONCE` to a statement, each its own transaction: a statement holds the
     /// row of every run it refreshed until it commits, and a run that ends meanwhile waits for it to store its end.
     pub async fn heartbeat(&self, owner: &str, runs: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         if runs.is_empty() {

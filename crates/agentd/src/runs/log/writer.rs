@@ -23,7 +23,7 @@ const KEPT_BATCH: usize = 256;
 pub struct WriterQueue(pub(super) mpsc::Receiver<Append>);
 
 /// The writer: commits what all runs have ready, in batches, until `stop` and the queue is empty. Rows the store did
-/// not take are kept and committed again (see [`Kept`]).
+/// not take are kept and committed again (see `Kept`).
 pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken) {
     let mut batch = Vec::new();
     let mut kept = Kept::default();
