@@ -112,7 +112,7 @@ impl SessionStore {
     /// ([`StoreError::Fenced`]) unless the run is still running under `epoch`.
     ///
     /// The ends waiting for a connection at the same moment are committed together, each answered as if alone
-    /// (`ends.rs`): on PostgreSQL in one call of `agent_finish_runs`, on SQLite one after another on the writer.
+    /// (`ends.rs`): on PostgreSQL in one call of `agent_finish_runs`, on SQLite in scripts on its writer.
     pub async fn finish_run(
         &self,
         run_id: Uuid,
