@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::engine::{self, Failure, Prompt, Resumed, RunContext, Stop, millis};
+use super::engine::{self, Failure, Opening, Prompt, Resumed, RunContext, Stop, millis};
 use super::events::{RunEvent, interrupted_for_seed_clients, resume_path};
 use super::log::{Halt, LiveLog, RunWriter};
 use super::recorder::Recorder;
@@ -15,7 +15,9 @@ use crate::store::{RunStatus, StoreError};
 /// the log; `resumed` is where a continued run picks up.
 ///
 /// A block rather than an `async fn`: an `async fn` keeps its arguments twice in its state (as passed, and moved
-/// into its body), and this state is the run's task, held for as long as the run lasts.
+/// into its body), and this state is the run's task, held for as long as the run lasts. For the same reason the
+/// prompt and what a continued run picks up are made into the run's [`Opening`] before the block: the block and the
+/// futures it awaits hold a box of it, not the two.
 #[allow(clippy::manual_async_fn)] // On purpose: see above.
 pub(super) fn drive(
     ctx: RunContext,
@@ -23,10 +25,12 @@ pub(super) fn drive(
     mut out: RunWriter,
     resumed: Resumed,
 ) -> impl Future<Output = RunOutcome> + Send {
+    let continued = resumed != Resumed::default();
+    let mut recorder = Recorder::default();
+    let opening = Opening::new(prompt, resumed, &mut recorder);
     async move {
         let _live = ctx.live.enter(ctx.run_id);
-        let continued = resumed != Resumed::default();
-        let (outcome, failure, tokens) = run(&ctx, prompt, &mut out, resumed).await;
+        let (outcome, failure, tokens) = run(&ctx, opening, &mut out, &mut recorder).await;
         ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
         if continued {
             ctx.metrics.continuation_finished(tokens);
@@ -39,13 +43,12 @@ pub(super) fn drive(
 
 async fn run(
     ctx: &RunContext,
-    prompt: Prompt,
+    opening: Box<Opening>,
     out: &mut RunWriter,
-    resumed: Resumed,
+    recorder: &mut Recorder,
 ) -> (RunOutcome, Option<Failure>, u64) {
     // `run_started` (and, for a continued run, everything before) is already in the log.
     let live = Arc::clone(out.live());
-    let mut recorder = Recorder::new(ctx.store.clone(), ctx.run_id, ctx.epoch);
     let deadline = if ctx.handoff {
         Stop::Released
     } else {
@@ -61,7 +64,7 @@ async fn run(
             Halt::Unlogged => Stop::StoreFailed,
         }),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
-        result = engine::agent_loop(ctx, prompt, out, &mut recorder, resumed) => result,
+        result = engine::agent_loop(ctx, opening, out, recorder) => result,
     };
     let tokens = recorder.usage.output_tokens;
     let (outcome, status, failure, reason) = match result {
@@ -86,8 +89,7 @@ async fn run(
         }
         other => ended(ctx, other),
     };
-    let (outcome, failure) =
-        finish(ctx, out, &mut recorder, outcome, status, failure, reason).await;
+    let (outcome, failure) = finish(ctx, out, recorder, outcome, status, failure, reason).await;
     (outcome, failure, tokens)
 }
 
@@ -152,7 +154,10 @@ async fn finish(
     };
     let structured = recorder.structured.take();
     let truncated = recorder.truncated;
-    let end = match recorder.finish(status, error).await {
+    let end = match recorder
+        .finish(&ctx.store, ctx.run_id, ctx.epoch, status, error)
+        .await
+    {
         Ok(end) => Some(end),
         Err(StoreError::Fenced(_)) => {
             // Another process claimed the run meanwhile (this one had lost its lease): it writes the end.

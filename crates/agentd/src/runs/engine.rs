@@ -125,35 +125,67 @@ pub(super) struct Resumed {
     pub unfinished: Vec<ToolCall>,
 }
 
+/// The conversation a run opens with: the prompt, and for a continued run what it picks up, made into the messages the
+/// model is sent and what the loop goes on from. Made before the run's task polls (see [`super::drive::drive`]) and
+/// handed down boxed, to be taken apart as the loop begins: each future it passes through keeps its arguments in its
+/// state for as long as the run lasts, and a run's task is what a parked stream mostly costs.
+#[derive(Debug)]
+pub(super) struct Opening {
+    messages: Vec<Message>,
+    /// The model's answers among the messages picked up: the steps already done.
+    steps_done: usize,
+    /// The answer so far of the step that was cut.
+    partial: String,
+    /// Tool calls of the last step that started and have no result.
+    unfinished: Vec<ToolCall>,
+}
+
+impl Opening {
+    /// The conversation of `prompt`, picking up where `resumed` left off; what the run had already produced goes to
+    /// `recorder`.
+    pub fn new(prompt: Prompt, resumed: Resumed, recorder: &mut Recorder) -> Box<Self> {
+        let mut messages = prompt.history;
+        messages.push(Message::User {
+            content: prompt.question,
+        });
+        let steps_done = resumed
+            .steps
+            .iter()
+            .filter(|m| matches!(m, Message::Assistant { .. }))
+            .count();
+        messages.extend(resumed.steps.iter().cloned());
+        recorder.messages = resumed.steps;
+        recorder.output = resumed.output;
+        Box::new(Self {
+            messages,
+            steps_done,
+            partial: resumed.partial,
+            unfinished: resumed.unfinished,
+        })
+    }
+}
+
 /// What a tool call cut by the loss of its producer gives the model when the tool may not be run twice.
 const CUT_TOOL_CALL: &str = "the tool call was interrupted before its result arrived; it may or may not have taken \
 effect, and it was not run again";
 
-/// Asks the model `prompt`, runs the tools it calls, gives their results back, until it answers without tools; a
-/// continued run first finishes what `resumed` left open.
+/// Asks the model the conversation `opening` holds, runs the tools it calls, gives their results back, until it answers
+/// without tools; a continued run first finishes the tool calls it left open.
 pub(super) async fn agent_loop(
     ctx: &RunContext,
-    prompt: Prompt,
+    opening: Box<Opening>,
     out: &mut RunWriter,
     recorder: &mut Recorder,
-    resumed: Resumed,
 ) -> Result<(), Stop> {
+    let Opening {
+        mut messages,
+        steps_done,
+        mut partial,
+        unfinished,
+    } = *opening;
     let definitions = ctx.tools.definitions();
-    let mut messages = prompt.history;
-    messages.push(Message::User {
-        content: prompt.question,
-    });
-    let steps_done = resumed
-        .steps
-        .iter()
-        .filter(|m| matches!(m, Message::Assistant { .. }))
-        .count();
-    messages.extend(resumed.steps.iter().cloned());
-    recorder.messages = resumed.steps;
-    recorder.output = resumed.output;
-    let mut partial = resumed.partial;
-    if !resumed.unfinished.is_empty() {
-        let results = Box::pin(run_tools(ctx, out, resumed.unfinished, Rerun::IfIdempotent)).await;
+    if !unfinished.is_empty() {
+        let results = Box::pin(run_tools(ctx, out, unfinished, Rerun::IfIdempotent)).await;
         messages.extend(results.iter().cloned());
         recorder.messages.extend(results);
     }

@@ -14,13 +14,11 @@ use crate::store::{RunEnd, RunStatus, SessionStore, StoreError};
 /// What a completed run whose answer the model's output limit cut keeps as its `error`.
 pub(super) const TRUNCATED: &str = "the answer was cut by the model's output token limit";
 
-/// What the run has produced so far; kept outside the cancellable loop so an interrupted run still has it.
-#[derive(Debug)]
+/// What the run has produced so far; kept outside the cancellable loop so an interrupted run still has it. It lives
+/// in the run's task for as long as the run lasts, beside the run's context: what the context holds (the store, the
+/// run, its epoch) is not held here again.
+#[derive(Debug, Default)]
 pub(super) struct Recorder {
-    store: SessionStore,
-    run_id: Uuid,
-    /// The epoch the run is held under: the end is stored only if it still is.
-    epoch: u64,
     /// The answer text so far, across steps.
     pub output: String,
     pub usage: Usage,
@@ -33,22 +31,13 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(store: SessionStore, run_id: Uuid, epoch: u64) -> Self {
-        Self {
-            store,
-            run_id,
-            epoch,
-            output: String::new(),
-            usage: Usage::default(),
-            messages: Vec::new(),
-            structured: None,
-            truncated: false,
-        }
-    }
-
-    /// Stores how the run ended: its messages only when it completed, the answer so far in any case.
+    /// Stores in `store` how run `run_id` ended, if it is still held under `epoch`: its messages only when it
+    /// completed, the answer so far in any case.
     pub async fn finish(
         &mut self,
+        store: &SessionStore,
+        run_id: Uuid,
+        epoch: u64,
         status: RunStatus,
         error: Option<String>,
     ) -> Result<RunEnd, StoreError> {
@@ -67,7 +56,7 @@ impl Recorder {
                 Vec::new()
             },
         };
-        self.store.finish_run(self.run_id, self.epoch, &end).await?;
+        store.finish_run(run_id, epoch, &end).await?;
         Ok(end)
     }
 }
