@@ -342,14 +342,18 @@ pub(super) fn sse(
         None => futures_util::stream::pending().boxed(),
     };
     let id_prefix = event_id_prefix(run_id);
-    let state = (follower, handoff, probes, id_prefix);
-    let frames = futures_util::stream::unfold(Some(state), move |state| async move {
-        let (mut follower, mut handoff, mut probes, id_prefix) = state?;
+    // All the stream needs is in its state, which is used where it lies, not moved out into locals: the future keeps
+    // what it is given (and a closure what it captures) for as long as the stream is open, and would keep the locals
+    // beside it.
+    let state = (follower, handoff, probes, id_prefix, chat_id);
+    let frames = futures_util::stream::unfold(Some(state), |mut state| async move {
+        let (follower, handoff, probes, id_prefix, chat_id) = state.as_mut()?;
         tokio::select! {
             biased;
             () = handoff.as_mut() => {
+                let run_id = follower.run_id();
                 let reconnect = RunEvent::Reconnect {
-                    resume: resume_path(chat_id, run_id),
+                    resume: resume_path(*chat_id, run_id),
                     last_event_id: event_id(run_id, follower.last_sent()),
                     retry_ms: RECONNECT_RETRY.as_millis() as u64,
                 };
@@ -361,17 +365,17 @@ pub(super) fn sse(
             next = follower.next_event() => {
                 // This event and every one the follower already holds after it, in one frame.
                 let (seq, json) = next?;
-                let mut frame = BytesMut::with_capacity(sse_out::event_len(&id_prefix, &json));
-                sse_out::put_event(&mut frame, &id_prefix, seq, &json);
+                let mut frame = BytesMut::with_capacity(sse_out::event_len(id_prefix, &json));
+                sse_out::put_event(&mut frame, id_prefix, seq, &json);
                 while frame.len() < FRAME_BYTES
                     && let Some((seq, json)) = follower.next_ready()
                 {
-                    sse_out::put_event(&mut frame, &id_prefix, seq, &json);
+                    sse_out::put_event(&mut frame, id_prefix, seq, &json);
                 }
-                Some((frame.freeze(), Some((follower, handoff, probes, id_prefix))))
+                Some((frame.freeze(), state))
             }
             Some(()) = probes.next() => {
-                Some((Bytes::from_static(sse_out::KEEP_ALIVE), Some((follower, handoff, probes, id_prefix))))
+                Some((Bytes::from_static(sse_out::KEEP_ALIVE), state))
             }
         }
     });

@@ -134,7 +134,9 @@ impl Follower {
                     }
                     if self.look {
                         self.attached.0.log_read();
-                        match self.store.events_page(self.run_id, self.next - 1).await {
+                        // Boxed: a read of the store is rare once a follower is caught up, and the room for it would
+                        // otherwise be part of every open stream's state.
+                        match Box::pin(self.store.events_page(self.run_id, self.next - 1)).await {
                             Ok(page) => {
                                 // Anything committed after this read is notified, and wakes this follower.
                                 self.look = page.full;
