@@ -382,7 +382,7 @@ mod tests {
                     content: "2".into(),
                 },
             ],
-            tools: vec![],
+            tools: std::sync::Arc::from([]),
         };
         let body = body("claude-x", &request);
         let messages = body["messages"].as_array().unwrap();

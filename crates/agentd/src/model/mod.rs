@@ -38,8 +38,8 @@ pub struct ModelRequest {
     pub system: Option<String>,
     /// The conversation, oldest first, ending with the user's prompt or with tool results.
     pub messages: Vec<Message>,
-    /// Tools the model may call.
-    pub tools: Vec<ToolDefinition>,
+    /// Tools the model may call (the registry's, shared).
+    pub tools: Arc<[ToolDefinition]>,
     /// The final answer must be a JSON object of this schema: through the provider's structured output (OpenAI) or a
     /// [`FINAL_ANSWER_TOOL`] call (Anthropic); either way its JSON text arrives as [`ModelEvent::TextDelta`]s.
     pub output_schema: Option<Arc<serde_json::Value>>,

@@ -413,11 +413,11 @@ mod tests {
                     content: "{\"utc\":\"now\"}".into(),
                 },
             ],
-            tools: vec![ToolDefinition {
+            tools: std::sync::Arc::from([ToolDefinition {
                 name: "current_time".into(),
                 description: "d".into(),
                 parameters: json!({"type": "object"}),
-            }],
+            }]),
         };
         let body = body("gpt-x", &request);
         assert_eq!(body["model"], "gpt-x");

@@ -309,7 +309,7 @@ mod tests {
             messages: vec![Message::User {
                 content: question.to_owned(),
             }],
-            tools: vec![],
+            tools: std::sync::Arc::from([]),
         }
     }
 

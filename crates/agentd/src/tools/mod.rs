@@ -97,6 +97,9 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub struct ToolRegistry {
     tools: Arc<Vec<Entry>>,
+    /// The tools' definitions, as every run offers them to the model: made once and shared, not copied into each run
+    /// (a run holds them for as long as it lasts).
+    definitions: Arc<[ToolDefinition]>,
 }
 
 impl Default for ToolRegistry {
@@ -104,9 +107,7 @@ impl Default for ToolRegistry {
     fn default() -> Self {
         let mut tools = Vec::new();
         add(&mut tools, Arc::new(CurrentTime)).expect("the built-in schema compiles");
-        Self {
-            tools: Arc::new(tools),
-        }
+        Self::of(tools)
     }
 }
 
@@ -144,9 +145,14 @@ impl ToolRegistry {
             }
             add(&mut tools, tool).map_err(|e| format!("{}: {e}", file.display()))?;
         }
-        Ok(Self {
+        Ok(Self::of(tools))
+    }
+
+    fn of(tools: Vec<Entry>) -> Self {
+        Self {
+            definitions: tools.iter().map(|entry| entry.definition.clone()).collect(),
             tools: Arc::new(tools),
-        })
+        }
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
@@ -159,11 +165,8 @@ impl ToolRegistry {
         self.entry(name).map(|entry| &entry.tool)
     }
 
-    pub fn definitions(&self) -> Vec<ToolDefinition> {
-        self.tools
-            .iter()
-            .map(|entry| entry.definition.clone())
-            .collect()
+    pub fn definitions(&self) -> Arc<[ToolDefinition]> {
+        Arc::clone(&self.definitions)
     }
 
     /// Whether the named tool may be called again after a cut call; an unknown tool may not.
