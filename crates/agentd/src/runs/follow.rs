@@ -111,7 +111,7 @@ impl Follower {
                             return None;
                         },
                         // Another process produces the run now: read on from the store.
-                        () = live.halted_for(Halt::Moved).cancelled() => {
+                        _ = live.halted_for(&[Halt::Moved]) => {
                             self.source = self.log.stored_source(self.run_id);
                         }
                     }

@@ -17,11 +17,10 @@
 //! until the store takes them, so a client that attaches later replays the same events, the run's end included.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
 use super::events::RunEvent;
@@ -57,11 +56,12 @@ pub struct LiveLog {
     events: Mutex<Vec<Arc<str>>>,
     /// The seq up to which the events are committed; followers of this run hold its receivers.
     committed: watch::Sender<u64>,
-    /// One token per [`Halt`], cancelled through [`LiveLog::halt`].
-    halts: [CancellationToken; HALTS.len()],
-    /// Cancelled with any of `halts`: the run's task checks this one token each time it wakes (for every event),
-    /// rather than one per reason.
-    halted: CancellationToken,
+    /// The reasons the run halted for, a bit per [`Halt`], set through [`LiveLog::halt`]. (Bits and a wake-up held
+    /// in place rather than a cancellation token per reason: every open stream has a live log, and each token is an
+    /// allocation of its own.)
+    halts: AtomicU8,
+    /// Wakes whoever waits for a halt, at each halt.
+    halting: Notify,
 }
 
 /// Why a run produced here stops before its end; when several happen, the first in this order counts.
@@ -84,22 +84,40 @@ const HALTS: [Halt; 4] = [Halt::Moved, Halt::Deleted, Halt::Cancelled, Halt::Unl
 impl LiveLog {
     /// Stops the run for `why`.
     pub fn halt(&self, why: Halt) {
-        self.halts[why as usize].cancel();
-        self.halted.cancel();
+        self.halts.fetch_or(1 << why as u8, Ordering::AcqRel);
+        self.halting.notify_waiters();
     }
 
-    /// Cancelled when the run halts for `why`.
-    pub fn halted_for(&self, why: Halt) -> &CancellationToken {
-        &self.halts[why as usize]
+    /// Whether the run halted for `why`.
+    pub fn has_halted_for(&self, why: Halt) -> bool {
+        self.halts.load(Ordering::Acquire) & (1 << why as u8) != 0
+    }
+
+    /// Waits until the run halts for one of `reasons`; returns the first of them, in [`Halt`]'s order, it halted for.
+    ///
+    /// Not an `async fn`: the future keeps the reasons as a bit mask, not the slice, and it is part of every open
+    /// stream's state (the run's task waits on it, and so does each follower).
+    pub fn halted_for(&self, reasons: &[Halt]) -> impl Future<Output = Halt> + Send + '_ {
+        let wanted = reasons.iter().fold(0u8, |bits, &why| bits | 1 << why as u8);
+        async move {
+            loop {
+                // Made before the bits are read: a halt after the read wakes it, even before it is first polled.
+                let halting = self.halting.notified();
+                let halted = self.halts.load(Ordering::Acquire) & wanted;
+                if let Some(why) = HALTS
+                    .into_iter()
+                    .find(|&why| halted & (1 << why as u8) != 0)
+                {
+                    return why;
+                }
+                halting.await;
+            }
+        }
     }
 
     /// Waits until the run halts; returns why.
-    pub async fn halted(&self) -> Halt {
-        self.halted.cancelled().await;
-        HALTS
-            .into_iter()
-            .find(|&why| self.halts[why as usize].is_cancelled())
-            .expect("a halt cancels its reason before the whole")
+    pub fn halted(&self) -> impl Future<Output = Halt> + Send + '_ {
+        self.halted_for(&HALTS)
     }
 
     /// Events `from..=to`, all committed.
@@ -234,8 +252,8 @@ impl RunLog {
         let live = Arc::new(LiveLog {
             events: Mutex::new(events),
             committed: watch::Sender::new(seq),
-            halts: Default::default(),
-            halted: CancellationToken::new(),
+            halts: AtomicU8::new(0),
+            halting: Notify::new(),
         });
         let before = self
             .inner
@@ -457,8 +475,7 @@ impl RunWriter {
         let seq = self.seq;
         tokio::select! {
             _ = committed.wait_for(|last| *last >= seq) => {}
-            () = self.live.halted_for(Halt::Unlogged).cancelled() => {}
-            () = self.live.halted_for(Halt::Moved).cancelled() => {}
+            _ = self.live.halted_for(&[Halt::Unlogged, Halt::Moved]) => {}
         }
     }
 }

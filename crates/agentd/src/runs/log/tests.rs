@@ -136,9 +136,9 @@ async fn a_run_produced_here_again_stops_its_earlier_producer() {
     let (log, _queue) = RunLog::new(store, Arc::new(Metrics::default()));
     let run_id = Uuid::new_v4();
     let first = log.produce(run_id, 2, vec!["{\"type\":\"run_started\"}".into()]);
-    assert!(!first.live().halted_for(Halt::Moved).is_cancelled());
+    assert!(!first.live().has_halted_for(Halt::Moved));
     let second = log.produce(run_id, 3, vec!["{\"type\":\"run_started\"}".into()]);
-    assert!(first.live().halted_for(Halt::Moved).is_cancelled());
-    assert!(!second.live().halted_for(Halt::Moved).is_cancelled());
+    assert!(first.live().has_halted_for(Halt::Moved));
+    assert!(!second.live().has_halted_for(Halt::Moved));
     assert!(Arc::ptr_eq(&log.live(run_id).unwrap(), second.live()));
 }
