@@ -57,7 +57,7 @@ pub(super) struct RunContext {
     pub lease: Duration,
 }
 
-/// What the run asks: given to the loop, which makes it the conversation it sends the model, so the chat's history is
+/// What the run asks: made into the run's [`Opening`], the conversation it sends the model, so the chat's history is
 /// held once for as long as the run lasts, not once more beside that conversation.
 #[derive(Debug)]
 pub(super) struct Prompt {
