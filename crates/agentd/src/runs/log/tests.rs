@@ -142,3 +142,53 @@ async fn a_run_produced_here_again_stops_its_earlier_producer() {
     assert!(!second.live().has_halted_for(Halt::Moved));
     assert!(Arc::ptr_eq(&log.live(run_id).unwrap(), second.live()));
 }
+
+/// A wait for a run's halt ends for the reasons it waits for only, with the first of them that happened, in `Halt`'s
+/// order; waits begun before a halt and after it see it alike.
+#[tokio::test]
+async fn a_wait_for_a_halt_ends_for_its_reasons_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
+    let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
+        .await
+        .unwrap();
+    let (log, _queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    let writer = log.produce(Uuid::new_v4(), 1, vec!["{\"type\":\"run_started\"}".into()]);
+    let live = Arc::clone(writer.live());
+    // Each wait on a task of its own, and bounded: a wait nothing wakes fails the test rather than hangs it.
+    let waiting = |reasons: &'static [Halt]| {
+        let live = Arc::clone(&live);
+        tokio::spawn(async move { live.halted_for(reasons).await })
+    };
+    let ended = |wait: tokio::task::JoinHandle<Halt>| async move {
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("the wait ends")
+            .unwrap()
+    };
+    let moved = waiting(&[Halt::Moved]);
+    let stopped = waiting(&[Halt::Unlogged, Halt::Moved]);
+    let any = waiting(&HALTS);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!any.is_finished());
+
+    live.halt(Halt::Cancelled);
+    assert_eq!(ended(any).await, Halt::Cancelled);
+    assert!(live.has_halted_for(Halt::Cancelled));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!moved.is_finished() && !stopped.is_finished());
+
+    live.halt(Halt::Unlogged);
+    assert_eq!(ended(stopped).await, Halt::Unlogged);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!moved.is_finished());
+
+    live.halt(Halt::Moved);
+    assert_eq!(ended(moved).await, Halt::Moved);
+    // Begun after the halts: they end at once, with the first reason in order.
+    assert_eq!(ended(waiting(&HALTS)).await, Halt::Moved);
+    assert_eq!(
+        ended(waiting(&[Halt::Cancelled, Halt::Unlogged])).await,
+        Halt::Cancelled
+    );
+}
