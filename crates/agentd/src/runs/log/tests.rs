@@ -124,16 +124,22 @@ fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
     assert_eq!(&*run.recent_from(7).unwrap()[0].1, "{\"a\":7}");
 }
 
-/// One producer of a run per process: a run produced here again (a claim under a newer epoch) stops the producer
-/// before it, whose followers read on from the store, and its new followers follow the new one.
-#[tokio::test]
-async fn a_run_produced_here_again_stops_its_earlier_producer() {
+/// A run log on a new SQLite store, with its writer's queue (nothing writes) and the store's directory.
+async fn log_on_a_new_sqlite_store() -> (RunLog, WriterQueue, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
     let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
         .await
         .unwrap();
-    let (log, _queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    let (log, queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    (log, queue, dir)
+}
+
+/// One producer of a run per process: a run produced here again (a claim under a newer epoch) stops the producer
+/// before it, whose followers read on from the store, and its new followers follow the new one.
+#[tokio::test]
+async fn a_run_produced_here_again_stops_its_earlier_producer() {
+    let (log, _queue, _dir) = log_on_a_new_sqlite_store().await;
     let run_id = Uuid::new_v4();
     let first = log.produce(run_id, 2, vec!["{\"type\":\"run_started\"}".into()]);
     assert!(!first.live().has_halted_for(Halt::Moved));
@@ -147,12 +153,7 @@ async fn a_run_produced_here_again_stops_its_earlier_producer() {
 /// order; waits begun before a halt and after it see it alike.
 #[tokio::test]
 async fn a_wait_for_a_halt_ends_for_its_reasons_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("agentd.db").display());
-    let store = crate::store::open(&StoreConfig::Sqlite(url.parse().unwrap()))
-        .await
-        .unwrap();
-    let (log, _queue) = RunLog::new(store, Arc::new(Metrics::default()));
+    let (log, _queue, _dir) = log_on_a_new_sqlite_store().await;
     let writer = log.produce(Uuid::new_v4(), 1, vec!["{\"type\":\"run_started\"}".into()]);
     let live = Arc::clone(writer.live());
     // Each wait on a task of its own, and bounded: a wait nothing wakes fails the test rather than hangs it.
