@@ -81,16 +81,23 @@ pub enum Halt {
 
 const HALTS: [Halt; 4] = [Halt::Moved, Halt::Deleted, Halt::Cancelled, Halt::Unlogged];
 
+impl Halt {
+    /// Its bit in a live log's halts.
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
 impl LiveLog {
     /// Stops the run for `why`.
     pub fn halt(&self, why: Halt) {
-        self.halts.fetch_or(1 << why as u8, Ordering::AcqRel);
+        self.halts.fetch_or(why.bit(), Ordering::AcqRel);
         self.halting.notify_waiters();
     }
 
     /// Whether the run halted for `why`.
     pub fn has_halted_for(&self, why: Halt) -> bool {
-        self.halts.load(Ordering::Acquire) & (1 << why as u8) != 0
+        self.halts.load(Ordering::Acquire) & why.bit() != 0
     }
 
     /// Waits until the run halts for one of `reasons`; returns the first of them, in [`Halt`]'s order, it halted for.
@@ -98,16 +105,13 @@ impl LiveLog {
     /// Not an `async fn`: the future keeps the reasons as a bit mask, not the slice, and it is part of every open
     /// stream's state (the run's task waits on it, and so does each follower).
     pub fn halted_for(&self, reasons: &[Halt]) -> impl Future<Output = Halt> + Send + '_ {
-        let wanted = reasons.iter().fold(0u8, |bits, &why| bits | 1 << why as u8);
+        let wanted = reasons.iter().fold(0, |bits, &why| bits | why.bit());
         async move {
             loop {
                 // Made before the bits are read: a halt after the read wakes it, even before it is first polled.
                 let halting = self.halting.notified();
                 let halted = self.halts.load(Ordering::Acquire) & wanted;
-                if let Some(why) = HALTS
-                    .into_iter()
-                    .find(|&why| halted & (1 << why as u8) != 0)
-                {
+                if let Some(why) = HALTS.into_iter().find(|&why| halted & why.bit() != 0) {
                     return why;
                 }
                 halting.await;
