@@ -8,6 +8,7 @@ mod runs;
 pub mod server;
 mod sse_out;
 mod stream;
+mod stream_request;
 
 use std::sync::Arc;
 use std::time::Duration;
