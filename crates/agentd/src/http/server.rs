@@ -8,6 +8,7 @@
 //! the listener closes, each connection finishes the responses it is writing and closes (an HTTP/2 one sends GOAWAY
 //! first, so its client opens no new stream on it), and idle connections close at once.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +16,11 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::Response;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
@@ -234,7 +240,7 @@ async fn serve_http1(
     // Each request carries the client's end of the connection, for a stream to watch.
     let service = hyper::service::service_fn(move |mut request| {
         request.extensions_mut().insert(peer.clone());
-        router.clone().oneshot(request)
+        answer(&router, request)
     });
     let mut connection = builders
         .http1
@@ -251,11 +257,22 @@ async fn serve_http2(
     builders: Arc<Builders>,
     closing: CancellationToken,
 ) {
-    let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
+    let service = hyper::service::service_fn(move |request| answer(&router, request));
     let mut connection = builders
         .http2
         .serve_connection(TokioIo::new(socket), service);
     until_closed(Pin::new(&mut connection), &closing).await;
+}
+
+/// The router's answer to `request`, boxed. hyper keeps room for the future a connection's service returns for as
+/// long as the connection (HTTP/1.1) or the stream (HTTP/2) lasts, which for an SSE stream is long after the answer
+/// began; the router's future, holding the request, is a few hundred bytes. Boxed, that room is a pointer's, and the
+/// box goes once the response is made.
+fn answer(
+    router: &Router,
+    request: Request<Incoming>,
+) -> BoxFuture<'static, Result<Response, Infallible>> {
+    router.clone().oneshot(request).boxed()
 }
 
 /// Reads the request head (so the answer does not race it, and closing does not reset the connection), writes the
