@@ -304,12 +304,16 @@ async fn refuse(mut socket: TcpStream) {
 pub struct Peer(Arc<TcpStream>);
 
 impl Peer {
-    /// Resolves once the client has shut its side of the connection (gone, or only done sending), or the connection
-    /// failed; never while the client sends more (a pipelined request, which hyper reads after this response).
-    pub async fn closed(&self) {
+    /// Whether the client has shut its side of the connection (gone, or only done sending) or the connection failed:
+    /// `true` then; `false` once the client sent more (a pipelined request, which hyper reads after this response),
+    /// after which the connection is not watched. Reads nothing, keeps no future: it is polled by the connection's
+    /// own task (hyper polls the response body there), whose wake-up it registers for the socket's next readiness.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut byte = [0u8; 1];
-        if let Ok(1..) = self.0.peek(&mut byte).await {
-            std::future::pending::<()>().await;
+        let mut buf = ReadBuf::new(&mut byte);
+        match ready!(self.0.poll_peek(cx, &mut buf)) {
+            Ok(0) | Err(_) => Poll::Ready(true),
+            Ok(_) => Poll::Ready(false),
         }
     }
 }

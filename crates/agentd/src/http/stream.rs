@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,7 +17,7 @@ use axum::http::{HeaderName, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
-use futures_util::StreamExt;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -83,14 +83,8 @@ pub(super) fn sse(
     // every event.
     let handoff = Box::pin(handoff.cancelled_owned());
     let probes = match peer {
-        Some(Extension(peer)) => futures_util::stream::once(async move { peer.closed().await })
-            // The second wait starts when the first write is made, not before.
-            .chain(futures_util::stream::once(async {
-                tokio::time::sleep(PROBE_AGAIN).await;
-            }))
-            .chain(futures_util::stream::pending())
-            .boxed(),
-        None => futures_util::stream::pending().boxed(),
+        Some(Extension(peer)) => Probes::Watching(peer),
+        None => Probes::Done,
     };
     let id_prefix = event_id_prefix(run_id);
     // All the stream needs is in its state, which is used where it lies, not moved out into locals: the future keeps
@@ -125,7 +119,7 @@ pub(super) fn sse(
                 }
                 Some((frame.freeze(), state))
             }
-            Some(()) = probes.next() => {
+            () = std::future::poll_fn(|cx| probes.poll_due(cx)) => {
                 Some((Bytes::from_static(sse_out::KEEP_ALIVE), state))
             }
         }
@@ -143,6 +137,42 @@ pub(super) fn sse(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// A stream's watch on its client's end of an HTTP/1.1 connection: once the client has shut it, a write at once and
+/// another [`PROBE_AGAIN`] later (see [`sse`]). It lies in the stream's state and is polled there: no future or timer
+/// of its own until the client shuts its end.
+enum Probes {
+    /// Waiting for the client to shut its end.
+    Watching(Peer),
+    /// The first write is due; then the second, timed from the poll after it (the first write made), not before.
+    Again(Option<Pin<Box<Sleep>>>),
+    /// Nothing more to write: both were written, the client sent more instead, or there is no end to watch (HTTP/2).
+    Done,
+}
+
+impl Probes {
+    /// Ready when a write is due.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Probes::Watching(peer) => {
+                if ready!(peer.poll_closed(cx)) {
+                    *self = Probes::Again(None);
+                    Poll::Ready(())
+                } else {
+                    *self = Probes::Done;
+                    Poll::Pending
+                }
+            }
+            Probes::Again(timer) => {
+                let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(PROBE_AGAIN)));
+                ready!(timer.as_mut().poll(cx));
+                *self = Probes::Done;
+                Poll::Ready(())
+            }
+            Probes::Done => Poll::Pending,
+        }
+    }
 }
 
 /// How large a frame of events grows before the rest wait for the next one.
