@@ -5,12 +5,12 @@
 //! `message_delta` (output tokens), `message_stop`, `ping`, and `error`. Tool results go back as `tool_result` blocks
 //! in a user message; consecutive messages of one role are merged, as the API requires alternating roles.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use crate::sse::Event;
 use serde_json::{Value, json};
 
-use super::upstream::{self, Providers, WireParser};
+use super::upstream::{self, Providers, Ready, WireParser};
 use super::{
     FINAL_ANSWER_TOOL, Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall,
     Usage,
@@ -156,7 +156,7 @@ struct Parser {
 }
 
 impl WireParser for Parser {
-    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError> {
+    fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError> {
         let data = upstream::json(PROVIDER, &event.data)?;
         let kind = data["type"].as_str().unwrap_or(event.event.as_str());
         match kind {

@@ -6,7 +6,7 @@
 //! `stream_options.include_usage`); the stream ends with `data: [DONE]`.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use crate::sse::Event;
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{Value, json};
 
-use super::upstream::{self, Providers, WireParser};
+use super::upstream::{self, Providers, Ready, WireParser};
 use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
 
 const PROVIDER: &str = "the OpenAI-compatible model provider";
@@ -224,7 +224,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
 }
 
 impl WireParser for Parser {
-    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError> {
+    fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError> {
         if event.data.trim() == "[DONE]" {
             self.done = true;
             if self.cut && !self.calls.is_empty() {

@@ -130,19 +130,53 @@ fn backoff(attempt: u32) -> Duration {
     (BACKOFF * 2u32.pow(attempt - 1)).mul_f64(jitter)
 }
 
+/// What upstream events meant, not yet handed on, oldest first. Nearly every event means one thing (a piece of
+/// text), which is kept in place; only a second one waits in a queue. (A queue kept by every open stream was an
+/// allocation of 320 bytes each, held while the stream waited for its provider.)
+#[derive(Debug, Default)]
+pub struct Ready {
+    first: Option<ModelEvent>,
+    rest: VecDeque<ModelEvent>,
+}
+
+impl Ready {
+    pub fn push_back(&mut self, event: ModelEvent) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(event);
+        } else {
+            self.rest.push_back(event);
+        }
+    }
+
+    pub fn pop_front(&mut self) -> Option<ModelEvent> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    pub fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
+}
+
+impl Extend<ModelEvent> for Ready {
+    fn extend<I: IntoIterator<Item = ModelEvent>>(&mut self, events: I) {
+        events.into_iter().for_each(|event| self.push_back(event));
+    }
+}
+
 /// Reads a provider's wire format, one SSE event at a time.
 pub trait WireParser: Send + 'static {
     /// What one upstream event means, added to `out`; an error ends the run.
-    fn read(&mut self, event: &Event, out: &mut VecDeque<ModelEvent>) -> Result<(), ModelError>;
+    fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError>;
     /// Whether the provider has said its answer is complete; a stream that ends before that is broken.
     fn done(&self) -> bool;
 
     /// What one upstream event means, on its own.
     #[cfg(test)]
     fn on_event(&mut self, event: &Event) -> Result<Vec<ModelEvent>, ModelError> {
-        let mut out = VecDeque::new();
+        let mut out = Ready::default();
         self.read(event, &mut out)?;
-        Ok(out.into())
+        Ok(std::iter::from_fn(|| out.pop_front()).collect())
     }
 }
 
@@ -157,7 +191,7 @@ pub fn parse_stream<P: WireParser>(
     struct State<P> {
         events: std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<Event, String>> + Send>>,
         parser: P,
-        ready: VecDeque<ModelEvent>,
+        ready: Ready,
         ended: bool,
         /// Fires once the stream may have gone `idle`: moved on when it fires early, rather than set anew for every
         /// event (a timer made and dropped per event took about 5% of agentd's CPU on an unpaced stream).
@@ -168,7 +202,7 @@ pub fn parse_stream<P: WireParser>(
     let state = Box::new(State {
         events: Box::pin(events),
         parser,
-        ready: VecDeque::new(),
+        ready: Ready::default(),
         ended: false,
         idle_timer: Box::pin(tokio::time::sleep(idle)),
     });
@@ -312,6 +346,29 @@ pub fn json(provider: &'static str, data: &str) -> Result<serde_json::Value, Mod
 mod tests {
     use super::*;
 
+    #[test]
+    fn ready_events_come_out_oldest_first_however_they_went_in() {
+        let text = |t: &str| ModelEvent::TextDelta(t.to_owned());
+        let mut ready = Ready::default();
+        assert!(ready.pop_front().is_none());
+        ready.push_back(text("a"));
+        ready.extend([text("b"), text("c")]);
+        assert!(matches!(ready.pop_front(), Some(ModelEvent::TextDelta(t)) if t == "a"));
+        // One taken from the front while others wait: what comes in now goes behind them.
+        ready.push_back(text("d"));
+        let rest: Vec<_> = std::iter::from_fn(|| ready.pop_front()).collect();
+        assert!(
+            matches!(&rest[..], [ModelEvent::TextDelta(b), ModelEvent::TextDelta(c), ModelEvent::TextDelta(d)]
+                if b == "b" && c == "c" && d == "d"),
+            "{rest:?}"
+        );
+        ready.extend([text("e"), text("f")]);
+        ready.clear();
+        assert!(ready.pop_front().is_none());
+        ready.push_back(text("g"));
+        assert!(matches!(ready.pop_front(), Some(ModelEvent::TextDelta(t)) if t == "g"));
+    }
+
     /// Each event's data as one text delta; done at `[DONE]`.
     #[derive(Default)]
     struct Echo {
@@ -319,11 +376,7 @@ mod tests {
     }
 
     impl WireParser for Echo {
-        fn read(
-            &mut self,
-            event: &Event,
-            out: &mut VecDeque<ModelEvent>,
-        ) -> Result<(), ModelError> {
+        fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError> {
             if event.data == "[DONE]" {
                 self.done = true;
             } else {
