@@ -101,15 +101,13 @@ impl Follower {
             }
             match &mut self.source {
                 Source::Local(live, committed) => {
-                    let upto = *committed.borrow_and_update();
+                    let upto = committed.seen();
                     if upto >= self.next {
                         self.pending.extend(live.slice(self.next, upto));
                         continue;
                     }
                     tokio::select! {
-                        changed = committed.changed() => if changed.is_err() {
-                            return None;
-                        },
+                        () = committed.changed() => {}
                         // Another process produces the run now: read on from the store.
                         _ = live.halted_for(&[Halt::Moved]) => {
                             self.source = self.log.stored_source(self.run_id);
@@ -119,7 +117,7 @@ impl Follower {
                 Source::Stored(run, wake) => {
                     // Once caught up, a follower reads what the notifications carried, and the store only for
                     // what they did not carry: not once per commit of the run.
-                    let committed = *wake.borrow_and_update();
+                    let committed = wake.seen();
                     if run.catch_ups() != self.catch_ups {
                         // The listener reconnected: what was committed meanwhile is in the store only.
                         self.catch_ups = run.catch_ups();
@@ -157,7 +155,7 @@ impl Follower {
                     tokio::select! {
                         // A newer seq, or a catch-up; a seq this follower already has is a notification that came
                         // after the read that found its events: nothing to do.
-                        _ = wake.changed() => {}
+                        () = wake.changed() => {}
                         () = tokio::time::sleep(POLL_EVERY) => self.look = true,
                     }
                 }

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use super::events::RunEvent;
@@ -29,9 +29,11 @@ use crate::metrics::Metrics;
 use crate::store::SessionStore;
 use crate::tools::ToolContext;
 
+mod committed;
 mod listen;
 mod writer;
 
+pub use committed::{Committed, Follow};
 pub use listen::listen;
 pub use writer::{WriterQueue, write};
 
@@ -54,8 +56,8 @@ struct Append {
 pub struct LiveLog {
     /// Event `seq` is at index `seq - 1`.
     events: Mutex<Vec<Arc<str>>>,
-    /// The seq up to which the events are committed; followers of this run hold its receivers.
-    committed: watch::Sender<u64>,
+    /// The seq up to which the events are committed; followers of this run watch it.
+    committed: Arc<Committed>,
     /// The reasons the run halted for, a bit per [`Halt`], set through [`LiveLog::halt`]. (Bits and a wake-up held
     /// in place rather than a cancellation token per reason: every open stream has a live log, and each token is an
     /// allocation of its own.)
@@ -137,16 +139,16 @@ impl LiveLog {
 
     /// Local followers attached now.
     pub fn followers(&self) -> usize {
-        self.committed.receiver_count()
+        self.committed.followers()
     }
 
     /// Completes when no local follower is left.
     pub async fn unfollowed(&self) {
-        self.committed.closed().await;
+        self.committed.unfollowed().await;
     }
 
     pub fn last_seq(&self) -> u64 {
-        *self.committed.borrow()
+        self.committed.get()
     }
 }
 
@@ -174,7 +176,7 @@ struct Inner {
 /// they carried (the latest few, in order), so its followers here need not read the store for each commit.
 #[derive(Debug)]
 pub struct RemoteRun {
-    committed: watch::Sender<u64>,
+    committed: Arc<Committed>,
     recent: Mutex<VecDeque<(u64, Arc<str>)>>,
     /// How many times the listener reconnected while the run was followed here: notifications may have been missed
     /// each time, so followers read the store once more.
@@ -226,9 +228,9 @@ impl RemoteRun {
 /// Where a follower reads a run's events.
 #[derive(Debug)]
 pub enum Source {
-    Local(Arc<LiveLog>, watch::Receiver<u64>),
+    Local(Arc<LiveLog>, Follow),
     /// From the notifications' events when they have them, else from the store.
-    Stored(Arc<RemoteRun>, watch::Receiver<u64>),
+    Stored(Arc<RemoteRun>, Follow),
 }
 
 impl RunLog {
@@ -255,7 +257,7 @@ impl RunLog {
         let seq = events.len() as u64;
         let live = Arc::new(LiveLog {
             events: Mutex::new(events),
-            committed: watch::Sender::new(seq),
+            committed: Committed::new(seq),
             halts: AtomicU8::new(0),
             halting: Notify::new(),
         });
@@ -316,8 +318,8 @@ impl RunLog {
     /// Where to read the run's events: from memory when it is produced here, else from the store.
     pub fn source(&self, run_id: Uuid) -> Source {
         if let Some(live) = self.live(run_id) {
-            let rx = live.committed.subscribe();
-            return Source::Local(live, rx);
+            let follow = live.committed.follow();
+            return Source::Local(live, follow);
         }
         self.stored_source(run_id)
     }
@@ -327,13 +329,13 @@ impl RunLog {
         let mut remote = self.inner.remote.lock().expect("run log lock");
         let run = remote.entry(run_id).or_insert_with(|| {
             Arc::new(RemoteRun {
-                committed: watch::Sender::new(0),
+                committed: Committed::new(0),
                 recent: Mutex::default(),
                 catch_ups: AtomicU64::new(0),
                 caller: Mutex::default(),
             })
         });
-        Source::Stored(Arc::clone(run), run.committed.subscribe())
+        Source::Stored(Arc::clone(run), run.committed.follow())
     }
 
     /// `caller` follows the run here: a takeover of it acts for them.
@@ -367,7 +369,7 @@ impl RunLog {
     /// The runs produced elsewhere, locked, once those nobody here follows any more are dropped.
     fn followed_here(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<RemoteRun>>> {
         let mut remote = self.inner.remote.lock().expect("run log lock");
-        remote.retain(|_, run| run.committed.receiver_count() > 0);
+        remote.retain(|_, run| run.committed.followers() > 0);
         shrink_if_sparse(&mut remote);
         remote
     }
@@ -376,11 +378,7 @@ impl RunLog {
     /// a dead run's log): its followers here read on.
     pub fn committed_elsewhere(&self, run_id: Uuid, seq: u64) {
         if let Some(run) = self.inner.remote.lock().expect("run log lock").get(&run_id) {
-            run.committed.send_if_modified(|last| {
-                let newer = seq > *last;
-                *last = (*last).max(seq);
-                newer
-            });
+            run.committed.raise(seq);
         }
     }
 
@@ -406,7 +404,7 @@ impl RunLog {
     fn catch_up_all(&self) {
         for run in self.inner.remote.lock().expect("run log lock").values() {
             run.catch_ups.fetch_add(1, Ordering::AcqRel);
-            run.committed.send_modify(|_| {});
+            run.committed.wake();
         }
     }
 
@@ -475,10 +473,9 @@ impl RunWriter {
 
     /// Waits until every event emitted so far is committed (or the run's events could not be stored).
     pub async fn flushed(&self) {
-        let mut committed = self.live.committed.subscribe();
-        let seq = self.seq;
+        let mut committed = self.live.committed.follow();
         tokio::select! {
-            _ = committed.wait_for(|last| *last >= seq) => {}
+            () = committed.reached(self.seq) => {}
             _ = self.live.halted_for(&[Halt::Unlogged, Halt::Moved]) => {}
         }
     }

@@ -101,7 +101,7 @@ async fn a_remote_follower_reads_the_store_only_when_the_notifications_cannot_te
 #[test]
 fn notified_events_are_kept_in_order_and_a_gap_starts_over() {
     let run = RemoteRun {
-        committed: watch::Sender::new(0),
+        committed: Committed::new(0),
         recent: Mutex::default(),
         catch_ups: AtomicU64::new(0),
         caller: Mutex::default(),

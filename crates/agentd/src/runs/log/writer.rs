@@ -137,7 +137,7 @@ async fn commit(log: &RunLog, batch: &mut Vec<Append>, kept: &mut Kept) {
             .chain(held_back);
         for (run_id, last_seq) in released {
             if let Some(run) = live.get(&run_id) {
-                run.committed.send_replace(last_seq);
+                run.committed.set(last_seq);
             }
         }
         for run_id in finished {
