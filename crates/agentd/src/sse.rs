@@ -94,6 +94,15 @@ impl Decoder {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// Gives back the buffer when everything fed has been read (nothing of a line is waiting for the rest of it): a
+    /// stream that waits long for its next bytes (a model thinking) holds no buffer meanwhile.
+    pub fn release_if_read(&mut self) {
+        if self.pos == self.buf.len() {
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
+    }
+
     /// The next complete event in what was fed so far, if there is one.
     pub fn next_event(&mut self) -> Option<Event> {
         loop {
@@ -217,7 +226,15 @@ pub fn events<E: std::fmt::Display>(
                 if let Some(event) = decoder.next_event() {
                     return Some((Ok(event), (bytes, decoder, false)));
                 }
-                match bytes.next().await {
+                // When the next bytes are not there yet, the buffer goes while the stream waits for them.
+                let next = std::future::poll_fn(|cx| {
+                    let next = bytes.poll_next_unpin(cx);
+                    if next.is_pending() {
+                        decoder.release_if_read();
+                    }
+                    next
+                });
+                match next.await {
                     Some(Ok(chunk)) => decoder.feed(&chunk),
                     Some(Err(error)) => {
                         return Some((Err(error.to_string()), (bytes, decoder, true)));
@@ -243,6 +260,29 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn the_buffer_goes_once_all_of_it_is_read_and_stays_while_a_line_waits_for_its_end() {
+        let mut decoder = Decoder::new();
+        decoder.feed(b"data: a\n\n");
+        assert_eq!(decoder.next_event(), Some(data("message", "a")));
+        assert_eq!(decoder.next_event(), None);
+        decoder.release_if_read();
+        assert_eq!(decoder.buf.capacity(), 0);
+        // Half a line: kept for the rest of it.
+        decoder.feed(b"data: b");
+        assert_eq!(decoder.next_event(), None);
+        decoder.release_if_read();
+        assert_eq!(&decoder.buf[decoder.pos..], b"data: b");
+        decoder.feed(b"c\r");
+        assert_eq!(decoder.next_event(), None);
+        // The line ended with CR, read; whether an LF follows is told by the next bytes, which need no buffer.
+        decoder.release_if_read();
+        decoder.feed(b"\n\n");
+        assert_eq!(decoder.next_event(), Some(data("message", "bc")));
+        decoder.release_if_read();
+        assert_eq!(decoder.buf.capacity(), 0);
     }
 
     fn data(event: &str, data: &str) -> Event {
