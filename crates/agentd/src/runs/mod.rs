@@ -25,7 +25,7 @@ mod recorder;
 mod start;
 mod takeover;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::auth::{AuthError, Identity};
 use crate::instructions::{Instructions, OutputSchema};
 use crate::metrics::{Metrics, ProviderLoad};
-use crate::model::{ModelPolicy, ModelSpec, Providers};
+use crate::model::{Model, ModelPolicy, ModelSpec, Providers};
 use crate::stages::Component;
 use crate::store::{
     Chat, ChatOwner, Run, RunStatus, STALE_RUN_ERROR, SessionStore, StoreError, StoredMessage,
@@ -91,6 +91,9 @@ pub struct RunService {
 #[derive(Debug)]
 struct Inner {
     parts: RunServiceParts,
+    /// The provider models runs were started with, each made once and shared by its runs (see
+    /// [`RunService::model`]); as many as the models a client may name (`AI_MODELS`).
+    models: Mutex<Vec<(ModelSpec, Arc<dyn Model>)>>,
     live: LiveRuns,
     /// Stopped at the drain deadline: every run still going ends with `run_interrupted`. Its tracker holds every
     /// run task, so shutdown waits for each to record its end.
@@ -210,6 +213,7 @@ impl RunService {
         Self {
             inner: Arc::new(Inner {
                 parts,
+                models: Mutex::default(),
                 live: LiveRuns::default(),
                 component,
             }),

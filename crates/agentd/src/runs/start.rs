@@ -14,7 +14,7 @@ use super::{
 };
 use crate::auth::{AuthError, Identity};
 use crate::instructions::Fill;
-use crate::model::ModelSpec;
+use crate::model::{Model, ModelSpec};
 use crate::store::{ChatOwner, NewRun};
 use crate::tools::ToolContext;
 
@@ -137,6 +137,23 @@ impl RunService {
         })
     }
 
+    /// The model a run of `spec` talks to. A provider's model holds nothing of a run's, so it is made once and shared
+    /// (a run made its own, with copies of the provider's endpoint and settings: about 250 bytes per open stream); the
+    /// test model, whose options come with each request, is made per run.
+    fn model(&self, spec: &ModelSpec) -> Arc<dyn Model> {
+        let providers = &self.inner.parts.providers;
+        if matches!(spec, ModelSpec::Test(_)) {
+            return spec.build(providers);
+        }
+        let mut models = self.inner.models.lock().expect("models lock");
+        if let Some((_, model)) = models.iter().find(|(made, _)| made == spec) {
+            return Arc::clone(model);
+        }
+        let model = spec.build(providers);
+        models.push((spec.clone(), Arc::clone(&model)));
+        model
+    }
+
     /// What run `run_id` of `chat_id` needs to be driven here under `epoch`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn context(
@@ -160,7 +177,7 @@ impl RunService {
             seed_clients: parts.seed_clients,
             started,
             model_id: model.to_string(),
-            model: model.build(&parts.providers),
+            model: self.model(model),
             interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
             store: parts.store.clone(),

@@ -242,3 +242,41 @@ async fn a_model_chosen_dot_segment_never_leaves_its_place_in_the_tool_url() {
         assert!(told.contains("path segment"), "{call}: {told}");
     }
 }
+
+#[tokio::test]
+async fn each_run_talks_to_the_model_it_names_whichever_ran_before_it() {
+    // A provider's model is made once and shared by its runs: runs of two models, in turn, on one server.
+    let s = setup().await;
+    let claude = |text: &str| {
+        let mut frames = vec![anthropic::start(1)];
+        frames.extend(anthropic::text_block(0, text));
+        frames.extend(anthropic::stop(1, "end_turn"));
+        Reply::Frames(frames)
+    };
+    s.fake.script([
+        Reply::Frames(openai::answer(&["one"], 1, 1)),
+        claude("two"),
+        Reply::Frames(openai::answer(&["three"], 1, 1)),
+        claude("four"),
+    ]);
+    let chat = s.chat().await;
+    for (model, question, answer) in [
+        ("openai:gpt-test", "First?", "one"),
+        ("anthropic:claude-test", "Second?", "two"),
+        ("openai:gpt-test", "Third?", "three"),
+        ("anthropic:claude-test", "Fourth?", "four"),
+    ] {
+        let events = s.run(&chat, model, question).await;
+        assert_eq!(deltas(&events), answer, "{model}");
+        assert_eq!(events[0].1["model"], model, "{events:?}");
+    }
+    let models = |path: &str| -> Vec<String> {
+        s.fake
+            .seen(path)
+            .iter()
+            .map(|request| request.body["model"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(models("/v1/chat/completions"), ["gpt-test", "gpt-test"]);
+    assert_eq!(models("/v1/messages"), ["claude-test", "claude-test"]);
+}
