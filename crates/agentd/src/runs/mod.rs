@@ -93,7 +93,7 @@ struct Inner {
     parts: RunServiceParts,
     /// The provider models runs were started with, each made once and shared by its runs (see
     /// [`RunService::model`]); as many as the models a client may name (`AI_MODELS`).
-    models: Mutex<Vec<(ModelSpec, Arc<dyn Model>)>>,
+    provider_models: Mutex<Vec<(ModelSpec, Arc<dyn Model>)>>,
     live: LiveRuns,
     /// Stopped at the drain deadline: every run still going ends with `run_interrupted`. Its tracker holds every
     /// run task, so shutdown waits for each to record its end.
@@ -213,7 +213,7 @@ impl RunService {
         Self {
             inner: Arc::new(Inner {
                 parts,
-                models: Mutex::default(),
+                provider_models: Mutex::default(),
                 live: LiveRuns::default(),
                 component,
             }),

@@ -145,7 +145,7 @@ impl RunService {
         if matches!(spec, ModelSpec::Test(_)) {
             return spec.build(providers);
         }
-        let mut models = self.inner.models.lock().expect("models lock");
+        let mut models = self.inner.provider_models.lock().expect("models lock");
         if let Some((_, model)) = models.iter().find(|(made, _)| made == spec) {
             return Arc::clone(model);
         }
