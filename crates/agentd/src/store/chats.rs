@@ -2,7 +2,8 @@
 
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Row};
+use super::db::{Arg, Conn};
+use super::row::Row;
 use super::{Chat, ChatOwner, SessionStore, StoreError, StoredMessage, usage_from};
 use crate::model::Usage;
 

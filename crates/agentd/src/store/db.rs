@@ -1,4 +1,5 @@
-//! Where the two backends differ, in one place: connections, how values are bound and read, and a few SQL fragments.
+//! Where the two backends differ: connections, how values are bound and read (rows: `row.rs`), and a few SQL
+//! fragments.
 //!
 //! Queries are written once, with `$N` placeholders (SQLite reads `$N` as the Nth argument too) and `{token}`s for
 //! the fragments that differ ([`sql`]). Values are bound as [`Arg`]s and read through [`Row`], which turn them
@@ -10,16 +11,16 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgRow, Postgres};
-use sqlx::sqlite::{Sqlite, SqliteRow};
+use sqlx::postgres::Postgres;
+use sqlx::sqlite::Sqlite;
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Decode, Row as _, Transaction, Type};
-use time::OffsetDateTime;
+use sqlx::{AssertSqlSafe, Transaction};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::StoreError;
 use super::postgres::{self, PgDb};
+use super::row::{Row, rows};
 use super::sqlite::SqliteDb;
 use super::waits::PoolWaits;
 use crate::model::Message;
@@ -90,13 +91,6 @@ pub(super) enum Conn {
     Postgres(PoolConnection<Postgres>),
     SqliteTx(Transaction<'static, Sqlite>),
     PostgresTx(Transaction<'static, Postgres>),
-}
-
-/// A row of either backend.
-#[derive(Debug)]
-pub(super) enum Row {
-    Sqlite(SqliteRow),
-    Postgres(PgRow),
 }
 
 impl Db {
@@ -506,101 +500,6 @@ fn pg_query<'q>(
         pg_list,
         pg_message
     ))
-}
-
-fn rows<R>(rows: Vec<R>) -> Vec<Row>
-where
-    Row: From<R>,
-{
-    rows.into_iter().map(Row::from).collect()
-}
-
-impl From<SqliteRow> for Row {
-    fn from(row: SqliteRow) -> Self {
-        Self::Sqlite(row)
-    }
-}
-
-impl From<PgRow> for Row {
-    fn from(row: PgRow) -> Self {
-        Self::Postgres(row)
-    }
-}
-
-impl Row {
-    /// A column whose type is the same in both backends (text, integers).
-    pub fn get<T>(&self, column: &str) -> Result<T, StoreError>
-    where
-        T: for<'r> Decode<'r, Sqlite>
-            + Type<Sqlite>
-            + for<'r> Decode<'r, Postgres>
-            + Type<Postgres>,
-    {
-        Ok(match self {
-            Self::Sqlite(row) => row.try_get(column)?,
-            Self::Postgres(row) => row.try_get(column)?,
-        })
-    }
-
-    pub fn uuid(&self, column: &str) -> Result<Uuid, StoreError> {
-        self.opt_uuid(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
-    }
-
-    pub fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
-        match self {
-            Self::Sqlite(row) => row
-                .try_get::<Option<String>, _>(column)?
-                .map(|text| {
-                    Uuid::parse_str(&text)
-                        .map_err(|e| StoreError::Corrupt(format!("{column} {text:?}: {e}")))
-                })
-                .transpose(),
-            Self::Postgres(row) => Ok(row.try_get(column)?),
-        }
-    }
-
-    pub fn time(&self, column: &str) -> Result<OffsetDateTime, StoreError> {
-        self.opt_time(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
-    }
-
-    pub fn opt_time(&self, column: &str) -> Result<Option<OffsetDateTime>, StoreError> {
-        match self {
-            Self::Sqlite(row) => row
-                .try_get::<Option<i64>, _>(column)?
-                .map(|ms| {
-                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-                        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
-                })
-                .transpose(),
-            Self::Postgres(row) => Ok(row.try_get(column)?),
-        }
-    }
-
-    /// A JSON array of messages (PostgreSQL's `jsonb_agg`).
-    pub fn messages(&self, column: &str) -> Result<Vec<Message>, StoreError> {
-        self.json(column, "stored messages")
-    }
-
-    pub fn message(&self, column: &str) -> Result<Message, StoreError> {
-        self.json(column, "stored message")
-    }
-
-    /// A JSON column: text in SQLite, `jsonb` in PostgreSQL; `what` names it when it does not read.
-    fn json<T>(&self, column: &str, what: &str) -> Result<T, StoreError>
-    where
-        T: serde::de::DeserializeOwned,
-    {
-        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("{what}: {e}"));
-        match self {
-            Self::Sqlite(row) => serde_json::from_str(row.try_get(column)?).map_err(corrupt),
-            Self::Postgres(row) => {
-                let Json(value) = row.try_get(column)?;
-                Ok(value)
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Db, Row};
+use super::db::{Arg, Conn, Db};
+use super::row::Row;
 use super::runs::end_args;
 use super::scripts::{self, Scripts, take_call};
 use super::{RELEASED_CHANNEL, RunEnd, StoreError, each_alone_if_refused, like, queued};

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Row};
+use super::db::{Arg, Conn};
+use super::row::Row;
 use super::{SessionStore, StoreError, json_text, to_i64, to_ms};
 
 /// The channel a PostgreSQL commit notifies: one record per run, separated by [`RECORD_SEPARATOR`], each

@@ -44,6 +44,7 @@ mod ends;
 mod events;
 mod listen;
 mod postgres;
+mod row;
 mod runs;
 mod scripts;
 mod sqlite;

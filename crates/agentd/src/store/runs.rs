@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::{Arg, Row};
+use super::db::Arg;
+use super::row::Row;
 use super::{
     ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms,
     usage_from,

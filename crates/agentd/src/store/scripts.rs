@@ -7,7 +7,8 @@
 //! prepared once, and a batch is sent as scripts of those sizes, the largest first.
 
 use super::StoreError;
-use super::db::{Arg, Conn, Row};
+use super::db::{Arg, Conn};
+use super::row::Row;
 
 /// How many a script holds, largest first; a batch is sent as scripts of these sizes.
 pub(super) const SCRIPT_SIZES: [usize; 5] = [16, 8, 4, 2, 1];

@@ -22,7 +22,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::db::{Arg, Conn, Db, Row};
+use super::db::{Arg, Conn, Db};
+use super::row::Row;
 use super::scripts::{self, MAX_SCRIPT, Scripts, take_call};
 use super::{ACQUIRE_TIMEOUT, NewRun, StoreError, each_alone_if_refused, json_text, like, queued};
 use crate::model::Message;
