@@ -30,7 +30,8 @@ pub(super) fn drive(
     let opening = Opening::new(prompt, resumed, &mut recorder);
     async move {
         let _live = ctx.live.enter(ctx.run_id);
-        let (outcome, failure, tokens) = run(&ctx, opening, &mut out, &mut recorder).await;
+        let result = run(&ctx, opening, &mut out, &mut recorder).await;
+        let (outcome, failure, tokens) = conclude(&ctx, &mut out, &mut recorder, result).await;
         ctx.metrics.run_finished(outcome, failure.map(|f| f.code));
         if continued {
             ctx.metrics.continuation_finished(tokens);
@@ -41,22 +42,26 @@ pub(super) fn drive(
     }
 }
 
+/// Runs the agent loop until it ends or something stops it: the shutdown deadline, a halt of the run's log (moved,
+/// deleted, cancelled, unlogged), or nobody following it.
+///
+/// What follows (storing the end, the last events) is [`conclude`]'s, a future of its own: the run's task holds one of
+/// the two at a time, and what only the end needs takes no room beside the loop while the run lasts.
 async fn run(
     ctx: &RunContext,
     opening: Box<Opening>,
     out: &mut RunWriter,
     recorder: &mut Recorder,
-) -> (RunOutcome, Option<Failure>, u64) {
+) -> Result<(), Stop> {
     // `run_started` (and, for a continued run, everything before) is already in the log.
     let live = Arc::clone(out.live());
-    let deadline = if ctx.handoff {
-        Stop::Released
-    } else {
-        Stop::Interrupted
-    };
-    let result = tokio::select! {
+    tokio::select! {
         biased;
-        _ = ctx.interrupt.cancelled() => Err(deadline),
+        _ = ctx.interrupt.cancelled() => Err(if ctx.handoff {
+            Stop::Released
+        } else {
+            Stop::Interrupted
+        }),
         why = live.halted() => Err(match why {
             Halt::Moved => Stop::Fenced,
             Halt::Deleted => Stop::Deleted,
@@ -65,7 +70,17 @@ async fn run(
         }),
         () = unfollowed(ctx, &live) => Err(Stop::Detached),
         result = engine::agent_loop(ctx, opening, out, recorder) => result,
-    };
+    }
+}
+
+/// Ends the run as `result` says: releases it, leaves it to the process that holds it now, or stores how it ended
+/// and appends its last events. Returns the outcome, the failure and the output tokens.
+async fn conclude(
+    ctx: &RunContext,
+    out: &mut RunWriter,
+    recorder: &mut Recorder,
+    result: Result<(), Stop>,
+) -> (RunOutcome, Option<Failure>, u64) {
     let tokens = recorder.usage.output_tokens;
     let (outcome, status, failure, reason) = match result {
         Err(Stop::Released) => return (release(ctx, out).await, None, tokens),
@@ -76,15 +91,15 @@ async fn run(
         Err(Stop::Deleted) => {
             // Nothing is left to store it in: the followers are told, and the run ends.
             tracing::info!(run_id = %ctx.run_id, chat_id = %ctx.chat_id, "the run's chat was deleted; run stopped");
-            let interrupted = RunEvent::RunInterrupted {
+            out.emit(RunEvent::RunInterrupted {
                 reason: "deleted",
                 resume: resume_path(ctx.chat_id, ctx.run_id),
-            };
-            out.emit(&interrupted).await;
+            })
+            .await;
             if ctx.seed_clients {
-                out.emit(&interrupted_for_seed_clients("deleted")).await;
+                out.emit(interrupted_for_seed_clients("deleted")).await;
             }
-            out.emit(&RunEvent::Done).await;
+            out.emit(RunEvent::Done).await;
             return (RunOutcome::Deleted, None, tokens);
         }
         other => ended(ctx, other),
@@ -184,7 +199,7 @@ async fn finish(
             resume: resume_path(ctx.chat_id, ctx.run_id),
         },
         (Some(end), None, None) => {
-            out.emit(&RunEvent::FinalAnswer {
+            out.emit(RunEvent::FinalAnswer {
                 output: structured.unwrap_or(serde_json::Value::String(end.output)),
                 usage: end.usage,
                 truncated,
@@ -202,11 +217,11 @@ async fn finish(
         }
         _ => None,
     };
-    out.emit(&last).await;
+    out.emit(last).await;
     if let Some(failed) = interrupted {
-        out.emit(&failed).await;
+        out.emit(failed).await;
     }
-    out.emit(&RunEvent::Done).await;
+    out.emit(RunEvent::Done).await;
     (outcome, failure)
 }
 

@@ -200,21 +200,25 @@ pub(super) async fn agent_loop(
         // A step cut mid-answer is continued: the model gets its answer so far as its own turn. (With an output
         // schema the step is asked again, and only what extends the text already sent is sent.)
         let mut text = std::mem::take(&mut partial);
-        let mut request = ModelRequest {
-            system: ctx.system.clone(),
-            messages: messages.clone(),
-            tools: definitions.clone(),
-            output_schema: schema.map(|s| Arc::clone(&s.schema)),
+        // The request is the stream's from here on (made in a block of its own, so the step's state keeps no room
+        // for it while the answer streams).
+        let mut stream = {
+            let mut request = ModelRequest {
+                system: ctx.system.clone(),
+                messages: messages.clone(),
+                tools: definitions.clone(),
+                output_schema: schema.map(|s| Arc::clone(&s.schema)),
+            };
+            if !text.is_empty() {
+                request.messages.push(Message::Assistant {
+                    content: text.clone(),
+                    tool_calls: Vec::new(),
+                });
+            }
+            ctx.model.stream(request)
         };
-        if !text.is_empty() {
-            request.messages.push(Message::Assistant {
-                content: text.clone(),
-                tool_calls: Vec::new(),
-            });
-        }
         let continued = !text.is_empty();
         let quiet = schema.is_some() && (repaired || !shown.is_empty());
-        let mut stream = ctx.model.stream(request);
         let mut calls = Vec::new();
         loop {
             let event = stream.next().await;
@@ -238,7 +242,7 @@ pub(super) async fn agent_loop(
                     }
                     let start = text.len();
                     text.push_str(&content);
-                    out.emit(&RunEvent::ModelDelta { content }).await;
+                    out.emit(RunEvent::ModelDelta { content }).await;
                     // Counted once in the log, so a stored partial answer is what followers were sent.
                     recorder.output.push_str(&text[start..]);
                 }
@@ -247,11 +251,10 @@ pub(super) async fn agent_loop(
                 ModelEvent::Truncated => recorder.truncated = true,
             }
         }
-        let answer = Message::Assistant {
+        messages.push(Message::Assistant {
             content: text.clone(),
             tool_calls: calls.clone(),
-        };
-        messages.push(answer.clone());
+        });
         if calls.is_empty()
             && let Some(schema) = schema
         {
@@ -288,12 +291,16 @@ pub(super) async fn agent_loop(
                 }
             }
         }
-        recorder.messages.push(answer);
+        // The step's answer, stored with the run.
+        recorder.messages.push(Message::Assistant {
+            content: text,
+            tool_calls: calls.clone(),
+        });
         if calls.is_empty() {
             return Ok(());
         }
         for call in &calls {
-            out.emit(&RunEvent::ToolStarted {
+            out.emit(RunEvent::ToolStarted {
                 tool_name: call.name.clone(),
                 tool_label: tool_label(&call.name),
                 tool_call_id: call.id.clone(),
@@ -321,7 +328,7 @@ async fn show(out: &mut RunWriter, recorder: &mut Recorder, shown: &mut String, 
         let content = answer[shown.len()..].to_owned();
         shown.push_str(&content);
         recorder.output.push_str(&content);
-        out.emit(&RunEvent::ModelDelta { content }).await;
+        out.emit(RunEvent::ModelDelta { content }).await;
     }
 }
 
@@ -362,7 +369,7 @@ async fn run_tools(
             Ok(value) => value.to_string(),
             Err(error) => serde_json::json!({ "error": error.to_string() }).to_string(),
         };
-        out.emit(&RunEvent::ToolFinished {
+        out.emit(RunEvent::ToolFinished {
             tool_name: call.name.clone(),
             tool_label: tool_label(&call.name),
             tool_call_id: call.id.clone(),

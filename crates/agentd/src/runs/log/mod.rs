@@ -440,10 +440,13 @@ pub struct RunWriter {
 }
 
 impl RunWriter {
-    /// Appends `event`; it reaches followers once committed.
-    pub async fn emit(&mut self, event: &RunEvent) {
+    /// Appends `event`: numbered, written out and queued for the writer before this returns; it reaches followers
+    /// once committed. What is left to await is a wait for room in the writer's queue, made (boxed) only when the
+    /// queue is full, as it nearly never is. The event is not held by the future: a run's task awaits its events for
+    /// as long as the run lasts, and an event or a wait held across that would take room in its state all along.
+    pub fn emit(&mut self, event: RunEvent) -> impl Future<Output = ()> + Send + '_ {
         self.seq += 1;
-        let json: Arc<str> = serde_json::to_string(event)
+        let json: Arc<str> = serde_json::to_string(&event)
             .expect("run events always serialize")
             .into();
         self.live
@@ -458,8 +461,16 @@ impl RunWriter {
             json,
             last: matches!(event, RunEvent::Done),
         };
-        // The queue closes only when the writer is gone, after every run ended.
-        let _ = self.queue.send(append).await;
+        let full = match self.queue.try_send(append) {
+            Err(mpsc::error::TrySendError::Full(append)) => Some(Box::pin(self.queue.send(append))),
+            // The queue closes only when the writer is gone, after every run ended.
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
+        };
+        async move {
+            if let Some(send) = full {
+                let _ = send.await;
+            }
+        }
     }
 
     pub fn live(&self) -> &Arc<LiveLog> {

@@ -193,3 +193,39 @@ async fn a_wait_for_a_halt_ends_for_its_reasons_only() {
         Halt::Cancelled
     );
 }
+
+/// A run whose events find the writer's queue full waits for room, and its event goes in after those before it: none
+/// is dropped or reordered.
+#[tokio::test]
+async fn an_event_that_finds_the_queue_full_waits_for_room_and_keeps_its_place() {
+    let (log, mut queue, _dir) = log_on_a_new_sqlite_store().await;
+    let run_id = Uuid::new_v4();
+    let mut writer = log.produce(run_id, 1, vec!["{\"type\":\"run_started\"}".into()]);
+    let delta = |content: &str| RunEvent::ModelDelta {
+        content: content.to_owned(),
+    };
+    for _ in 0..QUEUE {
+        writer.emit(delta("a")).await;
+    }
+    let waiting = tokio::spawn(async move {
+        writer.emit(delta("last")).await;
+        writer
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "the queue is full: the event waits");
+    let first = queue.0.recv().await.unwrap();
+    assert_eq!((first.run_id, first.seq), (run_id, 2));
+    let writer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("room was made: the event goes in")
+        .unwrap();
+    let mut seqs = vec![first.seq];
+    while let Ok(append) = queue.0.try_recv() {
+        seqs.push(append.seq);
+        if append.seq == seqs[0] + QUEUE as u64 {
+            assert!(append.json.contains("\"last\""), "{}", append.json);
+        }
+    }
+    assert_eq!(seqs, (2..=QUEUE as u64 + 2).collect::<Vec<_>>());
+    assert_eq!(writer.live().events.lock().unwrap().len(), QUEUE + 2);
+}
