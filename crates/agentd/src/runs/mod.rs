@@ -275,7 +275,9 @@ impl RunService {
         if !follower.is_local() && run.status == RunStatus::Running {
             // Tell the producer, wherever it is, that this run is followed; should it be gone, this process may
             // continue the run, acting for this caller.
-            parts.log.followed_by(run_id, tool_context(caller));
+            parts
+                .log
+                .followed_by(run_id, tool_context(caller, &parts.tools));
             parts.store.follow_elsewhere(run_id).await?;
             if run.owner_instance.is_empty() {
                 // Released by a replica that drained: continue it now rather than at the next lease check.
@@ -410,11 +412,12 @@ impl RunService {
     }
 }
 
-/// Who a run acts for, as its tools see it.
-fn tool_context(caller: &Identity) -> ToolContext {
+/// Who a run acts for, as `tools` see it. The caller's bearer token only when a tool sends it on: a run keeps its
+/// context for as long as it lasts, and a token is a few hundred bytes.
+fn tool_context(caller: &Identity, tools: &ToolRegistry) -> ToolContext {
     match caller {
         Identity::Token(caller) => ToolContext {
-            bearer: Some(caller.token.clone()),
+            bearer: tools.uses_caller_token().then(|| caller.token.clone()),
             org_id: caller.org_id.clone(),
             canvas_version: None,
         },
@@ -438,5 +441,44 @@ fn is_callers(caller: &Identity, owner: &ChatOwner) -> bool {
     match caller {
         Identity::Token(caller) => caller.owns(owner),
         Identity::Dev => *owner == dev_owner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Caller;
+    use crate::secret::Secret;
+
+    /// A run keeps the caller's token for its tools only when one of them sends it on.
+    #[test]
+    fn a_run_keeps_the_callers_token_only_for_tools_that_send_it_on() {
+        let caller = Identity::Token(Caller {
+            org_id: "org".into(),
+            user_id: "user".into(),
+            scopes: vec!["canvas:c".into()],
+            token: Secret::new("header.payload.signature"),
+        });
+        let built_ins = tool_context(&caller, &ToolRegistry::default());
+        assert!(built_ins.bearer.is_none());
+        assert_eq!(built_ins.org_id, "org");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tools.yaml");
+        std::fs::write(
+            &file,
+            "tools:\n  - name: look\n    description: Looks something up.\n    url: http://127.0.0.1:1/look\n",
+        )
+        .unwrap();
+        let http = tool_context(&caller, &ToolRegistry::load(&file).unwrap());
+        assert_eq!(
+            http.bearer.as_ref().map(Secret::expose),
+            Some("header.payload.signature")
+        );
+        assert!(
+            tool_context(&Identity::Dev, &ToolRegistry::load(&file).unwrap())
+                .bearer
+                .is_none()
+        );
     }
 }

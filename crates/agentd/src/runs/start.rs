@@ -116,7 +116,7 @@ impl RunService {
             system,
             ToolContext {
                 canvas_version: request.context.canvas_version,
-                ..tool_context(&caller)
+                ..tool_context(&caller, &parts.tools)
             },
             std::time::Instant::now(),
         );

@@ -152,6 +152,10 @@ impl HttpTool {
 }
 
 impl Tool for HttpTool {
+    fn uses_caller_token(&self) -> bool {
+        true
+    }
+
     fn definition(&self) -> ToolDefinition {
         ToolDefinition {
             name: self.spec.name.clone(),

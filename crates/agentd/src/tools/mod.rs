@@ -63,7 +63,7 @@ impl ToolError {
 /// Who the run acts for, so tools can act for them too.
 #[derive(Debug, Clone, Default)]
 pub struct ToolContext {
-    /// The caller's bearer token, forwarded by HTTP tools; `None` in dev mode.
+    /// The caller's bearer token, forwarded by HTTP tools; `None` in dev mode and when no HTTP tool is declared.
     pub bearer: Option<Secret>,
     pub org_id: String,
     /// The canvas version the client shows (`agent_context.canvas_version`): `{context.canvas_version}` in a tool's
@@ -76,6 +76,10 @@ pub trait Tool: Send + Sync + std::fmt::Debug {
     /// Whether calling it twice has the effect of calling it once (a call cut by a takeover is made again).
     fn idempotent(&self) -> bool {
         true
+    }
+    /// Whether it acts as the caller, sending their bearer token on.
+    fn uses_caller_token(&self) -> bool {
+        false
     }
     fn call<'a>(
         &'a self,
@@ -100,6 +104,8 @@ pub struct ToolRegistry {
     /// The tools' definitions, as every run offers them to the model: made once and shared, not copied into each run
     /// (a run holds them for as long as it lasts).
     definitions: Arc<[ToolDefinition]>,
+    /// Whether a tool sends the caller's bearer token on: only then does a run keep a copy of it.
+    uses_caller_token: bool,
 }
 
 impl Default for ToolRegistry {
@@ -151,6 +157,7 @@ impl ToolRegistry {
     fn of(tools: Vec<Entry>) -> Self {
         Self {
             definitions: tools.iter().map(|entry| entry.definition.clone()).collect(),
+            uses_caller_token: tools.iter().any(|entry| entry.tool.uses_caller_token()),
             tools: Arc::new(tools),
         }
     }
@@ -163,6 +170,11 @@ impl ToolRegistry {
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
         self.entry(name).map(|entry| &entry.tool)
+    }
+
+    /// Whether a tool sends the caller's bearer token on (an HTTP tool does; the built-ins do not).
+    pub fn uses_caller_token(&self) -> bool {
+        self.uses_caller_token
     }
 
     pub fn definitions(&self) -> Arc<[ToolDefinition]> {
@@ -256,6 +268,14 @@ mod tests {
         let registry = ToolRegistry::load(&path).unwrap();
         assert!(registry.get("list_nodes").is_some());
         assert!(registry.get("current_time").is_some());
+        assert!(
+            registry.uses_caller_token(),
+            "an HTTP tool sends the caller's token on"
+        );
+        assert!(
+            !ToolRegistry::default().uses_caller_token(),
+            "the built-ins do not"
+        );
         for (text, error) in [
             (
                 "tools:\n  - name: x\n    description: d\n    url: ftp://nope\n",
