@@ -190,23 +190,31 @@ async fn serve_connection(
     }
 }
 
-/// Drives a connection, either protocol, to its end. At `closing` it finishes the responses it is writing and closes
-/// (an HTTP/2 one sends GOAWAY first, so its client opens no new stream on it). An error is the client's doing or the
-/// network's, so it is logged at debug level only.
-async fn until_closed<C>(mut connection: Pin<&mut C>, closing: &CancellationToken)
+/// Drives a connection, either protocol, to its end. Once `closed` is ready it finishes the responses it is writing
+/// and closes (an HTTP/2 one sends GOAWAY first, so its client opens no new stream on it). An error is the client's
+/// doing or the network's, so it is logged at debug level only.
+///
+/// A function returning the future rather than an `async fn`, which would keep room for its arguments twice: the
+/// future is part of the task of every HTTP/1.1 connection, for as long as its stream lasts.
+fn until_closed<'a, C, F>(
+    mut connection: Pin<&'a mut C>,
+    mut closed: Pin<&'a mut F>,
+) -> impl Future<Output = ()> + Send + 'a
 where
-    C: GracefulConnection<Error = hyper::Error>,
+    C: GracefulConnection<Error = hyper::Error> + Send,
+    F: Future<Output = ()> + Send,
 {
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = closing.cancelled() => {
+    let mut shutting = false;
+    std::future::poll_fn(move |cx| {
+        if !shutting && closed.as_mut().poll(cx).is_ready() {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            shutting = true;
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "connection ended with an error");
-    }
+        if let Err(error) = ready!(connection.as_mut().poll(cx)) {
+            tracing::debug!(%error, "connection ended with an error");
+        }
+        Poll::Ready(())
+    })
 }
 
 /// Whether the client opened with [`H2_PREFACE`]: peeks at what it sent (reading nothing) until that differs from the
@@ -229,12 +237,15 @@ async fn opens_with_h2_preface(socket: &TcpStream) -> io::Result<bool> {
     }
 }
 
-async fn serve_http1(
+/// Serves an HTTP/1.1 connection: the connection is made before the task is spawned, and the task's future holds it,
+/// the wait for `closing` and [`until_closed`]'s few bytes, nothing more. An `async fn` would keep its arguments
+/// (and copies of them) beside the connection made from them, for as long as the connection's stream lasts.
+fn serve_http1(
     socket: TcpStream,
     router: Router,
     builders: Arc<Builders>,
     closing: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let socket = Arc::new(socket);
     let peer = Peer(Arc::clone(&socket));
     // Each request carries the client's end of the connection, for a stream to watch.
@@ -245,8 +256,11 @@ async fn serve_http1(
     let mut connection = builders
         .http1
         .serve_connection(TokioIo::new(JsonParseErrors::new(socket)), service);
-    // Polled where the task holds it: moving it into the future that polls it would keep it there twice.
-    until_closed(Pin::new(&mut connection), &closing).await;
+    async move {
+        let closed = std::pin::pin!(closing.cancelled());
+        // Polled where the block holds it: moved into the future that polls it, it would be kept there twice.
+        until_closed(Pin::new(&mut connection), closed).await;
+    }
 }
 
 /// An HTTP/2 connection: its requests carry no [`Peer`], since the socket is every stream's; a client that leaves one
@@ -261,7 +275,8 @@ async fn serve_http2(
     let mut connection = builders
         .http2
         .serve_connection(TokioIo::new(socket), service);
-    until_closed(Pin::new(&mut connection), &closing).await;
+    let closed = std::pin::pin!(closing.cancelled());
+    until_closed(Pin::new(&mut connection), closed).await;
 }
 
 /// The router's answer to `request`, boxed. hyper keeps room for the future a connection's service returns for as
