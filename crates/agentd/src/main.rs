@@ -20,9 +20,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc keeps a record for every extent (a slab of blocks of one size, or one large block) it ever had at once,
 /// and never gives it back. At the peak of a burst of 10,000 streams it had 17,900 slabs, and 11,300 of them held
 /// blocks of three sizes each stream had one or two of: 8 KiB (hyper's read and header buffers on every HTTP/1.1
-/// client connection), 1 KiB (the connection's task) and a run's task (2 KiB; 3.5 KiB then). Those come 16, 32 and 32
-/// to a slab (128, 32 and 64 KiB) rather than jemalloc's 1, 4 and 2: after such a burst RSS kept about 1 MiB less
-/// above its level before (see BENCHMARKS.md, "Allocators").
+/// client connection), 1 KiB (the connection's task, 896 bytes since) and a run's task (2 KiB now; 3.5 KiB then).
+/// Those come 16, 32 and 32 to a slab (128, 32 and 64 KiB) rather than jemalloc's 1, 4 and 2: after such a burst RSS
+/// kept about 1 MiB less above its level before (see BENCHMARKS.md, "Allocators"); the 1 KiB setting still about
+/// 0.2 MiB less.
 #[allow(unsafe_code)] // The symbol jemalloc reads its settings from: a C string, as jemalloc declares it.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
