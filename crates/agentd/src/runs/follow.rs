@@ -13,7 +13,6 @@ use uuid::Uuid;
 
 use super::log::{Halt, RunLog, Source};
 use crate::metrics::Metrics;
-use crate::store::SessionStore;
 
 /// How often a follower reading from the store looks again when no notification came (a safety net: PostgreSQL
 /// notifications wake it at once).
@@ -32,9 +31,9 @@ pub(super) fn ends(events: &[(u64, String)]) -> bool {
 pub struct Follower {
     run_id: Uuid,
     source: Source,
-    /// Where to read on when the run leaves this process.
+    /// Where to read on when the run leaves this process, and the store it reads (the log's: a clone of the store
+    /// here would add its size to every open stream's state).
     log: RunLog,
-    store: SessionStore,
     /// The next seq to send.
     next: u64,
     pending: VecDeque<(u64, Arc<str>)>,
@@ -59,19 +58,12 @@ impl Drop for Attached {
 
 impl Follower {
     /// A follower of `run_id` that sends the events after `after` (0: from the start).
-    pub fn new(
-        run_id: Uuid,
-        log: RunLog,
-        store: SessionStore,
-        after: u64,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(run_id: Uuid, log: RunLog, after: u64, metrics: Arc<Metrics>) -> Self {
         metrics.follower_attached();
         Self {
             run_id,
             source: log.source(run_id),
             log,
-            store,
             next: after + 1,
             pending: VecDeque::new(),
             look: true,
@@ -134,7 +126,9 @@ impl Follower {
                         self.attached.0.log_read();
                         // Boxed: a read of the store is rare once a follower is caught up, and the room for it would
                         // otherwise be part of every open stream's state.
-                        match Box::pin(self.store.events_page(self.run_id, self.next - 1)).await {
+                        match Box::pin(self.log.store().events_page(self.run_id, self.next - 1))
+                            .await
+                        {
                             Ok(page) => {
                                 // Anything committed after this read is notified, and wakes this follower.
                                 self.look = page.full;

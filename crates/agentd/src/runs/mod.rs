@@ -397,13 +397,7 @@ impl RunService {
 
     fn follower(&self, run_id: Uuid, after: u64) -> Follower {
         let parts = &self.inner.parts;
-        Follower::new(
-            run_id,
-            parts.log.clone(),
-            parts.store.clone(),
-            after,
-            Arc::clone(&parts.metrics),
-        )
+        Follower::new(run_id, parts.log.clone(), after, Arc::clone(&parts.metrics))
     }
 
     fn rejected(&self, rejection: Rejection) -> RunError {

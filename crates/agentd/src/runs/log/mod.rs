@@ -324,6 +324,11 @@ impl RunLog {
         self.stored_source(run_id)
     }
 
+    /// The store the log is committed to.
+    pub(super) fn store(&self) -> &SessionStore {
+        &self.inner.store
+    }
+
     /// Where to read the events of a run produced elsewhere: the notifications' events, else the store.
     pub(super) fn stored_source(&self, run_id: Uuid) -> Source {
         let mut remote = self.inner.remote.lock().expect("run log lock");

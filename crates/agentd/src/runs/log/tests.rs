@@ -64,7 +64,7 @@ async fn a_remote_follower_reads_the_store_only_when_the_notifications_cannot_te
     append(2, 3).await;
     let metrics = Arc::new(Metrics::default());
     let (log, _queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
-    let mut follower = Follower::new(run_id, log.clone(), store.clone(), 0, Arc::clone(&metrics));
+    let mut follower = Follower::new(run_id, log.clone(), 0, Arc::clone(&metrics));
     assert!(!follower.is_local());
     let next = async |follower: &mut Follower| {
         tokio::time::timeout(Duration::from_secs(2), follower.next_event())
