@@ -39,8 +39,6 @@ pub(super) struct RunContext {
     pub output_schema: Option<OutputSchema>,
     /// When the run started, wherever that was (a continued run started before this process took it over).
     pub started: Instant,
-    /// The model id as the client will see it in `run_started`.
-    pub model_id: String,
     pub model: Arc<dyn Model>,
     /// Stopped at the drain deadline.
     pub interrupt: CancellationToken,

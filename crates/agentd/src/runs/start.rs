@@ -89,7 +89,7 @@ impl RunService {
             id: run_id,
             chat_id,
             owner,
-            model: model_id.clone(),
+            model: model_id,
             owner_instance: parts.instance_id.to_string(),
             prompt: request.question.clone(),
             first_event: Some(run_started.clone()),
@@ -120,7 +120,7 @@ impl RunService {
             },
             std::time::Instant::now(),
         );
-        tracing::info!(%run_id, %chat_id, model = %ctx.model_id, "run admitted");
+        tracing::info!(%run_id, %chat_id, model = %model, "run admitted");
         self.inner.component.tasks.spawn(drive(
             ctx,
             Prompt {
@@ -176,7 +176,6 @@ impl RunService {
             handoff: parts.handoff,
             seed_clients: parts.seed_clients,
             started,
-            model_id: model.to_string(),
             model: self.model(model),
             interrupt: self.inner.component.stop.clone(),
             metrics: Arc::clone(&parts.metrics),
