@@ -49,11 +49,12 @@ impl SessionStore {
 
     /// Inserts the chat unless its id exists; the new chat, or `None` when it existed.
     async fn insert_chat(&self, id: Uuid, owner: &ChatOwner) -> Result<Option<Chat>, StoreError> {
-        insert_chat_on(&mut self.db.write().await?, id, owner).await
+        insert_chat_on(&mut self.0.db.write().await?, id, owner).await
     }
 
     pub async fn get_chat(&self, id: Uuid) -> Result<Option<Chat>, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -72,6 +73,7 @@ impl SessionStore {
     /// The owner's chats, newest first.
     pub async fn list_chats(&self, owner: &ChatOwner) -> Result<Vec<Chat>, StoreError> {
         let rows = self
+            .0
             .db
             .read()
             .await?
@@ -95,6 +97,7 @@ impl SessionStore {
     /// Token usage summed over every chat of the organisation (zeros when it has none).
     pub async fn org_usage(&self, org_id: &str) -> Result<Usage, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -117,6 +120,7 @@ impl SessionStore {
     /// not wait for the delete while the delete waits for it.
     pub async fn delete_chat(&self, id: Uuid) -> Result<bool, StoreError> {
         let deleted = self
+            .0
             .db
             .write()
             .await?
@@ -132,6 +136,7 @@ impl SessionStore {
     /// The chat's messages in order.
     pub async fn messages(&self, chat_id: Uuid) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = self
+            .0
             .db
             .read()
             .await?

@@ -85,8 +85,8 @@ impl SessionStore {
     /// The connection `appender` appends on (in SQLite both are the one writer).
     async fn appending(&self, appender: Appender) -> Result<Conn, StoreError> {
         match appender {
-            Appender::LogWriter => self.db.log_write().await,
-            Appender::Other => self.db.write().await,
+            Appender::LogWriter => self.0.db.log_write().await,
+            Appender::Other => self.0.db.write().await,
         }
     }
 
@@ -94,7 +94,7 @@ impl SessionStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        if self.db.is_postgres() {
+        if self.0.db.is_postgres() {
             return self.append_events_postgres(rows, appender).await;
         }
         // One statement, prepared once, whatever the batch's size: the rows as one JSON array that SQLite unpacks
@@ -183,7 +183,7 @@ impl SessionStore {
             .await?;
         if appender == Appender::LogWriter {
             let bytes: usize = rows.iter().map(|row| row.events.len() + 64).sum();
-            self.db.done_with_log(conn, bytes);
+            self.0.db.done_with_log(conn, bytes);
         }
         refused_of(rows, &inserted)
     }
@@ -205,6 +205,7 @@ impl SessionStore {
     /// and replaying one page after another read the log once per page.
     pub async fn events_page(&self, run_id: Uuid, after: u64) -> Result<EventsPage, StoreError> {
         let rows = self
+            .0
             .db
             .read()
             .await?
@@ -250,6 +251,7 @@ impl SessionStore {
     /// The seq of the run's last stored event (0 when it has none).
     pub async fn last_seq(&self, run_id: Uuid) -> Result<u64, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -274,7 +276,7 @@ impl SessionStore {
         let mut from: Option<String> = None;
         let mut rows = 0;
         loop {
-            let mut conn = self.db.write().await?;
+            let mut conn = self.0.db.write().await?;
             // The next runs past `from`, up to the retention: the last one's end is where this step stops.
             let step = conn
                 .fetch_one(
@@ -300,7 +302,7 @@ impl SessionStore {
             let runs_of_step = "SELECT id FROM agent_chat_runs WHERE finished_at IS NOT NULL \
                  AND finished_at > COALESCE(CAST($1 AS {time}), (SELECT swept_to FROM agent_run_log_sweep) - {ms2}) \
                  AND finished_at <= CAST($3 AS {time})";
-            let delete = if self.db.is_postgres() {
+            let delete = if self.0.db.is_postgres() {
                 format!("DELETE FROM agent_run_events WHERE run_id = ANY(ARRAY({runs_of_step}))")
             } else {
                 format!("DELETE FROM agent_run_events WHERE run_id IN ({runs_of_step})")
@@ -334,8 +336,8 @@ impl SessionStore {
 
     /// Sends the run id on `channel` to every replica (PostgreSQL; one process has nobody else to tell).
     async fn notify_run(&self, channel: &str, run_id: Uuid) -> Result<(), StoreError> {
-        if self.db.is_postgres() {
-            let mut conn = self.db.write().await?;
+        if self.0.db.is_postgres() {
+            let mut conn = self.0.db.write().await?;
             notify(&mut conn, channel, &run_id.to_string()).await?;
         }
         Ok(())

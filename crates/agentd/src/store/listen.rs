@@ -12,7 +12,7 @@ pub struct Listener(PgListener);
 impl SessionStore {
     /// Listens on `channels`; `None` with SQLite, where one process has nobody to hear from.
     pub async fn listen(&self, channels: &[&str]) -> Result<Option<Listener>, StoreError> {
-        let Pools::Postgres(db) = &self.db.pools else {
+        let Pools::Postgres(db) = &self.0.db.pools else {
             return Ok(None);
         };
         let mut listener = PgListener::connect_with(&db.listen).await?;

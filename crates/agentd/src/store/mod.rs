@@ -54,6 +54,7 @@ mod waits;
 use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::migrate::{Migrate, Migrator};
 use time::OffsetDateTime;
@@ -96,16 +97,21 @@ pub async fn open(config: &StoreConfig) -> Result<SessionStore, StoreError> {
     let db = Db::new(db);
     let starts = starts::Starts::spawn(db.clone());
     let ends = ends::Ends::spawn(db.clone());
-    Ok(SessionStore { db, starts, ends })
+    Ok(SessionStore(Arc::new(Shared { db, starts, ends })))
 }
 
-/// The session store, on whichever backend was configured; cheap to clone (the pools are shared).
+/// The session store, on whichever backend was configured; cheap to clone: the clones share one set of pools and
+/// queues, and a clone is a pointer (runs, followers and the run log each keep one for as long as they last).
 ///
 /// Its methods are grouped by aggregate: chats and their messages (`chats.rs`), runs and their leases (`runs.rs`).
 /// One concrete type rather than a trait per aggregate: there is one implementation, written once over both
 /// backends (`db.rs` hides where they differ), so a trait would only add boxed futures or generics.
 #[derive(Debug, Clone)]
-pub struct SessionStore {
+pub struct SessionStore(Arc<Shared>);
+
+/// What the clones of a [`SessionStore`] share.
+#[derive(Debug)]
+struct Shared {
     db: Db,
     /// Where run starts queue for a connection, to be committed together.
     starts: starts::Starts,
@@ -116,14 +122,14 @@ pub struct SessionStore {
 impl SessionStore {
     /// Succeeds when the store answers a trivial query.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.db.read().await?.execute("SELECT 1", &[]).await?;
+        self.0.db.read().await?.execute("SELECT 1", &[]).await?;
         Ok(())
     }
 
     /// Succeeds when the store takes a write: a write transaction that changes nothing, rolled back (with SQLite it
     /// needs the write lock, which another process may hold).
     pub async fn ping_write(&self) -> Result<(), StoreError> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.0.db.begin().await?;
         tx.execute("UPDATE agent_chats SET id = id WHERE 1 = 0", &[])
             .await?;
         Ok(())
@@ -142,15 +148,17 @@ impl SessionStore {
     ///
     /// SQLite has nothing to ready (its connections are in this process).
     pub async fn warm_up(&mut self) -> Result<(), StoreError> {
-        if !self.db.is_postgres() {
+        if !self.0.db.is_postgres() {
             return Ok(());
         }
         let wanted = postgres::MAX_CONNECTIONS;
         let mut transactions = self.begin_all(wanted).await;
         let granted = transactions.iter().filter(|tx| tx.is_ok()).count() as u32;
-        if let Pools::Postgres(db) = &mut self.db.pools
-            && granted > 0
+        if granted > 0
             && granted < wanted
+            && let shared =
+                Arc::get_mut(&mut self.0).expect("a store is warmed up before it is shared")
+            && let Pools::Postgres(db) = &mut shared.db.pools
         {
             tracing::warn!(
                 connections = granted,
@@ -160,8 +168,8 @@ impl SessionStore {
             drop(transactions);
             db.resize(granted).await;
             // The tasks of the starts and ends took their connections from the pool replaced.
-            self.starts = starts::Starts::spawn(self.db.clone());
-            self.ends = ends::Ends::spawn(self.db.clone());
+            shared.starts = starts::Starts::spawn(shared.db.clone());
+            shared.ends = ends::Ends::spawn(shared.db.clone());
             transactions = self.begin_all(granted).await;
         }
         let warmed =
@@ -182,23 +190,23 @@ impl SessionStore {
 
     /// `count` transactions held at once, so each is on a connection of its own.
     async fn begin_all(&self, count: u32) -> Vec<Result<db::Conn, StoreError>> {
-        futures_util::future::join_all((0..count).map(|_| self.db.begin())).await
+        futures_util::future::join_all((0..count).map(|_| self.0.db.begin())).await
     }
 
     /// How long requests wait for a pooled connection, for the metrics.
     pub fn pool_waits(&self) -> &PoolWaits {
-        self.db.waits()
+        self.0.db.waits()
     }
 
     /// The process will close soon: the shutdown's drain began. On SQLite the WAL is kept small from then on, so that
     /// emptying it into the database file at the end (`close`) is short.
     pub fn closing_soon(&self) {
-        self.db.closing_soon();
+        self.0.db.closing_soon();
     }
 
     /// Closes every connection; waits for those in use to be returned.
     pub async fn close(&self) {
-        self.db.close().await;
+        self.0.db.close().await;
     }
 }
 

@@ -84,7 +84,7 @@ impl SessionStore {
     /// (`starts.rs`): on PostgreSQL in one call of `agent_start_runs` (one round trip, the same statements as SQLite's:
     /// see its migration), on SQLite in scripts of its statements, each one trip to its writer's thread.
     pub async fn start_run(&self, run: &NewRun) -> Result<Vec<Message>, StoreError> {
-        self.starts.start(run.clone(), false).await
+        self.0.starts.start(run.clone(), false).await
     }
 
     /// [`Self::start_run`], making first the chat (of `run.owner`) if none has its id, as dev mode does for a stream to
@@ -93,12 +93,13 @@ impl SessionStore {
         &self,
         run: &NewRun,
     ) -> Result<Vec<Message>, StoreError> {
-        self.starts.start(run.clone(), true).await
+        self.0.starts.start(run.clone(), true).await
     }
 
     /// Saves the answer so far of a running run.
     pub async fn save_partial(&self, run_id: Uuid, output: &str) -> Result<(), StoreError> {
-        self.db
+        self.0
+            .db
             .write()
             .await?
             .execute(
@@ -120,11 +121,12 @@ impl SessionStore {
         epoch: u64,
         end: &RunEnd,
     ) -> Result<(), StoreError> {
-        self.ends.end(run_id, epoch, end).await
+        self.0.ends.end(run_id, epoch, end).await
     }
 
     pub async fn get_run(&self, id: Uuid) -> Result<Option<Run>, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -148,6 +150,7 @@ impl SessionStore {
         run_id: Uuid,
     ) -> Result<Option<(ChatOwner, Option<(Run, u64)>)>, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -189,7 +192,7 @@ impl SessionStore {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.db.write().await?;
+        let mut conn = self.0.db.write().await?;
         let mut held = Vec::with_capacity(runs.len());
         for some in runs.chunks(HEARTBEATS_AT_ONCE) {
             let rows = conn
@@ -222,6 +225,7 @@ impl SessionStore {
         let lease_ms = to_ms(lease);
         // The row lock waits for any append in flight under the old epoch, which the raised epoch then refuses.
         let rows = self
+            .0
             .db
             .write()
             .await?
@@ -241,7 +245,7 @@ impl SessionStore {
     /// once (PostgreSQL, as the release commits). Returns whether the run was still held. The releases waiting at the
     /// same moment (every run of the process, at its shutdown deadline) are committed together (`ends.rs`).
     pub async fn release(&self, run_id: Uuid, epoch: u64) -> Result<bool, StoreError> {
-        self.ends.release(run_id, epoch).await
+        self.0.ends.release(run_id, epoch).await
     }
 
     /// Marks `interrupted` every running run whose producer is gone (heartbeat older than `lease`, or released that
@@ -250,6 +254,7 @@ impl SessionStore {
     pub async fn interrupt_stale(&self, lease: Duration) -> Result<Vec<(Uuid, u64)>, StoreError> {
         let lease_ms = to_ms(lease);
         let rows = self
+            .0
             .db
             .write()
             .await?
@@ -268,6 +273,7 @@ impl SessionStore {
     /// The chat's run still going, if any.
     pub async fn running_run(&self, chat_id: Uuid) -> Result<Option<Uuid>, StoreError> {
         let row = self
+            .0
             .db
             .read()
             .await?
@@ -287,10 +293,11 @@ impl SessionStore {
     /// returns; every later commit waits for the note and sees it. Once the run is noted, a note only refreshes the
     /// time (as [`Self::touch_followed`] does), and waits for no commit.
     pub async fn follow_elsewhere(&self, run_id: Uuid) -> Result<(), StoreError> {
-        if !self.db.is_postgres() {
+        if !self.0.db.is_postgres() {
             return self.touch_followed(&[run_id]).await;
         }
-        self.db
+        self.0
+            .db
             .write()
             .await?
             .execute(
@@ -309,7 +316,7 @@ impl SessionStore {
         if runs.is_empty() {
             return Ok(());
         }
-        self.db
+        self.0.db
             .write()
             .await?
             .execute(
@@ -329,6 +336,7 @@ impl SessionStore {
     ) -> Result<bool, StoreError> {
         let ms = to_ms(within);
         let row = self
+            .0
             .db
             .read()
             .await?
