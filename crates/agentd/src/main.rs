@@ -20,14 +20,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc keeps a record for every extent (a slab of blocks of one size, or one large block) it ever had at once,
 /// and never gives it back. At the peak of a burst of 10,000 streams it had 17,900 slabs, and 11,300 of them held
 /// blocks of three sizes each stream had one or two of: 8 KiB (hyper's read and header buffers on every HTTP/1.1
-/// client connection), 1 KiB (the connection's task, 896 bytes since) and a run's task (2 KiB now; 3.5 KiB then).
-/// Those come 16, 32 and 32 to a slab (128, 32 and 64 KiB) rather than jemalloc's 1, 4 and 2: after such a burst RSS
-/// kept about 1 MiB less above its level before (see BENCHMARKS.md, "Allocators"); the 1 KiB setting still about
-/// 0.2 MiB less.
+/// client connection), 1 KiB (the connection's task, 896 bytes since) and a run's task (3.5 KiB then). The first two
+/// come 16 and 32 to a slab (128 and 32 KiB) rather than jemalloc's 1 and 4: after such a burst RSS kept about 1 MiB
+/// less above its level before (see BENCHMARKS.md, "Allocators"); the 1 KiB setting still about 0.2 MiB less. A run's
+/// task is 1,792 bytes now, a class jemalloc already makes 16 to a slab; larger slabs for it leave no less.
 #[allow(unsafe_code)] // The symbol jemalloc reads its settings from: a C string, as jemalloc declares it.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
-       slab_sizes:1024-1024:8|2048-2048:16|8192-8192:32\0"[0];
+       slab_sizes:1024-1024:8|8192-8192:32\0"[0];
 
 /// A worker thread's jemalloc cache of freed blocks, given back to the shared arenas each time the thread parks.
 /// Each thread keeps up to a few hundred freed blocks per size for its next allocations and only trims them as it
@@ -183,11 +183,7 @@ mod tests {
         assert_eq!(jemalloc_value::<isize>("opt.dirty_decay_ms"), 1000);
         assert_eq!(jemalloc_value::<isize>("opt.muzzy_decay_ms"), 0);
         let bins: u32 = jemalloc_value("arenas.nbins");
-        for (size, blocks, slab) in [
-            (1024, 32, 32 << 10),
-            (2048, 32, 64 << 10),
-            (8192, 16, 128 << 10),
-        ] {
+        for (size, blocks, slab) in [(1024, 32, 32 << 10), (8192, 16, 128 << 10)] {
             let bin = (0..bins)
                 .find(|bin| jemalloc_value::<usize>(&format!("arenas.bin.{bin}.size")) == size)
                 .unwrap_or_else(|| panic!("a class of {size}-byte blocks"));
