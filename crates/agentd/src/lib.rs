@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → {runs, web} → {model, tools, auth,
-//! store} → {error, secret, stages, sse}. Nothing lower imports anything higher.
+//! store} → {error, secret, stages, sse, runtime}. Nothing lower imports anything higher.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -12,6 +12,7 @@
 //! | [`startup`] | build (load the tools file, bind, open the store, assemble the run service) and run until a signal |
 //! | [`shutdown`] | signal → readiness off → delay → drain (deadline, progress logs) → close, in one place |
 //! | [`stages`] | the components shutdown stops, registered at build time in ordered stages |
+//! | [`runtime`] | the async runtimes: the workers, and the store's own thread for its queues |
 //! | [`http`] | router, state, thin routes, the token extractor, HTTP errors, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
 //! | [`runs`] | the run service (start, attach, cancel, history), the SSE events and their ids, the run log (group commit, in-memory fan-out, LISTEN/NOTIFY), followers (replay then follow), the engine (model ↔ tools), the recorder (what is stored when), leases |
@@ -38,6 +39,7 @@ pub mod instructions;
 pub mod metrics;
 pub mod model;
 pub mod runs;
+pub mod runtime;
 pub mod secret;
 pub mod shutdown;
 pub mod sse;

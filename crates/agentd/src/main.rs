@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use agentd::cli::{Cli, Command, MigrateArgs, ServeArgs};
 use agentd::config::EXIT_CONFIG;
 use agentd::startup::Application;
-use agentd::{cli, shutdown, store, telemetry};
+use agentd::{cli, runtime, shutdown, store, telemetry};
 use clap::Parser;
 
 /// jemalloc, not glibc's malloc: after a burst of streams ends, it gives most of the memory back to the system (glibc
@@ -28,27 +28,6 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
        slab_sizes:1024-1024:8|8192-8192:32\0"[0];
-
-/// A worker thread's jemalloc cache of freed blocks, given back to the shared arenas each time the thread parks.
-/// Each thread keeps up to a few hundred freed blocks per size for its next allocations and only trims them as it
-/// allocates, and every cached block keeps the slab it lies in resident: a worker left idle kept its last burst's
-/// cache, and the pages it pins, for good. A thread that parks may stay parked for as long as the process is idle,
-/// so no park may skip it (when one within a second of the last did, one worker in two or three kept 1.5 MB of
-/// blocks after a burst, pinning 9 MiB; see BENCHMARKS.md, "Allocators").
-fn flush_thread_cache() {
-    // jemalloc refuses only for a thread without a cache, which has nothing to give back.
-    // SAFETY: `thread.tcache.flush` reads and writes no value; its name is a C string.
-    #[allow(unsafe_code)]
-    let _ = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"thread.tcache.flush".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-}
 
 fn main() -> ExitCode {
     // A setting clap cannot read (a bad number, an unknown mode) is a configuration error like the others: exit 64.
@@ -73,7 +52,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => telemetry::init(args.log_format),
         Command::Token(_) | Command::Chat(_) => {}
     }
-    let runtime = match runtime().build() {
+    let runtime = match runtime::builder().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "cannot start the async runtime");
@@ -91,13 +70,6 @@ fn main() -> ExitCode {
     // Whatever is left (idle tasks) is not waited for: the command already finished everything that matters.
     runtime.shutdown_background();
     code
-}
-
-/// The async runtime agentd runs on: every worker gives its allocator cache back as it parks.
-fn runtime() -> tokio::runtime::Builder {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().on_thread_park(flush_thread_cache);
-    builder
 }
 
 fn exit(code: i32) -> ExitCode {
@@ -225,23 +197,35 @@ mod tests {
     }
 
     /// A worker gives its cache back each time it parks, however soon after the last time: it may stay parked for as
-    /// long as the process is idle. The worker allocates in an arena of its own here, so that its cache is the only
-    /// one counted.
+    /// long as the process is idle.
     #[test]
     fn a_worker_gives_its_cache_back_each_time_it_parks() {
-        let runtime = runtime().worker_threads(1).build().expect("a runtime");
+        let runtime = runtime::builder()
+            .worker_threads(1)
+            .build()
+            .expect("a runtime");
+        gives_its_cache_back_each_time_it_parks(runtime.handle());
+    }
+
+    /// So does the store's thread, idle between the bursts it commits.
+    #[test]
+    fn the_stores_thread_gives_its_cache_back_each_time_it_parks() {
+        gives_its_cache_back_each_time_it_parks(runtime::store());
+    }
+
+    /// The one worker of `runtime` caches freed blocks and gives them all back once it parks, three times over. It
+    /// allocates in an arena of its own here, so that its cache is the only one counted.
+    fn gives_its_cache_back_each_time_it_parks(runtime: &tokio::runtime::Handle) {
         let arena: u32 = jemalloc_value("arenas.create");
         for round in 0..3 {
-            let cached = runtime.block_on(async move {
-                tokio::spawn(async move {
+            let cached = runtime
+                .block_on(runtime.spawn(async move {
                     set_jemalloc_value("thread.arena", arena);
                     let blocks: Vec<Box<[u8; 96]>> = (0..1000).map(|_| Box::new([1; 96])).collect();
                     drop(std::hint::black_box(blocks));
                     cached_bytes(arena)
-                })
-                .await
-                .expect("the task ran")
-            });
+                }))
+                .expect("the task ran");
             assert!(
                 cached > 0,
                 "round {round}: the worker cached nothing to give back"

@@ -46,7 +46,15 @@ impl Component {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let handle = self.tasks.spawn(task);
+        self.spawn_on(task, &tokio::runtime::Handle::current());
+    }
+
+    /// Spawns a task of this component on `runtime`, not necessarily the caller's; stopped as [`Component::spawn`]'s.
+    pub fn spawn_on<F>(&self, task: F, runtime: &tokio::runtime::Handle)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.tasks.spawn_on(task, runtime);
         self.aborts
             .lock()
             .expect("abort handles lock")

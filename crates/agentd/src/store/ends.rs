@@ -66,10 +66,11 @@ struct Pending {
 pub(super) struct Ends(mpsc::UnboundedSender<Pending>);
 
 impl Ends {
-    /// Starts committing the ends and releases queued here, on `db`'s connections for them ([`Db::ender`]).
+    /// Starts committing the ends and releases queued here, on `db`'s connections for them ([`Db::ender`]), on the
+    /// store's thread ([`crate::runtime::store`]), as are the batches it commits.
     pub fn spawn(db: Db) -> Self {
         let (queue, queued) = mpsc::unbounded_channel();
-        tokio::spawn(commit_ends(db, queued));
+        crate::runtime::store().spawn(commit_ends(db, queued));
         Self(queue)
     }
 
