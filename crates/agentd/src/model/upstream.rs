@@ -8,10 +8,13 @@
 //! unavailable, configuration, broken stream); the log keeps the provider's status and body.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream;
+use hyper::body::Body as _;
 
 use super::lane::{self, Lane};
 use super::{ModelError, ModelEvent, ModelStream};
@@ -182,97 +185,174 @@ pub trait WireParser: Send + 'static {
 
 /// The model's events from an upstream SSE response, with an idle timeout between upstream events. Dropping the
 /// stream drops the response, which closes the connection to the provider.
-pub fn parse_stream<P: WireParser>(
+pub fn parse_stream<P: WireParser + Unpin>(
     provider: &'static str,
     response: reqwest::Response,
     parser: P,
     idle: Duration,
-) -> ModelStream {
-    struct State<P> {
-        events: std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<Event, String>> + Send>>,
-        parser: P,
-        ready: Ready,
-        ended: bool,
-        /// Fires once the stream may have gone `idle`: moved on when it fires early, rather than set anew for every
-        /// event (a timer made and dropped per event took about 5% of agentd's CPU on an unpaced stream).
-        idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    }
-    let events = sse::events(response.bytes_stream());
-    // Boxed: the stream hands its state on with every event, and a pointer moves where the state would be copied.
-    let state = Box::new(State {
-        events: Box::pin(events),
+) -> Pin<Box<Upstream<P>>> {
+    Box::pin(Upstream {
+        provider,
+        body: response.into(),
+        decoder: sse::Decoder::new(),
         parser,
         ready: Ready::default(),
         ended: false,
+        idle,
+        waiting_since: None,
         idle_timer: Box::pin(tokio::time::sleep(idle)),
-    });
-    Box::pin(stream::unfold(state, move |mut state| async move {
+        _place: None,
+    })
+}
+
+/// An upstream stream as it is read: the response's body, its SSE decoder, the provider's parser and what it made of
+/// the last event, and the idle timer, in one allocation (a stream of streams, each boxed, was seven of them, about
+/// 700 bytes held by every stream waiting for its provider).
+pub struct Upstream<P> {
+    provider: &'static str,
+    body: reqwest::Body,
+    decoder: sse::Decoder,
+    parser: P,
+    ready: Ready,
+    /// The stream ended, or failed (its error was the last item).
+    ended: bool,
+    idle: Duration,
+    /// When this wait for the provider began: when the stream was read again after it handed an event on, or after
+    /// the last upstream event, however long its reader was away before.
+    waiting_since: Option<tokio::time::Instant>,
+    /// Fires once the stream may have gone `idle`: moved on when it fires early, rather than set anew for every
+    /// event (a timer made and dropped per event took about 5% of agentd's CPU on an unpaced stream).
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// The stream's place on its lane's client, kept for as long as the stream is open.
+    _place: Option<lane::Slot>,
+}
+
+impl<P> std::fmt::Debug for Upstream<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("provider", &self.provider)
+            .field("ended", &self.ended)
+            .field("waiting_since", &self.waiting_since)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> Upstream<P> {
+    /// `event` comes out first again, before anything the stream holds.
+    fn unread(&mut self, event: ModelEvent) {
+        if let Some(first) = self.ready.first.replace(event) {
+            self.ready.rest.push_front(first);
+        }
+    }
+}
+
+impl<P: WireParser + Unpin> Upstream<P> {
+    /// The provider's next SSE event, or how its stream ended: `None` at its end, or the error reading it.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, reqwest::Error>>> {
         loop {
-            if let Some(event) = state.ready.pop_front() {
-                return Some((Ok(event), state));
+            if let Some(event) = self.decoder.next_event() {
+                return Poll::Ready(Some(Ok(event)));
             }
-            if state.ended {
-                return None;
-            }
-            // Idle is silence from here: from when this stream is read again, however long its reader was away.
-            let waiting_since = tokio::time::Instant::now();
-            let next = loop {
-                tokio::select! {
-                    biased;
-                    next = state.events.next() => break next,
-                    () = state.idle_timer.as_mut() => {
-                        let deadline = waiting_since + idle;
-                        if deadline > tokio::time::Instant::now() {
-                            state.idle_timer.as_mut().reset(deadline);
-                            continue;
-                        }
-                        tracing::warn!(
-                            provider,
-                            idle_s = idle.as_secs_f64(),
-                            "model provider stream went idle"
-                        );
-                        state.ended = true;
-                        return Some((Err(ModelError::StoppedAnswering(provider)), state));
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(chunk) = frame.data_ref() {
+                        self.decoder.feed(chunk);
                     }
                 }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                // Bytes after the last blank line (an event never finished) are dropped, as SSE says.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    // The decoder's buffer goes while the stream waits for the next bytes.
+                    self.decoder.release_if_read();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Whether the provider has been silent for `idle` since `since`; arms the timer otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, since: tokio::time::Instant) -> Poll<()> {
+        loop {
+            ready!(self.idle_timer.as_mut().poll(cx));
+            let deadline = since + self.idle;
+            if deadline <= tokio::time::Instant::now() {
+                return Poll::Ready(());
+            }
+            self.idle_timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl<P: WireParser + Unpin> futures_core::Stream for Upstream<P> {
+    type Item = Result<ModelEvent, ModelError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.ready.pop_front() {
+                // The next wait begins when the stream is read again.
+                this.waiting_since = None;
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let since = *this
+                .waiting_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            let next = match this.poll_event(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    ready!(this.poll_idle(cx, since));
+                    tracing::warn!(
+                        provider = this.provider,
+                        idle_s = this.idle.as_secs_f64(),
+                        "model provider stream went idle"
+                    );
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(ModelError::StoppedAnswering(this.provider))));
+                }
             };
-            // `ready` is empty here: what the event means goes there, and nothing of it if it is an error.
+            // Silence is counted again from here. `ready` is empty: what the event means goes there, and nothing of
+            // it if it is an error.
+            this.waiting_since = None;
             let parsed = match next {
                 Some(Ok(event)) => {
-                    let read = state.parser.read(&event, &mut state.ready);
+                    let read = this.parser.read(&event, &mut this.ready);
                     if read.is_err() {
-                        state.ready.clear();
+                        this.ready.clear();
                     }
                     read
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(provider, %error, "model provider stream broke");
-                    Err(ModelError::BrokenStream(provider))
+                    tracing::warn!(provider = this.provider, %error, "model provider stream broke");
+                    Err(ModelError::BrokenStream(this.provider))
                 }
                 None => {
-                    state.ended = true;
-                    if state.parser.done() {
+                    this.ended = true;
+                    if this.parser.done() {
                         Ok(())
                     } else {
                         tracing::warn!(
-                            provider,
+                            provider = this.provider,
                             "model provider stream ended before its end marker"
                         );
-                        Err(ModelError::BrokenStream(provider))
+                        Err(ModelError::BrokenStream(this.provider))
                     }
                 }
             };
             if let Err(error) = parsed {
-                state.ended = true;
-                return Some((Err(error), state));
+                this.ended = true;
+                return Poll::Ready(Some(Err(error)));
             }
         }
-    }))
+    }
 }
 
 /// POSTs `body` to `url` through `lane` (with retries, `authorize` adding the provider's credentials) and reads the
 /// answer stream with the provider's parser.
-pub fn post_and_stream<P: WireParser + Default>(
+pub fn post_and_stream<P: WireParser + Default + Unpin>(
     provider: &'static str,
     lane: &Lane,
     idle: Duration,
@@ -291,27 +371,25 @@ pub fn post_and_stream<P: WireParser + Default>(
             let mut events = parse_stream(provider, response, P::default(), idle);
             // An overload told inside the stream before anything came (Anthropic's `event: error` right after
             // `message_start`) is the streaming form of a 529: retried like the status, since nothing was shown yet.
-            let first = events.next().await;
-            if let Some(Err(error)) = &first
-                && matches!(
-                    error,
-                    ModelError::Overloaded(_)
-                        | ModelError::RateLimited(_)
-                        | ModelError::Unavailable(_)
-                )
-                && attempt < ATTEMPTS
-            {
-                tracing::warn!(provider, %error, attempt, "model provider failed before its answer began; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-                attempt += 1;
-                continue;
+            match events.next().await {
+                Some(Err(
+                    error @ (ModelError::Overloaded(_)
+                    | ModelError::RateLimited(_)
+                    | ModelError::Unavailable(_)),
+                )) if attempt < ATTEMPTS => {
+                    tracing::warn!(provider, %error, attempt, "model provider failed before its answer began; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                // An error ends the stream: it is its one item.
+                Some(Err(error)) => return Err(error),
+                Some(Ok(first)) => events.unread(first),
+                None => {}
             }
             // The stream keeps its place on the client until it is dropped.
-            let events = stream::iter(first).chain(events).map(move |event| {
-                let _place = &slot;
-                event
-            });
-            return Ok(Box::pin(events) as ModelStream);
+            events._place = Some(slot);
+            return Ok(events as ModelStream);
         }
     })
 }
@@ -404,6 +482,37 @@ mod tests {
             Some(Ok(ModelEvent::TextDelta(text))) => text,
             other => panic!("not a text delta: {other:?}"),
         }
+    }
+
+    /// Each event's data twice over, as two text deltas (a provider's event that means two things).
+    #[derive(Default)]
+    struct Twice;
+
+    impl WireParser for Twice {
+        fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError> {
+            out.extend([
+                ModelEvent::TextDelta(format!("{}1", event.data)),
+                ModelEvent::TextDelta(format!("{}2", event.data)),
+            ]);
+            Ok(())
+        }
+
+        fn done(&self) -> bool {
+            true
+        }
+    }
+
+    /// What the retry check read first goes back in front of what the same upstream event meant after it.
+    #[tokio::test]
+    async fn an_event_read_back_comes_out_first_and_the_rest_in_order() {
+        let (send, frames) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = parse_stream("test", answer(frames), Twice, Duration::from_secs(10));
+        send.send("data: a\n\ndata: b\n\n".to_owned()).unwrap();
+        drop(send);
+        let first = events.next().await.unwrap().unwrap();
+        events.unread(first);
+        let all: Vec<String> = events.map(|event| text(Some(event))).collect().await;
+        assert_eq!(all, ["a1", "a2", "b1", "b2"]);
     }
 
     #[tokio::test(start_paused = true)]
