@@ -5,9 +5,9 @@
 //! buffers the database driver fills from start to end (PostgreSQL's messages; a new one as each fills), freed on the
 //! thread that read them. On a worker, the next 8 KiB blocks that thread allocated were likely these, every page of
 //! them resident, and what a worker allocates at 8 KiB is mostly hyper's buffers for client connections, of which a
-//! parked stream touches a page or so. With 19,500 streams parked, PostgreSQL took 17.7 KiB per stream against
-//! SQLite's 16.6 (whose driver runs on threads of its own); with the queues on their own thread, 16.6 (see
-//! BENCHMARKS.md, "What limits the memory per stream").
+//! parked stream touches a page or so. With 19,500 streams parked (2,000 a second), PostgreSQL took 17.7 KiB per
+//! stream against SQLite's 16.6 (whose driver runs on threads of its own); with the queues on their own thread, 16.6
+//! (at 500 a second 19.0 before, 16.1 after; see BENCHMARKS.md, "What limits the memory per stream").
 
 use std::sync::OnceLock;
 
