@@ -1756,7 +1756,9 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
         .await;
         let made = {
             let (store, ids) = (store.clone(), [second.id, first.id]);
-            tokio::spawn(async move {
+            // Made on the store's thread, where its queue of ends is read: both ends are queued before the queue is
+            // read again, so they are made together (from another thread, the first could be taken alone).
+            agentd::runtime::store().spawn(async move {
                 if call == "heartbeat" {
                     store
                         .heartbeat("instance-a", &ids)
