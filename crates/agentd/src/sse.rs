@@ -9,11 +9,11 @@
 
 use std::borrow::Cow;
 use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,10 +96,34 @@ impl Decoder {
 
     /// Gives back the buffer when everything fed has been read (nothing of a line is waiting for the rest of it): a
     /// stream that waits long for its next bytes (a model thinking) holds no buffer meanwhile.
-    pub fn release_if_read(&mut self) {
+    fn release_if_read(&mut self) {
         if self.pos == self.buf.len() {
             self.buf = Vec::new();
             self.pos = 0;
+        }
+    }
+
+    /// The next event of `bytes`, the stream this decoder is fed from: `None` at its end (bytes after the last blank
+    /// line, an event never finished, are dropped), or the error reading it. While the next bytes are not there, the
+    /// buffer goes if all of it was read.
+    pub fn poll_event<E>(
+        &mut self,
+        mut bytes: Pin<&mut impl Stream<Item = Result<Bytes, E>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Event, E>>> {
+        loop {
+            if let Some(event) = self.next_event() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            match bytes.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.feed(&chunk),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    self.release_if_read();
+                    return Poll::Pending;
+                }
+            }
         }
     }
 
@@ -213,41 +237,23 @@ fn text(bytes: &[u8]) -> Cow<'_, str> {
 pub fn events<E: std::fmt::Display>(
     bytes: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>> {
-    // The decoder boxed: the stream hands its state on with every event, and a pointer moves where the decoder
-    // would be copied.
-    let state = (Box::pin(bytes), Box::new(Decoder::new()), false);
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut bytes, mut decoder, failed)| async move {
-            if failed {
-                return None;
-            }
-            loop {
-                if let Some(event) = decoder.next_event() {
-                    return Some((Ok(event), (bytes, decoder, false)));
-                }
-                // When the next bytes are not there yet, the buffer goes while the stream waits for them.
-                let next = std::future::poll_fn(|cx| {
-                    let next = bytes.poll_next_unpin(cx);
-                    if next.is_pending() {
-                        decoder.release_if_read();
-                    }
-                    next
-                });
-                match next.await {
-                    Some(Ok(chunk)) => decoder.feed(&chunk),
-                    Some(Err(error)) => {
-                        return Some((Err(error.to_string()), (bytes, decoder, true)));
-                    }
-                    None => return None,
-                }
-            }
-        },
-    ))
+    let mut bytes = Box::pin(bytes);
+    let mut decoder = Decoder::new();
+    let mut ended = false;
+    Box::pin(futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return Poll::Ready(None);
+        }
+        let next = ready!(decoder.poll_event(bytes.as_mut(), cx));
+        ended = !matches!(next, Some(Ok(_)));
+        Poll::Ready(next.map(|event| event.map_err(|error| error.to_string())))
+    }))
 }
 
 #[cfg(test)]
 mod tests {
+    use futures_util::StreamExt;
+
     use super::*;
 
     fn decode_in(chunks: &[&[u8]]) -> Vec<Event> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream;
-use hyper::body::Body as _;
+use http_body_util::BodyDataStream;
 
 use super::lane::{self, Lane};
 use super::{ModelError, ModelEvent, ModelStream};
@@ -193,7 +193,7 @@ pub fn parse_stream<P: WireParser + Unpin>(
 ) -> Pin<Box<Upstream<P>>> {
     Box::pin(Upstream {
         provider,
-        body: response.into(),
+        body: BodyDataStream::new(response.into()),
         decoder: sse::Decoder::new(),
         parser,
         ready: Ready::default(),
@@ -210,7 +210,7 @@ pub fn parse_stream<P: WireParser + Unpin>(
 /// 700 bytes held by every stream waiting for its provider).
 pub struct Upstream<P> {
     provider: &'static str,
-    body: reqwest::Body,
+    body: BodyDataStream<reqwest::Body>,
     decoder: sse::Decoder,
     parser: P,
     ready: Ready,
@@ -247,30 +247,6 @@ impl<P> Upstream<P> {
 }
 
 impl<P: WireParser + Unpin> Upstream<P> {
-    /// The provider's next SSE event, or how its stream ended: `None` at its end, or the error reading it.
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, reqwest::Error>>> {
-        loop {
-            if let Some(event) = self.decoder.next_event() {
-                return Poll::Ready(Some(Ok(event)));
-            }
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(chunk) = frame.data_ref() {
-                        self.decoder.feed(chunk);
-                    }
-                }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-                // Bytes after the last blank line (an event never finished) are dropped, as SSE says.
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {
-                    // The decoder's buffer goes while the stream waits for the next bytes.
-                    self.decoder.release_if_read();
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-
     /// Whether the provider has been silent for `idle` since `since`; arms the timer otherwise.
     fn poll_idle(&mut self, cx: &mut Context<'_>, since: tokio::time::Instant) -> Poll<()> {
         loop {
@@ -301,7 +277,7 @@ impl<P: WireParser + Unpin> futures_core::Stream for Upstream<P> {
             let since = *this
                 .waiting_since
                 .get_or_insert_with(tokio::time::Instant::now);
-            let next = match this.poll_event(cx) {
+            let next = match this.decoder.poll_event(Pin::new(&mut this.body), cx) {
                 Poll::Ready(next) => next,
                 Poll::Pending => {
                     ready!(this.poll_idle(cx, since));
