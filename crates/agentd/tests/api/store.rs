@@ -1309,7 +1309,14 @@ async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
         let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
         runs.push(new_run(chat.id, &format!("question {i}")));
     }
-    let answers = futures_util::future::join_all(runs.iter().map(|run| store.start_run(run))).await;
+    let answers =
+        queued_together({
+            let (store, runs) = (store.clone(), runs.clone());
+            async move {
+                futures_util::future::join_all(runs.iter().map(|run| store.start_run(run))).await
+            }
+        })
+        .await;
     for (run, answer) in runs.iter().zip(answers) {
         assert_eq!(answer.unwrap(), Vec::<Message>::new());
         assert_eq!(
@@ -1320,6 +1327,16 @@ async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
     // The first start takes a connection alone while the others queue behind it: 16, 16, then 8.
     store.close().await;
     calls_come_to(&db, "agent_start_runs", 3).await;
+}
+
+/// Runs `work` on the store's thread, where its queues of run starts, ends and releases are read: what `work` queues
+/// in one poll is all there before a queue is read again, as when requests arrive together on a busy process. (Made
+/// from the test's thread, the first could be taken from its queue alone, and the calls counted would differ.)
+async fn queued_together<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
+    agentd::runtime::store()
+        .spawn(work)
+        .await
+        .expect("the work ran")
 }
 
 /// Waits until PostgreSQL has counted `calls` calls of function `name` in `db` (a server process reports them when it
@@ -1523,9 +1540,15 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
         let (_, run) = started_run(&store).await;
         runs.push((run.id, answered(&format!("answer {i}"))));
     }
-    let answers = futures_util::future::join_all(
-        runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
-    )
+    let answers = queued_together({
+        let store = store.clone();
+        async move {
+            futures_util::future::join_all(
+                runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
+            )
+            .await
+        }
+    })
     .await;
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
     // The first end takes a connection alone while the others queue behind it: 16, 16, then 8.
@@ -1610,11 +1633,15 @@ async fn ends_arriving_together_go_in_scripts_of_sixteen_and_one_refused_fails_a
             store.finish_run(*run, 1, end).await.unwrap();
         }
         let (_, alone) = db.wal_commits();
-        let answers = futures_util::future::join_all(
-            runs[20..]
-                .iter()
-                .map(|(run, end)| store.finish_run(*run, 1, end)),
-        )
+        let answers = queued_together({
+            let (store, runs) = (store.clone(), runs[20..].to_vec());
+            async move {
+                futures_util::future::join_all(
+                    runs.iter().map(|(run, end)| store.finish_run(*run, 1, end)),
+                )
+                .await
+            }
+        })
         .await;
         assert!(answers.iter().all(Result::is_ok), "{answers:?}");
         let (salt_after, together) = db.wal_commits();
@@ -1713,12 +1740,18 @@ async fn releases_arriving_together_go_in_calls_and_each_is_announced_postgres()
     for _ in 0..300 {
         runs.push(started_run(&store).await.1.id);
     }
-    let released = futures_util::future::join_all(
-        runs.iter()
-            .enumerate()
-            // The last one under an epoch it is not held under.
-            .map(|(i, run)| store.release(*run, if i == 299 { 5 } else { 1 })),
-    )
+    let released = queued_together({
+        let (store, runs) = (store.clone(), runs.clone());
+        async move {
+            futures_util::future::join_all(
+                runs.iter()
+                    .enumerate()
+                    // The last one under an epoch it is not held under.
+                    .map(|(i, run)| store.release(*run, if i == 299 { 5 } else { 1 })),
+            )
+            .await
+        }
+    })
     .await;
     let released: Vec<bool> = released.into_iter().map(Result::unwrap).collect();
     assert_eq!(released, [vec![true; 299], vec![false]].concat());
@@ -1756,8 +1789,7 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
         .await;
         let made = {
             let (store, ids) = (store.clone(), [second.id, first.id]);
-            // Made on the store's thread, where its queue of ends is read: both ends are queued before the queue is
-            // read again, so they are made together (from another thread, the first could be taken alone).
+            // Queued together (see `queued_together`): the two ends are made in one call.
             agentd::runtime::store().spawn(async move {
                 if call == "heartbeat" {
                     store
