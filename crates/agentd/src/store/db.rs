@@ -191,6 +191,20 @@ impl Db {
         }
     }
 
+    /// The run log's writer has had nothing to commit for a while: PostgreSQL's kept connection goes back to its pool
+    /// now, where its buffers go back to their first size, rather than with the next commit, which after a burst may
+    /// be long in coming (a connection idle that long is checked before the next commit anyway).
+    pub fn log_idle(&self) {
+        if let Pools::Postgres(db) = &self.pools {
+            db.give_back_log();
+        }
+    }
+
+    /// Whether PostgreSQL keeps a connection for the run log's next commit.
+    pub fn log_kept(&self) -> bool {
+        matches!(&self.pools, Pools::Postgres(db) if db.keeps_log())
+    }
+
     /// A write transaction, rolled back by [`Conn::rollback`] or when dropped (nothing here commits one).
     pub async fn begin(&self) -> Result<Conn, StoreError> {
         let beginning = Self::in_turn(&self.turns.write, || match &self.pools {

@@ -76,6 +76,17 @@ impl SessionStore {
         self.append(rows, Appender::LogWriter).await
     }
 
+    /// The run log's writer has had nothing to commit for a while: the connection it keeps between commits goes back
+    /// to the pool (PostgreSQL; see [`super::db::Db::log_idle`]).
+    pub fn log_writer_idle(&self) {
+        self.0.db.log_idle();
+    }
+
+    /// Whether a connection is kept out of the pool for the run log's next commit (PostgreSQL).
+    pub fn log_connection_kept(&self) -> bool {
+        self.0.db.log_kept()
+    }
+
     /// Appends `rows` as [`Self::append_events`] does, on a connection of the pool: for rows written apart from the
     /// run log's writer (the end of a stopped process's run, which another replica writes).
     pub async fn append_events_apart(&self, rows: &[LogRow]) -> Result<Vec<Uuid>, StoreError> {

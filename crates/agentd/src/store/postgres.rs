@@ -104,9 +104,22 @@ impl PgDb {
         });
     }
 
+    /// Gives the run log's kept connection back to its pool, if one is kept: the writer has nothing to commit (see
+    /// [`super::db::Db::log_idle`]).
+    pub fn give_back_log(&self) {
+        drop(self.held_log.lock().expect("held connection lock").take());
+    }
+
+    pub fn keeps_log(&self) -> bool {
+        self.held_log
+            .lock()
+            .expect("held connection lock")
+            .is_some()
+    }
+
     pub async fn close(&self) {
         // A pool closes once its connections are back.
-        drop(self.held_log.lock().expect("held connection lock").take());
+        self.give_back_log();
         self.pool.close().await;
         self.log.close().await;
         self.listen.close().await;

@@ -938,6 +938,49 @@ async fn agentd_serves_a_store_a_newer_agentd_migrated(db: TestDb) {
     assert!(migrated.status.success(), "{migrated:?}");
 }
 
+/// The run log's writer keeps its PostgreSQL connection out of the pool between commits, and gives it back (where its
+/// buffers go back to their first size) once a second passes with nothing to commit, rather than keep it, with the
+/// buffers a burst's last commits grew, until the next commit; the next commit takes it from the pool again.
+#[tokio::test]
+async fn the_run_logs_writer_gives_its_connection_back_once_it_has_nothing_to_commit_postgres() {
+    use agentd::runs::events::RunEvent;
+    use agentd::runs::log::{RunLog, write};
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    let (_, run) = started_run(&store).await;
+    let (log, queue) = RunLog::new(store.clone(), std::sync::Arc::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = agentd::runtime::store().spawn(write(log.clone(), queue, stop.clone()));
+    let mut events = log.produce(run.id, 1, vec![r#"{"type":"run_started"}"#.into()]);
+    let delta = |content: &str| RunEvent::ModelDelta {
+        content: content.into(),
+    };
+
+    events.emit(delta("first")).await;
+    events.flushed().await;
+    let given_back = async {
+        while store.log_connection_kept() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), given_back)
+        .await
+        .expect("the writer gives its connection back once it has nothing to commit");
+
+    events.emit(delta("second")).await;
+    events.flushed().await;
+    let stored: Vec<u64> = store
+        .events_of(run.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(stored, [2, 3]);
+    stop.cancel();
+    writer.await.unwrap();
+}
+
 /// Long values are not written through pglz (slow enough that a wave of runs ending held up every run's events): a run
 /// log row is stored as it is, read back whole; a run's answer is compressed with lz4 where the server has it.
 #[tokio::test]

@@ -18,6 +18,11 @@ const MAX_BATCH: usize = 16_384;
 /// Room for events the writer keeps between commits when nothing is waiting.
 const KEPT_BATCH: usize = 256;
 
+/// How long after its last commit the writer gives the run log's connection back to the store's pool (PostgreSQL keeps
+/// it out of the pool between commits): one idle that long is checked before the next commit anyway, and it would
+/// keep the buffers of the burst's last commits (up to 256 KB) for as long as no other commit comes.
+const IDLE: Duration = Duration::from_secs(1);
+
 /// The receiving end of the writer's queue.
 #[derive(Debug)]
 pub struct WriterQueue(pub(super) mpsc::Receiver<Append>);
@@ -27,6 +32,10 @@ pub struct WriterQueue(pub(super) mpsc::Receiver<Append>);
 pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken) {
     let mut batch = Vec::new();
     let mut kept = Kept::default();
+    // When the connection goes back; armed by each commit.
+    let idle = tokio::time::sleep(IDLE);
+    tokio::pin!(idle);
+    let mut holding = false;
     loop {
         let first = tokio::select! {
             biased;
@@ -34,6 +43,13 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
             () = stop.cancelled() => queue.0.try_recv().ok(),
             () = kept.due() => {
                 kept.retry(&log).await;
+                holding = true;
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                continue;
+            }
+            () = &mut idle, if holding => {
+                holding = false;
+                log.store().log_writer_idle();
                 continue;
             }
         };
@@ -56,6 +72,8 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
         if queue.0.is_empty() {
             batch.shrink_to(KEPT_BATCH);
         }
+        holding = true;
+        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
     }
 }
 
