@@ -136,8 +136,7 @@ impl SessionStore {
     }
 
     /// Opens every pooled PostgreSQL connection and readies it for a burst of runs: on each, a chat is made, a run
-    /// started in it and ended, the statements of the periodic work (heartbeats, sweeps, takeovers) sent with
-    /// arguments that match nothing, and all of it rolled back, so nothing is left behind; the run log's connection
+    /// started in it and ended, and all of it rolled back, so nothing is left behind; the run log's connection
     /// plans its group commit. A new PostgreSQL connection is a new server process: its first run start reads the
     /// catalog and compiles the run functions (`agent_start_runs`, `agent_finish_runs` and the ones they call; tens
     /// of milliseconds under load), and a process that just started (a deploy) would otherwise make the first burst
@@ -241,8 +240,7 @@ where
 }
 
 /// A run's whole course in the store on `conn` (a transaction the caller rolls back): a chat, a run started in it with
-/// its first event, and ended with an answer; then the statements of the process's periodic work, which match nothing
-/// ([`runs::rehearse_periodic`]).
+/// its first event, and ended with an answer.
 async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
     let owner = ChatOwner {
         org_id: "warm-up".to_owned(),
@@ -279,8 +277,7 @@ async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
     ends::finish_runs_postgres(conn, &[(run.id, 1, &end)])
         .await?
         .pop()
-        .expect("one answer per end")?;
-    runs::rehearse_periodic(conn, run.id).await
+        .expect("one answer per end")
 }
 
 /// Queues the request `pending` makes of the channel it is answered on, and waits for its answer: how a run start or

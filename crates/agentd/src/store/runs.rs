@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::db::{Arg, Conn};
+use super::db::Arg;
 use super::row::Row;
 use super::{
     ChatOwner, NewRun, Run, RunEnd, STALE_RUN_ERROR, SessionStore, StoreError, to_i64, to_ms,
@@ -23,61 +23,6 @@ const RUNNING: Arg<'static> = Arg::Text("running");
 /// took 0.7 s on PostgreSQL, and every run ending meanwhile waited for it (the store's connections with them, until
 /// other runs' ends gave up waiting for one).
 const HEARTBEATS_AT_ONCE: usize = 500;
-
-/// Refreshes the heartbeat of the runs `$1` that `$2` holds; returns them.
-const HEARTBEAT: &str = "UPDATE agent_chat_runs SET heartbeat_at = {now} WHERE {id_in_list} AND id IN \
-     (SELECT id FROM agent_chat_runs WHERE status = $3 AND {id_in_list} AND owner_instance = $2 \
-     ORDER BY id {for_no_key_update}) RETURNING id";
-
-/// Claims for `$3` those of the runs `$1` whose producer is gone (released, or silent for `$2` ms).
-const CLAIM: &str = "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
-     WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
-     AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) ORDER BY id {for_update}) \
-     RETURNING id, epoch";
-
-/// Marks `interrupted` (error `$1`) the running runs whose producer and followers have been gone for `$2` ms.
-const INTERRUPT_STALE: &str = "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now}, \
-     epoch = epoch + 1 WHERE status = 'running' AND id IN (SELECT id FROM agent_chat_runs \
-     WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
-     AND (followed_at IS NULL OR followed_at < {now} - {ms2}) ORDER BY id {for_no_key_update}) \
-     RETURNING id, epoch";
-
-/// Notes that the running runs `$1` still have followers in a process other than their producer's.
-const TOUCH_FOLLOWED: &str = "UPDATE agent_chat_runs SET followed_at = {now} WHERE {id_in_list} AND id IN \
-     (SELECT id FROM agent_chat_runs WHERE status = $2 AND {id_in_list} ORDER BY id {for_no_key_update})";
-
-/// The run `$2`, if another process noted a follower of it within `$1` ms.
-const FOLLOWED_WITHIN: &str =
-    "SELECT id FROM agent_chat_runs WHERE followed_at > {now} - {ms1} AND id = $2";
-
-/// Sends each statement above, with arguments that match no row, on `conn` (in a transaction rolled back), so that it
-/// prepares them: they are sent by this process's periodic work (heartbeats, the sweep of stale runs, takeovers, notes
-/// of followers) and by the ends of runs left without a client, on whichever pooled connection each gets, so each
-/// connection would otherwise prepare them some time later, often during a burst of runs or at its end: a round trip
-/// each then, and what a prepared statement keeps for the connection's life allocated among the burst's short-lived
-/// memory, which it then keeps the allocator from giving back. `ended` is a run that is not running.
-pub(super) async fn rehearse_periodic(conn: &mut Conn, ended: Uuid) -> Result<(), StoreError> {
-    let runs = [ended];
-    // Longer than any lease: no run's heartbeat is that old.
-    let never = to_ms(Duration::from_secs(100 * 365 * 24 * 3600));
-    conn.fetch_all(HEARTBEAT, &[Arg::Ids(&runs), Arg::Text(""), RUNNING])
-        .await?;
-    conn.fetch_all(
-        CLAIM,
-        &[Arg::Ids(&runs), Arg::Int(never), Arg::Text(""), RUNNING],
-    )
-    .await?;
-    conn.fetch_all(
-        INTERRUPT_STALE,
-        &[Arg::Text(STALE_RUN_ERROR), Arg::Int(never)],
-    )
-    .await?;
-    conn.execute(TOUCH_FOLLOWED, &[Arg::Ids(&runs), RUNNING])
-        .await?;
-    conn.fetch_optional(FOLLOWED_WITHIN, &[Arg::Int(0), Arg::Id(ended)])
-        .await?;
-    Ok(())
-}
 
 /// The columns [`run_from`] reads.
 macro_rules! run_columns {
@@ -251,7 +196,12 @@ impl SessionStore {
         let mut held = Vec::with_capacity(runs.len());
         for some in runs.chunks(HEARTBEATS_AT_ONCE) {
             let rows = conn
-                .fetch_all(HEARTBEAT, &[Arg::Ids(some), Arg::Text(owner), RUNNING])
+                .fetch_all(
+                    "UPDATE agent_chat_runs SET heartbeat_at = {now} WHERE {id_in_list} AND id IN \
+                     (SELECT id FROM agent_chat_runs WHERE status = $3 AND {id_in_list} AND owner_instance = $2 \
+                     ORDER BY id {for_no_key_update}) RETURNING id",
+                    &[Arg::Ids(some), Arg::Text(owner), RUNNING],
+                )
                 .await?;
             for row in &rows {
                 held.push(row.uuid("id")?);
@@ -280,13 +230,11 @@ impl SessionStore {
             .write()
             .await?
             .fetch_all(
-                CLAIM,
-                &[
-                    Arg::Ids(runs),
-                    Arg::Int(lease_ms),
-                    Arg::Text(owner),
-                    RUNNING,
-                ],
+                "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
+                 WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
+                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) ORDER BY id {for_update}) \
+                 RETURNING id, epoch",
+                &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner), RUNNING],
             )
             .await?;
         rows.iter().map(id_and_epoch).collect()
@@ -311,7 +259,11 @@ impl SessionStore {
             .write()
             .await?
             .fetch_all(
-                INTERRUPT_STALE,
+                "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now}, \
+                 epoch = epoch + 1 WHERE status = 'running' AND id IN (SELECT id FROM agent_chat_runs \
+                 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
+                 AND (followed_at IS NULL OR followed_at < {now} - {ms2}) ORDER BY id {for_no_key_update}) \
+                 RETURNING id, epoch",
                 &[Arg::Text(STALE_RUN_ERROR), Arg::Int(lease_ms)],
             )
             .await?;
@@ -364,11 +316,14 @@ impl SessionStore {
         if runs.is_empty() {
             return Ok(());
         }
-        self.0
-            .db
+        self.0.db
             .write()
             .await?
-            .execute(TOUCH_FOLLOWED, &[Arg::Ids(runs), RUNNING])
+            .execute(
+                "UPDATE agent_chat_runs SET followed_at = {now} WHERE {id_in_list} AND id IN \
+                 (SELECT id FROM agent_chat_runs WHERE status = $2 AND {id_in_list} ORDER BY id {for_no_key_update})",
+                &[Arg::Ids(runs), RUNNING],
+            )
             .await?;
         Ok(())
     }
@@ -385,7 +340,10 @@ impl SessionStore {
             .db
             .read()
             .await?
-            .fetch_optional(FOLLOWED_WITHIN, &[Arg::Int(ms), Arg::Id(run_id)])
+            .fetch_optional(
+                "SELECT id FROM agent_chat_runs WHERE followed_at > {now} - {ms1} AND id = $2",
+                &[Arg::Int(ms), Arg::Id(run_id)],
+            )
             .await?;
         Ok(row.is_some())
     }

@@ -495,56 +495,6 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     }
 }
 
-/// agentd on PostgreSQL serves with the statements of its periodic work (heartbeats, the sweep of stale runs,
-/// takeovers, notes of followers) and of a run left without a client prepared on every pooled connection: whichever
-/// connection each later gets, it sends no statement to be prepared then, in the middle of a burst or at its end.
-#[tokio::test]
-async fn every_store_connection_prepares_the_periodic_statements_before_agentd_serves_postgres() {
-    use sqlx::Connection;
-    const POOL: usize = 16;
-    let db = TestDb::postgres().await;
-    // The server logs each statement of this database's sessions, a prepared one's parse among them.
-    db.alter_database("SET log_min_duration_statement = 0")
-        .await;
-    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let _server = Agentd::spawn_on(db.url(), &[]).await;
-    let agentds: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    let data: String = sqlx::query_scalar("SHOW data_directory")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    // The test cluster logs to `log` beside its data directory.
-    let log = std::fs::read_to_string(std::path::Path::new(&data).with_file_name("log")).unwrap();
-    let statements = [
-        "UPDATE agent_chat_runs SET heartbeat_at = now()",
-        "UPDATE agent_chat_runs SET owner_instance = $3",
-        "UPDATE agent_chat_runs SET status = 'interrupted'",
-        "UPDATE agent_chat_runs SET followed_at = now() WHERE id = ANY",
-        "SELECT id FROM agent_chat_runs WHERE followed_at >",
-    ];
-    for statement in statements {
-        let prepared_by: std::collections::HashSet<i32> = log
-            .lines()
-            .filter(|line| line.contains(" parse ") && line.contains(statement))
-            .filter_map(|line| {
-                let (_, rest) = line.split_once(" [")?;
-                rest.split_once(']')?.0.parse().ok()
-            })
-            .filter(|pid| agentds.contains(pid))
-            .collect();
-        assert_eq!(
-            prepared_by.len(),
-            POOL,
-            "connections that prepared `{statement}`"
-        );
-    }
-}
-
 /// A run's end on PostgreSQL reads its own row, however many runs are running. A connection plans the end once for any
 /// parameters, when agentd readies it, maybe on a store with no run running: planned there, the end read every
 /// running run (through the index of the running runs) for as long as the connection lived.
