@@ -7,6 +7,7 @@ WORKDIR /src
 
 # Dependencies first, against stub sources: this layer is rebuilt only when a manifest or the lock file changes.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 COPY crates/agentd/Cargo.toml crates/agentd/build.rs crates/agentd/
 COPY bench/Cargo.toml bench/
 COPY proto proto

@@ -172,6 +172,13 @@ mod tests {
         }
     }
 
+    /// jemalloc's map of its pages is built for the 48-bit addresses Linux gives a process (`.cargo/config.toml`), not
+    /// for the widest the processor has.
+    #[test]
+    fn jemalloc_is_built_for_the_addresses_linux_gives_a_process() {
+        assert_eq!(option_env!("JEMALLOC_SYS_WITH_LG_VADDR"), Some("48"));
+    }
+
     /// Sets jemalloc's `name` to `value`, of the type jemalloc declares for it.
     fn set_jemalloc_value<T: Copy>(name: &str, mut value: T) {
         let name = std::ffi::CString::new(name).expect("no NUL in the name");
