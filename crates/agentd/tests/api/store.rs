@@ -56,6 +56,12 @@ fn new_run(chat_id: Uuid, prompt: &str) -> NewRun {
     }
 }
 
+/// The seqs of the events the store holds for run `run_id`, in order.
+async fn stored_seqs(store: &SessionStore, run_id: Uuid) -> Vec<u64> {
+    let events = store.events_of(run_id).await.unwrap();
+    events.into_iter().map(|(seq, _)| seq).collect()
+}
+
 /// A new chat of o/u/c with a run started in it.
 async fn started_run(store: &SessionStore) -> (Chat, NewRun) {
     let chat = store.create_chat(&owner("o", "u", "c")).await.unwrap();
@@ -969,14 +975,7 @@ async fn the_run_logs_writer_gives_its_connection_back_once_it_has_nothing_to_co
 
     events.emit(delta("second")).await;
     events.flushed().await;
-    let stored: Vec<u64> = store
-        .events_of(run.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(seq, _)| seq)
-        .collect();
-    assert_eq!(stored, [2, 3]);
+    assert_eq!(stored_seqs(&store, run.id).await, [2, 3]);
     stop.cancel();
     writer.await.unwrap();
 }
@@ -2420,14 +2419,7 @@ async fn the_run_logs_kept_connection_is_checked_after_a_pause_or_a_loss() {
     );
     assert!(append(4).await.expect("the commit after a loss").is_empty());
 
-    let seqs: Vec<u64> = store
-        .events_of(run.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(seq, _)| seq)
-        .collect();
-    assert_eq!(seqs, [2, 3, 4]);
+    assert_eq!(stored_seqs(&store, run.id).await, [2, 3, 4]);
     store.close().await;
 }
 
