@@ -32,7 +32,7 @@ pub struct WriterQueue(pub(super) mpsc::Receiver<Append>);
 pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken) {
     let mut batch = Vec::new();
     let mut kept = Kept::default();
-    // When the connection goes back; armed by each commit.
+    // When the connection goes back; armed by each commit that leaves nothing waiting.
     let idle = tokio::time::sleep(IDLE);
     tokio::pin!(idle);
     let mut holding = false;
@@ -71,9 +71,10 @@ pub async fn write(log: RunLog, mut queue: WriterQueue, stop: CancellationToken)
         // Nothing waiting: the room a burst's batches took goes back (up to 16,384 events, about 1 MB).
         if queue.0.is_empty() {
             batch.shrink_to(KEPT_BATCH);
+            // While more is waiting the next commit follows at once: the timer is set only when a wait may begin.
+            holding = true;
+            idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
         }
-        holding = true;
-        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
     }
 }
 
