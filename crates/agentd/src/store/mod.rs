@@ -17,6 +17,11 @@
 //! before chats, each by id. Run ends committed together (`ends.rs`) lock their runs, then their chats; the heartbeat,
 //! a claim, the follower notes and the marking of stale runs lock runs only; run starts lock chats only (an existing
 //! run is only read); deleting a chat locks its runs first.
+//! A statement updating several runs locks them by id in a subquery that it joins by key (`UPDATE ... FROM (SELECT id
+//! ... ORDER BY id FOR UPDATE) AS locked WHERE id = locked.<id>`): whatever the plan, each locked run is then updated
+//! through its key once. With the subquery under `IN`, PostgreSQL planned the sweep of stale runs on a new database's
+//! empty store (a plan each connection keeps for any parameters until the table is analyzed) as a loop that read the
+//! locked runs again for each running run: 3.4 s for a crashed peer's 5,000 runs, holding them all, against 40 ms.
 //!
 //! Crash recovery works by lease: each process has an instance id (stored as the run's owner) and refreshes
 //! `heartbeat_at` of the runs it is driving, three times per lease; a run still `running` whose heartbeat is older

@@ -197,9 +197,9 @@ impl SessionStore {
         for some in runs.chunks(HEARTBEATS_AT_ONCE) {
             let rows = conn
                 .fetch_all(
-                    "UPDATE agent_chat_runs SET heartbeat_at = {now} WHERE {id_in_list} AND id IN \
-                     (SELECT id FROM agent_chat_runs WHERE status = $3 AND {id_in_list} AND owner_instance = $2 \
-                     ORDER BY id {for_no_key_update}) RETURNING id",
+                    "UPDATE agent_chat_runs SET heartbeat_at = {now} FROM (SELECT id AS held FROM agent_chat_runs \
+                     WHERE status = $3 AND {id_in_list} AND owner_instance = $2 ORDER BY id {for_no_key_update}) \
+                     AS locked WHERE id = locked.held RETURNING id",
                     &[Arg::Ids(some), Arg::Text(owner), RUNNING],
                 )
                 .await?;
@@ -231,9 +231,9 @@ impl SessionStore {
             .await?
             .fetch_all(
                 "UPDATE agent_chat_runs SET owner_instance = $3, epoch = epoch + 1, heartbeat_at = {now} \
-                 WHERE id IN (SELECT id FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
-                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) ORDER BY id {for_update}) \
-                 RETURNING id, epoch",
+                 FROM (SELECT id AS won FROM agent_chat_runs WHERE status = $4 AND {id_in_list} \
+                 AND (owner_instance = '' OR heartbeat_at < {now} - {ms2}) ORDER BY id {for_update}) AS locked \
+                 WHERE id = locked.won RETURNING id, epoch",
                 &[Arg::Ids(runs), Arg::Int(lease_ms), Arg::Text(owner), RUNNING],
             )
             .await?;
@@ -260,10 +260,9 @@ impl SessionStore {
             .await?
             .fetch_all(
                 "UPDATE agent_chat_runs SET status = 'interrupted', error = $1, finished_at = {now}, \
-                 epoch = epoch + 1 WHERE status = 'running' AND id IN (SELECT id FROM agent_chat_runs \
-                 WHERE status = 'running' AND heartbeat_at < {now} - {ms2} \
-                 AND (followed_at IS NULL OR followed_at < {now} - {ms2}) ORDER BY id {for_no_key_update}) \
-                 RETURNING id, epoch",
+                 epoch = epoch + 1 FROM (SELECT id AS stale FROM agent_chat_runs WHERE status = 'running' \
+                 AND heartbeat_at < {now} - {ms2} AND (followed_at IS NULL OR followed_at < {now} - {ms2}) \
+                 ORDER BY id {for_no_key_update}) AS locked WHERE id = locked.stale RETURNING id, epoch",
                 &[Arg::Text(STALE_RUN_ERROR), Arg::Int(lease_ms)],
             )
             .await?;
@@ -320,8 +319,9 @@ impl SessionStore {
             .write()
             .await?
             .execute(
-                "UPDATE agent_chat_runs SET followed_at = {now} WHERE {id_in_list} AND id IN \
-                 (SELECT id FROM agent_chat_runs WHERE status = $2 AND {id_in_list} ORDER BY id {for_no_key_update})",
+                "UPDATE agent_chat_runs SET followed_at = {now} FROM (SELECT id AS followed FROM agent_chat_runs \
+                 WHERE status = $2 AND {id_in_list} ORDER BY id {for_no_key_update}) AS locked \
+                 WHERE id = locked.followed",
                 &[Arg::Ids(runs), RUNNING],
             )
             .await?;

@@ -557,6 +557,65 @@ async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
     assert_eq!(status, "completed");
 }
 
+/// The sweep of stale runs on PostgreSQL locks the stale runs once, however it was planned. A connection plans it once
+/// for any parameters, maybe on a new database's empty store (the first lease round of a replica): with the locking
+/// subquery under `IN`, the plan made there locked the stale runs, then read them all again for each running run (3.4 s
+/// for a crashed peer's 5,000 runs, every one of them held meanwhile).
+#[tokio::test]
+async fn the_sweep_planned_on_an_empty_store_reads_the_stale_runs_once_postgres() {
+    use sqlx::Connection;
+    const STALE: i64 = 2_000;
+    let lease = Duration::from_secs(30);
+    let db = TestDb::postgres().await;
+    let store = db.open().await;
+    assert!(store.interrupt_stale(lease).await.unwrap().is_empty());
+    // The statement as agentd sent it, planned on a connection set as agentd's are, on the empty store.
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let sweep: String = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+         AND query LIKE 'UPDATE agent_chat_runs SET status = ''interrupted''%' LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    for statement in [
+        "SET plan_cache_mode = force_generic_plan".to_owned(),
+        format!("PREPARE sweep(text, bigint) AS {sweep}"),
+        "EXECUTE sweep('stale', 30000)".to_owned(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    add_runs(&mut conn, STALE, true).await;
+    db.age_heartbeats(60).await;
+    sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+    let plan: sqlx::types::Json<serde_json::Value> =
+        sqlx::query_scalar("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE sweep('stale', 30000)")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+    let mut nodes = vec![&plan.0[0]["Plan"]];
+    let mut locks = Vec::new();
+    while let Some(node) = nodes.pop() {
+        if node["Node Type"] == "LockRows" {
+            locks.push((&node["Actual Loops"], &node["Actual Rows"]));
+        }
+        nodes.extend(node["Plans"].as_array().into_iter().flatten());
+    }
+    assert_eq!(locks, [(&json!(1), &json!(STALE))], "{plan:?}");
+
+    // And agentd's own sweep ends them all.
+    assert_eq!(
+        store.interrupt_stale(lease).await.unwrap().len(),
+        STALE as usize
+    );
+    store.close().await;
+}
+
 /// Adds `count` chats to the PostgreSQL store of `conn`, each with a run: running (instance-a's), or completed. Their
 /// owners are spread as a service's are: a user each, in 100 organisations.
 async fn add_runs(conn: &mut sqlx::PgConnection, count: i64, running: bool) {
