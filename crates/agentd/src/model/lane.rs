@@ -1,5 +1,6 @@
 //! How requests reach a provider: a lane of HTTP clients, each carrying at most [`STREAMS_PER_CONNECTION`] streams,
-//! more added as its streams need them and the spare ones dropped once idle.
+//! more added as its streams need them, the spare ones dropped once idle, and the first made anew once idle after a
+//! burst.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,8 +17,10 @@ use tokio::time::Instant;
 pub const STREAMS_PER_CONNECTION: usize = 100;
 /// A lane's client other than its first, idle this long, is dropped with its connection: the connections a burst
 /// opened do not outlast it for long (each keeps its buffers and tables), and a load that comes and goes around a
-/// multiple of 100 streams does not open and close one for each stream. (The first client's connection is closed
-/// by the HTTP client after 90 s idle.)
+/// multiple of 100 streams does not open and close one for each stream. The first client, idle this long after it
+/// carried a connection's worth of streams at once, is made anew: its connection's tables (HTTP/2) or its pool of
+/// idle connections (HTTP/1.1) are a burst's size, and the HTTP client would keep them until 90 s idle. Otherwise its
+/// connection stays for the next stream (closed by the HTTP client after 90 s idle).
 const SPARE_IDLE: Duration = Duration::from_secs(10);
 
 /// How requests reach one provider: HTTP clients, each carrying at most [`STREAMS_PER_CONNECTION`] streams, and
@@ -31,7 +34,8 @@ pub struct Lane {
 #[derive(Debug)]
 struct LaneInner {
     client: ClientSettings,
-    /// The first is made with the lane and kept; the others are made when every one before is full.
+    /// The first is made with the lane and kept (made anew after a burst); the others are made when every one before
+    /// is full.
     carriers: Mutex<Vec<Arc<Carrier>>>,
     multiplexed: AtomicBool,
     /// Seen answering over HTTP/1.1 (and not over HTTP/2): each stream has a connection of its own whatever the
@@ -44,6 +48,8 @@ struct LaneInner {
 struct Carrier {
     client: reqwest::Client,
     streams: AtomicUsize,
+    /// Whether it has carried [`STREAMS_PER_CONNECTION`] streams at once.
+    was_full: AtomicBool,
     /// When its last stream ended; read while `streams` is 0.
     idle_since: Mutex<Instant>,
 }
@@ -161,11 +167,14 @@ impl Lane {
             carrier
         });
         // Counted under the lock, so no client is given more than its share; released without it.
-        carrier.streams.fetch_add(1, Ordering::Relaxed);
+        if carrier.streams.fetch_add(1, Ordering::Relaxed) + 1 >= STREAMS_PER_CONNECTION {
+            carrier.was_full.store(true, Ordering::Relaxed);
+        }
         Slot { carrier }
     }
 
-    /// Drops the clients other than the first that have carried nothing for `idle`, and their connections.
+    /// Drops the clients other than the first that have carried nothing for `idle`, and their connections; makes the
+    /// first anew if it was full once and has carried nothing for `idle`.
     fn drop_idle(&self, idle: Duration) {
         let mut carriers = self
             .inner
@@ -177,6 +186,9 @@ impl Lane {
             index += 1;
             index == 1 || !carrier.idle_for(idle)
         });
+        if carriers[0].was_full.load(Ordering::Relaxed) && carriers[0].idle_for(idle) {
+            carriers[0] = Carrier::new(self.inner.client.client());
+        }
     }
 
     /// How many clients the lane has now (each with at most one connection over HTTP/2).
@@ -205,6 +217,7 @@ impl Carrier {
         Arc::new(Self {
             client,
             streams: AtomicUsize::new(0),
+            was_full: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
         })
     }
@@ -273,7 +286,7 @@ mod tests {
         drop(second);
         lane.drop_idle(Duration::ZERO);
         assert_eq!(lane.clients(), 2);
-        // Idle, it goes; the first stays, idle or not.
+        // Idle, it goes; the lane keeps a first client, idle or not.
         drop((also, first, again));
         lane.drop_idle(Duration::ZERO);
         assert_eq!(lane.clients(), 1);
@@ -286,6 +299,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lanes_first_client_is_made_anew_once_idle_after_it_was_full_and_kept_otherwise() {
+        let lane = test_lane(true);
+        let first_now = || Arc::clone(&lane.slot().carrier);
+        // Never full: kept, however long idle.
+        let first = first_now();
+        lane.drop_idle(Duration::ZERO);
+        assert!(Arc::ptr_eq(&first_now(), &first));
+        // Full once: kept while it carries a stream, and while idle for less than the wait.
+        let mut full: Vec<Slot> = (0..STREAMS_PER_CONNECTION).map(|_| lane.slot()).collect();
+        assert!(Arc::ptr_eq(&full[0].carrier, &first));
+        let last = full.pop().unwrap();
+        drop(full);
+        lane.drop_idle(Duration::ZERO);
+        assert!(Arc::ptr_eq(
+            &last.carrier,
+            &lane.inner.carriers.lock().unwrap()[0]
+        ));
+        drop(last);
+        lane.drop_idle(SPARE_IDLE);
+        assert!(Arc::ptr_eq(&first_now(), &first));
+        // Idle long enough: made anew, and the new one, never full, is kept.
+        lane.drop_idle(Duration::ZERO);
+        let anew = first_now();
+        assert!(!Arc::ptr_eq(&anew, &first));
+        assert_eq!(lane.clients(), 1);
+        lane.drop_idle(Duration::ZERO);
+        assert!(Arc::ptr_eq(&first_now(), &anew));
+    }
+
+    #[test]
     fn over_http1_a_lanes_first_client_carries_every_stream_until_the_provider_answers_over_http2()
     {
         let lane = test_lane(false);
@@ -295,6 +338,15 @@ mod tests {
             .collect();
         assert_eq!(lane.clients(), 1);
         assert!(!lane.multiplexed());
+        // Its pool keeps a connection for each of them: once they are all idle, it is made anew, its pool with it.
+        let first = Arc::clone(&streams[0].carrier);
+        drop(streams);
+        lane.drop_idle(Duration::ZERO);
+        let streams: Vec<Slot> = (0..=2 * STREAMS_PER_CONNECTION)
+            .map(|_| lane.slot())
+            .collect();
+        assert!(!Arc::ptr_eq(&streams[0].carrier, &first));
+        assert_eq!(lane.clients(), 1);
         lane.saw(reqwest::Version::HTTP_2);
         assert!(lane.multiplexed());
         let next = lane.slot();

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{CANVAS, ORG, USER, answer_of, setup};
 use crate::common::upstream::{FakeUpstream, Reply, anthropic, openai};
-use crate::common::{Agentd, Events, deltas, established_to, metric, types};
+use crate::common::{Agentd, Events, PATIENCE, deltas, established_to, metric, types};
 use agentd::grpc::proto::DescribeAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 
@@ -399,12 +399,15 @@ pub(super) struct Parked {
     /// The provider's HTTP clients, by agentd's metrics.
     pub clients: u64,
     pub fake: FakeUpstream,
+    /// The admitted streams, still open, and the server they are open on.
+    pub streams: Vec<Events>,
+    pub server: Agentd,
 }
 
 /// Asks `asks` times for a provider stream that stalls after its first text, on a server with `limit` descriptors
 /// (128 kept in reserve: 172 for streams of 300); how many were admitted, how many refused, and the connections and
 /// clients to the provider while the admitted ones were open; checks that agentd counts the streams its provider
-/// clients carry as the ones open.
+/// clients carry as the ones open. The admitted streams are left open.
 pub(super) async fn parked_past_the_file_limit(
     fake: FakeUpstream,
     asks: usize,
@@ -466,6 +469,8 @@ pub(super) async fn parked_past_the_file_limit(
         connections,
         clients: metric(&metrics, "agentd_provider_clients{provider=\"openai\"}"),
         fake,
+        streams: open,
+        server,
     }
 }
 
@@ -505,6 +510,37 @@ async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_w
         seen.iter()
             .all(|s| s.version == axum::http::Version::HTTP_2),
         "every answer came over HTTP/2"
+    );
+}
+
+/// The connections a burst opened to a provider close soon after it ends, the first one too: made anew, since its
+/// tables are the burst's size.
+#[tokio::test]
+async fn a_bursts_connections_to_a_provider_close_once_it_is_over() {
+    let mut parked = parked_past_the_file_limit(
+        FakeUpstream::start().await,
+        101,
+        1000,
+        &[("OPENAI_H2C", "1"), ("DETACH_GRACE", "0")],
+    )
+    .await;
+    assert_eq!((parked.open, parked.connections), (101, 2));
+    // The clients leave: their runs are interrupted, and their provider streams end.
+    parked.streams.clear();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while established_to(parked.fake.port()) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} connections to the provider left open",
+            established_to(parked.fake.port())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let metrics = parked.server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(
+        metric(&metrics, "agentd_provider_clients{provider=\"openai\"}"),
+        1,
+        "a first client, made anew"
     );
 }
 
