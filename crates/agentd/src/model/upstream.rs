@@ -244,9 +244,7 @@ impl<P> Upstream<P> {
             self.ready.rest.push_front(first);
         }
     }
-}
 
-impl<P: WireParser + Unpin> Upstream<P> {
     /// Whether the provider has been silent for `idle` since `since`; arms the timer otherwise.
     fn poll_idle(&mut self, cx: &mut Context<'_>, since: tokio::time::Instant) -> Poll<()> {
         loop {
