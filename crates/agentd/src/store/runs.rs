@@ -21,7 +21,8 @@ const RUNNING: Arg<'static> = Arg::Text("running");
 
 /// The most runs whose heartbeat one statement refreshes. One statement for all of them, with 10,000 running,
 /// took 0.7 s on PostgreSQL, and every run ending meanwhile waited for it (the store's connections with them, until
-/// other runs' ends gave up waiting for one).
+/// other runs' ends gave up waiting for one). Since it updates the runs it locks by key, such a statement takes 0.1 to
+/// 0.25 s alone (planned on a full or an empty store), 500 runs 8 to 28 ms.
 const HEARTBEATS_AT_ONCE: usize = 500;
 
 /// The columns [`run_from`] reads.
