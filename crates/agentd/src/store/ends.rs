@@ -325,8 +325,8 @@ fn unanswered(_: Uuid) -> StoreError {
 }
 
 /// One SQLite end's statements (see [`Scripts`]). Each goes on only if the one before it changed its row: a run no
-/// longer held here (`Fenced`) changes nothing and answers no row. The messages go as a JSON array of their JSON texts,
-/// stored as they are, in order after the chat's last.
+/// longer held here (`Fenced`) changes nothing and answers no row. The messages go as one JSON array, each stored as
+/// the JSON text SQLite gives of it, in order after the chat's last.
 const END: &str = "UPDATE agent_chat_runs SET status = $3, error = $4, partial_output = $5, input_tokens = $6, \
      output_tokens = $7, total_tokens = $8, finished_at = {now} \
      WHERE id = $1 AND epoch = $2 AND status = 'running' RETURNING {place} AS place, TRUE AS done; \
@@ -356,14 +356,7 @@ async fn finish_runs_sqlite(
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     let texts = ends
         .iter()
-        .map(|(_, _, end)| {
-            let texts = end
-                .messages
-                .iter()
-                .map(serde_json::to_string)
-                .collect::<Result<Vec<String>, _>>()?;
-            serde_json::to_string(&texts)
-        })
+        .map(|(_, _, end)| serde_json::to_string(&end.messages))
         .collect::<Result<Vec<String>, _>>()
         .map_err(|e| StoreError::Corrupt(format!("messages do not serialize: {e}")))?;
     let mut args = Vec::with_capacity(ends.len() * ARGS_PER_END);
