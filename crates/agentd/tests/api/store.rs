@@ -207,6 +207,24 @@ async fn a_run_stores_its_prompt_then_its_messages_in_order(db: TestDb) {
     );
     let rest: Vec<Message> = messages[1..].iter().map(|m| m.message.clone()).collect();
     assert_eq!(rest, answer);
+    if let TestDb::Sqlite { url, .. } = &db {
+        // SQLite keeps the text: each message's is the JSON agentd writes of it.
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        let texts: Vec<String> = sqlx::query_scalar(
+            "SELECT message FROM agent_chat_messages WHERE chat_id = $1 AND message_index > 0 \
+             ORDER BY message_index",
+        )
+        .bind(chat.id.to_string())
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let written: Vec<String> = answer
+            .iter()
+            .map(|m| serde_json::to_string(m).unwrap())
+            .collect();
+        assert_eq!(texts, written);
+    }
     assert!(messages.iter().all(|m| m.run_id == Some(run.id)));
 
     // A second prompt does not replace the initial message, and its run goes on from everything before it.
