@@ -88,11 +88,9 @@ pub trait Tool: Send + Sync + std::fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = ToolResult> + Send + 'a>>;
 }
 
-/// One tool with what is built once for it: its definition (names, description, schema, offered to the model on
-/// every step) and its compiled schema.
+/// One tool with its compiled schema, built once.
 #[derive(Debug)]
 struct Entry {
-    definition: ToolDefinition,
     schema: ArgsSchema,
     tool: Arc<dyn Tool>,
 }
@@ -100,9 +98,10 @@ struct Entry {
 /// Every tool a run may offer, by name.
 #[derive(Debug, Clone)]
 pub struct ToolRegistry {
-    tools: Arc<Vec<Entry>>,
-    /// The tools' definitions, as every run offers them to the model: made once and shared, not copied into each run
-    /// (a run holds them for as long as it lasts).
+    /// Each tool, at the place of its definition in `definitions`.
+    tools: Arc<[Entry]>,
+    /// The tools' definitions (names, descriptions, schemas), as every run offers them to the model: made once and
+    /// shared, not copied into each run (a run holds them for as long as it lasts).
     definitions: Arc<[ToolDefinition]>,
     /// Whether a tool sends the caller's bearer token on: only then does a run keep a copy of it.
     uses_caller_token: bool,
@@ -111,13 +110,17 @@ pub struct ToolRegistry {
 impl Default for ToolRegistry {
     /// The built-in tools only.
     fn default() -> Self {
-        let mut tools = Vec::new();
-        add(&mut tools, Arc::new(CurrentTime)).expect("the built-in schema compiles");
-        Self::of(tools)
+        Self::of(built_ins())
     }
 }
 
-fn add(tools: &mut Vec<Entry>, tool: Arc<dyn Tool>) -> Result<(), String> {
+fn built_ins() -> Vec<(ToolDefinition, Entry)> {
+    let mut tools = Vec::new();
+    add(&mut tools, Arc::new(CurrentTime)).expect("the built-in schema compiles");
+    tools
+}
+
+fn add(tools: &mut Vec<(ToolDefinition, Entry)>, tool: Arc<dyn Tool>) -> Result<(), String> {
     let definition = tool.definition();
     let schema = ArgsSchema::compile(&definition.parameters).map_err(|e| {
         format!(
@@ -125,11 +128,7 @@ fn add(tools: &mut Vec<Entry>, tool: Arc<dyn Tool>) -> Result<(), String> {
             definition.name
         )
     })?;
-    tools.push(Entry {
-        definition,
-        schema,
-        tool,
-    });
+    tools.push((definition, Entry { schema, tool }));
     Ok(())
 }
 
@@ -139,11 +138,10 @@ impl ToolRegistry {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let declared = http::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-        let mut tools =
-            Arc::try_unwrap(Self::default().tools).expect("a new registry is not shared");
+        let mut tools = built_ins();
         for tool in declared {
             let name = tool.definition().name;
-            if tools.iter().any(|entry| entry.definition.name == name) {
+            if tools.iter().any(|(definition, _)| definition.name == name) {
                 return Err(format!(
                     "{}: tool {name:?} is declared twice",
                     file.display()
@@ -154,18 +152,23 @@ impl ToolRegistry {
         Ok(Self::of(tools))
     }
 
-    fn of(tools: Vec<Entry>) -> Self {
+    fn of(tools: Vec<(ToolDefinition, Entry)>) -> Self {
+        let uses_caller_token = tools
+            .iter()
+            .any(|(_, entry)| entry.tool.uses_caller_token());
+        let (definitions, tools): (Vec<_>, Vec<_>) = tools.into_iter().unzip();
         Self {
-            definitions: tools.iter().map(|entry| entry.definition.clone()).collect(),
-            uses_caller_token: tools.iter().any(|entry| entry.tool.uses_caller_token()),
-            tools: Arc::new(tools),
+            definitions: definitions.into(),
+            tools: tools.into(),
+            uses_caller_token,
         }
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
-        self.tools
+        self.definitions
             .iter()
-            .find(|entry| entry.definition.name == name)
+            .position(|definition| definition.name == name)
+            .map(|at| &self.tools[at])
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
