@@ -391,16 +391,15 @@ async fn openai_a_tool_call_cut_by_the_output_limit_fails_the_run_and_a_cut_text
 
 /// What [`parked_past_the_file_limit`] saw with every stream it could open parked at the provider.
 pub(super) struct Parked {
-    /// Streams admitted (each reached its provider).
-    pub open: usize,
+    /// The streams admitted (each reached its provider), still open.
+    pub open: Vec<Events>,
     pub refused: usize,
     /// Connections to the fake provider, counted by the system.
     pub connections: usize,
     /// The provider's HTTP clients, by agentd's metrics.
     pub clients: u64,
     pub fake: FakeUpstream,
-    /// The admitted streams, still open, and the server they are open on.
-    pub streams: Vec<Events>,
+    /// The server the streams are open on.
     pub server: Agentd,
 }
 
@@ -464,12 +463,11 @@ pub(super) async fn parked_past_the_file_limit(
     let streams = metric(&metrics, "agentd_provider_streams{provider=\"openai\"}");
     assert_eq!(streams, open.len() as u64, "{metrics}");
     Parked {
-        open: open.len(),
+        open,
         refused,
         connections,
         clients: metric(&metrics, "agentd_provider_clients{provider=\"openai\"}"),
         fake,
-        streams: open,
         server,
     }
 }
@@ -477,7 +475,7 @@ pub(super) async fn parked_past_the_file_limit(
 #[tokio::test]
 async fn past_the_file_limit_provider_streams_are_refused_before_they_start_never_failed_after() {
     let parked = parked_past_the_file_limit(FakeUpstream::start().await, 100, 300, &[]).await;
-    assert_eq!(parked.open, 86, "172 descriptors, two per stream");
+    assert_eq!(parked.open.len(), 86, "172 descriptors, two per stream");
     assert_eq!(parked.refused, 14);
     // Over HTTP/1.1 each stream has a connection of its own, all from the lane's one client.
     assert_eq!((parked.connections, parked.clients), (86, 1));
@@ -501,7 +499,7 @@ async fn streams_to_a_provider_over_h2c_share_its_connections_and_are_admitted_w
     .await;
     // Each stream holds its client's socket and a hundredth of a provider connection (100 streams at most on each):
     // 170 streams, 170 sockets and two connections, the 172 descriptors there are.
-    assert_eq!(parked.open, 170, "172 descriptors, 1.01 per stream");
+    assert_eq!(parked.open.len(), 170, "172 descriptors, 1.01 per stream");
     assert_eq!(parked.refused, 20);
     assert_eq!((parked.connections, parked.clients), (2, 2));
     let seen = parked.fake.seen("/v1/");
@@ -524,9 +522,9 @@ async fn a_bursts_connections_to_a_provider_close_once_it_is_over() {
         &[("OPENAI_H2C", "1"), ("DETACH_GRACE", "0")],
     )
     .await;
-    assert_eq!((parked.open, parked.connections), (101, 2));
+    assert_eq!((parked.open.len(), parked.connections), (101, 2));
     // The clients leave: their runs are interrupted, and their provider streams end.
-    parked.streams.clear();
+    parked.open.clear();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while established_to(parked.fake.port()) > 0 {
         assert!(
@@ -556,7 +554,7 @@ async fn streams_to_a_provider_past_what_one_http2_connection_carries_go_on_anot
     )
     .await;
     assert_eq!(
-        (parked.open, parked.refused),
+        (parked.open.len(), parked.refused),
         (210, 0),
         "every stream reached its provider"
     );

@@ -59,7 +59,7 @@ async fn streams_to_a_provider_over_tls_and_http2_go_100_to_a_connection() {
     )
     .await;
     assert_eq!(
-        (parked.open, parked.refused),
+        (parked.open.len(), parked.refused),
         (150, 0),
         "every stream reached its provider"
     );
