@@ -524,14 +524,9 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
 /// running run (through the index of the running runs) for as long as the connection lived.
 #[tokio::test]
 async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
-    use sqlx::Connection;
     let db = TestDb::postgres().await;
     db.open().await.close().await;
-    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    sqlx::query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = planning_as_agentd(&db).await;
     let end = |run: Uuid| {
         format!(
             "SELECT agent_finish_run('{run}', 1, 'completed', NULL, 'an answer', 1, 2, 3, '[]'::jsonb)"
@@ -581,14 +576,13 @@ async fn a_run_end_reads_its_own_row_however_many_runs_are_running_postgres() {
 /// for a crashed peer's 5,000 runs, every one of them held meanwhile).
 #[tokio::test]
 async fn the_sweep_planned_on_an_empty_store_reads_the_stale_runs_once_postgres() {
-    use sqlx::Connection;
     const STALE: i64 = 2_000;
     let lease = Duration::from_secs(30);
     let db = TestDb::postgres().await;
     let store = db.open().await;
     assert!(store.interrupt_stale(lease).await.unwrap().is_empty());
     // The statement as agentd sent it, planned on a connection set as agentd's are, on the empty store.
-    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut conn = planning_as_agentd(&db).await;
     let sweep: String = sqlx::query_scalar(
         "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
          AND query LIKE 'UPDATE agent_chat_runs SET status = ''interrupted''%' LIMIT 1",
@@ -597,7 +591,6 @@ async fn the_sweep_planned_on_an_empty_store_reads_the_stale_runs_once_postgres(
     .await
     .unwrap();
     for statement in [
-        "SET plan_cache_mode = force_generic_plan".to_owned(),
         format!("PREPARE sweep(text, bigint) AS {sweep}"),
         "EXECUTE sweep('stale', 30000)".to_owned(),
     ] {
@@ -632,6 +625,18 @@ async fn the_sweep_planned_on_an_empty_store_reads_the_stale_runs_once_postgres(
         STALE as usize
     );
     store.close().await;
+}
+
+/// A connection to `db` (PostgreSQL) that plans a statement as agentd's pooled connections do: once, for any
+/// parameters, when it first runs it.
+async fn planning_as_agentd(db: &TestDb) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
 }
 
 /// Adds `count` chats to the PostgreSQL store of `conn`, each with a run: running (instance-a's), or completed. Their
