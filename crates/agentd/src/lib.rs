@@ -26,7 +26,7 @@
 //! | [`error`] | the table of error codes: HTTP status, gRPC code, retryable |
 //! | [`sse`] | reading a Server-Sent Events stream in linear time (provider answers, `agentd chat`) |
 //! | [`secret`] | the one type that holds secrets; its `Debug` hides them |
-//! | [`telemetry`] | log setup |
+//! | [`telemetry`] | log setup, and the thread that writes the lines so that a stalled stderr holds up nothing |
 //! | [`web`] | the web chat page served at `/`: its HTML, CSS and JavaScript, embedded, and the settings rendered into it |
 
 pub mod auth;

@@ -1,6 +1,7 @@
 //! The `agentd` binary: parse, set up logs, build, run until a signal, map the outcome to an exit code.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use agentd::cli::{Cli, Command, MigrateArgs, ServeArgs};
 use agentd::config::EXIT_CONFIG;
@@ -29,7 +30,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
        slab_sizes:1024-1024:8|8192-8192:32\0"[0];
 
+/// How long the lines logged last may take to be written once the command is done (see [`telemetry`]).
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
+    let code = run();
+    telemetry::flush(LOG_FLUSH);
+    code
+}
+
+fn run() -> ExitCode {
     // A setting clap cannot read (a bad number, an unknown mode) is a configuration error like the others: exit 64.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -22,6 +22,7 @@
 //! | `agentd_store_acquire_timeouts_total` | counter | requests that gave up waiting for one (answered "store unavailable") |
 //! | `agentd_provider_clients{provider}` | gauge | HTTP clients open to a provider (over HTTP/2, a connection each, carrying up to 100 streams) |
 //! | `agentd_provider_streams{provider}` | gauge | streams to a provider now |
+//! | `agentd_log_lines_dropped_total` | counter | log lines dropped because stderr did not take them as fast as they came (see [`crate::telemetry`]) |
 
 use std::sync::atomic::AtomicU64;
 
@@ -293,6 +294,16 @@ impl Metrics {
             "agentd_store_acquire_timeouts",
             "Requests that gave up waiting for a store connection",
             waits.timeouts.clone(),
+        );
+        self
+    }
+
+    /// These metrics, and the log lines dropped because stderr did not take them (see [`crate::telemetry`]).
+    pub fn with_log(mut self, dropped: Counter) -> Self {
+        self.registry.register(
+            "agentd_log_lines_dropped",
+            "Log lines dropped because stderr did not take them as fast as they came",
+            dropped,
         );
         self
     }

@@ -23,6 +23,7 @@ use crate::shutdown::{self, Lifecycle, Shutdown, Signal};
 use crate::stages::{Component, Stage, Stages};
 use crate::store::{self, StoreError};
 use crate::stream_tracker::StreamTracker;
+use crate::telemetry;
 use crate::tools::ToolRegistry;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +169,11 @@ impl Application {
             stop.cancelled().await;
             to_close.close().await;
         });
-        let metrics = Arc::new(Metrics::default().with_store(store.pool_waits()));
+        let metrics = Arc::new(
+            Metrics::default()
+                .with_store(store.pool_waits())
+                .with_log(telemetry::dropped_lines()),
+        );
         let tracker = StreamTracker::with_descriptors(Some(max_streams), Some(descriptors));
         let (log, queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
         // The writer stops after the runs and the servers: followers still waiting for a `done` get it.

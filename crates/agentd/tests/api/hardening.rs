@@ -10,7 +10,7 @@ use agentd::grpc::proto::CreateAgentChatRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 
 use crate::common::db::TestDb;
-use crate::common::{Agentd, PATIENCE, create_chat, new_chat};
+use crate::common::{Agentd, PATIENCE, create_chat, metric, new_chat, types};
 
 /// Everything the server writes on `socket` until it closes the connection, as text.
 async fn read_answer(socket: &mut TcpStream) -> String {
@@ -724,4 +724,69 @@ async fn a_burst_of_connections_waits_for_a_busy_server_instead_of_being_dropped
         let answer = read_answer(socket).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
+}
+
+/// A log collector that stops reading the service's stderr holds up no run: once the pipe is full, the lines wait in
+/// the service (bounded, see `telemetry`) and are written, every one, once stderr is read again.
+#[tokio::test]
+async fn a_stderr_nobody_reads_holds_up_no_run_and_loses_no_line_once_read_again() {
+    use futures_util::StreamExt;
+
+    const RUNS: usize = 400;
+    // A pipe holds 64 KiB; the harness's reader takes 8 KiB more before it stops.
+    const PIPE_AND_READER: usize = 72 * 1024;
+    let mut server = Agentd::spawn(&[]).await;
+    let before = server.log_lines().len();
+    server.stop_reading_logs();
+    let run = |_| async {
+        let chat = new_chat();
+        let question = json!({"question": "hi", "model": "test:deltas=1"});
+        let events = server.stream(&chat, question).await.rest().await;
+        assert_eq!(types(&events).last().map(String::as_str), Some("done"));
+        chat
+    };
+    let mut chats: Vec<String> = futures_util::stream::iter(0..RUNS)
+        .map(run)
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    // One more once all those ended: its lines come after theirs.
+    let last = run(RUNS).await;
+    chats.push(last.clone());
+
+    server.resume_reading_logs();
+    server
+        .wait_for_log_where(|line| {
+            line["message"] == "run ended" && line["chat_id"] == last.as_str()
+        })
+        .await
+        .expect("the last run's end is logged");
+    let lines = server.log_lines().split_off(before);
+    let bytes: usize = lines.iter().map(|line| line.to_string().len() + 1).sum();
+    assert!(
+        bytes > 2 * PIPE_AND_READER,
+        "{bytes} bytes logged while stderr was not read: the pipe was full long before the runs ended"
+    );
+    for message in ["run admitted", "run ended"] {
+        let logged = lines
+            .iter()
+            .filter(|line| line["message"] == message)
+            .filter(|line| chats.iter().any(|chat| line["chat_id"] == chat.as_str()))
+            .count();
+        assert_eq!(logged, RUNS + 1, "{message:?} lines");
+    }
+    assert!(
+        !server.log_text().contains("log lines dropped"),
+        "{}",
+        server.log_text()
+    );
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("\nagentd_log_lines_dropped_total 0\n"),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "agentd_runs_total{outcome=\"completed\"}"),
+        RUNS as u64 + 1
+    );
 }

@@ -58,6 +58,8 @@ pub struct Agentd {
     logs: Arc<Mutex<Vec<Value>>>,
     /// Bumped on each new log line.
     log_count: watch::Receiver<usize>,
+    /// Whether the harness reads the server's stderr (see [`Agentd::stop_reading_logs`]).
+    reading_logs: watch::Sender<bool>,
     pub http: reqwest::Client,
 }
 
@@ -108,7 +110,8 @@ impl Agentd {
                 .kill_on_drop(true);
         }
         let mut child = command.spawn().expect("agentd starts");
-        let (logs, log_count) = collect_logs(&mut child);
+        let (reading_logs, reading) = watch::channel(true);
+        let (logs, log_count) = collect_logs(&mut child, reading);
         let mut server = Self {
             child,
             grpc: String::new(),
@@ -116,6 +119,7 @@ impl Agentd {
             base: String::new(),
             logs,
             log_count,
+            reading_logs,
             http: reqwest::Client::new(),
         };
         let serving = server.wait_for_log("agentd is serving").await;
@@ -153,6 +157,16 @@ impl Agentd {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Stops reading the server's stderr, as a log collector that stalls: once the pipe is full, the server's writes
+    /// to it wait until [`Agentd::resume_reading_logs`].
+    pub fn stop_reading_logs(&self) {
+        self.reading_logs.send_replace(false);
+    }
+
+    pub fn resume_reading_logs(&self) {
+        self.reading_logs.send_replace(true);
+    }
+
     /// Waits for the process to exit on its own, and for every line it logged to be read.
     pub async fn exit_status(&mut self) -> ExitStatus {
         let status = tokio::time::timeout(PATIENCE, self.child.wait())
@@ -187,6 +201,11 @@ impl Agentd {
                 _ => return None,
             }
         }
+    }
+
+    /// Every line logged so far, parsed.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.logs.lock().unwrap().clone()
     }
 
     /// Everything logged so far, one JSON object per line.
@@ -276,14 +295,23 @@ fn command(env: &[(&str, &str)]) -> Command {
     command
 }
 
-fn collect_logs(child: &mut Child) -> (Arc<Mutex<Vec<Value>>>, watch::Receiver<usize>) {
+/// Reads the child's stderr line by line while `reading` is true.
+fn collect_logs(
+    child: &mut Child,
+    mut reading: watch::Receiver<bool>,
+) -> (Arc<Mutex<Vec<Value>>>, watch::Receiver<usize>) {
     let stderr = child.stderr.take().unwrap();
     let logs = Arc::new(Mutex::new(Vec::new()));
     let (count_tx, count_rx) = watch::channel(0);
     let sink = Arc::clone(&logs);
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        loop {
+            // A harness gone (the sender dropped) leaves the reader reading.
+            let _ = reading.wait_for(|reading| *reading).await;
+            let Ok(Some(line)) = lines.next_line().await else {
+                break;
+            };
             let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
             let mut logs = sink.lock().unwrap();
             logs.push(value);
