@@ -7,9 +7,7 @@
 //! dropped. Before the process exits, [`flush`] waits, bounded, for the lines still queued.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -19,8 +17,8 @@ use crate::config::LogFormat;
 
 /// How many bytes of log lines may wait for the writer: about 15,000 lines of JSON, seconds of a busy replica's log.
 const QUEUED_BYTES: usize = 4 * 1024 * 1024;
-/// The writer writes what waits in one write up to about this size.
-const WRITE_CHUNK: usize = 64 * 1024;
+/// The room each of the writer's two buffers keeps once written out (more only while the lines waiting need it).
+const KEPT_BUFFER: usize = 64 * 1024;
 
 /// The process's log queue, once [`init`] started it.
 static QUEUE: OnceLock<LogQueue> = OnceLock::new();
@@ -108,26 +106,49 @@ impl Drop for Line {
         if self.bytes.is_empty() {
             return;
         }
-        let bytes = std::mem::take(&mut self.bytes);
         match (self.writer, QUEUE.get()) {
-            (Writer::Queued, Some(queue)) => queue.push(bytes),
+            (Writer::Queued, Some(queue)) => queue.push(&self.bytes),
             _ => {
-                let _ = io::stderr().write_all(&bytes);
+                let _ = io::stderr().write_all(&self.bytes);
             }
         }
     }
 }
 
-/// Lines waiting for a thread that writes them to a sink, bounded in bytes.
+/// Lines waiting for a thread that writes them to a sink, bounded in bytes. They are copied into one buffer, which the
+/// writer swaps for its own empty one: the writer allocates and frees nothing while the buffers keep their room, and
+/// a line's own bytes are freed by the thread that formatted them (a thread freeing blocks other threads allocated
+/// keeps them in its allocator cache: with a line handed over as a block of its own, the process held about 0.2 MiB
+/// more after 1,000 runs).
 struct LogQueue {
-    lines: Sender<Vec<u8>>,
-    /// Bytes queued and not yet written: the bound, and what [`LogQueue::flush`] waits for.
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     capacity: usize,
     /// Every line dropped.
     dropped: Counter,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Told when lines are added to an empty buffer.
+    added: Condvar,
+    /// Told when the writer has written what it took.
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// The lines waiting, whole, in the order they were logged.
+    waiting: Vec<u8>,
+    /// The bytes the writer took and is writing: they count against the bound until written.
+    writing: usize,
     /// Lines dropped since the writer last reported them.
-    unreported: Arc<AtomicU64>,
+    unreported: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl LogQueue {
@@ -139,92 +160,94 @@ impl LogQueue {
         dropped: Counter,
         report: impl Fn(u64) + Send + 'static,
     ) -> io::Result<Self> {
-        let (lines, received) = mpsc::channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let unreported = Arc::new(AtomicU64::new(0));
-        let (written, missed) = (Arc::clone(&queued), Arc::clone(&unreported));
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            added: Condvar::new(),
+            written: Condvar::new(),
+        });
+        let writer = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("agentd-log".into())
-            .spawn(move || write_lines(&received, sink, &written, &missed, report))?;
+            .spawn(move || write_lines(&writer, sink, report))?;
         Ok(Self {
-            lines,
-            queued,
+            shared,
             capacity,
             dropped,
-            unreported,
         })
     }
 
-    fn push(&self, line: Vec<u8>) {
-        let len = line.len();
-        let fits = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-                (queued + len <= self.capacity).then_some(queued + len)
-            })
-            .is_ok();
-        if !fits {
+    fn push(&self, line: &[u8]) {
+        let mut state = self.shared.lock();
+        if state.waiting.len() + state.writing + line.len() > self.capacity {
+            state.unreported += 1;
+            drop(state);
             self.dropped.inc();
-            self.unreported.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Err(mpsc::SendError(line)) = self.lines.send(line) {
-            // The writer thread is gone (it only ends with the process): write from here.
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            let _ = io::stderr().write_all(&line);
+        let was_empty = state.waiting.is_empty();
+        state.waiting.extend_from_slice(line);
+        drop(state);
+        if was_empty {
+            self.shared.added.notify_one();
         }
     }
 
     fn flush(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while self.queued.load(Ordering::Acquire) > 0 {
-            if Instant::now() >= deadline {
+        let mut state = self.shared.lock();
+        while !state.waiting.is_empty() || state.writing > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+            };
+            state = self
+                .shared
+                .written
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         true
     }
 }
 
-/// The writer thread: writes each line and those waiting behind it together; once nothing waits, reports the lines
+/// The writer thread: takes every line waiting and writes them in one go; once nothing waits, reports the lines
 /// dropped meanwhile.
-fn write_lines(
-    lines: &Receiver<Vec<u8>>,
-    mut sink: impl Write,
-    queued: &AtomicUsize,
-    unreported: &AtomicU64,
-    report: impl Fn(u64),
-) {
-    let mut chunk = Vec::with_capacity(WRITE_CHUNK);
-    while let Ok(line) = lines.recv() {
-        chunk.extend_from_slice(&line);
-        let mut taken = line.len();
-        while chunk.len() < WRITE_CHUNK {
-            let Ok(line) = lines.try_recv() else { break };
-            chunk.extend_from_slice(&line);
-            taken += line.len();
+fn write_lines(shared: &Shared, mut sink: impl Write, report: impl Fn(u64)) {
+    let mut taken = Vec::new();
+    loop {
+        let mut state = shared.lock();
+        while state.waiting.is_empty() {
+            state = shared
+                .added
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
+        std::mem::swap(&mut state.waiting, &mut taken);
+        state.writing = taken.len();
+        drop(state);
         // A sink that fails (a closed stderr) loses the lines, as a direct write would.
-        let _ = sink.write_all(&chunk).and_then(|()| sink.flush());
-        chunk.clear();
-        if chunk.capacity() > WRITE_CHUNK * 2 {
-            chunk.shrink_to(WRITE_CHUNK);
-        }
-        let caught_up = queued.fetch_sub(taken, Ordering::AcqRel) == taken;
-        if caught_up {
-            let dropped = unreported.swap(0, Ordering::Relaxed);
-            if dropped > 0 {
-                report(dropped);
-            }
+        let _ = sink.write_all(&taken).and_then(|()| sink.flush());
+        taken.clear();
+        // The two buffers take turns: each keeps at most this much room once a stall's lines are written.
+        taken.shrink_to(KEPT_BUFFER);
+        let mut state = shared.lock();
+        state.writing = 0;
+        let dropped = if state.waiting.is_empty() {
+            std::mem::take(&mut state.unreported)
+        } else {
+            0
+        };
+        drop(state);
+        shared.written.notify_all();
+        if dropped > 0 {
+            report(dropped);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-    use std::sync::mpsc::SyncSender;
+    use std::sync::mpsc::{self, Receiver, SyncSender};
 
     use super::*;
 
@@ -282,11 +305,11 @@ mod tests {
         })
         .unwrap();
         // The writer takes the first line and waits in the sink; the line counts as queued until it is written.
-        queue.push(b"first\n".to_vec());
+        queue.push(b"first\n");
         writing.recv_timeout(wait).unwrap();
         let lines: Vec<String> = (0..40).map(|i| format!("line {i:02}\n")).collect();
         for line in &lines {
-            queue.push(line.clone().into_bytes());
+            queue.push(line.as_bytes());
         }
         assert!(
             !queue.flush(Duration::from_millis(20)),
@@ -312,7 +335,7 @@ mod tests {
         );
         assert!(queue.flush(wait));
 
-        queue.push(b"after\n".to_vec());
+        queue.push(b"after\n");
         assert!(queue.flush(wait));
         assert!(
             sink.text().ends_with("line 10\nafter\n"),
