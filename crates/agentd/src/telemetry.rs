@@ -34,22 +34,20 @@ pub fn init(format: LogFormat) {
             "log lines dropped: stderr was not taking them as fast as they came"
         );
     });
-    let writer = match queue {
+    match queue {
         Ok(queue) => {
             let _ = QUEUE.set(queue);
-            Writer::Queued
         }
         Err(error) => {
             eprintln!(
                 "cannot start the log writer thread ({error}); logging from each thread instead"
             );
-            Writer::Direct
         }
-    };
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(move || Line::new(writer))
+        .with_writer(Line::default)
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
@@ -67,27 +65,11 @@ pub fn flush(timeout: Duration) -> bool {
     QUEUE.get().is_none_or(|queue| queue.flush(timeout))
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Writer {
-    /// Through [`QUEUE`].
-    Queued,
-    /// To stderr from the thread that logs (the writer thread could not be started).
-    Direct,
-}
-
-/// One log line as it is formatted; queued (or written) whole when the formatter drops it.
+/// One log line as it is formatted; queued whole when the formatter drops it, or written to stderr from the thread
+/// that logs if the writer thread could not be started.
+#[derive(Default)]
 struct Line {
     bytes: Vec<u8>,
-    writer: Writer,
-}
-
-impl Line {
-    fn new(writer: Writer) -> Self {
-        Self {
-            bytes: Vec::new(),
-            writer,
-        }
-    }
 }
 
 impl Write for Line {
@@ -106,9 +88,9 @@ impl Drop for Line {
         if self.bytes.is_empty() {
             return;
         }
-        match (self.writer, QUEUE.get()) {
-            (Writer::Queued, Some(queue)) => queue.push(&self.bytes),
-            _ => {
+        match QUEUE.get() {
+            Some(queue) => queue.push(&self.bytes),
+            None => {
                 let _ = io::stderr().write_all(&self.bytes);
             }
         }
