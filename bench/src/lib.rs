@@ -50,7 +50,8 @@ pub struct Plan {
     pub stop_after_errors: usize,
     /// Server process whose memory is read.
     pub server_pid: Option<u32>,
-    /// Open-stream counts at which the server's RSS is read (after a short settle).
+    /// Open-stream counts at which the server's RSS is read (after a short settle). The ramp waits meanwhile, then
+    /// goes on at its rate.
     pub rss_checkpoints: Vec<usize>,
     /// How long a stream may wait for its response head before it counts as an error.
     pub response_timeout: Duration,
@@ -286,13 +287,16 @@ pub async fn run(plan: Plan) -> Report {
     let mut checkpoints: Vec<usize> = plan.rss_checkpoints.clone();
     checkpoints.sort_unstable();
     let started_at = Instant::now();
+    // Where the ramp's schedule starts. A pause to read the server's memory moves it on by the pause, so the streams
+    // after a checkpoint keep the ramp's rate rather than all set out at once to catch up with it.
+    let mut ramp_from = started_at;
     let mut tasks = tokio::task::JoinSet::new();
     let mut stopped_by = "target reached".to_owned();
     let plan = Arc::new(plan);
 
     for i in 0..plan.streams {
         if plan.ramp_per_sec > 0.0 {
-            let due = started_at + Duration::from_secs_f64(i as f64 / plan.ramp_per_sec);
+            let due = ramp_from + Duration::from_secs_f64(i as f64 / plan.ramp_per_sec);
             tokio::time::sleep_until(due.into()).await;
         }
         let permit = Arc::clone(&slots)
@@ -315,6 +319,7 @@ pub async fn run(plan: Plan) -> Report {
         });
         if checkpoints.first() == Some(&(i + 1)) {
             checkpoints.remove(0);
+            let paused_at = Instant::now();
             // Wait until every stream launched so far is open (or failed), let the server settle, then read.
             while stats.started.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
                 < i + 1
@@ -325,6 +330,7 @@ pub async fn run(plan: Plan) -> Report {
             if let Some(kib) = plan.server_pid.and_then(rss_kib) {
                 rss.insert(i + 1, (kib, stats.open.load(Ordering::Relaxed)));
             }
+            ramp_from += paused_at.elapsed();
         }
     }
     if let Some(hold) = plan.hold {

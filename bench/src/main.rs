@@ -51,7 +51,8 @@ struct Args {
     /// Server process id, to read its memory.
     #[arg(long)]
     pid: Option<u32>,
-    /// Comma-separated open-stream counts at which to read the server's memory.
+    /// Comma-separated open-stream counts at which to read the server's memory (the ramp waits for each reading,
+    /// then goes on at its rate).
     #[arg(long, value_delimiter = ',')]
     rss_at: Vec<usize>,
     /// Loopback source addresses to spread connections over (127.0.0.2 ...).

@@ -1,11 +1,11 @@
 //! The load generator counts events and errors exactly, against a tiny local SSE server whose answers are known.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Json;
+use axum::extract::{Json, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -175,4 +175,44 @@ async fn a_hold_ends_when_every_stream_has() {
         .expect("the streams ended, so the hour's hold did too");
     assert_eq!(report.done, 10);
     assert_eq!(report.events, 10 * (DELTAS as u64 + 4));
+}
+
+/// A reading of the server's memory pauses the ramp, and the streams after it keep the ramp's rate: they do not all
+/// set out at once to catch up with its schedule, a burst the plan did not ask for.
+#[tokio::test]
+async fn the_ramp_goes_on_at_its_rate_after_a_memory_reading() {
+    async fn noted(State(arrived): State<Arc<Mutex<Vec<Instant>>>>, body: Json<Value>) -> Response {
+        arrived.lock().unwrap().push(Instant::now());
+        stream(body).await
+    }
+    let arrived = Arc::new(Mutex::new(Vec::new()));
+    let router = Router::new()
+        .route("/agents/chats/{chat}/stream", post(noted))
+        .with_state(Arc::clone(&arrived));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    // 20 a second: the 10 after the reading at 10 are due 50 ms apart, 0.45 s from the first to the last, where the
+    // reading alone takes more than a second.
+    let report = run(Plan {
+        ramp_per_sec: 20.0,
+        rss_checkpoints: vec![10],
+        ..plan(target, 20, "ok")
+    })
+    .await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.done, 20);
+    let mut arrived = arrived.lock().unwrap().clone();
+    arrived.sort_unstable();
+    let (before, after) = arrived.split_at(10);
+    assert!(
+        after[0] - before[9] >= Duration::from_secs(1),
+        "the ramp waited for the reading"
+    );
+    let spread = after[9] - after[0];
+    assert!(
+        spread >= Duration::from_millis(400),
+        "the 10 streams after the reading came {spread:?} from the first to the last, not at the ramp's rate"
+    );
 }
