@@ -12,7 +12,7 @@
 //! | [`startup`] | build (load the tools file, bind, open the store, assemble the run service) and run until a signal |
 //! | [`shutdown`] | signal → readiness off → delay → drain (deadline, progress logs) → close, in one place |
 //! | [`stages`] | the components shutdown stops, registered at build time in ordered stages |
-//! | [`runtime`] | the async runtimes: the workers, and the store's own thread for its queues |
+//! | [`runtime`] | the async runtimes: the workers, and the store's own thread for PostgreSQL's queues |
 //! | [`http`] | router, state, thin routes, the token extractor, HTTP errors, and the accept loop |
 //! | [`grpc`] | the internal gRPC API and its health service |
 //! | [`runs`] | the run service (start, attach, cancel, history), the SSE events and their ids, the run log (group commit, in-memory fan-out, LISTEN/NOTIFY), followers (replay then follow), the engine (model ↔ tools), the recorder (what is stored when), leases |

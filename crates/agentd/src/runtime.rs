@@ -1,7 +1,7 @@
-//! The async runtimes agentd runs on: the workers that serve requests and drive runs, and one thread of the store's
-//! own for its queues (run starts, run ends, the run log's writer and its listener).
+//! The async runtimes agentd runs on: the workers that serve requests and drive runs, and, with PostgreSQL as the
+//! store, one thread of the store's own for its queues (run starts, run ends, the run log's writer and its listener).
 //!
-//! The store's queues run apart from the workers for the sake of memory. What the store receives passes through 8 KiB
+//! PostgreSQL's queues run apart from the workers for the sake of memory. What the store receives passes through 8 KiB
 //! buffers the database driver fills from start to end (PostgreSQL's messages; a new one as each fills), freed on the
 //! thread that read them. On a worker, the next 8 KiB blocks that thread allocated were likely these, every page of
 //! them resident, and what a worker allocates at 8 KiB is mostly hyper's buffers for client connections, of which a
@@ -33,6 +33,20 @@ pub fn store() -> &'static Handle {
                 .expect("a thread for the store's queues starts")
         })
         .handle()
+}
+
+/// The runtime a store's queues run on (run starts, run ends, the run log's writer and its listener): PostgreSQL's on
+/// the store's own thread ([`store`], for the sake of memory: see above), SQLite's on the runtime that opened the
+/// store, the workers. SQLite's driver reads and writes on threads of its own, so none of its buffers is freed on a
+/// worker either way, and on the store's thread each start, end and group commit crossed two more threads: from the
+/// worker to the store's thread and back, besides to SQLite's and back. The idle run start on SQLite, p99 1.44–1.63
+/// ms with the queues on the store's thread, 0.93–1.05 on the workers (BENCHMARKS.md, "The real path").
+pub fn for_store(postgres: bool) -> Handle {
+    if postgres {
+        store().clone()
+    } else {
+        Handle::current()
+    }
 }
 
 /// A worker thread's jemalloc cache of freed blocks, given back to the shared arenas each time the thread parks.

@@ -17,7 +17,6 @@ use crate::model::FINAL_ANSWER_TOOL;
 use crate::model::Providers;
 use crate::runs::log::{self as run_log, RunLog};
 use crate::runs::{RunService, RunServiceParts, lease};
-use crate::runtime;
 use crate::secret::Secret;
 use crate::shutdown::{self, Lifecycle, Shutdown, Signal};
 use crate::stages::{Component, Stage, Stages};
@@ -178,15 +177,16 @@ impl Application {
         let (log, queue) = RunLog::new(store.clone(), Arc::clone(&metrics));
         // The writer stops after the runs and the servers: followers still waiting for a `done` get it.
         let writer = stages.register(Stage::Background, "run log writer", None);
-        // Both on the store's thread, with its queues of run starts and ends (see `runtime`).
+        // Both on the runtime of the store's queues of run starts and ends (see `runtime::for_store`).
+        let queues = store.runtime();
         writer.spawn_on(
             run_log::write(log.clone(), queue, writer.stop.clone()),
-            runtime::store(),
+            &queues,
         );
         let notifications = stages.register(Stage::Background, "run log listener", None);
         notifications.spawn_on(
             run_log::listen(log.clone(), notifications.stop.clone()),
-            runtime::store(),
+            &queues,
         );
         let runs = RunService::new(
             RunServiceParts {

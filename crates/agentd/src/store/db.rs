@@ -106,6 +106,11 @@ impl Db {
         matches!(self.pools, Pools::Postgres(_))
     }
 
+    /// The runtime this store's queues run on ([`crate::runtime::for_store`]).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        crate::runtime::for_store(self.is_postgres())
+    }
+
     pub fn waits(&self) -> &PoolWaits {
         &self.waits
     }

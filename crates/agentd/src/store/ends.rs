@@ -67,10 +67,10 @@ pub(super) struct Ends(mpsc::UnboundedSender<Pending>);
 
 impl Ends {
     /// Starts committing the ends and releases queued here, on `db`'s connections for them ([`Db::ender`]), on the
-    /// store's thread ([`crate::runtime::store`]), as are the batches it commits.
+    /// runtime of the store's queues ([`Db::runtime`]).
     pub fn spawn(db: Db) -> Self {
         let (queue, queued) = mpsc::unbounded_channel();
-        crate::runtime::store().spawn(commit_ends(db, queued));
+        db.runtime().spawn(commit_ends(db, queued));
         Self(queue)
     }
 

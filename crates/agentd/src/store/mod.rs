@@ -198,6 +198,12 @@ impl SessionStore {
         futures_util::future::join_all((0..count).map(|_| self.0.db.begin())).await
     }
 
+    /// The runtime its queues of run starts and ends run on, and the run log's writer and listener with them
+    /// ([`crate::runtime::for_store`]).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.0.db.runtime()
+    }
+
     /// How long requests wait for a pooled connection, for the metrics.
     pub fn pool_waits(&self) -> &PoolWaits {
         self.0.db.waits()

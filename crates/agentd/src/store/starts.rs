@@ -75,11 +75,11 @@ struct Pending {
 pub(super) struct Starts(mpsc::UnboundedSender<Pending>);
 
 impl Starts {
-    /// Starts committing the starts queued here, on `db`'s connections for them ([`Db::starter`]), on the store's
-    /// thread ([`crate::runtime::store`]), as are the batches it commits.
+    /// Starts committing the starts queued here, on `db`'s connections for them ([`Db::starter`]), on the runtime of
+    /// the store's queues ([`Db::runtime`]).
     pub fn spawn(db: Db) -> Self {
         let (queue, queued) = mpsc::unbounded_channel();
-        crate::runtime::store().spawn(commit_starts(db, queued));
+        db.runtime().spawn(commit_starts(db, queued));
         Self(queue)
     }
 

@@ -1038,7 +1038,9 @@ async fn the_run_logs_writer_gives_its_connection_back_once_it_has_nothing_to_co
     let (_, run) = started_run(&store).await;
     let (log, queue) = RunLog::new(store.clone(), std::sync::Arc::default());
     let stop = tokio_util::sync::CancellationToken::new();
-    let writer = agentd::runtime::store().spawn(write(log.clone(), queue, stop.clone()));
+    let writer = store
+        .runtime()
+        .spawn(write(log.clone(), queue, stop.clone()));
     let mut events = log.produce(run.id, 1, vec![r#"{"type":"run_started"}"#.into()]);
     let delta = |content: &str| RunEvent::ModelDelta {
         content: content.into(),
@@ -1434,7 +1436,7 @@ async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
         runs.push(new_run(chat.id, &format!("question {i}")));
     }
     let answers =
-        queued_together({
+        queued_together(&store, {
             let (store, runs) = (store.clone(), runs.clone());
             async move {
                 futures_util::future::join_all(runs.iter().map(|run| store.start_run(run))).await
@@ -1453,14 +1455,15 @@ async fn starts_arriving_together_go_in_one_call_each_sixteen_postgres() {
     calls_come_to(&db, "agent_start_runs", 3).await;
 }
 
-/// Runs `work` on the store's thread, where its queues of run starts, ends and releases are read: what `work` queues
-/// in one poll is all there before a queue is read again, as when requests arrive together on a busy process. (Made
-/// from the test's thread, the first could be taken from its queue alone, and the calls counted would differ.)
-async fn queued_together<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
-    agentd::runtime::store()
-        .spawn(work)
-        .await
-        .expect("the work ran")
+/// Runs `work` on the runtime where `store`'s queues of run starts, ends and releases are read (PostgreSQL's thread of
+/// its own, or the test's for SQLite): what `work` queues in one poll is all there before a queue is read again, as
+/// when requests arrive together on a busy process. (Made from another thread, the first could be taken from its
+/// queue alone, and the calls counted would differ.)
+async fn queued_together<T: Send + 'static>(
+    store: &SessionStore,
+    work: impl Future<Output = T> + Send + 'static,
+) -> T {
+    store.runtime().spawn(work).await.expect("the work ran")
 }
 
 /// Waits until PostgreSQL has counted `calls` calls of function `name` in `db` (a server process reports them when it
@@ -1664,7 +1667,7 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
         let (_, run) = started_run(&store).await;
         runs.push((run.id, answered(&format!("answer {i}"))));
     }
-    let answers = queued_together({
+    let answers = queued_together(&store, {
         let store = store.clone();
         async move {
             futures_util::future::join_all(
@@ -1757,7 +1760,7 @@ async fn ends_arriving_together_go_in_scripts_of_sixteen_and_one_refused_fails_a
             store.finish_run(*run, 1, end).await.unwrap();
         }
         let (_, alone) = db.wal_commits();
-        let answers = queued_together({
+        let answers = queued_together(&store, {
             let (store, runs) = (store.clone(), runs[20..].to_vec());
             async move {
                 futures_util::future::join_all(
@@ -1864,7 +1867,7 @@ async fn releases_arriving_together_go_in_calls_and_each_is_announced_postgres()
     for _ in 0..300 {
         runs.push(started_run(&store).await.1.id);
     }
-    let released = queued_together({
+    let released = queued_together(&store, {
         let (store, runs) = (store.clone(), runs.clone());
         async move {
             futures_util::future::join_all(
@@ -1914,7 +1917,7 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
         let made = {
             let (store, ids) = (store.clone(), [second.id, first.id]);
             // Queued together (see `queued_together`): the two ends are made in one call.
-            agentd::runtime::store().spawn(async move {
+            store.runtime().spawn(async move {
                 if call == "heartbeat" {
                     store
                         .heartbeat("instance-a", &ids)
