@@ -38,7 +38,11 @@ async fn stream(Json(body): Json<Value>) -> Response {
 }
 
 async fn server() -> std::net::SocketAddr {
-    let router = Router::new().route("/agents/chats/{chat}/stream", post(stream));
+    serve(Router::new().route("/agents/chats/{chat}/stream", post(stream))).await
+}
+
+/// Serves `router` on a loopback port of its own; its address.
+async fn serve(router: Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -186,12 +190,12 @@ async fn the_ramp_goes_on_at_its_rate_after_a_memory_reading() {
         stream(body).await
     }
     let arrived = Arc::new(Mutex::new(Vec::new()));
-    let router = Router::new()
-        .route("/agents/chats/{chat}/stream", post(noted))
-        .with_state(Arc::clone(&arrived));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let target = serve(
+        Router::new()
+            .route("/agents/chats/{chat}/stream", post(noted))
+            .with_state(Arc::clone(&arrived)),
+    )
+    .await;
 
     // 20 a second: the 10 after the reading at 10 are due 50 ms apart, 0.45 s from the first to the last, where the
     // reading alone takes more than a second.
