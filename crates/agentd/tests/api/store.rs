@@ -1065,9 +1065,11 @@ async fn the_run_logs_writer_gives_its_connection_back_once_it_has_nothing_to_co
 }
 
 /// Long values are not written through pglz (slow enough that a wave of runs ending held up every run's events): a run
-/// log row is stored as it is, read back whole; a run's answer is compressed with lz4 where the server has it.
+/// log row longer than a page's limit is compressed with lz4 where the server has it (stored as it is otherwise), a
+/// shorter one is stored as it is, and both are read back whole; a run's answer is compressed with lz4 where the server
+/// has it.
 #[tokio::test]
-async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
+async fn long_log_rows_and_answers_are_compressed_with_lz4_short_rows_not_postgres() {
     use sqlx::Connection;
     let db = TestDb::postgres().await;
     let store = db.open().await;
@@ -1087,7 +1089,16 @@ async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
         events: events.join("\n"),
     };
     assert!(long_row.events.len() > 12_000);
-    store.append_events(&[long_row]).await.unwrap();
+    // Under the page's limit (8,160 bytes) and over the 2 KB at which PostgreSQL would compress it by default.
+    let short_events = events[..30].join("\n");
+    assert!((4_000..8_000).contains(&short_events.len()));
+    let short_row = LogRow {
+        seq: 102,
+        last_seq: 131,
+        events: short_events.clone(),
+        ..long_row.clone()
+    };
+    store.append_events(&[long_row, short_row]).await.unwrap();
     store
         .finish_run(
             run.id,
@@ -1103,8 +1114,9 @@ async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
         .unwrap();
 
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    let (log, output): (Option<String>, Option<String>) = sqlx::query_as(
+    let (log, short_log, output): (Option<String>, Option<String>, Option<String>) = sqlx::query_as(
         "SELECT (SELECT pg_column_compression(events) FROM agent_run_events WHERE run_id = $1 AND seq = 2), \
+         (SELECT pg_column_compression(events) FROM agent_run_events WHERE run_id = $1 AND seq = 102), \
          (SELECT pg_column_compression(partial_output) FROM agent_chat_runs WHERE id = $1)",
     )
     .bind(run.id)
@@ -1125,14 +1137,28 @@ async fn long_log_rows_are_stored_uncompressed_and_answers_with_lz4_postgres() {
     .fetch_one(&mut conn)
     .await
     .unwrap();
-    assert_eq!(log, None, "the run log row is stored uncompressed");
+    assert_eq!(log.as_deref(), lz4.then_some("lz4"), "the long run log row");
+    assert_eq!(short_log, None, "the short run log row is stored as it is");
     let expected = if lz4 { "lz4" } else { "pglz" };
     assert_eq!(output.as_deref(), Some(expected));
     assert_eq!(message.as_deref(), Some(expected));
     // And read back as written.
     let read = store.events_after(run.id, 1).await.unwrap();
-    assert_eq!(read.len(), 100);
-    assert!(read.iter().zip(&events).all(|((_, got), sent)| got == sent));
+    let written: Vec<&str> = events
+        .iter()
+        .map(String::as_str)
+        .chain(short_events.split('\n'))
+        .collect();
+    assert_eq!(read.len(), 130);
+    assert!(
+        read.iter()
+            .zip(&written)
+            .all(|((_, got), sent)| got == sent)
+    );
+    assert_eq!(
+        read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        (2..132).collect::<Vec<_>>()
+    );
     store.close().await;
 }
 
