@@ -18,8 +18,8 @@ use futures_core::Stream;
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// Its `event:` type; `message` when none was given.
-    pub event: String,
+    /// Its `event:` type; `message` when none was given (not allocated for each event: most have none).
+    pub event: Cow<'static, str>,
     /// Its `data:` lines joined with `\n`.
     pub data: String,
     /// The last `id:` seen in the stream so far ("" when none).
@@ -31,7 +31,7 @@ pub struct Event {
 impl Default for Event {
     fn default() -> Self {
         Self {
-            event: "message".to_owned(),
+            event: Cow::Borrowed("message"),
             data: String::new(),
             id: String::new(),
             retry: None,
@@ -211,9 +211,9 @@ impl Pending {
         data.pop();
         Some(Event {
             event: if event.is_empty() {
-                "message".to_owned()
+                Cow::Borrowed("message")
             } else {
-                event
+                Cow::Owned(event)
             },
             data,
             id: self.id.clone(),
@@ -293,7 +293,7 @@ mod tests {
 
     fn data(event: &str, data: &str) -> Event {
         Event {
-            event: event.to_owned(),
+            event: event.to_owned().into(),
             data: data.to_owned(),
             ..Event::default()
         }
@@ -411,7 +411,7 @@ mod tests {
             chunks.push(&bytes[at..]);
             let got: Vec<(String, String)> = decode_in(&chunks)
                 .into_iter()
-                .map(|e| (e.event, e.data))
+                .map(|e| (e.event.into_owned(), e.data))
                 .collect();
             assert_eq!(
                 got,
@@ -447,7 +447,7 @@ mod tests {
                 .collect()
                 .await;
             let ours: Vec<(String, String)> = events(futures_util::stream::iter(chunks))
-                .map(|e| e.map(|e| (e.event, e.data)).unwrap())
+                .map(|e| e.map(|e| (e.event.into_owned(), e.data)).unwrap())
                 .collect()
                 .await;
             assert_eq!(

@@ -158,7 +158,7 @@ struct Parser {
 impl WireParser for Parser {
     fn read(&mut self, event: &Event, out: &mut Ready) -> Result<(), ModelError> {
         let data = upstream::json(PROVIDER, &event.data)?;
-        let kind = data["type"].as_str().unwrap_or(event.event.as_str());
+        let kind = data["type"].as_str().unwrap_or(&event.event);
         match kind {
             "message_start" => {
                 let usage = &data["message"]["usage"];
@@ -270,7 +270,7 @@ mod tests {
 
     fn event(kind: &str, data: Value) -> Event {
         Event {
-            event: kind.to_owned(),
+            event: kind.to_owned().into(),
             data: data.to_string(),
             ..Event::default()
         }

@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{Value, json};
 
+mod chunk;
+
 use super::upstream::{self, Providers, Ready, WireParser};
 use super::{Message, Model, ModelError, ModelEvent, ModelRequest, ModelStream, ToolCall, Usage};
 
@@ -250,29 +252,36 @@ impl WireParser for Parser {
             out.extend(self.usage.take().map(ModelEvent::Usage));
             return Ok(());
         }
-        let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|error| {
-            tracing::warn!(provider = PROVIDER, %error, "model provider sent an event that is not a chunk");
-            ModelError::BrokenStream(PROVIDER)
-        })?;
-        if let Some(error) = chunk.error {
-            tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
-            return Err(ModelError::FailedMidStream(PROVIDER));
-        }
-        if let Some(usage) = chunk.usage {
-            let n = |key: &str| usage[key].as_u64().unwrap_or(0);
-            self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
-        }
-        let Some(choice) = chunk.choices.0 else {
-            return Ok(());
+        // Most chunks are a piece of text: read without serde (see `chunk`), the others with it.
+        let (finish_reason, content, fragments) = match chunk::plain(&event.data) {
+            Some(plain) => (plain.finish_reason.map(Cow::Borrowed), plain.content, None),
+            None => {
+                let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|error| {
+                    tracing::warn!(provider = PROVIDER, %error, "model provider sent an event that is not a chunk");
+                    ModelError::BrokenStream(PROVIDER)
+                })?;
+                if let Some(error) = chunk.error {
+                    tracing::warn!(provider = PROVIDER, %error, "model provider failed mid-stream");
+                    return Err(ModelError::FailedMidStream(PROVIDER));
+                }
+                if let Some(usage) = chunk.usage {
+                    let n = |key: &str| usage[key].as_u64().unwrap_or(0);
+                    self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
+                }
+                let Some(choice) = chunk.choices.0 else {
+                    return Ok(());
+                };
+                let delta = choice.delta.unwrap_or_default();
+                (choice.finish_reason, delta.content, delta.tool_calls)
+            }
         };
-        if choice.finish_reason.as_deref() == Some("length") {
+        if finish_reason.as_deref() == Some("length") {
             self.cut = true;
         }
-        let delta = choice.delta.unwrap_or_default();
-        if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+        if let Some(text) = content.filter(|t| !t.is_empty()) {
             out.push_back(ModelEvent::TextDelta(text.into_owned()));
         }
-        for fragment in delta.tool_calls.unwrap_or_default() {
+        for fragment in fragments.unwrap_or_default() {
             let call = self.calls.entry(fragment.index.unwrap_or(0)).or_default();
             if let Some(id) = fragment.id {
                 call.id = id;
