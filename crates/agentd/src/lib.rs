@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Imports run one way, top to bottom: main → startup → {http, grpc, shutdown, cli} → {runs, web} → {model, tools, auth,
-//! store} → {error, secret, stages, sse, runtime}. Nothing lower imports anything higher.
+//! store} → {error, secret, stages, sse, json, runtime}. Nothing lower imports anything higher.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -25,6 +25,7 @@
 //! | [`metrics`] | Prometheus metrics |
 //! | [`error`] | the table of error codes: HTTP status, gRPC code, retryable |
 //! | [`sse`] | reading a Server-Sent Events stream in linear time (provider answers, `agentd chat`) |
+//! | [`json`] | JSON string text scanned eight bytes at a time |
 //! | [`secret`] | the one type that holds secrets; its `Debug` hides them |
 //! | [`telemetry`] | log setup, and the thread that writes the lines so that a stalled stderr holds up nothing |
 //! | [`web`] | the web chat page served at `/`: its HTML, CSS and JavaScript, embedded, and the settings rendered into it |
@@ -36,6 +37,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod instructions;
+pub mod json;
 pub mod metrics;
 pub mod model;
 pub mod runs;

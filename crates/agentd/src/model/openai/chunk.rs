@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use crate::json;
+
 /// Nesting deeper than this is left to serde (which refuses more than 128).
 const MAX_DEPTH: usize = 64;
 
@@ -238,7 +240,8 @@ impl<'a> Reader<'a> {
         let from = self.at;
         let mut escaped = false;
         loop {
-            match *bytes.get(self.at)? {
+            self.at += json::to_escape(&bytes[self.at..])?;
+            match bytes[self.at] {
                 b'"' => {
                     self.at += 1;
                     return Some((from, self.at - 1, escaped));
@@ -255,8 +258,8 @@ impl<'a> Reader<'a> {
                         _ => return None,
                     }
                 }
-                0..0x20 => return None,
-                _ => self.at += 1,
+                // A control character.
+                _ => return None,
             }
         }
     }

@@ -451,9 +451,7 @@ impl RunWriter {
     /// as long as the run lasts, and an event or a wait held across that would take room in its state all along.
     pub fn emit(&mut self, event: RunEvent) -> impl Future<Output = ()> + Send + '_ {
         self.seq += 1;
-        let json: Arc<str> = serde_json::to_string(&event)
-            .expect("run events always serialize")
-            .into();
+        let json = event.json();
         self.live
             .events
             .lock()
