@@ -3,10 +3,11 @@
 //! A run's end is a transaction of its own: its row, its messages, its chat's totals. When thousands of clients leave
 //! together (a burst's answers ending at once, a network blip past `DETACH_GRACE`), their runs end together, and on
 //! PostgreSQL each end took a pooled connection, a round trip and a commit: about 2,100 a second on a 2-core box, every
-//! connection of the pool taken by them for seconds. Here the ends waiting when a connection is free are committed
-//! together: on PostgreSQL in one call of `agent_finish_runs` (see its migration) for up to 16, several such calls at
-//! once on as many connections; on SQLite in scripts of 16, 8, 4, 2 or 1 ends on its one writer (`scripts.rs`), each
-//! one transaction and one trip to the writer's thread, as starts are. An end alone is a batch of one, as before.
+//! connection of the pool taken by them for seconds. Here the ends waiting together are committed together: on
+//! PostgreSQL in one call of `agent_finish_runs` (see its migration) for up to 64, one call at a time while fewer wait
+//! (those that come meanwhile go together in the next), several at once on as many connections while more do
+//! ([`CALLS_AT_ONCE`]); on SQLite in scripts of 16, 8, 4, 2 or 1 ends on its one writer (`scripts.rs`), each one
+//! transaction and one trip to the writer's thread, as starts are. An end alone is a batch of one, as before.
 //!
 //! Nothing about an end changes: each is answered as if alone ([`StoreError::Fenced`] for a run no longer held under
 //! its epoch). A call that fails leaves nothing (its transaction rolls back), and its ends are made again one by one,
@@ -18,10 +19,10 @@
 //! a commit and its announcement another; on PostgreSQL the releases waiting at the same moment now go in one call of
 //! `agent_release_runs` (up to 256), announced with its commit; on SQLite in scripts, as ends do.
 
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db::{Arg, Conn, Db};
@@ -33,7 +34,18 @@ use super::{json_text, to_i64};
 use crate::model::Message;
 
 /// The most ends committed in one call.
-const MAX_ENDS: usize = 16;
+const MAX_ENDS: usize = 64;
+
+/// The most calls of ends (and releases) made at once, each on a connection of its own. While fewer than a call's
+/// worth wait, one call is made at a time: the ends that come meanwhile wait for it (up to [`GATHERING`]) and go
+/// together in the next, one commit for many, where a call for each connection free took a commit for every few (100
+/// runs ending over 0.1 s: 34 calls). A call's worth and more waiting (thousands of clients leaving at once) go on as
+/// many connections as this, so that a server with cores to spare ends them sooner.
+const CALLS_AT_ONCE: u32 = 4;
+
+/// How long ends wait for the call in flight before they go on a connection of their own anyway: a call held up (by a
+/// lock, or a server slow to answer) holds up the ends after it no longer than this.
+const GATHERING: Duration = Duration::from_millis(20);
 
 /// The most releases committed in one call. A release is a few bytes, and they come all at once (every run of a
 /// replica at its shutdown deadline); each call's commit announces them, and PostgreSQL commits announcements one at a
@@ -106,7 +118,20 @@ impl Ends {
 
 /// Commits what is queued, a batch at a time, until every [`Ends`] is dropped.
 async fn commit_ends(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
+    let calls = Arc::new(Semaphore::new(CALLS_AT_ONCE as usize));
     while let Some(first) = queued.recv().await {
+        // A call's worth goes as soon as a call may; fewer wait until no call is in flight (up to `GATHERING`), and
+        // those that come meanwhile go with them.
+        let call = if queued.len() + 1 >= MAX_ENDS {
+            Arc::clone(&calls).acquire_owned().await
+        } else {
+            let idle = Arc::clone(&calls).acquire_many_owned(CALLS_AT_ONCE);
+            match tokio::time::timeout(GATHERING, idle).await {
+                Ok(all) => all.map(|mut all| all.split(1).expect("one of the calls")),
+                Err(_) => Arc::clone(&calls).acquire_owned().await,
+            }
+        }
+        .expect("the calls' semaphore is never closed");
         let conn = db.ender().await;
         // The ends and releases that queued while the connection was waited for go with the first.
         let mut batch = Vec::new();
@@ -128,7 +153,10 @@ async fn commit_ends(db: Db, mut queued: mpsc::UnboundedReceiver<Pending>) {
                     db.waits().waited(pending.queued);
                 }
                 // On its own task, so that the next batch can take another connection meanwhile (PostgreSQL).
-                tokio::spawn(commit_batch(conn, batch));
+                tokio::spawn(async move {
+                    commit_batch(conn, batch).await;
+                    drop(call);
+                });
             }
             // The store is unreachable (or every connection stayed taken past the patient wait): every end waiting
             // finds it so, rather than each batch wait as long again.

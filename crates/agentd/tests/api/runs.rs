@@ -2,7 +2,7 @@
 //! store outages, on SQLite and on PostgreSQL.
 
 use crate::common::db::{PgServer, TestDb, runs_of};
-use crate::common::{Agentd, Events, deltas, new_chat, types};
+use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
 use agentd::grpc::proto::ListAgentChatsRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
@@ -468,13 +468,14 @@ async fn a_postgres_outage_gives_503_and_the_service_recovers_without_restart() 
     store.close().await;
 }
 
-/// Runs ending together while every connection of the store's pool is taken by ends that wait (thousands of clients
-/// leaving at once, each end a commit behind the others) store their ends, however long past a request's wait for a
-/// connection (3 s) their turn comes. Before, the ends that waited longer failed: a completed answer reached its
-/// client as `run_failed`, and the store kept the run `running` until it was marked stale. The slow waits are noted
-/// in two lines, where sqlx wrote one for each.
+/// Runs ending together while the ends before them are held up (their rows locked, as a slow commit holds them: the
+/// calls in flight wait, and the ends after them wait their turn) store their ends, however long past a request's
+/// wait for a connection (3 s) their turn comes. Before, the ends that waited longer failed: a completed answer reached
+/// its client as `run_failed`, and the store kept the run `running` until it was marked stale. The slow waits are
+/// noted in two lines, where sqlx wrote one for each.
 #[tokio::test]
-async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than_a_request_waits() {
+async fn runs_ending_together_store_their_ends_when_the_store_is_held_up_longer_than_a_request_waits()
+ {
     let db = TestDb::postgres().await;
     let mut server = Agentd::spawn_on(db.url(), &[]).await;
     let mut runs = runs_ending_in_3_s(&server).await;
@@ -513,9 +514,9 @@ async fn runs_ending_together_store_their_ends_when_the_pool_is_busy_longer_than
 }
 
 /// A run whose only follower is on another replica goes on while its producer cannot ask the store whether anyone
-/// follows it (every connection of the pool taken past a request's wait): the follower gets the whole answer. Before,
-/// the producer took the failed look-up for "nobody follows" and detached the run, and the follower got
-/// `run_interrupted`.
+/// follows it (every connection of the pool taken past a request's wait, here by run starts waiting for their chats):
+/// the follower gets the whole answer. Before, the producer took the failed look-up for "nobody follows" and detached
+/// the run, and the follower got `run_interrupted`.
 #[tokio::test]
 async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_store() {
     let db = TestDb::postgres().await;
@@ -535,11 +536,9 @@ async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_stor
     let mut elsewhere = follower.follow(&chat, &run.to_string(), None).await;
     assert_eq!(elsewhere.next_data().await["type"], "run_started");
 
-    let busy = runs_ending_in_3_s(&producer).await;
-    let locked = lock_runs(&db, &busy).await;
-    // Past 3 s the ends hold every connection; the producer's client leaves, and after the grace the producer asks
-    // whether a follower elsewhere was noted, which waits 3 s for a connection and fails.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (locked, starts) = pool_held_by_starts(&producer, &db).await;
+    // The starts hold every connection; the producer's client leaves, and after the grace the producer asks whether a
+    // follower elsewhere was noted, which waits 3 s for a connection and fails.
     drop(first);
     producer
         .wait_for_log("could not tell whether the run is followed elsewhere")
@@ -559,12 +558,78 @@ async fn a_run_followed_elsewhere_goes_on_while_its_producer_cannot_ask_the_stor
         store.get_run(run).await.unwrap().unwrap().status,
         RunStatus::Completed
     );
+    for start in starts {
+        assert_eq!(start.await.unwrap().status(), 200);
+    }
     store.close().await;
 }
 
+/// Takes every connection of `server`'s pool (16) for as long as the returned connection's transaction lasts: 16
+/// chats, each with a run done, locked here; then a question in each, 75 ms apart, whose start waits for its chat on a
+/// connection of its own. The questions' responses come once the chats are free.
+async fn pool_held_by_starts(
+    server: &Agentd,
+    db: &TestDb,
+) -> (
+    sqlx::PgConnection,
+    Vec<tokio::task::JoinHandle<reqwest::Response>>,
+) {
+    use sqlx::Connection;
+    let chats: Vec<String> = (0..16).map(|_| new_chat()).collect();
+    for chat in &chats {
+        server
+            .stream(chat, json!({"question": "q"}))
+            .await
+            .rest()
+            .await;
+    }
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    let ids: Vec<Uuid> = chats.iter().map(|chat| chat.parse().unwrap()).collect();
+    sqlx::query("SELECT id FROM agent_chats WHERE id = ANY($1) FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let starts = chats
+        .iter()
+        .enumerate()
+        .map(|(i, chat)| {
+            let url = server.url(&format!("/agents/chats/{chat}/stream"));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(75) * i as u32).await;
+                reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({"question": "again"}))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    // Every start waiting for its chat, each on a connection.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if waiting == 16 {
+            return (conn, starts);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{waiting} starts wait"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Twice as many runs as the PostgreSQL pool has connections (16), each running for 3 s, their first delta read. They
-/// start 75 ms apart, so that they end apart, each end a commit of its own (ends that arrive together are committed
-/// together, on one connection).
+/// start 75 ms apart, so that they end apart (ends that arrive together are committed together).
 async fn runs_ending_in_3_s(server: &Agentd) -> Vec<(Uuid, Events)> {
     let opened = (0..32).map(|i| async move {
         tokio::time::sleep(Duration::from_millis(75) * i).await;
@@ -577,7 +642,7 @@ async fn runs_ending_in_3_s(server: &Agentd) -> Vec<(Uuid, Events)> {
 }
 
 /// Locks the rows of `runs` as a slow commit would hold them, until the returned connection rolls back: the first of
-/// their ends to come take the pool's connections and wait here, the others wait for a connection.
+/// their ends to come take connections (as many calls as are made at once) and wait here, the others wait their turn.
 async fn lock_runs(db: &TestDb, runs: &[(Uuid, Events)]) -> sqlx::PgConnection {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();

@@ -1679,17 +1679,16 @@ async fn ends_arriving_together_each_get_their_own_answer(db: TestDb) {
     store.close().await;
 }
 
-/// On PostgreSQL, ends that arrive while others wait for a connection go to the server together: one call of
-/// `agent_finish_runs` (one round trip, one commit) for up to 16 of them. An end the server refuses (text with a NUL,
-/// which PostgreSQL's text cannot hold) fails its call, which leaves nothing; its ends are then made one by one, and
-/// only that one fails.
+/// On PostgreSQL, ends that arrive together go to the server together: one call of `agent_finish_runs` (one round
+/// trip, one commit) for up to 64 of them. An end the server refuses (text with a NUL, which PostgreSQL's text cannot
+/// hold) fails its call, which leaves nothing; its ends are then made one by one, and only that one fails.
 #[tokio::test]
-async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alone_postgres() {
+async fn ends_arriving_together_go_in_calls_of_sixty_four_and_one_refused_fails_alone_postgres() {
     let db = TestDb::postgres().await;
     db.alter_database("SET track_functions = 'pl'").await;
     let store = db.open().await;
     let mut runs = Vec::new();
-    for i in 0..40 {
+    for i in 0..100 {
         let (_, run) = started_run(&store).await;
         runs.push((run.id, answered(&format!("answer {i}"))));
     }
@@ -1704,13 +1703,96 @@ async fn ends_arriving_together_go_in_calls_of_sixteen_and_one_refused_fails_alo
     })
     .await;
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
-    // The first end takes a connection alone while the others queue behind it: 16, 16, then 8.
+    // 64, then the 36 left.
     store.close().await;
-    calls_come_to(&db, "agent_finish_runs", 3).await;
+    calls_come_to(&db, "agent_finish_runs", 2).await;
 
     let store = db.open().await;
     one_refused_end_fails_alone(&store, "a NUL \u{0}").await;
     store.close().await;
+}
+
+/// On PostgreSQL, ends that arrive one after another while a call of ends is in flight wait for it and go together,
+/// rather than a call each on the pool's free connections; a call held up holds them up no longer than a moment. Here
+/// the first end's call waits for its run's row, which another connection holds: the ten ends after it, a millisecond
+/// apart, go on in one call or a few while it waits (one call each, eleven in all, before they were gathered).
+#[tokio::test]
+async fn ends_arriving_while_a_call_is_in_flight_go_together_postgres() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    db.alter_database("SET track_functions = 'pl'").await;
+    let store = db.open().await;
+    let mut runs = Vec::new();
+    for i in 0..11 {
+        let (_, run) = started_run(&store).await;
+        runs.push((run.id, answered(&format!("answer {i}"))));
+    }
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM agent_chat_runs WHERE id = $1 FOR UPDATE")
+        .bind(runs[0].0)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let finish = |(run, end): (Uuid, RunEnd)| {
+        let store = store.clone();
+        tokio::spawn(async move { store.finish_run(run, 1, &end).await })
+    };
+    let first = finish(runs[0].clone());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first end's call never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut later = Vec::new();
+    for run in &runs[1..] {
+        later.push(finish(run.clone()));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for answer in futures_util::future::join_all(later).await {
+        assert!(answer.unwrap().is_ok());
+    }
+    assert!(
+        !first.is_finished(),
+        "the first end went on while its run was locked"
+    );
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    first.await.unwrap().unwrap();
+    store.close().await;
+    // Counted by each server process as it exits: read until the count holds still.
+    let mut counted = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = 'agent_finish_runs'",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        if now.is_some() && now == counted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the calls were not counted: {now:?}"
+        );
+        counted = now;
+    }
+    let calls = counted.unwrap();
+    // The first end's call, then a call or a few for the ten (each gathers what comes within 20 ms of its first).
+    assert!((2..=6).contains(&calls), "{calls} calls for 11 ends");
 }
 
 /// Ten ends arrive together, the fifth with an answer beginning with `refused`, which the store refuses: only that
