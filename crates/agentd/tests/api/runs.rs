@@ -1,8 +1,8 @@
 //! Runs are durable: what the binary streams is what the store keeps, through crashes, shutdowns, disconnects and
 //! store outages, on SQLite and on PostgreSQL.
 
-use crate::common::db::{PgServer, TestDb, runs_of};
-use crate::common::{Agentd, Events, PATIENCE, deltas, new_chat, types};
+use crate::common::db::{PgServer, TestDb, runs_of, until_statements_wait_for_locks};
+use crate::common::{Agentd, Events, deltas, new_chat, types};
 use agentd::grpc::proto::ListAgentChatsRequest;
 use agentd::grpc::proto::agents_client::AgentsClient;
 use agentd::model::Message;
@@ -608,24 +608,8 @@ async fn pool_held_by_starts(
         })
         .collect();
     // Every start waiting for its chat, each on a connection.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND datname = current_database()",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if waiting == 16 {
-            return (conn, starts);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{waiting} starts wait"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_statements_wait_for_locks(&mut conn, 16, "the starts").await;
+    (conn, starts)
 }
 
 /// Twice as many runs as the PostgreSQL pool has connections (16), each running for 3 s, their first delta read. They

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::common::db::{TestDb, runs_of};
+use crate::common::db::{TestDb, runs_of, until_statements_wait_for_locks};
 use crate::common::{Agentd, PATIENCE, new_chat, types};
 use agentd::model::{Message, ToolCall, Usage};
 use agentd::store::{
@@ -1739,23 +1739,8 @@ async fn ends_arriving_while_a_call_is_in_flight_go_together_postgres() {
         tokio::spawn(async move { store.finish_run(run, 1, &end).await })
     };
     let first = finish(runs[0].clone());
+    until_statements_wait_for_locks(&mut holder, 1, "the first end's call").await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first end's call never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     let mut later = Vec::new();
     for run in &runs[1..] {
         later.push(finish(run.clone()));
@@ -2043,7 +2028,7 @@ async fn ends_made_together_lock_runs_by_id_then_chats_postgres() {
                 }
             })
         };
-        until_a_statement_waits_for_a_lock(&mut check, call).await;
+        until_statements_wait_for_locks(&mut check, 1, call).await;
         // The earlier run, though second in the call, is locked already; no chat is.
         assert!(
             !lockable(
@@ -2103,7 +2088,7 @@ async fn a_group_commit_locks_its_runs_by_id_postgres() {
         let (store, rows) = (store.clone(), [row(second.id), row(first.id)]);
         tokio::spawn(async move { store.append_events(&rows).await })
     };
-    until_a_statement_waits_for_a_lock(&mut check, "group commit").await;
+    until_statements_wait_for_locks(&mut check, 1, "group commit").await;
     assert!(
         !lockable(
             &mut check,
@@ -2141,7 +2126,7 @@ async fn deleting_a_chat_locks_its_runs_before_it_postgres() {
         let store = store.clone();
         tokio::spawn(async move { store.delete_chat(chat.id).await })
     };
-    until_a_statement_waits_for_a_lock(&mut check, "the delete").await;
+    until_statements_wait_for_locks(&mut check, 1, "the delete").await;
     assert!(
         lockable(
             &mut check,
@@ -2156,28 +2141,6 @@ async fn deleting_a_chat_locks_its_runs_before_it_postgres() {
     assert_eq!(store.get_chat(chat.id).await.unwrap(), None);
     assert_eq!(store.get_run(run.id).await.unwrap(), None);
     store.close().await;
-}
-
-/// Waits until a statement of the test's database waits for a row lock (`what`, for the failure's message).
-async fn until_a_statement_waits_for_a_lock(check: &mut sqlx::PgConnection, what: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND datname = current_database())",
-        )
-        .fetch_one(&mut *check)
-        .await
-        .unwrap();
-        if waiting {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: never waited for the held row"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Two runs started on `store`, the one with the lower id first, and two connections to `db` of their own: one to

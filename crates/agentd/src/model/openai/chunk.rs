@@ -28,21 +28,9 @@ pub(super) struct Plain<'a> {
 pub(super) fn plain(json: &str) -> Option<Plain<'_>> {
     let mut reader = Reader { text: json, at: 0 };
     let mut plain = Plain::default();
-    let mut seen = [false; 3];
-    reader.object(0, |reader, key| {
-        let field = match key {
-            "choices" => 0,
-            "usage" => 1,
-            "error" => 2,
-            _ => return reader.skip(1),
-        };
-        if std::mem::replace(&mut seen[field], true) {
-            return None;
-        }
-        if reader.null() {
-            return Some(());
-        }
+    reader.fields(0, ["choices", "usage", "error"], |reader, field| {
         if field != 0 {
+            // A usage or an error: serde's.
             return None;
         }
         reader.array(1, |reader, index| {
@@ -59,37 +47,14 @@ pub(super) fn plain(json: &str) -> Option<Plain<'_>> {
 
 /// The first choice: `delta` and `finish_reason`.
 fn choice<'a>(reader: &mut Reader<'a>, plain: &mut Plain<'a>) -> Option<()> {
-    let mut seen = [false; 2];
-    reader.object(2, |reader, key| {
-        let field = match key {
-            "delta" => 0,
-            "finish_reason" => 1,
-            _ => return reader.skip(3),
-        };
-        if std::mem::replace(&mut seen[field], true) {
-            return None;
-        }
-        if reader.null() {
-            return Some(());
-        }
+    reader.fields(2, ["delta", "finish_reason"], |reader, field| {
         if field == 1 {
             plain.finish_reason = Some(reader.plain_string()?);
             return Some(());
         }
-        let mut seen = [false; 2];
-        reader.object(3, |reader, key| {
-            let field = match key {
-                "content" => 0,
-                "tool_calls" => 1,
-                _ => return reader.skip(4),
-            };
-            if std::mem::replace(&mut seen[field], true) {
-                return None;
-            }
-            if reader.null() {
-                return Some(());
-            }
+        reader.fields(3, ["content", "tool_calls"], |reader, field| {
             if field == 1 {
+                // Tool calls: serde's.
                 return None;
             }
             plain.content = Some(reader.string()?);
@@ -152,6 +117,29 @@ impl<'a> Reader<'a> {
                 return self.take(b'}');
             }
         }
+    }
+
+    /// An object at `depth` whose fields named in `names` are read by `value`, with the name's place, unless `null`
+    /// (as serde reads an absent one); a field given twice is refused, as serde refuses it; other fields are skipped.
+    fn fields<const N: usize>(
+        &mut self,
+        depth: usize,
+        names: [&str; N],
+        mut value: impl FnMut(&mut Self, usize) -> Option<()>,
+    ) -> Option<()> {
+        let mut seen = [false; N];
+        self.object(depth, |reader, key| {
+            let Some(field) = names.iter().position(|name| *name == key) else {
+                return reader.skip(depth + 1);
+            };
+            if std::mem::replace(&mut seen[field], true) {
+                return None;
+            }
+            if reader.null() {
+                return Some(());
+            }
+            value(reader, field)
+        })
     }
 
     /// An array at `depth`, each element read by `element` with its index.

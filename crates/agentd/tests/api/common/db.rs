@@ -226,6 +226,32 @@ impl TestDb {
     }
 }
 
+/// Waits until `count` statements of the test's database wait for a row lock (`what` waits, for the failure's message).
+pub async fn until_statements_wait_for_locks(
+    check: &mut sqlx::PgConnection,
+    count: i64,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + super::PATIENCE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database()",
+        )
+        .fetch_one(&mut *check)
+        .await
+        .unwrap();
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {waiting} of {count} waiting for a held row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The chat's runs, oldest first: the runs its messages name (a run stores its prompt when it starts).
 pub async fn runs_of(store: &SessionStore, chat_id: uuid::Uuid) -> Vec<Run> {
     let mut ids = Vec::new();
