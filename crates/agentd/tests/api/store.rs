@@ -1499,13 +1499,7 @@ async fn calls_come_to(db: &TestDb, name: &str, calls: i64) {
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let counted: Option<i64> = sqlx::query_scalar(
-            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = $1",
-        )
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+        let counted = calls_counted(&mut conn, name).await;
         if counted == Some(calls) {
             return;
         }
@@ -1515,6 +1509,15 @@ async fn calls_come_to(db: &TestDb, name: &str, calls: i64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The calls of function `name` PostgreSQL has counted in the database `conn` is on (`None` before any).
+async fn calls_counted(conn: &mut sqlx::PgConnection, name: &str) -> Option<i64> {
+    sqlx::query_scalar("SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = $1")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+        .unwrap()
 }
 
 /// Starts made together lock their chats in the order of the chats' ids, whatever the order they came in, so two
@@ -1760,12 +1763,7 @@ async fn ends_arriving_while_a_call_is_in_flight_go_together_postgres() {
     let mut counted = None;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now: Option<i64> = sqlx::query_scalar(
-            "SELECT sum(calls)::BIGINT FROM pg_stat_user_functions WHERE funcname = 'agent_finish_runs'",
-        )
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
+        let now = calls_counted(&mut holder, "agent_finish_runs").await;
         if now.is_some() && now == counted {
             break;
         }

@@ -88,11 +88,7 @@ impl<'a> Reader<'a> {
     /// Takes `null` if it comes next.
     fn null(&mut self) -> bool {
         self.whitespace();
-        let null = self.text.as_bytes()[self.at..].starts_with(b"null");
-        if null {
-            self.at += 4;
-        }
-        null
+        self.literal(b"null").is_some()
     }
 
     /// An object at `depth`, each value read by `value` after its key.
