@@ -219,6 +219,15 @@ impl Db {
         self.waited(Box::pin(beginning)).await
     }
 
+    /// A transaction on the run log's own connection (PostgreSQL's; SQLite's writer), rolled back as
+    /// [`begin`](Self::begin)'s: the warm-up rehearses a group commit in it.
+    pub async fn begin_log(&self) -> Result<Conn, StoreError> {
+        match &self.pools {
+            Pools::Sqlite(_) => self.begin().await,
+            Pools::Postgres(db) => noted(true, db.log.begin().await.map(Conn::PostgresTx)),
+        }
+    }
+
     /// Takes a connection with `acquire` once a turn among `turns` is free, within the acquire timeout in all (then
     /// [`sqlx::Error::PoolTimedOut`], as the pool's own wait gives).
     ///

@@ -148,50 +148,8 @@ impl SessionStore {
         rows: &[LogRow],
         appender: Appender,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
-        let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
-        let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
-        let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
-        let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
-        // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
-        // commit and then raises the epoch: nothing under the old one can land after it. They are locked by id, as a
-        // claim locks them, so the two never wait for each other in a circle. The notifications go out
-        // when the statement commits, and only for the rows stored; they carry the events of the runs followed on
-        // another replica (`followed_at`, read from the row as locked: a note that a follower attaches, which locks
-        // the run for update, is seen here once it commits).
-        let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
-        let separator = RECORD_SEPARATOR.to_string();
         let mut conn = self.appending(appender).await?;
-        let inserted = conn
-            .fetch_all(
-                "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
-                 $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
-                 held AS (SELECT r.id, r.followed_at IS NOT NULL AS followed FROM agent_chat_runs r \
-                 JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch ORDER BY r.id FOR KEY SHARE OF r), \
-                 stored AS (INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
-                 SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
-                 RETURNING run_id), \
-                 records AS (SELECT n, b.run_id || ' ' || b.seq || ' ' || b.last_seq \
-                 || CASE WHEN octet_length(b.events) <= $6 \
-                 AND b.run_id IN (SELECT id FROM held WHERE followed) \
-                 THEN E'\\n' || b.events ELSE '' END AS record \
-                 FROM batch b WHERE b.run_id IN (SELECT run_id FROM stored)), \
-                 chunked AS (SELECT n, record, sum(octet_length(record) + 1) OVER (ORDER BY n) / 4000 AS chunk \
-                 FROM records), \
-                 notified AS (SELECT pg_notify($7, string_agg(record, $8 ORDER BY n)) FROM chunked GROUP BY chunk) \
-                 SELECT run_id FROM stored WHERE (SELECT count(*) FROM notified) >= 0",
-                &[
-                    Arg::Ids(&run_ids),
-                    Arg::Ints(&seqs),
-                    Arg::Ints(&last_seqs),
-                    Arg::Texts(&events),
-                    Arg::Ints(&epochs),
-                    Arg::Int(carried),
-                    Arg::Text(EVENTS_CHANNEL),
-                    Arg::Text(&separator),
-                ],
-            )
-            .await?;
+        let inserted = append_on(&mut conn, rows).await?;
         if appender == Appender::LogWriter {
             let bytes: usize = rows.iter().map(|row| row.events.len() + 64).sum();
             self.0.db.done_with_log(conn, bytes);
@@ -379,4 +337,51 @@ fn refused_of(rows: &[LogRow], inserted: &[Row]) -> Result<Vec<Uuid>, StoreError
         .map(|row| row.run_id)
         .filter(|run_id| !stored.contains(run_id))
         .collect())
+}
+
+/// The PostgreSQL group commit's statement on `conn` (see [`SessionStore::append_events_postgres`]): the ids of the
+/// runs whose rows it stored, one per row stored.
+pub(super) async fn append_on(conn: &mut Conn, rows: &[LogRow]) -> Result<Vec<Row>, StoreError> {
+    let run_ids: Vec<Uuid> = rows.iter().map(|row| row.run_id).collect();
+    let seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.seq)).collect();
+    let last_seqs: Vec<i64> = rows.iter().map(|row| to_i64(row.last_seq)).collect();
+    let events: Vec<&str> = rows.iter().map(|row| row.events.as_str()).collect();
+    let epochs: Vec<i64> = rows.iter().map(|row| to_i64(row.epoch)).collect();
+    // The runs are key-share-locked under their epoch, so a claim (which locks them for update) waits for this
+    // commit and then raises the epoch: nothing under the old one can land after it. They are locked by id, as a
+    // claim locks them, so the two never wait for each other in a circle. The notifications go out
+    // when the statement commits, and only for the rows stored; they carry the events of the runs followed on
+    // another replica (`followed_at`, read from the row as locked: a note that a follower attaches, which locks
+    // the run for update, is seen here once it commits).
+    let carried = i64::try_from(CARRIED_BYTES).unwrap_or(i64::MAX);
+    let separator = RECORD_SEPARATOR.to_string();
+    conn.fetch_all(
+        "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
+         $5::bigint[]) WITH ORDINALITY AS b (run_id, seq, last_seq, events, epoch, n)), \
+         held AS (SELECT r.id, r.followed_at IS NOT NULL AS followed FROM agent_chat_runs r \
+         JOIN batch b ON r.id = b.run_id AND r.epoch = b.epoch ORDER BY r.id FOR KEY SHARE OF r), \
+         stored AS (INSERT INTO agent_run_events (run_id, seq, last_seq, events) \
+         SELECT run_id, seq, last_seq, events FROM batch WHERE run_id IN (SELECT id FROM held) \
+         RETURNING run_id), \
+         records AS (SELECT n, b.run_id || ' ' || b.seq || ' ' || b.last_seq \
+         || CASE WHEN octet_length(b.events) <= $6 \
+         AND b.run_id IN (SELECT id FROM held WHERE followed) \
+         THEN E'\\n' || b.events ELSE '' END AS record \
+         FROM batch b WHERE b.run_id IN (SELECT run_id FROM stored)), \
+         chunked AS (SELECT n, record, sum(octet_length(record) + 1) OVER (ORDER BY n) / 4000 AS chunk \
+         FROM records), \
+         notified AS (SELECT pg_notify($7, string_agg(record, $8 ORDER BY n)) FROM chunked GROUP BY chunk) \
+         SELECT run_id FROM stored WHERE (SELECT count(*) FROM notified) >= 0",
+        &[
+            Arg::Ids(&run_ids),
+            Arg::Ints(&seqs),
+            Arg::Ints(&last_seqs),
+            Arg::Texts(&events),
+            Arg::Ints(&epochs),
+            Arg::Int(carried),
+            Arg::Text(EVENTS_CHANNEL),
+            Arg::Text(&separator),
+        ],
+    )
+    .await
 }

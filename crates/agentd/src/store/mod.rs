@@ -141,12 +141,13 @@ impl SessionStore {
     }
 
     /// Opens every pooled PostgreSQL connection and readies it for a burst of runs: on each, a chat is made, a run
-    /// started in it and ended, and all of it rolled back, so nothing is left behind; the run log's connection
-    /// plans its group commit. A new PostgreSQL connection is a new server process: its first run start reads the
-    /// catalog and compiles the run functions (`agent_start_runs`, `agent_finish_runs` and the ones they call; tens
-    /// of milliseconds under load), and a process that just started (a deploy) would otherwise make the first burst
-    /// of requests pay that on every connection at once. A connection the pool opens later (after one was lost, or
-    /// closed after 10 idle minutes) gets ready on its first use.
+    /// started in it and ended with an answer of a few KB, and all of it rolled back, so nothing is left behind; on
+    /// the run log's connection a run is started and a group commit of its events made, rolled back too. A new
+    /// PostgreSQL connection is a new server process: its first run start reads the catalog and compiles the run
+    /// functions (`agent_start_runs`, `agent_finish_runs` and the ones they call; tens of milliseconds under load), its
+    /// first long answer and run log row read the catalog for their tables' out-of-line storage and compression, and a
+    /// process that just started (a deploy) would otherwise make the first burst of requests pay that on every
+    /// connection at once. A connection the pool opens later (after one was lost) gets ready on its first use.
     ///
     /// When the server refuses some of the connections (its `max_connections`, or a limit on the role or the
     /// database), the pool shrinks to the number it granted (see `postgres::PgDb::resize`), with a warning.
@@ -184,11 +185,27 @@ impl SessionStore {
                 tx.rollback().await?;
                 warmed
             }));
-        // The run log's connection: a group commit of nothing (its statement planned, nothing stored or notified).
-        let (warmed, logged) = tokio::join!(
-            warmed,
-            self.append_events_postgres(&[], events::Appender::LogWriter)
-        );
+        // The run log's connection: a run started and a group commit of its events, rolled back (nothing stored or
+        // notified).
+        let logged = async {
+            let mut tx = self.0.db.begin_log().await?;
+            let run = rehearse_start(&mut tx).await?;
+            let events = vec![REHEARSED_EVENT; REHEARSED_EVENTS].join("\n");
+            let row = events::LogRow {
+                run_id: run.id,
+                epoch: 1,
+                seq: 2,
+                last_seq: 1 + REHEARSED_EVENTS as u64,
+                events,
+            };
+            if events::append_on(&mut tx, &[row]).await?.is_empty() {
+                return Err(StoreError::Corrupt(
+                    "the run log did not store a run's events in the warm-up".to_owned(),
+                ));
+            }
+            tx.rollback().await
+        };
+        let (warmed, logged) = tokio::join!(warmed, logged);
         logged?;
         warmed.into_iter().collect()
     }
@@ -250,9 +267,37 @@ where
     Ok(())
 }
 
+/// The event a rehearsed run's answer is made of, and how many of them: an answer as long as real ones often are
+/// (a few KB: the run's row and its message are stored compressed out of line, as such answers are) and a run log
+/// row as long as an unpaced run's deltas committed together make (compressed with lz4 past 8,160 bytes). A
+/// connection's first such row reads the catalog for the table's out-of-line storage and compression; rehearsed with
+/// short ones, the first burst after a start paid that on every connection.
+const REHEARSED_EVENT: &str = r#"{"type":"model_delta","content":"warm-up "}"#;
+const REHEARSED_EVENTS: usize = 500;
+
 /// A run's whole course in the store on `conn` (a transaction the caller rolls back): a chat, a run started in it with
 /// its first event, and ended with an answer.
 async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
+    let run = rehearse_start(conn).await?;
+    let answer = "warm-up ".repeat(REHEARSED_EVENTS);
+    let end = RunEnd {
+        status: RunStatus::Completed,
+        error: None,
+        output: answer.clone(),
+        usage: Usage::default(),
+        messages: vec![Message::Assistant {
+            content: answer,
+            tool_calls: Vec::new(),
+        }],
+    };
+    ends::finish_runs_postgres(conn, &[(run.id, 1, &end)])
+        .await?
+        .pop()
+        .expect("one answer per end")
+}
+
+/// A chat made on `conn` and a run started in it with its first event (in the caller's transaction): the run.
+async fn rehearse_start(conn: &mut db::Conn) -> Result<NewRun, StoreError> {
     let owner = ChatOwner {
         org_id: "warm-up".to_owned(),
         user_id: "warm-up".to_owned(),
@@ -275,20 +320,7 @@ async fn rehearse_run(conn: &mut db::Conn) -> Result<(), StoreError> {
         .await?
         .pop()
         .expect("one answer per start")?;
-    let end = RunEnd {
-        status: RunStatus::Completed,
-        error: None,
-        output: "warm-up".to_owned(),
-        usage: Usage::default(),
-        messages: vec![Message::Assistant {
-            content: "warm-up".to_owned(),
-            tool_calls: Vec::new(),
-        }],
-    };
-    ends::finish_runs_postgres(conn, &[(run.id, 1, &end)])
-        .await?
-        .pop()
-        .expect("one answer per end")
+    Ok(run)
 }
 
 /// Queues the request `pending` makes of the channel it is answered on, and waits for its answer: how a run start or

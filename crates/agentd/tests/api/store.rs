@@ -464,8 +464,8 @@ async fn a_start_reads_its_chat_by_id_however_many_chats_its_owner_has_postgres(
 }
 
 /// agentd on PostgreSQL serves with every pooled connection open and ready for a burst: each has started and ended a
-/// run once (compiling the functions a run start and end call, as its first request would), and nothing of it is
-/// left in the store.
+/// run once (compiling the functions a run start and end call, as its first request would), the run log's connection
+/// has started one and committed a row of its events, and nothing of it is left in the store.
 #[tokio::test]
 async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind_postgres() {
     use sqlx::Connection;
@@ -490,30 +490,34 @@ async fn agentd_serves_with_every_store_connection_ready_and_nothing_left_behind
     .await
     .unwrap();
     assert_eq!((chats, runs, messages, events), (0, 0, 0, 0));
-    // A backend reports its function calls when it exits: stop agentd and wait for all of them (a start is a call of
-    // agent_start_runs, which calls agent_start_run for each of its starts).
+    // A backend reports its function calls and the rows it inserted (rolled back or not) when it exits: stop agentd
+    // and wait for all of them (a start is a call of agent_start_runs, which calls agent_start_run for each of its
+    // starts, and stores the run's first event).
     server.signal("TERM");
     assert!(server.exit_status().await.success());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let calls: Vec<(String, i64)> = sqlx::query_as(
             "SELECT DISTINCT funcname::TEXT, calls FROM pg_stat_user_functions \
-             WHERE funcname IN ('agent_start_run', 'agent_start_runs', 'agent_finish_run') ORDER BY funcname",
+             WHERE funcname IN ('agent_start_run', 'agent_start_runs', 'agent_finish_run') \
+             UNION ALL SELECT relname::TEXT, n_tup_ins FROM pg_stat_user_tables WHERE relname = 'agent_run_events' \
+             ORDER BY 1",
         )
         .fetch_all(&mut conn)
         .await
         .unwrap();
         let expected = vec![
             ("agent_finish_run".to_owned(), POOL),
-            ("agent_start_run".to_owned(), POOL),
-            ("agent_start_runs".to_owned(), POOL),
+            ("agent_run_events".to_owned(), POOL + 2),
+            ("agent_start_run".to_owned(), POOL + 1),
+            ("agent_start_runs".to_owned(), POOL + 1),
         ];
         if calls == expected {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "function calls counted: {calls:?}, expected {expected:?}"
+            "function calls and run log rows counted: {calls:?}, expected {expected:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
