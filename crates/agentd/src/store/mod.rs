@@ -145,8 +145,8 @@ impl SessionStore {
     /// the run log's connection a run is started and a group commit of its events made, rolled back too. A new
     /// PostgreSQL connection is a new server process: its first run start reads the catalog and compiles the run
     /// functions (`agent_start_runs`, `agent_finish_runs` and the ones they call; tens of milliseconds under load), its
-    /// first long answer and run log row read the catalog for their tables' out-of-line storage and compression, and a
-    /// process that just started (a deploy) would otherwise make the first burst of requests pay that on every
+    /// first long answer and run log row take the server's paths for long values (compression) for the first time, and
+    /// a process that just started (a deploy) would otherwise make the first burst of requests pay that on every
     /// connection at once. A connection the pool opens later (after one was lost) gets ready on its first use.
     ///
     /// When the server refuses some of the connections (its `max_connections`, or a limit on the role or the
@@ -268,10 +268,9 @@ where
 }
 
 /// The event a rehearsed run's answer is made of, and how many of them: an answer as long as real ones often are
-/// (a few KB: the run's row and its message are stored compressed out of line, as such answers are) and a run log
-/// row as long as an unpaced run's deltas committed together make (compressed with lz4 past 8,160 bytes). A
-/// connection's first such row reads the catalog for the table's out-of-line storage and compression; rehearsed with
-/// short ones, the first burst after a start paid that on every connection.
+/// (a few KB: the run's row and its message are stored compressed, as such answers are) and a run log row as long as
+/// an unpaced run's deltas committed together make (compressed with lz4 past 8,160 bytes). Rehearsed with short ones,
+/// the first burst after a start was the first time each connection stored long values, on every connection at once.
 const REHEARSED_EVENT: &str = r#"{"type":"model_delta","content":"warm-up "}"#;
 const REHEARSED_EVENTS: usize = 500;
 
